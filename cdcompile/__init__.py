@@ -1,0 +1,1 @@
+"""cdcompile: a torch.compile backend for diffusion transformers."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each with its plain-torch reference and torch.library op."""
