@@ -1,0 +1,136 @@
+"""Options of the ``cachedit`` backend: one frozen dataclass, validated once, defaults in one place.
+
+``torch.compile(m, backend="cachedit", options={...})`` hands the dict to
+:meth:`CacheConfig.from_options`. Every key must be a field of :class:`CacheConfig`; an unknown
+key or a bad value raises ``ValueError`` naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Mapping
+
+
+class Compiler(str, enum.Enum):
+    """Inner compiler the rewritten graph is handed to."""
+
+    INDUCTOR = "inductor"
+    AOT_EAGER = "aot_eager"
+    EAGER = "eager"
+
+
+# Names of the passes in ``cdcompile.passes.PASSES``; kept here so the config can validate
+# ``disable_passes`` without importing the passes.
+PASS_NAMES = ("discover_blocks", "block_cache")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """All options of the ``cachedit`` backend.
+
+    compiler: inner compiler for the rewritten graph ("inductor" | "aot_eager" | "eager").
+    disable_passes: debugging knob; names of passes to skip (for bisection).
+
+    DBCache (reference/algorithms.md §1; the names are cache-dit's so that users can move over):
+    enable_cache: insert the block cache at all (False compiles the graph unchanged).
+    Fn_compute_blocks: blocks always computed at the front of the stack (F); >= 1.
+    Bn_compute_blocks: blocks always computed at the back of the stack (B); >= 0.
+    residual_diff_threshold: cache a step iff the relative L1 change of F's residual is below it;
+        <= 0 never caches.
+    max_warmup_steps, warmup_interval: steps in ``range(0, max_warmup_steps, warmup_interval)``
+        are always computed.
+    max_cached_steps: at most this many cached steps per request and slot (-1 = unlimited).
+    max_continuous_cached_steps: at most this many cached steps in a row (-1 = unlimited).
+    """
+
+    compiler: Compiler = Compiler.INDUCTOR
+    disable_passes: tuple[str, ...] = ()
+
+    enable_cache: bool = True
+    Fn_compute_blocks: int = 1
+    Bn_compute_blocks: int = 0
+    residual_diff_threshold: float = 0.08
+    max_warmup_steps: int = 8
+    warmup_interval: int = 1
+    max_cached_steps: int = -1
+    max_continuous_cached_steps: int = -1
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "compiler", Compiler(self.compiler))
+        except ValueError:
+            _bad("compiler", self.compiler, f"one of {[c.value for c in Compiler]}")
+        passes = self.disable_passes
+        if isinstance(passes, str):
+            passes = (passes,)
+        passes = tuple(passes)
+        for p in passes:
+            if p not in PASS_NAMES:
+                _bad("disable_passes", p, f"pass names from {list(PASS_NAMES)}")
+        object.__setattr__(self, "disable_passes", passes)
+
+        _check_type("enable_cache", self.enable_cache, bool)
+        for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
+                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps"):
+            _check_type(name, getattr(self, name), int)
+        _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
+        object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
+        if self.Fn_compute_blocks < 1:
+            _bad("Fn_compute_blocks", self.Fn_compute_blocks,
+                 "an int >= 1 (the first block's residual is the cache decision signal)")
+        if self.Bn_compute_blocks < 0:
+            _bad("Bn_compute_blocks", self.Bn_compute_blocks, "an int >= 0")
+        if self.max_warmup_steps < 0:
+            _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
+        if self.warmup_interval < 1:
+            _bad("warmup_interval", self.warmup_interval, "an int >= 1")
+        for name in ("max_cached_steps", "max_continuous_cached_steps"):
+            if getattr(self, name) < -1:
+                _bad(name, getattr(self, name), "-1 (unlimited) or an int >= 0")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "CacheConfig":
+        """Build a config from ``torch.compile``'s ``options`` dict, rejecting unknown keys."""
+        if options is None:
+            return cls()
+        if isinstance(options, CacheConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"cachedit options must be a dict, got {type(options).__name__}: {options!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ValueError(
+                    f"cachedit: unknown option {key!r}. Valid options: {', '.join(valid)}")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "CacheConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["compiler"] = self.compiler.value
+        d["disable_passes"] = list(self.disable_passes)
+        return d
+
+
+def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    # bool is an int subclass; an int option given True/False is almost surely a mistake.
+    if isinstance(value, bool) and types is not bool:
+        _bad(name, value, f"a {_type_names(types)}, not a bool")
+    if not isinstance(value, types):
+        _bad(name, value, f"a {_type_names(types)}")
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _bad(name: str, value: Any, rule: str) -> None:
+    valid = ", ".join(f.name for f in dataclasses.fields(CacheConfig))
+    raise ValueError(
+        f"cachedit: bad value for option {name!r}: {value!r}; expected {rule}. "
+        f"Valid options: {valid}")

@@ -1,0 +1,79 @@
+"""``cdcompile.explain``: trace a model through the backend and say what it found.
+
+    report = cdcompile.explain(transformer, hidden_states=..., timestep=..., ...)
+    print(report)              # graphs, graph breaks, block groups, what was not eligible and why
+    json.dumps(report.as_dict())
+
+Tracing uses Dynamo with the ``cachedit`` backend and ``compiler="eager"`` (no inductor work), and
+resets Dynamo's caches before and after, like ``torch._dynamo.explain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+
+from .backend import cachedit, collect_reports
+from .report import GraphReport
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    graphs: int
+    graph_breaks: int
+    break_reasons: list[str]
+    graph_reports: list[GraphReport]
+    output: Any = dataclasses.field(default=None, repr=False)  # the model's output (not serialised)
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        return [g for r in self.graph_reports for g in r.groups]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "graphs": self.graphs,
+            "graph_breaks": self.graph_breaks,
+            "break_reasons": self.break_reasons,
+            "groups": self.groups,
+            "graph_reports": [r.as_dict() for r in self.graph_reports],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"cdcompile.explain: {self.graphs} graph(s), {self.graph_breaks} graph break(s)"]
+        for reason in self.break_reasons:
+            lines.append(f"  break: {reason}")
+        lines.extend(str(r) for r in self.graph_reports)
+        if not self.groups:
+            lines.append("  no repeated block group found: the backend compiles the model unchanged")
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, **kwargs: Any) -> ExplainReport:
+    """Trace ``model(*args, **kwargs)`` through the backend; return what it found (see module doc)."""
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    opts = {**(options or {}), "compiler": "eager"}
+    torch._dynamo.reset()
+    recorder = ExplainWithBackend(functools.partial(cachedit, options=opts))
+    try:
+        with collect_reports() as reports:
+            output = torch.compile(model, backend=recorder)(*args, **kwargs)
+        out = recorder.output()
+    finally:
+        torch._dynamo.reset()
+    reasons = [_reason(r) for r in out.break_reasons]
+    return ExplainReport(graphs=out.graph_count, graph_breaks=out.graph_break_count,
+                         break_reasons=reasons, graph_reports=list(reports), output=output)
+
+
+def _reason(r: Any) -> str:
+    where = ""
+    stack = getattr(r, "user_stack", None)
+    if stack:
+        frame = stack[-1]
+        where = f" at {frame.filename}:{frame.lineno}"
+    return f"{getattr(r, 'reason', r)}{where}"
+

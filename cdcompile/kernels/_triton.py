@@ -1,0 +1,116 @@
+"""Where Triton can run, how a launcher picks its path, and the shared ``@triton.jit`` helpers.
+
+Every kernel launcher takes ``backend``:
+
+- ``"torch"``: the plain-torch reference (the executable spec) on any device.
+- ``"triton"``: the Triton kernel. Needs Triton and either a CUDA tensor or the interpreter
+  (``TRITON_INTERPRET=1`` set before this package was imported) for a CPU tensor. Tests use it
+  to check the kernel itself on CPU.
+- ``"auto"``: Triton on CUDA tensors when Triton is importable and not interpreting; the reference
+  everywhere else (CPU, no Triton).
+
+The helpers below round in fp32 arithmetic instead of relying on the hardware cast, so the same
+code gives the same bits on a GPU and under the interpreter (whose fp32->fp8 cast drops exponent
+carries and does not saturate, and whose fp32->bf16 cast truncates). After the explicit rounding
+the value is exactly representable, and every cast of an exact value is exact.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is not installed
+
+    class _NoTriton:
+        """Stands in for ``triton`` and ``triton.language`` so kernel modules still import."""
+
+        constexpr = object  # used in annotations only
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+    HAS_TRITON = False
+
+# ``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, i.e. when a kernel module is
+# imported; reading it once here keeps the dispatcher consistent with what the decorator saw.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(device: torch.device, backend: str) -> bool:
+    """Whether a launcher on ``device`` with ``backend`` runs the Triton kernel (True) or the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = HAS_TRITON and (device.type == "cuda" or INTERPRETING)
+    if backend == "triton":
+        if not runnable:
+            why = (
+                "Triton is not installed"
+                if not HAS_TRITON
+                else f"tensors are on {device} and TRITON_INTERPRET=1 was not set before import"
+            )
+            raise ValueError(f"backend='triton' cannot run here: {why}; use backend='auto' or 'torch'")
+        return True
+    return HAS_TRITON and device.type == "cuda" and not INTERPRETING
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """Round fp32 ``y`` (already clamped to [-448, 448]) to the nearest float8_e4m3fn value, ties to even.
+
+    e4m3 keeps 3 mantissa bits, so the spacing at exponent e is 2**(e - 3); below the smallest normal
+    (2**-6) the spacing stays 2**-9. ``(t + 1.5 * 2**23) - 1.5 * 2**23`` rounds ``|t| < 2**22`` to an
+    integer, ties to even, in fp32 arithmetic (here |t| < 16). NaN stays NaN.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) << 31  # the sign bit alone; keeps -0.0, which the rounding below would lose
+    magnitude = tl.abs(y)
+    exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)
+    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 2**(3 - exponent), exact
+    t = magnitude * inv_ulp
+    t = (t + 12582912.0) - 12582912.0
+    rounded = (t * ulp).to(tl.int32, bitcast=True) | sign
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """Round fp32 ``x`` to the nearest bfloat16 value (ties to even), returned as fp32.
+
+    Adds 0x7FFF plus the lowest kept bit, then clears the 16 dropped bits. inf stays inf and
+    NaN is passed through untouched (the carry could wrap a NaN payload into a zero).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = bits & -65536  # 0xFFFF0000 as a signed int32
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def cast_out(x, OUT_DTYPE: tl.constexpr):
+    """fp32 ``x`` to ``OUT_DTYPE`` with round-to-nearest-even on every path (see module docstring)."""
+    if OUT_DTYPE == tl.bfloat16:
+        x = round_to_bf16(x)
+    return x.to(OUT_DTYPE)
+
+
+_TL_DTYPES = {}
+if HAS_TRITON:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype for a torch floating dtype the kernels write."""
+    return _TL_DTYPES[dtype]

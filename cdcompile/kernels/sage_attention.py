@@ -1,0 +1,336 @@
+"""SageAttention-style attention: INT8 Q K^T, FP8 P V, fp32 accumulation, online softmax.
+
+Shape legend: b batch, h heads, m query tokens, n key/value tokens, d head dim (64 or 128);
+tensors are SDPA-shaped, q_bhmd (b, h, m, d), k_bhnd / v_bhnd (b, h, n, d).
+
+``sage_attention(q, k, v, scale=None, is_causal=False)`` computes what
+``torch.nn.functional.scaled_dot_product_attention`` computes (same ``scale`` default 1/sqrt(d),
+same top-left aligned causal mask when m != n), in five steps (algorithms.md section 7):
+
+1. Smooth K: subtract its mean over tokens, per (b, h, channel). Every score of a query row moves
+   by the same q . mean(k), which softmax cancels; what is left has no common offset, so the
+   per-block INT8 scale is spent on the part of K that differs between tokens.
+2. Quantize Q and K to INT8, symmetric, one fp32 scale per token (scale = max_d |x| / 127, round
+   half to even). Why INT8 and not FP8 here: INT8 keeps 7 bits of magnitude for every element,
+   e4m3 only 3 mantissa bits, and errors in Q K^T pass through exp(); on Hopper both run at the
+   same tensor-core rate. Why per token and not per block (SageAttention v1's default, the
+   ``qk_per_token=False`` variant, scale per BLOCK_M / BLOCK_N tokens): on outlier-channel inputs
+   (4 of 128 channels of Q and K 10x larger, m = n = 1000) per-block scales give 24.7 dB SNR
+   against fp32 SDPA and per-token 27.8 dB; on random inputs both give 28.2-28.4 dB (P V dominates).
+   The cost is two multiplies per score (key and query scales) instead of one, cheap next to the
+   exp2. The softmax scale and log2(e) are folded into the query scales, so the kernel uses exp2.
+3. Quantize V per channel to FP8 e4m3 (scale = max over tokens of |v| / 448, per (b, h, channel)).
+4. Per tile of BLOCK_N keys: s = (q8 . k8) * k_scale * q_scale (the INT8 dot is exact in int32),
+   masked entries -inf, running max m, p = exp2(s - m) in fp32, running sum l from the fp32 p,
+   then p is quantized to e4m3 as round(p * 448) (p <= 1, so 448 uses e4m3's whole range) and
+   acc = acc * exp2(m_old - m) + p8 . v8 accumulates in fp32.
+5. out = acc * (v_scale / 448) / l, rounded to the input dtype.
+
+``sage_attention_ref`` is the executable spec: the same quantization and the same tile-by-tile
+online softmax in plain torch (so the kernel can be checked tightly against it); it is also the
+CPU fallback. Truth for accuracy is fp32 SDPA; the bar is cosine >= 0.999 and SNR >= 25 dB.
+
+Dtypes: bf16 and fp16 in and out; fp32 is accepted too (same quantized math, fp32 out), which
+is what CPU tests use. Inputs must be finite: a NaN or inf in q, k or v is not detected (that
+would cost a device sync) and spreads to the outputs it touches. Inference only (no autograd).
+
+Under ``TRITON_INTERPRET=1`` the INT8 and FP8 ``tl.dot`` run as exact upcast matrix products
+(checked: int8 with d = 128 and extreme values, fp8 against fp32 products), so one kernel body
+serves the GPU and the interpreter; rounding to e4m3 and bf16 is done in fp32 arithmetic
+(``_triton.round_to_e4m3``), so the interpreter's wrong fp32->fp8 cast is never used on inexact values.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from ._triton import BACKENDS, cast_out, round_to_e4m3, tl, tl_dtype, triton, use_triton
+
+# Tile sizes: untuned; to be measured on H100 (bench/kernels.py). The reference takes the same
+# numbers: they fix the online-softmax tiles (and the scale blocks when qk_per_token=False).
+BLOCK_M = 128
+BLOCK_N = 64
+QUANT_BLOCK_S = 64  # tokens per program of the V quantization kernel; untuned
+
+HEAD_DIMS = (64, 128)
+IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+SCALE_FLOOR = torch.finfo(torch.float32).tiny  # keeps x / scale finite for an all-zero block
+LOG2E = math.log2(math.e)
+
+
+def _k_mean_and_v_scale(k_bhnd: torch.Tensor, v_bhnd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean of K and per-channel FP8 scale of V, both (b, h, d) fp32; shared by reference and launcher."""
+    k_mean = k_bhnd.mean(dim=2, dtype=torch.float32)
+    v_min, v_max = torch.aminmax(v_bhnd, dim=2)
+    v_amax = torch.maximum(v_max.float(), -v_min.float())
+    return k_mean, torch.clamp_min(v_amax / E4M3_MAX, SCALE_FLOOR)
+
+
+def _quantize_int8_ref(
+    x_bhsd: torch.Tensor, block: int, per_token: bool, extra_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8, one scale per token or per block of ``block`` tokens: (int8 (b, h, s, d), fp32 (b, h, s)).
+
+    Per-block scales are repeated for each token of the block; the returned scales carry ``extra_scale``.
+    """
+    b, h, s, d = x_bhsd.shape
+    n_blocks = -(-s // block)
+    padded = torch.nn.functional.pad(x_bhsd, (0, 0, 0, n_blocks * block - s))
+    blocks = padded.reshape(b, h, n_blocks, block, d)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)  # (b, h, n_blocks, block, 1)
+    if not per_token:
+        amax = amax.amax(dim=-2, keepdim=True).expand_as(amax)
+    scale = torch.clamp_min(amax / INT8_MAX, SCALE_FLOOR)
+    q8 = torch.round(blocks / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = scale * torch.tensor(extra_scale, dtype=torch.float32)
+    return q8.reshape(b, h, -1, d)[:, :, :s], scale.reshape(b, h, -1)[:, :, :s]
+
+
+def sage_attention_ref(
+    q_bhmd: torch.Tensor,
+    k_bhnd: torch.Tensor,
+    v_bhnd: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    qk_per_token: bool = True,
+) -> torch.Tensor:
+    """Plain-torch emulation of the kernel's arithmetic (steps 1-5 of the module docstring)."""
+    b, h, m, d = q_bhmd.shape
+    n = k_bhnd.shape[2]
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k_mean, v_scale = _k_mean_and_v_scale(k_bhnd, v_bhnd)
+    q8, q_scale = _quantize_int8_ref(q_bhmd.float(), block_m, qk_per_token, sm_scale * LOG2E)
+    k8, k_scale = _quantize_int8_ref(k_bhnd.float() - k_mean[:, :, None], block_n, qk_per_token, 1.0)
+    v8 = (v_bhnd.float() / v_scale[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+    q8f = q8.float()  # int8 dot products of d <= 128 terms are below 2**24: exact in fp32
+    rows = torch.arange(m, device=q_bhmd.device)[:, None]
+    m_i = torch.full((b, h, m), -math.inf, device=q_bhmd.device)
+    l_i = torch.zeros((b, h, m), device=q_bhmd.device)
+    acc = torch.zeros((b, h, m, d), device=q_bhmd.device)
+    for start in range(0, n, block_n):
+        cols = torch.arange(start, min(start + block_n, n), device=q_bhmd.device)
+        s = (q8f @ k8[:, :, cols].float().transpose(-1, -2)) * k_scale[:, :, None, cols] * q_scale[..., None]
+        if is_causal:
+            s = s.masked_fill(cols[None, :] > rows, -math.inf)
+        m_new = torch.maximum(m_i, s.amax(dim=-1))
+        alpha = torch.exp2(m_i - m_new)
+        p = torch.exp2(s - m_new[..., None])
+        l_i = l_i * alpha + p.sum(dim=-1)
+        p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn)
+        acc = acc * alpha[..., None] + p8.float() @ v8[:, :, cols].float()
+        m_i = m_new
+    out = acc * (v_scale / E4M3_MAX)[:, :, None, :] / l_i[..., None]
+    return out.to(q_bhmd.dtype)
+
+
+@triton.jit
+def _quantize_int8_kernel(
+    x_ptr, mean_ptr, out_ptr, scale_ptr, extra_scale,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    H, S,
+    HAS_MEAN: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    # One program: one block of BLOCK_S tokens of one (b, h); writes contiguous int8 + a scale per token.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tokens = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_D)
+    live = (tokens < S)[:, None]
+    src = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(src + tokens.to(tl.int64)[:, None] * stride_xs + dims[None, :] * stride_xd, mask=live, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_MEAN:
+        x = tl.where(live, x - tl.load(mean_ptr + pid_bh.to(tl.int64) * HEAD_D + dims)[None, :], 0.0)
+    amax = tl.max(tl.abs(x), axis=1)
+    if not PER_TOKEN:
+        amax = tl.zeros_like(amax) + tl.max(amax)
+    scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)  # SCALE_FLOOR
+    y = tl.math.div_rn(x, scale[:, None])
+    y = (y + 12582912.0) - 12582912.0  # round half to even, |y| <= 127 (see _triton.round_to_e4m3)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    dst = out_ptr + pid_bh.to(tl.int64) * S * HEAD_D + tokens.to(tl.int64)[:, None] * HEAD_D + dims[None, :]
+    tl.store(dst, y.to(tl.int8), mask=live)
+    tl.store(scale_ptr + pid_bh.to(tl.int64) * S + tokens, scale * extra_scale, mask=tokens < S)
+
+
+@triton.jit
+def _quantize_v_kernel(
+    v_ptr, scale_ptr, out_ptr,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    H, S,
+    BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    # One program: BLOCK_S tokens of one (b, h) to e4m3 with the per-channel scales.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    tokens = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_D)
+    live = (tokens < S)[:, None]
+    src = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    v = tl.load(src + tokens.to(tl.int64)[:, None] * stride_vs + dims[None, :] * stride_vd, mask=live, other=0.0)
+    scale = tl.load(scale_ptr + pid_bh.to(tl.int64) * HEAD_D + dims)
+    y = tl.math.div_rn(v.to(tl.float32), scale[None, :])
+    y = round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    dst = out_ptr + pid_bh.to(tl.int64) * S * HEAD_D + tokens.to(tl.int64)[:, None] * HEAD_D + dims[None, :]
+    tl.store(dst, y.to(tl.float8e4nv), mask=live)
+
+
+@triton.jit
+def _sage_attention_kernel(
+    q8_ptr, q_scale_ptr, k8_ptr, k_scale_ptr, v8_ptr, v_scale_ptr, out_ptr,
+    M, N,
+    IS_CAUSAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    # One program: BLOCK_M query rows of one (b, h); all quantized inputs are contiguous.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_D)
+    q8 = tl.load(q8_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :], mask=(rows < M)[:, None], other=0)
+    q_scale = tl.load(q_scale_ptr + pid_bh * M + rows, mask=rows < M, other=0.0)  # has sm_scale * log2(e)
+    k_base = k8_ptr + pid_bh * N * HEAD_D
+    v_base = v8_ptr + pid_bh * N * HEAD_D
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
+    hi = tl.minimum(N, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else N  # causal: keys past the last row are all masked
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_live = (cols < N)[:, None]
+        k8 = tl.load(k_base + cols[:, None] * HEAD_D + dims[None, :], mask=kv_live, other=0)
+        k_scale = tl.load(k_scale_ptr + pid_bh * N + cols, mask=cols < N, other=0.0)
+        s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * k_scale[None, :] * q_scale[:, None]  # exact int32 dot
+        keep = (cols < N)[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p8 = round_to_e4m3(p * 448.0).to(tl.float8e4nv)
+        v8 = tl.load(v_base + cols[:, None] * HEAD_D + dims[None, :], mask=kv_live, other=0.0)
+        acc = tl.dot(p8, v8, acc * alpha[:, None])
+        m_i = m_new
+
+    v_scale = tl.load(v_scale_ptr + pid_bh * HEAD_D + dims)
+    out = acc * (v_scale / 448.0)[None, :] / l_i[:, None]
+    dst = out_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :]
+    tl.store(dst, cast_out(out, OUT_DTYPE), mask=(rows < M)[:, None])
+
+
+def _sage_attention_triton(
+    q_bhmd, k_bhnd, v_bhnd, scale, is_causal, block_m=BLOCK_M, block_n=BLOCK_N, qk_per_token=True
+):
+    """Quantize (three small kernels + two torch reductions), then the attention kernel."""
+    b, h, m, d = q_bhmd.shape
+    n = k_bhnd.shape[2]
+    dev = q_bhmd.device
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    n_q_blocks, n_k_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    k_mean, v_scale = _k_mean_and_v_scale(k_bhnd, v_bhnd)
+
+    q8 = torch.empty((b, h, m, d), dtype=torch.int8, device=dev)
+    k8 = torch.empty((b, h, n, d), dtype=torch.int8, device=dev)
+    v8 = torch.empty((b, h, n, d), dtype=torch.float8_e4m3fn, device=dev)
+    q_scale = torch.empty((b, h, m), dtype=torch.float32, device=dev)
+    k_scale = torch.empty((b, h, n), dtype=torch.float32, device=dev)
+    # fp32 like the reference's torch.tensor(extra_scale): the kernel multiplies fp32 by fp32
+    q_extra = float(torch.tensor(sm_scale * LOG2E, dtype=torch.float32))
+    _quantize_int8_kernel[(n_q_blocks, b * h)](
+        q_bhmd, q_bhmd, q8, q_scale, q_extra, *q_bhmd.stride(), h, m,
+        HAS_MEAN=False, PER_TOKEN=qk_per_token, BLOCK_S=block_m, HEAD_D=d,
+    )
+    _quantize_int8_kernel[(n_k_blocks, b * h)](
+        k_bhnd, k_mean, k8, k_scale, 1.0, *k_bhnd.stride(), h, n,
+        HAS_MEAN=True, PER_TOKEN=qk_per_token, BLOCK_S=block_n, HEAD_D=d,
+    )
+    _quantize_v_kernel[(triton.cdiv(n, QUANT_BLOCK_S), b * h)](
+        v_bhnd, v_scale, v8, *v_bhnd.stride(), h, n, BLOCK_S=QUANT_BLOCK_S, HEAD_D=d,
+    )
+    out = torch.empty((b, h, m, d), dtype=q_bhmd.dtype, device=dev)
+    _sage_attention_kernel[(n_q_blocks, b * h)](
+        q8, q_scale, k8, k_scale, v8, v_scale, out, m, n,
+        IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(q_bhmd.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
+        num_warps=8 if d == 128 else 4, num_stages=3,  # untuned; to be measured on H100
+    )
+    return out
+
+
+def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend) -> None:
+    named = (("q", q_bhmd), ("k", k_bhnd), ("v", v_bhnd))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-d (batch, heads, seq, head_dim) tensor like SDPA's, got {got}")
+    shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named)
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) != 1 or q_bhmd.dtype not in IN_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {IN_DTYPES}, got {[str(t.dtype) for _, t in named]}")
+    if len({t.device for _, t in named}) != 1:
+        raise ValueError(f"q, k, v must be on one device, got {[str(t.device) for _, t in named]}")
+    if q_bhmd.shape[:2] != k_bhnd.shape[:2] or k_bhnd.shape[:3] != v_bhnd.shape[:3]:
+        raise ValueError(f"q, k, v must share batch and heads, and k, v their length: {shapes}")
+    if not q_bhmd.shape[3] == k_bhnd.shape[3] == v_bhnd.shape[3] or q_bhmd.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} and equal for q, k, v: {shapes}")
+    if q_bhmd.shape[2] < 1 or k_bhnd.shape[2] < 1:
+        raise ValueError(f"q and k need at least one token each: {shapes}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def sage_attention(
+    q_bhmd: torch.Tensor,
+    k_bhnd: torch.Tensor,
+    v_bhnd: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=..., is_causal=...)`` with INT8/FP8 math.
+
+    ``backend``: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch"; see ``_triton``.
+    Returns a contiguous (b, h, m, d) tensor of q's dtype. Raises ValueError on bad inputs.
+    """
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+    return torch.ops.cdcompile.sage_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+
+
+@torch.library.custom_op("cdcompile::sage_attention", mutates_args=())
+def _sage_attention_op(
+    q_bhmd: torch.Tensor,
+    k_bhnd: torch.Tensor,
+    v_bhnd: torch.Tensor,
+    scale: Optional[float],
+    is_causal: bool,
+    backend: str,
+) -> torch.Tensor:
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+    if use_triton(q_bhmd.device, backend):
+        return _sage_attention_triton(q_bhmd, k_bhnd, v_bhnd, scale, is_causal)
+    return sage_attention_ref(q_bhmd, k_bhnd, v_bhnd, scale=scale, is_causal=is_causal).contiguous()
+
+
+@_sage_attention_op.register_fake
+def _(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend):
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+    return torch.empty_like(q_bhmd, memory_format=torch.contiguous_format)

@@ -1,0 +1,368 @@
+"""Find the repeated transformer blocks of a Dynamo graph (analysis only; nothing is rewritten).
+
+Algorithm:
+1. Membership. Every non-placeholder node's ``nn_module_stack`` is normalised
+   (``transformer_blocks.0.attn``); each stack entry whose last path component is an integer makes
+   the node a member of block ``(container, index)``, e.g. ``("transformer_blocks", 0)``.
+2. Candidates. Per container, consecutive indices whose modules share a class form a run. Each
+   block's op signature is the sequence of what its nodes compute (``linear``, ``.chunk``, ...).
+   The majority signature is the group's; a block matches if its signature equals it or is a
+   subsequence of it (Dynamo dead-code-eliminates a last block's unused output, so the last
+   FLUX single block lacks a slice). A mismatching block splits the run.
+3. Outermost only. Candidates are taken shallowest container first; one lying inside a block of
+   an accepted group (``ff.net`` inside ``transformer_blocks.0``) is dropped.
+4. Dataflow. For consecutive blocks i, i+1, the values block i+1 reads from block i are the
+   *streams*; a stream is identified by the offset of its producing op in the signature, so it is
+   the same stream in every block. Block 0 reads the stream's *entry* at the same consumer
+   positions; each block's stream output is the node at the producer offset. Values every block
+   reads and that are defined before the group are *side inputs* (temb, rotary tables, masks,
+   Wan's read-only encoder states). A block output used outside the group other than by the next
+   block, a value flowing between non-adjacent blocks, or blocks that do not chain at all make the
+   candidate ineligible, with the reason recorded.
+5. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
+   stream feeding a later group's hidden entry inherits its label; else the longest token
+   dimension wins. With two streams the other is ``encoder``.
+
+Before/after: the graph is unchanged; the result is a list of :class:`BlockGroup`::
+
+    x_embedder -> [blocks.0 -> blocks.1 -> ... -> blocks.N-1] -> proj_out
+                   ^ entry    streams: hidden, encoder   ^ exit
+                   side inputs read by all: temb, rotary
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import re
+from typing import Iterable
+
+import torch.fx as fx
+
+from . import _fx
+
+_INDEXED = re.compile(r"^(?:(.*)\.)?(\d+)$")
+
+
+class Ineligible(str, enum.Enum):
+    """Why a set of sibling modules is not a cacheable block group."""
+
+    NO_REPEATED_BLOCKS = "no_repeated_blocks"
+    SIGNATURE_MISMATCH = "signature_mismatch"
+    NOT_CHAINED = "not_chained"
+    INCONSISTENT_STREAMS = "inconsistent_streams"
+    ESCAPING_OUTPUT = "escaping_output"
+    SKIP_CONNECTION = "skip_connection"
+
+
+@dataclasses.dataclass
+class Block:
+    index: int
+    path: str
+    nodes: list[fx.Node]  # graph order; placeholders (weights) excluded
+    # signature offset (in the group's majority signature) of each node
+    offsets: list[int]
+
+    def node_at(self, offset: int) -> fx.Node | None:
+        for n, o in zip(self.nodes, self.offsets):
+            if o == offset:
+                return n
+        return None
+
+
+@dataclasses.dataclass
+class Stream:
+    label: str
+    producer_offset: int
+    entry: fx.Node  # value block 0 reads
+    outputs: list[fx.Node | None]  # per block; None where dead-code-eliminated
+
+    @property
+    def exit(self) -> fx.Node | None:
+        return self.outputs[-1]
+
+
+@dataclasses.dataclass
+class BlockGroup:
+    name: str
+    block_class: str
+    blocks: list[Block]
+    streams: list[Stream]
+    side_inputs: list[fx.Node]
+    per_block_inputs: list[list[fx.Node]]  # read by one block only, defined before the group
+    glue: list[fx.Node]  # non-block nodes lying between the group's first and last node
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def stream(self, label: str) -> Stream | None:
+        return next((s for s in self.streams if s.label == label), None)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "block_class": self.block_class,
+            "blocks": self.num_blocks,
+            "streams": [s.label for s in self.streams],
+            "stream_entries": [s.entry.name for s in self.streams],
+            "stream_exits": [s.exit.name if s.exit is not None else None for s in self.streams],
+            "side_inputs": [n.name for n in self.side_inputs],
+            "ops_per_block": len(self.blocks[0].nodes),
+            "glue_nodes": len(self.glue),
+        }
+
+
+@dataclasses.dataclass
+class Rejection:
+    name: str
+    reason: Ineligible
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "reason": self.reason.value, "detail": self.detail}
+
+
+@dataclasses.dataclass
+class Discovery:
+    groups: list[BlockGroup]
+    rejected: list[Rejection]
+
+
+def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | None = None) -> Discovery:
+    """Find the repeated block groups of ``gm`` (see the module docstring)."""
+    weights = _fx.weight_placeholders(gm, example_inputs)
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    members: dict[tuple[str, int], list[fx.Node]] = collections.defaultdict(list)
+    classes: dict[tuple[str, int], str] = {}
+    for n in nodes:
+        for path, cls in _fx.module_stack(n):
+            m = _INDEXED.match(path)
+            if m is None:
+                continue
+            key = (m.group(1) or "", int(m.group(2)))
+            if not members[key] or members[key][-1] is not n:
+                members[key].append(n)
+            classes.setdefault(key, _fx.class_name(cls))
+
+    by_container: dict[str, list[int]] = collections.defaultdict(list)
+    for container, idx in members:
+        by_container[container].append(idx)
+
+    groups: list[BlockGroup] = []
+    rejected: list[Rejection] = []
+    accepted_paths: list[str] = []
+    for container in sorted(by_container, key=lambda c: (c.count(".") if c else -1, c)):
+        if any(_inside(container, p) for p in accepted_paths):
+            continue
+        for run in _same_class_runs(container, sorted(by_container[container]), classes):
+            for sub in _signature_runs(container, run, members, rejected):
+                group = _analyse(container, sub, members, classes, weights, position, rejected)
+                if group is not None:
+                    groups.append(group)
+                    accepted_paths.extend(b.path for b in group.blocks)
+    groups.sort(key=lambda g: position[g.blocks[0].nodes[0]])
+    _label_streams(gm, groups)
+    if not groups and not rejected:
+        rejected.append(Rejection("<graph>", Ineligible.NO_REPEATED_BLOCKS,
+                                  "no two sibling modules of the same class run in sequence"))
+    return Discovery(groups, rejected)
+
+
+def _inside(container: str, block_path: str) -> bool:
+    return container == block_path or container.startswith(block_path + ".")
+
+
+def _same_class_runs(container, indices, classes):
+    runs, cur = [], [indices[0]]
+    for idx in indices[1:]:
+        if idx == cur[-1] + 1 and classes[(container, idx)] == classes[(container, cur[-1])]:
+            cur.append(idx)
+        else:
+            runs.append(cur)
+            cur = [idx]
+    runs.append(cur)
+    return [r for r in runs if len(r) >= 2]
+
+
+def _signature(ns: list[fx.Node]) -> tuple[str, ...]:
+    return tuple(_fx.target_name(n) for n in ns)
+
+
+def _align(sig: tuple, major: tuple) -> list[int] | None:
+    """Offsets of ``sig``'s entries in ``major`` if ``sig`` is a subsequence of it, else None."""
+    if sig == major:
+        return list(range(len(major)))
+    out, j = [], 0
+    for s in sig:
+        while j < len(major) and major[j] != s:
+            j += 1
+        if j == len(major):
+            return None
+        out.append(j)
+        j += 1
+    return out
+
+
+def _signature_runs(container, run, members, rejected):
+    sigs = {idx: _signature(members[(container, idx)]) for idx in run}
+    major = collections.Counter(sigs.values()).most_common(1)[0][0]
+    rich_major = tuple(_fx.op_key(n) for n in members[(container, next(i for i in run if sigs[i] == major))])
+    subruns, cur = [], []
+    for idx in run:
+        # Align on ops with their constants first (tells apart two slices of one tensor), then on
+        # ops alone (a block whose constants differ, e.g. a per-layer scale).
+        rich = tuple(_fx.op_key(n) for n in members[(container, idx)])
+        offsets = _align(rich, rich_major) or _align(sigs[idx], major)
+        if offsets is None:
+            rejected.append(Rejection(
+                f"{container}.{idx}", Ineligible.SIGNATURE_MISMATCH,
+                f"{len(sigs[idx])} ops differ from the {len(major)}-op signature of its siblings"))
+            if len(cur) >= 2:
+                subruns.append(cur)
+            cur = []
+            continue
+        cur.append((idx, offsets))
+    if len(cur) >= 2:
+        subruns.append(cur)
+    return subruns
+
+
+def _inputs(block_nodes: set[fx.Node], ns: list[fx.Node], offsets: list[int]):
+    """(producer, consumer offset, arg position) for every value a block reads from outside."""
+    out = []
+    for n, off in zip(ns, offsets):
+        for pos, a in enumerate(n.all_input_nodes):
+            if a not in block_nodes:
+                out.append((a, (off, pos)))
+    return out
+
+
+def _analyse(container, sub, members, classes, weights, position, rejected) -> BlockGroup | None:
+    name = container or "<root>"
+    blocks = [Block(idx, f"{container}.{idx}" if container else str(idx),
+                    members[(container, idx)], offsets) for idx, offsets in sub]
+    label = f"{name}[{blocks[0].index}..{blocks[-1].index}]"
+    sets = [set(b.nodes) for b in blocks]
+    owner = {n: i for i, s in enumerate(sets) for n in s}
+    ins = [_inputs(sets[i], b.nodes, b.offsets) for i, b in enumerate(blocks)]
+    offset_of = [dict(zip(b.nodes, b.offsets)) for b in blocks]
+
+    # Streams: producer offsets in block i of the values block i+1 reads from block i.
+    consumer_keys: dict[int, set] = collections.defaultdict(set)
+    producer_sets = []
+    for i in range(len(blocks) - 1):
+        prods = set()
+        for a, key in ins[i + 1]:
+            if owner.get(a) == i:
+                off = offset_of[i][a]
+                prods.add(off)
+                consumer_keys[off].add(key)
+        producer_sets.append(prods)
+    if not producer_sets or not producer_sets[0]:
+        rejected.append(Rejection(label, Ineligible.NOT_CHAINED,
+                                  "no value flows from one block to the next"))
+        return None
+    if any(p != producer_sets[0] for p in producer_sets):
+        rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
+                                  f"blocks pass different values on: {producer_sets}"))
+        return None
+
+    stream_keys = set().union(*consumer_keys.values())
+    streams = []
+    for off in sorted(producer_sets[0]):
+        entries = {a for a, key in ins[0] if key in consumer_keys[off]}
+        if len(entries) != 1:
+            rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
+                                      f"block 0 reads {len(entries)} values where block 1 reads one stream"))
+            return None
+        streams.append(Stream(f"stream{len(streams)}", off, entries.pop(),
+                              [b.node_at(off) for b in blocks]))
+
+    # Side inputs, per-block inputs and values skipping blocks.
+    side_by_key: dict[tuple, set] = collections.defaultdict(set)
+    per_block: list[list[fx.Node]] = [[] for _ in blocks]
+    for i, block_ins in enumerate(ins):
+        for a, key in block_ins:
+            if key in stream_keys and (i == 0 or owner.get(a) == i - 1):
+                continue
+            if a in owner:
+                rejected.append(Rejection(label, Ineligible.SKIP_CONNECTION,
+                                          f"{blocks[i].path} reads {a.name} from {blocks[owner[a]].path}"))
+                return None
+            if a.op == "placeholder" and a in weights:
+                continue
+            side_by_key[key].add(a)
+            per_block[i].append(a)
+    common = {next(iter(v)) for v in side_by_key.values() if len(v) == 1}
+    side_inputs = sorted(common, key=position.__getitem__)
+    per_block = [sorted(set(p) - common, key=position.__getitem__) for p in per_block]
+
+    # Escaping outputs: block i's values used outside the group, except by block i+1 (streams)
+    # and, for the last block, the stream exits.
+    exits = {s.exit for s in streams}
+    for i, b in enumerate(blocks):
+        for n in b.nodes:
+            for u in n.users:
+                j = owner.get(u)
+                if j == i or (j == i + 1 and offset_of[i][n] in producer_sets[0]):
+                    continue
+                if i == len(blocks) - 1 and j is None and n in exits:
+                    continue
+                where = blocks[j].path if j is not None else u.name
+                rejected.append(Rejection(label, Ineligible.ESCAPING_OUTPUT,
+                                          f"{n.name} of {b.path} is read by {where}"))
+                return None
+
+    first, last = position[blocks[0].nodes[0]], position[blocks[-1].nodes[-1]]
+    graph_nodes = list(blocks[0].nodes[0].graph.nodes)
+    glue = [n for n in graph_nodes[first:last + 1] if n not in owner]
+    return BlockGroup(name=name, block_class=classes[(container, blocks[0].index)], blocks=blocks,
+                      streams=streams, side_inputs=side_inputs, per_block_inputs=per_block, glue=glue)
+
+
+def _label_streams(gm: fx.GraphModule, groups: list[BlockGroup]) -> None:
+    reaches_output = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
+    for gi in range(len(groups) - 1, -1, -1):
+        g = groups[gi]
+        if len(g.streams) == 1:
+            g.streams[0].label = "hidden"
+            continue
+        live = [s for s in g.streams if s.exit is not None and s.exit in reaches_output]
+        hidden = live[0] if len(live) == 1 else None
+        if hidden is None:
+            later_hidden = {h.entry for later in groups[gi + 1:]
+                            if (h := later.stream("hidden")) is not None}
+            fed = [s for s in g.streams if s.exit in later_hidden]
+            hidden = fed[0] if len(fed) == 1 else None
+        if hidden is None:
+            hidden = max(g.streams, key=lambda s: _tokens(s.entry))
+        hidden.label = "hidden"
+        others = [s for s in g.streams if s is not hidden]
+        for k, s in enumerate(others):
+            s.label = "encoder" if len(others) == 1 else f"encoder{k}"
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _tokens(node: fx.Node) -> int:
+    v = _fx.fake_value(node)
+    shape = getattr(v, "shape", None)
+    if shape is None or len(shape) < 2:
+        return -1
+    try:
+        return int(shape[-2])
+    except TypeError:  # symbolic
+        return -1

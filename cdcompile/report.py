@@ -1,0 +1,57 @@
+"""What the backend did to one graph: groups found, passes run, and why anything was not cached.
+
+Reports are plain data (enums + numbers), built once per compiled graph, never in a hot loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    ops_before: int
+    ops_after: int
+    skipped: bool = False  # switched off with ``disable_passes``
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One compiled graph: what was found and what was done."""
+
+    graph_index: int
+    num_nodes: int
+    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    cache: dict[str, Any] | None = None  # what block_cache inserted (stack, F/M/B, streams)
+    not_cached: list[str] = dataclasses.field(default_factory=list)  # reasons, user-facing
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passes"] = [p.as_dict() for p in self.passes]
+        return d
+
+    def __str__(self) -> str:
+        lines = [f"graph {self.graph_index}: {self.num_nodes} nodes"]
+        for g in self.groups:
+            lines.append(f"  group {g['name']}: {g['blocks']} x {g['block_class']} "
+                         f"({g['ops_per_block']} ops/block), streams {g['streams']}, "
+                         f"side inputs {len(g['side_inputs'])}")
+        for r in self.rejected:
+            lines.append(f"  not a group: {r['name']}: {r['reason']} ({r['detail']})")
+        if self.cache:
+            c = self.cache
+            lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
+                         f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}")
+        for reason in self.not_cached:
+            lines.append(f"  not cached: {reason}")
+        for p in self.passes:
+            state = "skipped" if p.skipped else f"{p.ops_before} -> {p.ops_after} ops"
+            lines.append(f"  pass {p.name}: {state}")
+        return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Tiny models and inputs for tests, demos and benchmarks (no downloads; random weights).
+
+These build diffusers transformers at toy sizes together with the keyword inputs their
+``forward`` takes. They are fixtures, not adapters: the backend never sees this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def tiny_flux(*, num_layers: int = 2, num_single_layers: int = 4, heads: int = 2, head_dim: int = 16,
+              seed: int = 0, dtype: torch.dtype = torch.float32):
+    """FLUX architecture at toy size (the config of reference/environment.md by default)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    rope = _rope_axes(head_dim)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=rope).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    # three even axes summing to head_dim, e.g. 16 -> (4, 6, 6), 64 -> (16, 24, 24)
+    a = (head_dim // 4) & ~1
+    b = ((head_dim - a) // 2) & ~1
+    return (a, b, head_dim - a - b)
+
+
+def flux_inputs(model, *, batch: int = 1, tokens: int = 64, text_tokens: int = 8, timestep: float = 0.5,
+                seed: int = 0, dtype: torch.dtype | None = None) -> dict:
+    """Keyword inputs for ``FluxTransformer2DModel.forward``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    side = int(tokens ** 0.5)
+    img_ids = torch.zeros(tokens, 3)
+    if side * side == tokens:
+        img_ids[:, 1] = torch.arange(side).repeat_interleave(side).float()
+        img_ids[:, 2] = torch.arange(side).repeat(side).float()
+    else:
+        img_ids[:, 1] = torch.arange(tokens).float()
+    return dict(
+        hidden_states=torch.randn(batch, tokens, cfg.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
+        timestep=torch.full((batch,), timestep, dtype=dtype),
+        img_ids=img_ids, txt_ids=torch.zeros(text_tokens, 3), return_dict=False,
+    )
+
+
+class SeqBlock(nn.Module):
+    """A pre-norm residual MLP/attention block of a hand-written DiT (one hidden stream)."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.mod(temb).unsqueeze(1).chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm(x))
+
+
+class SequentialDiT(nn.Module):
+    """A hand-written DiT whose blocks are an ``nn.Sequential``-like ModuleList with a timestep."""
+
+    def __init__(self, dim: int = 32, depth: int = 6, in_dim: int = 8, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(SeqBlock(dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, in_dim)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        half = self.proj_in.out_features // 2
+        freqs = torch.exp(-9.21 * torch.arange(half, device=x.device) / half)
+        angles = timestep.reshape(-1, 1).float() * 1000 * freqs
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)

@@ -1,0 +1,121 @@
+"""The backend object: registration, options validation, graph copying, inner compilers."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cdcompile
+from cdcompile import CacheConfig
+from cdcompile.testing import SequentialDiT
+
+
+def test_backend_registered_by_entry_point_without_import():
+    code = ("import torch\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())\n"
+            "c = torch.compile(m, backend='cachedit', options={'compiler': 'eager'})\n"
+            "x = torch.randn(2, 4)\n"
+            "assert torch.equal(c(x), m(x))\n"
+            "import sys; assert 'cdcompile' in sys.modules, 'backend was not loaded'\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def _compile_error(options):
+    m = torch.nn.Linear(2, 2)
+    with pytest.raises(Exception) as info:
+        torch.compile(m, backend="cachedit", options=options)(torch.randn(2))
+    err = info.value
+    inner = getattr(err, "inner_exception", err)
+    return inner
+
+
+def test_unknown_option_names_key_and_lists_valid_ones():
+    err = _compile_error({"Fn": 1})
+    assert isinstance(err, ValueError)
+    assert "'Fn'" in str(err) and "Fn_compute_blocks" in str(err) and "residual_diff_threshold" in str(err)
+
+
+@pytest.mark.parametrize("key,value,rule", [
+    ("compiler", "tensorrt", "inductor"),
+    ("Fn_compute_blocks", 0, ">= 1"),
+    ("Bn_compute_blocks", -1, ">= 0"),
+    ("warmup_interval", 0, ">= 1"),
+    ("max_cached_steps", -2, "-1"),
+    ("residual_diff_threshold", "high", "float"),
+    ("Fn_compute_blocks", True, "not a bool"),
+    ("disable_passes", ["no_such_pass"], "discover_blocks"),
+])
+def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):
+    with pytest.raises(ValueError) as info:
+        CacheConfig.from_options({key: value})
+    msg = str(info.value)
+    assert repr(key) in msg and rule in msg
+    assert repr(value if not isinstance(value, list) else value[0]) in msg
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(TypeError, match="must be a dict"):
+        CacheConfig.from_options([("compiler", "eager")])
+
+
+def test_backend_never_mutates_dynamos_graph():
+    seen = {}
+
+    def spy(gm, example_inputs):
+        before = [(n.op, n.name) for n in gm.graph.nodes]
+        fn = cdcompile.cachedit(gm, example_inputs, options={"compiler": "eager", "residual_diff_threshold": 0.5})
+        seen["same"] = before == [(n.op, n.name) for n in gm.graph.nodes]
+        return fn
+
+    m = SequentialDiT(depth=3)
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.5])
+    torch.compile(m, backend=spy, fullgraph=True)(x, t)
+    assert seen["same"] is True
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_output_equals_eager_with_caching_off(compiler):
+    m = SequentialDiT(depth=4)
+    x, t = torch.randn(2, 10, 8), torch.tensor([0.3, 0.3])
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": compiler, "enable_cache": False})
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, t), m(x, t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_output_equals_eager_with_caching_off_and_mode_passes_through():
+    m = SequentialDiT(depth=2)
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.3])
+    c = torch.compile(m, backend="cachedit", fullgraph=True, mode="max-autotune-no-cudagraphs")
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, t), m(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_model_without_blocks_compiles_unchanged_and_says_why():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 4)
+    with cdcompile.backend.collect_reports() as reports:
+        out = torch.compile(m, backend="cachedit", options={"compiler": "eager"})(x)
+    torch.testing.assert_close(out, m(x))
+    (report,) = reports
+    assert report.groups == []
+    assert report.cache is None
+    assert any("no repeated block group" in r for r in report.not_cached)
+    assert [(p.name, p.ops_before, p.ops_after) for p in report.passes] == [
+        ("discover_blocks", 3, 3), ("block_cache", 3, 3)]
+
+
+def test_disable_passes_skips_a_pass_by_name():
+    m = SequentialDiT(depth=3)
+    with cdcompile.backend.collect_reports() as reports:
+        torch.compile(m, backend="cachedit",
+                      options={"compiler": "eager", "disable_passes": ["block_cache"]})(
+            torch.randn(1, 10, 8), torch.tensor([0.5]))
+    (report,) = reports
+    assert [p.skipped for p in report.passes] == [False, True]
+    assert report.cache is None

@@ -1,0 +1,182 @@
+"""Block discovery: one structural rule finds the repeated blocks of every DiT shape."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cdcompile
+from cdcompile.testing import SequentialDiT
+from cdcompile.zoo import ZOO
+
+
+def _explain(model, *args, **kwargs):
+    with torch.no_grad():
+        return cdcompile.explain(model, *args, **kwargs)
+
+
+def _groups(report):
+    return [(g["name"], g["block_class"], g["blocks"], g["streams"]) for g in report.groups]
+
+
+def test_tiny_flux_has_double_and_single_groups_with_two_streams():
+    m, kw = ZOO["flux"]()
+    r = _explain(m, **kw)
+    assert (r.graphs, r.graph_breaks) == (1, 0)
+    assert _groups(r) == [
+        ("transformer_blocks", "FluxTransformerBlock", 2, ["hidden", "encoder"]),
+        ("single_transformer_blocks", "FluxSingleTransformerBlock", 4, ["encoder", "hidden"]),
+    ]
+    double, single = r.groups
+    # the double group's exits are the single group's entries, stream by stream
+    assert dict(zip(double["streams"], double["stream_exits"])) == dict(
+        zip(single["streams"], single["stream_entries"]))
+    # the last single block's encoder output is dead code: the stream has no exit
+    assert dict(zip(single["streams"], single["stream_exits"]))["encoder"] is None
+    # every block reads temb and the two rotary tables
+    assert len(double["side_inputs"]) == 3 and double["side_inputs"] == single["side_inputs"]
+
+
+def test_sd3_joint_blocks_exclude_the_context_pre_only_last_block():
+    m, kw = ZOO["sd3"]()
+    r = _explain(m, **kw)
+    assert _groups(r) == [("transformer_blocks", "JointTransformerBlock", 2, ["hidden", "encoder"])]
+    rejected = [x for g in r.graph_reports for x in g.rejected]
+    assert [(x["name"], x["reason"]) for x in rejected] == [("transformer_blocks.2", "signature_mismatch")]
+
+
+def test_wan_single_stream_with_read_only_encoder_as_side_input():
+    m, kw = ZOO["wan"]()
+    r = _explain(m, **kw)
+    (g,) = r.groups
+    assert (g["name"], g["blocks"], g["streams"]) == ("blocks", 3, ["hidden"])
+    # rotary cos/sin, the projected text states and the timestep projection are read by every block
+    assert len(g["side_inputs"]) == 4
+
+
+def test_pixart_blocks_read_text_and_timestep_as_side_inputs():
+    m, kw = ZOO["pixart"]()
+    r = _explain(m, **kw)
+    (g,) = r.groups
+    assert (g["name"], g["block_class"], g["blocks"], g["streams"]) == (
+        "transformer_blocks", "BasicTransformerBlock", 3, ["hidden"])
+    assert len(g["side_inputs"]) == 2
+
+
+def test_hand_written_modulelist_dit():
+    r = _explain(SequentialDiT(depth=5), torch.randn(2, 10, 8), torch.tensor([0.5, 0.5]))
+    assert _groups(r) == [("blocks", "SeqBlock", 5, ["hidden"])]
+
+
+class _MLPBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+def test_plain_sequential_of_blocks_at_the_root():
+    m = nn.Sequential(nn.Linear(8, 16), *[_MLPBlock(16) for _ in range(4)], nn.Linear(16, 8))
+    r = _explain(m, torch.randn(3, 8))
+    # the root Sequential's children 1..4 are the blocks; 0 and 5 are Linear, another class
+    assert _groups(r) == [("<root>", "_MLPBlock", 4, ["hidden"])]
+
+
+def test_explain_report_is_printable_and_json():
+    m, kw = ZOO["flux"]()
+    r = _explain(m, **kw)
+    text = str(r)
+    assert "transformer_blocks: 2 x FluxTransformerBlock" in text
+    d = json.loads(json.dumps(r.as_dict()))
+    assert d["graphs"] == 1 and d["graph_breaks"] == 0 and len(d["groups"]) == 2
+
+
+def test_explain_reports_graph_breaks():
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_MLPBlock(8) for _ in range(3))
+
+        def forward(self, x):
+            x = self.blocks[0](x)
+            print("host side effect")  # a graph break
+            for b in self.blocks[1:]:
+                x = b(x)
+            return x
+
+    r = _explain(Breaks(), torch.randn(2, 8))
+    assert r.graphs == 2 and r.graph_breaks == 1 and len(r.break_reasons) == 1
+    assert _groups(r) == [("blocks", "_MLPBlock", 2, ["hidden"])]
+
+
+class _TwoStreamBlock(nn.Module):
+    def __init__(self, d, e):
+        super().__init__()
+        self.h = nn.Linear(d, d)
+        self.e = nn.Linear(e, e)
+        self.mix = nn.Linear(e, d)
+
+    def forward(self, h, enc, temb):
+        h = h + torch.relu(self.h(h)) * temb + self.mix(enc).mean(1, keepdim=True)
+        enc = enc + torch.tanh(self.e(enc))
+        return h, enc
+
+
+class _RandomDiT(nn.Module):
+    def __init__(self, depth, d, two_streams, tail):
+        super().__init__()
+        self.two = two_streams
+        self.inp = nn.Linear(4, d)
+        self.temb = nn.Linear(1, d)
+        self.blocks = nn.ModuleList(_TwoStreamBlock(d, 6) if two_streams else _MLPBlock(d)
+                                    for _ in range(depth))
+        self.tail = nn.ModuleList(nn.Linear(d, d) for _ in range(tail))  # not chained blocks
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x, enc, t):
+        h, temb = self.inp(x), self.temb(t.reshape(-1, 1, 1))
+        for b in self.blocks:
+            h, enc = b(h, enc, temb) if self.two else (b(h), enc)
+        return self.out(h + sum(lin(h) for lin in self.tail))
+
+
+@settings(max_examples=12)
+@given(depth=st.integers(2, 7), width=st.sampled_from([4, 12, 24]), two=st.booleans(),
+       tail=st.integers(0, 3), batch=st.integers(1, 3), tokens=st.integers(1, 9))
+def test_random_block_structured_models_are_discovered_with_the_right_count(depth, width, two, tail, batch, tokens):
+    torch._dynamo.reset()
+    m = _RandomDiT(depth, width, two, tail).eval()
+    x, enc, t = torch.randn(batch, tokens, 4), torch.randn(batch, 3, 6), torch.rand(batch)
+    r = _explain(m, x, enc, t)
+    streams = ["hidden", "encoder"] if two else ["hidden"]
+    got = [(g["name"], g["blocks"]) for g in r.groups]
+    assert got == [("blocks", depth)], got
+    assert sorted(r.groups[0]["streams"]) == sorted(streams)
+    # the parallel Linear heads share a class but do not chain: never a group
+    if tail >= 2:
+        rejected = [x for g in r.graph_reports for x in g.rejected]
+        assert any(x["name"].startswith("tail") and x["reason"] == "not_chained" for x in rejected)
+
+
+def test_middle_block_output_read_after_the_group_is_not_a_group():
+    class Escapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_MLPBlock(8) for _ in range(4))
+
+        def forward(self, x):
+            feats = []
+            for b in self.blocks:
+                x = b(x)
+                feats.append(x)
+            return x + feats[1]  # a middle block's output used after the group
+
+    r = _explain(Escapes(), torch.randn(2, 8))
+    assert r.groups == []
+    rejected = [x for g in r.graph_reports for x in g.rejected]
+    assert [x["reason"] for x in rejected] == ["escaping_output"]
