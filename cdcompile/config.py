@@ -42,6 +42,8 @@ class CacheConfig:
         are always computed.
     max_cached_steps: at most this many cached steps per request and slot (-1 = unlimited).
     max_continuous_cached_steps: at most this many cached steps in a row (-1 = unlimited).
+    cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
+        unconditional calls); further calls in the same step always compute. >= 1.
     """
 
     compiler: Compiler = Compiler.INDUCTOR
@@ -55,6 +57,7 @@ class CacheConfig:
     warmup_interval: int = 1
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
+    cache_slots: int = 2
 
     def __post_init__(self) -> None:
         try:
@@ -72,7 +75,7 @@ class CacheConfig:
 
         _check_type("enable_cache", self.enable_cache, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
-                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps"):
+                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):
             _check_type(name, getattr(self, name), int)
         _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
         object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
@@ -83,6 +86,8 @@ class CacheConfig:
             _bad("Bn_compute_blocks", self.Bn_compute_blocks, "an int >= 0")
         if self.max_warmup_steps < 0:
             _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
+        if self.cache_slots < 1:
+            _bad("cache_slots", self.cache_slots, "an int >= 1")
         if self.warmup_interval < 1:
             _bad("warmup_interval", self.warmup_interval, "an int >= 1")
         for name in ("max_cached_steps", "max_continuous_cached_steps"):

@@ -1,7 +1,7 @@
 """Triton kernels, each with its plain-torch reference and torch.library op.
 
 - ``sage_attention(q, k, v, *, scale=None, is_causal=False, backend="auto")``: SDPA-shaped
-  attention with INT8 Q K^T and FP8 P V (``sage_attention.py``); op ``cdcompile::sage_attention``.
+  attention with INT8 Q K^T and FP8 P V (``sage_attn.py``); op ``cdcompile::sage_attention``.
 - ``quantize_fp8_a2a(x_bshd, *, world_size, split, backend="auto") -> (values_rd, scales_r)`` and
   ``dequantize_fp8_a2a(values_rd, scales_r, *, batch, seq_len, num_heads, world_size, split,
   out_dtype=torch.bfloat16, backend="auto")``: FP8 per-(token, head) quantization fused with the
@@ -21,7 +21,7 @@ from .fp8_quant import (
     quantize_fp8_a2a_ref,
     seq_split_sizes,
 )
-from .sage_attention import sage_attention, sage_attention_ref
+from .sage_attn import sage_attention, sage_attention_ref
 
 __all__ = [
     "a2a_split_rows",

@@ -1,6 +1,358 @@
-"""Block cache rewrite (placeholder until the DBCache pass lands)."""
+"""DBCache rewrite: F | guard | cond(cache, compute M) | B, with the cache state as graph inputs.
+
+Algorithm (reference/algorithms.md §1, §5):
+1. Stack. The discovered groups chained along the hidden stream (a group whose hidden entry is
+   computed from the previous group's hidden exit) form one stack of N blocks; the longest chain
+   wins (FLUX: 19 double + 38 single = 57). One decision covers the whole stack.
+2. Split. F = the first ``Fn_compute_blocks`` blocks, B = the last ``Bn_compute_blocks``, M = the
+   rest. The M region is M's block nodes plus the nodes between them that depend on them.
+   M's outputs must be stream values at M's exit, each with an M-entry stream of the same label
+   and shape (the residual ``exit - entry``); anything else leaving M makes the graph uncacheable.
+3. Guard. ``R = HF - H0`` (the hidden stream after F minus the stack's hidden input) is compared
+   with the slot's anchor by :func:`cdcompile.guard.decide`; the step/slot/request clock comes from
+   the timestep input (:func:`cdcompile.guard.tick`), found structurally: a scalar-per-sample
+   float input that feeds a sinusoidal embedding (``sin``/``cos``).
+4. Branch. ``torch.ops.higher_order.cond(cache, cache_branch, compute_branch, operands)``: the
+   compute branch is M copied into a subgraph; the cache branch returns ``entry + residual`` per
+   stream. Both return contiguous tensors that alias nothing.
+5. State. Anchor, residuals, counters and history are new placeholders appended after Dynamo's;
+   :func:`cdcompile.guard.commit` updates them in place *outside* the cond (torch.export refuses
+   mutation inside a branch).
+
+Before/after::
+
+    H0 -> F -> M -> B -> out            H0 -> F -> tick, decide -> cond(cache: HF + CH | M) -> B -> out
+                                                                    commit(anchor, CH, counters)
+
+Invariants relied on: blocks are contiguous runs in the graph (discovery), shapes are static.
+Guaranteed: branch outputs are contiguous and alias no input; no state mutation inside a branch;
+the original placeholders keep their order (state placeholders come after them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import guard
+from . import _fx
+from .discover import BlockGroup
 
 
-def run(gm, ctx) -> None:
-    """Insert the DBCache guard, cond and state (not yet implemented: graph left unchanged)."""
+@dataclasses.dataclass
+class StreamPlan:
+    label: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """What the runtime must allocate and pass: built by the pass, read by runtime.CacheState."""
+
+    slots: int
+    anchor: StreamPlan
+    residuals: list[StreamPlan]
+    key_input: int  # index of a weight input identifying the model instance
+    timestep_input: str | None
+    state_names: list[str]
+
+    def allocate(self):
+        from ..runtime import CacheState
+
+        return CacheState.allocate(self)
+
+
+def run(gm: fx.GraphModule, ctx) -> None:
+    """Insert the block cache into ``gm`` for the stack of discovered groups (see module doc)."""
+    cfg, report = ctx.cfg, ctx.report
+    if not cfg.enable_cache:
+        report.not_cached.append("enable_cache=False")
+        return
+    groups = ctx.discovery.groups if ctx.discovery else []
+    if not groups:
+        return
+    stack = _choose_stack(groups)
+    blocks = [(g, i) for g in stack for i in range(g.num_blocks)]
+    n = len(blocks)
+    fn, bn = cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
+    names = " + ".join(f"{g.name} ({g.num_blocks})" for g in stack)
+    if fn + bn > n:
+        raise ValueError(
+            f"cachedit: Fn_compute_blocks + Bn_compute_blocks = {fn} + {bn} = {fn + bn} exceeds the "
+            f"N = {n} blocks of the stack {names}; choose Fn + Bn <= {n}")
+    if fn + bn == n:
+        report.not_cached.append(f"Fn + Bn = {n} covers every block of {names}: nothing to cache")
+        return
+    reason = _rewrite(gm, ctx, stack, blocks, fn, bn)
+    if reason is not None:
+        report.not_cached.append(reason)
+        return
+    report.cache["groups"] = [g.name for g in stack]
+    report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn)
+
+
+def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
+    """The longest chain of groups linked along the hidden stream."""
+    best: list[BlockGroup] = []
+    for start in range(len(groups)):
+        chain = [groups[start]]
+        for g in groups[start + 1:]:
+            prev = chain[-1].stream("hidden")
+            cur = g.stream("hidden")
+            if prev is not None and cur is not None and prev.exit is not None and (
+                    cur.entry is prev.exit or prev.exit in _fx_ancestors(cur.entry)):
+                chain.append(g)
+        if sum(x.num_blocks for x in chain) > sum(x.num_blocks for x in best):
+            best = chain
+    return best
+
+
+def _fx_ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _boundary(group: BlockGroup, i: int, label: str, *, before: bool) -> fx.Node | None:
+    """The value of stream ``label`` entering (``before``) or leaving block ``i`` of ``group``."""
+    s = group.stream(label)
+    if s is None:
+        return None
+    if before:
+        return s.entry if i == 0 else s.outputs[i - 1]
+    return s.outputs[i]
+
+
+def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
+    cfg, report = ctx.cfg, ctx.report
+    graph = gm.graph
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    g0 = stack[0]
+    h0 = g0.stream("hidden").entry
+    gf, i_f = blocks[fn - 1]
+    hf = _boundary(gf, i_f, "hidden", before=False)
+    if hf is None:
+        return f"block {gf.name}.{gf.blocks[i_f].index} has no hidden output"
+    gm_first, i_m = blocks[fn]
+    gx, i_x = blocks[len(blocks) - bn - 1]
+
+    # M region: M's block nodes plus in-between nodes depending on them.
+    m_blocks = blocks[fn:len(blocks) - bn]
+    m_nodes = {n for g, i in m_blocks for n in g.blocks[i].nodes}
+    lo = min(order[n] for n in m_nodes)
+    hi = max(order[n] for n in m_nodes)
+    nodes = list(graph.nodes)
+    region = []
+    for n in nodes[lo:hi + 1]:
+        if n in m_nodes or (n.op not in ("placeholder", "get_attr", "output")
+                            and any(a in m_nodes for a in n.all_input_nodes)):
+            m_nodes.add(n)
+            region.append(n)
+    # A getitem of a tuple made outside M is a view: keep it outside so that operands are tensors.
+    for n in list(region):
+        if n.target is operator.getitem and n.args[0] not in m_nodes:
+            region.remove(n)
+            m_nodes.discard(n)
+    inputs: list[fx.Node] = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in m_nodes and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in region if any(u not in m_nodes for u in n.users)]
+
+    # Each output must be a stream value at M's exit with a same-label, same-shape entry.
+    exit_label = {}
+    for s in gx.streams:
+        if s.outputs[i_x] is not None:
+            exit_label[s.outputs[i_x]] = s.label
+    pairs = []
+    for out in outputs:
+        label = exit_label.get(out)
+        if label is None:
+            users = ", ".join(u.name for u in out.users if u not in m_nodes)
+            return (f"{out.name}, computed in the middle blocks, is read by {users} "
+                    f"other than through the streams; the middle blocks cannot be skipped")
+        entry = _boundary(gm_first, i_m, label, before=True)
+        ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
+        if entry is None or not _same_meta(ev, xv):
+            return (f"stream {label!r} leaves the middle blocks as {_describe(xv)} but enters "
+                    f"as {_describe(ev)}: no residual to cache")
+        if entry not in inputs:
+            inputs.append(entry)
+        pairs.append((label, entry, out))
+    for a in inputs:
+        if not isinstance(_fx.fake_value(a), torch.Tensor):
+            return f"the middle blocks read {a.name}, which is not a tensor ({type(_fx.fake_value(a)).__name__})"
+    hv = _fx.fake_value(hf)
+    if not _same_meta(_fx.fake_value(h0), hv):
+        return "the hidden stream changes shape inside F; the decision residual is undefined"
+    for v in [hv] + [_fx.fake_value(o) for _, _, o in pairs]:
+        if any(not isinstance(d, int) for d in v.shape):
+            return "dynamic shapes: compile with dynamic=False to cache (the cache state has static shapes)"
+
+    weights = _fx.weight_placeholders(gm, ctx.example_inputs)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
+    if key_input is None:
+        return "no parameter among the graph inputs to tell model instances apart"
+    timestep = _find_timestep(nodes, weights, order[g0.blocks[0].nodes[0]])
+
+    plan = CachePlan(
+        slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
+        residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
+        key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
+        state_names=[])
+    _emit(gm, region, inputs, pairs, h0, hf, timestep, plan, cfg)
+    ctx.cache_plan = plan
+    report.cache = {"streams": [label for label, _, _ in pairs],
+                    "timestep_input": plan.timestep_input, "slots": plan.slots,
+                    "middle_ops": len(region), "branch_operands": len(inputs)}
     return None
+
+
+def _same_meta(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"{tuple(v.shape)} {v.dtype}"
+    return "nothing" if v is None else type(v).__name__
+
+
+def _stream_plan(label: str, v: torch.Tensor) -> StreamPlan:
+    return StreamPlan(label, tuple(int(d) for d in v.shape), v.dtype, v.device)
+
+
+def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx.Node | None:
+    """The user input carrying the diffusion timestep, found structurally.
+
+    Candidates are float inputs with at most one value per sample (ndim <= 1) from which a
+    ``sin``/``cos`` (a sinusoidal embedding) is computed before the first block. When several
+    qualify (FLUX-dev's guidance is embedded the same way), a name containing "timestep" wins,
+    then the first by input order.
+    """
+    order = {n: k for k, n in enumerate(nodes)}
+    found = []
+    for p in nodes:
+        if p.op != "placeholder" or p in weights:
+            continue
+        v = _fx.fake_value(p)
+        if not isinstance(v, torch.Tensor) or v.ndim > 1 or not v.dtype.is_floating_point:
+            continue
+        seen, todo = set(), [p]
+        while todo:
+            n = todo.pop()
+            if _fx.target_name(n) in ("sin", "cos", ".sin", ".cos"):
+                found.append(p)
+                break
+            for u in n.users:
+                if u not in seen and order.get(u, math.inf) < stop:
+                    seen.add(u)
+                    todo.append(u)
+    if not found:
+        return None
+    named = [p for p in found if "timestep" in p.name]
+    return (named or found)[0]
+
+
+def _emit(gm, region, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
+    """Rebuild ``gm.graph``: original nodes minus M, state placeholders, guard, cond, commit."""
+    old = gm.graph
+    new = fx.Graph()
+    new._codegen = old._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    region_set = set(region)
+    last_m = region[-1]
+
+    placeholders = [n for n in old.nodes if n.op == "placeholder"]
+    for p in placeholders:
+        env[p] = new.node_copy(p, env.__getitem__)
+    state_nodes = {}
+    from ..runtime import CacheState
+
+    for name in CacheState.names(plan):
+        state_nodes[name] = new.placeholder(f"cdcompile_{name}")
+    plan.state_names = list(state_nodes)
+
+    compute_gm = _branch_compute(gm, region, inputs, [o for _, _, o in pairs])
+    cache_gm = _branch_cache(inputs, pairs, len(pairs))
+    gm.add_submodule("cdcompile_compute_branch", compute_gm)
+    gm.add_submodule("cdcompile_cache_branch", cache_gm)
+
+    for n in old.nodes:
+        if n.op == "placeholder":
+            continue
+        if n in region_set:
+            if n is last_m:
+                before = set(new.nodes)
+                _emit_guard(new, env, state_nodes, inputs, pairs, h0, hf, timestep, plan, cfg)
+                for m in new.nodes:
+                    if m not in before:
+                        m.meta["cdcompile_pass"] = "block_cache"
+            continue
+        env[n] = new.node_copy(n, env.__getitem__)
+    gm.graph = new
+
+
+def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
+    call = g.call_function
+    t = env[timestep] if timestep is not None else None
+    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]))
+    step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
+    r = call(torch.sub, (env[hf], env[h0]))
+    dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req), dict(
+        threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
+        warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
+        max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots))
+    cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
+    res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
+    operands = tuple(env[n] for n in inputs) + tuple(res_slots)
+    true_fn = g.get_attr("cdcompile_cache_branch")
+    false_fn = g.get_attr("cdcompile_compute_branch")
+    cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
+    for k, (_, entry, out) in enumerate(pairs):
+        env[out] = call(_getitem, (cond, k))
+        call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry]))
+    call(guard.commit, (cache, diff, idx, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
+                        new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
+
+
+def _getitem(x, k):
+    return x[k]
+
+
+def _index_slot(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.index_select(0, idx)[0]
+
+
+def _branch_compute(gm, region, inputs, outs) -> fx.GraphModule:
+    g = fx.Graph()
+    env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
+    for k in range(len(outs)):
+        g.placeholder(f"res_{k}")
+    for n in region:
+        env[n] = g.node_copy(n, env.__getitem__)
+    g.output(tuple(g.call_method("contiguous", (env[o],)) for o in outs))
+    return fx.GraphModule(gm, g, class_name="ComputeMiddle")
+
+
+def _branch_cache(inputs, pairs, n_res) -> fx.GraphModule:
+    g = fx.Graph()
+    env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
+    res = [g.placeholder(f"res_{k}") for k in range(n_res)]
+    outs = [g.call_function(torch.add, (env[entry], res[k])) for k, (_, entry, _) in enumerate(pairs)]
+    g.output(tuple(g.call_method("contiguous", (o,)) for o in outs))
+    return fx.GraphModule(torch.nn.Module(), g, class_name="ReuseMiddle")

@@ -1,0 +1,139 @@
+"""Per-model cache state, the callable the backend returns, and the user calls over them.
+
+One compiled graph can serve several model instances (Dynamo shares compiled code between
+instances of a class: parameters are graph inputs). :class:`CachedGraph` therefore keeps one
+:class:`CacheState` per model instance, keyed by a parameter tensor it receives. It appends that
+state (plus a reset flag) to the graph's inputs; the graph itself advances the clock, decides and
+writes the state (cdcompile.guard). Host-side work per call is a dict lookup: no device sync.
+
+A call that lands in another graph of the same model than the previous call (a new shape, dtype
+or device made Dynamo compile another graph) starts a new request there, so no residual of
+another shape or dtype is ever reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from . import guard
+
+_graphs: "weakref.WeakSet[CachedGraph]" = weakref.WeakSet()
+_last_graph: dict[int, "weakref.ref[CachedGraph]"] = {}  # id(key parameter) -> graph called last
+
+
+@dataclasses.dataclass
+class CacheState:
+    """The tensors one model instance's cache lives in (layout: cdcompile.guard docstring)."""
+
+    tensors_by_name: dict[str, torch.Tensor]
+    reset_pending: bool = True
+
+    @staticmethod
+    def names(plan) -> list[str]:
+        return (["reset", "clock", "counters", "anchor", "slot_ctr"]
+                + [f"residual_{k}" for k in range(len(plan.residuals))]
+                + ["hist_flag", "hist_diff", "hist_meta"])
+
+    @classmethod
+    def allocate(cls, plan) -> "CacheState":
+        dev = plan.anchor.device
+        s = plan.slots + 1  # + the overflow slot
+        t = {
+            "reset": torch.ones((), dtype=torch.bool, device=dev),
+            "clock": torch.full((1,), -math.inf, dtype=torch.float32, device=dev),
+            "counters": torch.zeros(3, dtype=torch.int64, device=dev),
+            "anchor": torch.zeros((s, *plan.anchor.shape), dtype=plan.anchor.dtype, device=dev),
+            "slot_ctr": torch.zeros((s, 3), dtype=torch.int64, device=dev),
+        }
+        for k, r in enumerate(plan.residuals):
+            t[f"residual_{k}"] = torch.zeros((s, *r.shape), dtype=r.dtype, device=dev)
+        t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
+        t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
+        t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)
+        assert list(t) == cls.names(plan)
+        return cls(t)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.tensors_by_name.values())
+
+    def new_request(self) -> None:
+        """The next call starts a request (the graph reads the flag and clears the slots)."""
+        self.tensors_by_name["reset"].fill_(True)
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The recorded history, oldest first (reads the device once)."""
+        t = self.tensors_by_name
+        total = int(t["counters"][2])
+        flags, diffs, meta = t["hist_flag"].cpu(), t["hist_diff"].cpu(), t["hist_meta"].cpu()
+        out = []
+        for req in range(max(1, total - guard.HISTORY + 1), total + 1):
+            row = req % guard.HISTORY
+            steps, slots = int(meta[row, 0]), int(meta[row, 1])
+            per_slot = []
+            for k in range(min(slots, flags.shape[1])):
+                f, d = flags[row, k, :steps], diffs[row, k, :steps]
+                per_slot.append({
+                    "cached_steps": [s for s in range(steps) if int(f[s]) == 1],
+                    "computed_steps": [s for s in range(steps) if int(f[s]) == 0],
+                    "residual_diffs": {s: float(d[s]) for s in range(steps)
+                                       if int(f[s]) >= 0 and not math.isnan(float(d[s]))},
+                })
+            out.append({"request": req, "steps": steps, "slots": per_slot})
+        return out
+
+
+class CachedGraph:
+    """The callable the backend returns when it inserted the block cache."""
+
+    def __init__(self, compiled: Callable, plan, report, first_state: CacheState | None = None):
+        self.compiled = compiled
+        self.plan = plan
+        self.report = report
+        self._states: dict[int, tuple[weakref.ref, CacheState]] = {}
+        self._spare = first_state
+        _graphs.add(self)
+
+    def state_for(self, key: torch.Tensor) -> CacheState:
+        entry = self._states.get(id(key))
+        if entry is not None and entry[0]() is key:
+            return entry[1]
+        state, self._spare = (self._spare or self.plan.allocate()), None
+        self._states[id(key)] = (weakref.ref(key), state)
+        return state
+
+    def __call__(self, *args: Any) -> Any:
+        key = args[self.plan.key_input]
+        state = self.state_for(key)
+        last = _last_graph.get(id(key))
+        if last is None or last() is not self:
+            state.new_request()
+            _last_graph[id(key)] = weakref.ref(self)
+        out = self.compiled(*args, *state.tensors())
+        return out
+
+    def states_of(self, param_ids: set[int]) -> list[CacheState]:
+        return [st for k, (ref, st) in self._states.items() if k in param_ids and ref() is not None]
+
+
+def _params(model: Any) -> set[int]:
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module or what torch.compile returned, got {type(model).__name__}")
+    return {id(p) for p in model.parameters()}
+
+
+def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:
+    ids = _params(model)
+    return [(g, st) for g in list(_graphs) for st in g.states_of(ids)]
+
+
+def new_request(model: Any) -> None:
+    """Start a new request for ``model`` (the module or what torch.compile returned): the next call
+    is step 0 of a fresh request in every compiled graph of the model."""
+    for _, st in cached_states(model):
+        st.new_request()
