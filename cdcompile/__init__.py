@@ -1,11 +1,20 @@
 """cdcompile: a torch.compile backend for diffusion transformers.
 
     transformer = torch.compile(transformer, backend="cachedit", options={"residual_diff_threshold": 0.08})
+
+Public API: the ``cachedit`` backend, :class:`CacheConfig` (its options), :func:`explain`,
+:func:`summary`, :func:`new_request`, :func:`enable` (diffusers pipelines), :func:`export` and
+:func:`load` (AOTInductor packages with the cache inside).
 """
 
 from .backend import cachedit
 from .config import CacheConfig, Compiler
 from .explain import explain
+from .export import export, load
+from .pipeline import enable
+from .runtime import new_request
+from .summary import summary
 
-__all__ = ["CacheConfig", "Compiler", "cachedit", "explain"]
+__all__ = ["CacheConfig", "Compiler", "cachedit", "enable", "explain", "export", "load",
+           "new_request", "summary"]
 __version__ = "0.1.0"

@@ -3,11 +3,12 @@
 Every kernel launcher takes ``backend``:
 
 - ``"torch"``: the plain-torch reference (the executable spec) on any device.
-- ``"triton"``: the Triton kernel. Needs Triton and either a CUDA tensor or the interpreter
-  (``TRITON_INTERPRET=1`` set before this package was imported) for a CPU tensor. Tests use it
-  to check the kernel itself on CPU.
-- ``"auto"``: Triton on CUDA tensors when Triton is importable and not interpreting; the reference
-  everywhere else (CPU, no Triton).
+- ``"triton"``: the Triton kernel. Needs Triton and either a CUDA tensor on a GPU of compute
+  capability 8.9 or newer (Ada, Hopper: the kernels convert to and multiply ``float8e4nv``) or the
+  interpreter (``TRITON_INTERPRET=1`` set before this package was imported). Tests use it to
+  check the kernel itself on CPU.
+- ``"auto"``: Triton on such CUDA tensors when Triton is importable and not interpreting; the
+  reference everywhere else (CPU, older GPUs, no Triton).
 
 The helpers below round in fp32 arithmetic instead of relying on the hardware cast, so the same
 code gives the same bits on a GPU and under the interpreter (whose fp32->fp8 cast drops exponent
@@ -15,6 +16,7 @@ carries and does not saturate, and whose fp32->bf16 cast truncates). After the e
 the value is exactly representable, and every cast of an exact value is exact.
 """
 
+import functools
 import os
 
 import torch
@@ -43,6 +45,24 @@ except ImportError:  # pragma: no cover - exercised only where Triton is not ins
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "triton", "torch")
+MIN_CUDA_CAPABILITY = (8, 9)  # float8e4nv conversions and FP8 tl.dot
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _why_not_compiled(device: torch.device) -> str:
+    """Empty when compiled Triton kernels can run on ``device``, else the reason."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if device.type != "cuda":
+        return f"tensors are on {device} and TRITON_INTERPRET=1 was not set before import"
+    capability = _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    if capability < MIN_CUDA_CAPABILITY:
+        return f"GPU compute capability {capability} < {MIN_CUDA_CAPABILITY} (no float8e4nv)"
+    return ""
 
 
 def use_triton(device: torch.device, backend: str) -> bool:
@@ -51,17 +71,12 @@ def use_triton(device: torch.device, backend: str) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    runnable = HAS_TRITON and (device.type == "cuda" or INTERPRETING)
-    if backend == "triton":
-        if not runnable:
-            why = (
-                "Triton is not installed"
-                if not HAS_TRITON
-                else f"tensors are on {device} and TRITON_INTERPRET=1 was not set before import"
-            )
-            raise ValueError(f"backend='triton' cannot run here: {why}; use backend='auto' or 'torch'")
-        return True
-    return HAS_TRITON and device.type == "cuda" and not INTERPRETING
+    if INTERPRETING and HAS_TRITON:
+        return backend == "triton"  # "auto" keeps CPU (and interpreted) runs on the reference
+    why = _why_not_compiled(device)
+    if backend == "triton" and why:
+        raise ValueError(f"backend='triton' cannot run here: {why}; use backend='auto' or 'torch'")
+    return not why
 
 
 @triton.jit

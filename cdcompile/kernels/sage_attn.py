@@ -9,29 +9,37 @@ same top-left aligned causal mask when m != n), in five steps (algorithms.md sec
 
 1. Smooth K: subtract its mean over tokens, per (b, h, channel). Every score of a query row moves
    by the same q . mean(k), which softmax cancels; what is left has no common offset, so the
-   per-block INT8 scale is spent on the part of K that differs between tokens.
+   INT8 scales are spent on the part of K that differs between tokens.
 2. Quantize Q and K to INT8, symmetric, one fp32 scale per token (scale = max_d |x| / 127, round
    half to even). Why INT8 and not FP8 here: INT8 keeps 7 bits of magnitude for every element,
    e4m3 only 3 mantissa bits, and errors in Q K^T pass through exp(); on Hopper both run at the
-   same tensor-core rate. Why per token and not per block (SageAttention v1's default, the
-   ``qk_per_token=False`` variant, scale per BLOCK_M / BLOCK_N tokens): on outlier-channel inputs
-   (4 of 128 channels of Q and K 10x larger, m = n = 1000) per-block scales give 24.7 dB SNR
-   against fp32 SDPA and per-token 27.8 dB; on random inputs both give 28.2-28.4 dB (P V dominates).
+   same tensor-core rate. Why per token and not per block (SageAttention v1's default, kept as the
+   ``qk_per_token=False`` variant: one scale per BLOCK_M query / BLOCK_N key tokens): measured on
+   CPU with the reference, b=1, h=2, m=n=1000, d=128, bf16, against fp32 SDPA: outlier-channel
+   inputs of the tests (4 of 128 channels of Q and K 5x larger, K with a per-channel mean):
+   per-block 24.9 dB / cosine 0.9984, per-token 28.6 dB / 0.9993; the same with 10x channels:
+   22.6 dB vs 27.8 dB; random N(0, 1) inputs: 28.3 dB vs 28.6 dB (there P V dominates the error).
    The cost is two multiplies per score (key and query scales) instead of one, cheap next to the
-   exp2. The softmax scale and log2(e) are folded into the query scales, so the kernel uses exp2.
+   exp2 (bench/kernels.py times both variants). The softmax scale and log2(e) are folded into the
+   query scales, so the kernel uses exp2.
 3. Quantize V per channel to FP8 e4m3 (scale = max over tokens of |v| / 448, per (b, h, channel)).
 4. Per tile of BLOCK_N keys: s = (q8 . k8) * k_scale * q_scale (the INT8 dot is exact in int32),
-   masked entries -inf, running max m, p = exp2(s - m) in fp32, running sum l from the fp32 p,
-   then p is quantized to e4m3 as round(p * 448) (p <= 1, so 448 uses e4m3's whole range) and
-   acc = acc * exp2(m_old - m) + p8 . v8 accumulates in fp32.
-5. out = acc * (v_scale / 448) / l, rounded to the input dtype.
+   masked entries -inf, running max m, p = exp2(s - m) in fp32, then p8 = e4m3(p * 448) (p <= 1,
+   so 448 uses e4m3's whole range), l = l * exp2(m_old - m) + sum(p8) and
+   acc = acc * exp2(m_old - m) + p8 . v8, both in fp32. The FP8 product of each tile starts from
+   zero and is added to acc outside the tensor core (two-level accumulation), because Hopper's FP8
+   MMA accumulates with fewer bits than fp32.
+5. out = acc * v_scale / l, rounded to the input dtype. The row sum is taken over the quantized
+   p8, so the weights that multiply V are exactly the ones normalised: the output is a convex
+   combination of the quantized V rows, and P's rounding cannot leak V's channel means into it
+   (measured: +2-3 dB SNR when V has a per-channel mean, no change when it has none).
 
 ``sage_attention_ref`` is the executable spec: the same quantization and the same tile-by-tile
 online softmax in plain torch (so the kernel can be checked tightly against it); it is also the
 CPU fallback. Truth for accuracy is fp32 SDPA; the bar is cosine >= 0.999 and SNR >= 25 dB.
 
-Dtypes: bf16 and fp16 in and out; fp32 is accepted too (same quantized math, fp32 out), which
-is what CPU tests use. Inputs must be finite: a NaN or inf in q, k or v is not detected (that
+Dtypes: bf16 and fp16 in and out; fp32 is accepted too (same quantized math, fp32 out; meant for
+CPU tests and references, bf16 and fp16 are the fast path). Inputs must be finite: a NaN or inf in q, k or v is not detected (that
 would cost a device sync) and spreads to the outputs it touches. Inference only (no autograd).
 
 Under ``TRITON_INTERPRET=1`` the INT8 and FP8 ``tl.dot`` run as exact upcast matrix products
@@ -122,11 +130,11 @@ def sage_attention_ref(
         m_new = torch.maximum(m_i, s.amax(dim=-1))
         alpha = torch.exp2(m_i - m_new)
         p = torch.exp2(s - m_new[..., None])
-        l_i = l_i * alpha + p.sum(dim=-1)
-        p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn)
-        acc = acc * alpha[..., None] + p8.float() @ v8[:, :, cols].float()
+        p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn).float()
+        l_i = l_i * alpha + p8.sum(dim=-1)
+        acc = acc * alpha[..., None] + p8 @ v8[:, :, cols].float()
         m_i = m_new
-    out = acc * (v_scale / E4M3_MAX)[:, :, None, :] / l_i[..., None]
+    out = acc * v_scale[:, :, None, :] / l_i[..., None]
     return out.to(q_bhmd.dtype)
 
 
@@ -166,10 +174,12 @@ def _quantize_int8_kernel(
 def _quantize_v_kernel(
     v_ptr, scale_ptr, out_ptr,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    H, S,
+    H, S, S_PAD,
     BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
 ):
-    # One program: BLOCK_S tokens of one (b, h) to e4m3 with the per-channel scales.
+    # One program: BLOCK_S tokens of one (b, h) to e4m3 with the per-channel scales, written
+    # transposed, (b, h, d, S_PAD) with tokens contiguous: the layout Hopper's FP8 MMA wants for
+    # the right-hand operand of P . V (as in Triton's fused-attention tutorial).
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -182,18 +192,18 @@ def _quantize_v_kernel(
     scale = tl.load(scale_ptr + pid_bh.to(tl.int64) * HEAD_D + dims)
     y = tl.math.div_rn(v.to(tl.float32), scale[None, :])
     y = round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
-    dst = out_ptr + pid_bh.to(tl.int64) * S * HEAD_D + tokens.to(tl.int64)[:, None] * HEAD_D + dims[None, :]
+    dst = out_ptr + pid_bh.to(tl.int64) * HEAD_D * S_PAD + dims[None, :] * S_PAD + tokens.to(tl.int64)[:, None]
     tl.store(dst, y.to(tl.float8e4nv), mask=live)
 
 
 @triton.jit
 def _sage_attention_kernel(
     q8_ptr, q_scale_ptr, k8_ptr, k_scale_ptr, v8_ptr, v_scale_ptr, out_ptr,
-    M, N,
+    M, N, N_PAD,
     IS_CAUSAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
 ):
-    # One program: BLOCK_M query rows of one (b, h); all quantized inputs are contiguous.
+    # One program: BLOCK_M query rows of one (b, h). q8, k8: contiguous (b, h, s, d); v8: (b, h, d, N_PAD).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,12 +211,15 @@ def _sage_attention_kernel(
     q8 = tl.load(q8_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :], mask=(rows < M)[:, None], other=0)
     q_scale = tl.load(q_scale_ptr + pid_bh * M + rows, mask=rows < M, other=0.0)  # has sm_scale * log2(e)
     k_base = k8_ptr + pid_bh * N * HEAD_D
-    v_base = v8_ptr + pid_bh * N * HEAD_D
+    v_base = v8_ptr + pid_bh * HEAD_D * N_PAD
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
-    hi = tl.minimum(N, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else N  # causal: keys past the last row are all masked
+    if IS_CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)  # keys past this block's last row are all masked
+    else:
+        hi = N
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kv_live = (cols < N)[:, None]
@@ -220,55 +233,71 @@ def _sage_attention_kernel(
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p8 = round_to_e4m3(p * 448.0).to(tl.float8e4nv)
-        v8 = tl.load(v_base + cols[:, None] * HEAD_D + dims[None, :], mask=kv_live, other=0.0)
-        acc = tl.dot(p8, v8, acc * alpha[:, None])
+        p8 = round_to_e4m3(p * 448.0)
+        l_i = l_i * alpha + tl.sum(p8, axis=1)
+        p8 = p8.to(tl.float8e4nv)
+        v8 = tl.load(v_base + dims[None, :] * N_PAD + cols[:, None], mask=kv_live, other=0.0)
+        # The tile's FP8 product starts from zero and is added in fp32: Hopper's FP8 MMA accumulates
+        # with fewer than fp32's bits, so it must not carry acc across the whole key loop.
+        acc = acc * alpha[:, None] + tl.dot(p8, v8)
         m_i = m_new
 
     v_scale = tl.load(v_scale_ptr + pid_bh * HEAD_D + dims)
-    out = acc * (v_scale / 448.0)[None, :] / l_i[:, None]
+    out = acc * v_scale[None, :] / l_i[:, None]
     dst = out_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :]
     tl.store(dst, cast_out(out, OUT_DTYPE), mask=(rows < M)[:, None])
+
+
+def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token):
+    """Steps 1-3 on the device: two torch reductions and three small Triton kernels."""
+    b, h, m, d = q_bhmd.shape
+    n = k_bhnd.shape[2]
+    dev = q_bhmd.device
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k_mean, v_scale = _k_mean_and_v_scale(k_bhnd, v_bhnd)
+    q8 = torch.empty((b, h, m, d), dtype=torch.int8, device=dev)
+    k8 = torch.empty((b, h, n, d), dtype=torch.int8, device=dev)
+    n_pad = triton.cdiv(n, 16) * 16  # 16-byte aligned rows of the transposed FP8 V
+    v8 = torch.empty((b, h, d, n_pad), dtype=torch.float8_e4m3fn, device=dev)
+    q_scale = torch.empty((b, h, m), dtype=torch.float32, device=dev)
+    k_scale = torch.empty((b, h, n), dtype=torch.float32, device=dev)
+    # rounded to fp32 as the reference's torch.tensor(extra_scale) is: the kernel multiplies fp32 by fp32
+    q_extra = float(torch.tensor(sm_scale * LOG2E, dtype=torch.float32))
+    _quantize_int8_kernel[(triton.cdiv(m, block_m), b * h)](
+        q_bhmd, q_bhmd, q8, q_scale, q_extra, *q_bhmd.stride(), h, m,
+        HAS_MEAN=False, PER_TOKEN=qk_per_token, BLOCK_S=block_m, HEAD_D=d,
+    )
+    _quantize_int8_kernel[(triton.cdiv(n, block_n), b * h)](
+        k_bhnd, k_mean, k8, k_scale, 1.0, *k_bhnd.stride(), h, n,
+        HAS_MEAN=True, PER_TOKEN=qk_per_token, BLOCK_S=block_n, HEAD_D=d,
+    )
+    _quantize_v_kernel[(triton.cdiv(n, QUANT_BLOCK_S), b * h)](
+        v_bhnd, v_scale, v8, *v_bhnd.stride(), h, n, n_pad, BLOCK_S=QUANT_BLOCK_S, HEAD_D=d,
+    )
+    return q8, q_scale, k8, k_scale, v8, v_scale
+
+
+def _attend(quantized, out_dtype, is_causal, block_m, block_n):
+    """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``."""
+    q8, q_scale, k8, k_scale, v8, v_scale = quantized
+    b, h, m, d = q8.shape
+    n, n_pad = k8.shape[2], v8.shape[3]
+    out = torch.empty((b, h, m, d), dtype=out_dtype, device=q8.device)
+    _sage_attention_kernel[(triton.cdiv(m, block_m), b * h)](
+        q8, q_scale, k8, k_scale, v8, v_scale, out, m, n, n_pad,
+        IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(out_dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
+        num_warps=8 if d == 128 else 4, num_stages=3,  # untuned; to be measured on H100
+    )
+    return out
 
 
 def _sage_attention_triton(
     q_bhmd, k_bhnd, v_bhnd, scale, is_causal, block_m=BLOCK_M, block_n=BLOCK_N, qk_per_token=True
 ):
-    """Quantize (three small kernels + two torch reductions), then the attention kernel."""
-    b, h, m, d = q_bhmd.shape
-    n = k_bhnd.shape[2]
-    dev = q_bhmd.device
-    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
-    n_q_blocks, n_k_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    k_mean, v_scale = _k_mean_and_v_scale(k_bhnd, v_bhnd)
-
-    q8 = torch.empty((b, h, m, d), dtype=torch.int8, device=dev)
-    k8 = torch.empty((b, h, n, d), dtype=torch.int8, device=dev)
-    v8 = torch.empty((b, h, n, d), dtype=torch.float8_e4m3fn, device=dev)
-    q_scale = torch.empty((b, h, m), dtype=torch.float32, device=dev)
-    k_scale = torch.empty((b, h, n), dtype=torch.float32, device=dev)
-    # fp32 like the reference's torch.tensor(extra_scale): the kernel multiplies fp32 by fp32
-    q_extra = float(torch.tensor(sm_scale * LOG2E, dtype=torch.float32))
-    _quantize_int8_kernel[(n_q_blocks, b * h)](
-        q_bhmd, q_bhmd, q8, q_scale, q_extra, *q_bhmd.stride(), h, m,
-        HAS_MEAN=False, PER_TOKEN=qk_per_token, BLOCK_S=block_m, HEAD_D=d,
-    )
-    _quantize_int8_kernel[(n_k_blocks, b * h)](
-        k_bhnd, k_mean, k8, k_scale, 1.0, *k_bhnd.stride(), h, n,
-        HAS_MEAN=True, PER_TOKEN=qk_per_token, BLOCK_S=block_n, HEAD_D=d,
-    )
-    _quantize_v_kernel[(triton.cdiv(n, QUANT_BLOCK_S), b * h)](
-        v_bhnd, v_scale, v8, *v_bhnd.stride(), h, n, BLOCK_S=QUANT_BLOCK_S, HEAD_D=d,
-    )
-    out = torch.empty((b, h, m, d), dtype=q_bhmd.dtype, device=dev)
-    _sage_attention_kernel[(n_q_blocks, b * h)](
-        q8, q_scale, k8, k_scale, v8, v_scale, out, m, n,
-        IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(q_bhmd.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
-        num_warps=8 if d == 128 else 4, num_stages=3,  # untuned; to be measured on H100
-    )
-    return out
+    """The Triton path: quantize, then attend (no validation; ``sage_attention`` validates)."""
+    quantized = _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
+    return _attend(quantized, q_bhmd.dtype, is_causal, block_m, block_n)
 
 
 def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend) -> None:

@@ -159,16 +159,11 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                             and any(a in m_nodes for a in n.all_input_nodes)):
             m_nodes.add(n)
             region.append(n)
-    # A getitem of a tuple made outside M is a view: keep it outside so that operands are tensors.
+    # A getitem of a tuple made outside M by a non-view op stays outside: operands must be tensors.
     for n in list(region):
-        if n.target is operator.getitem and n.args[0] not in m_nodes:
+        if n.target is operator.getitem and n.args[0] not in m_nodes and not _is_view(n.args[0]):
             region.remove(n)
             m_nodes.discard(n)
-    inputs: list[fx.Node] = []
-    for n in region:
-        for a in n.all_input_nodes:
-            if a not in m_nodes and a not in inputs:
-                inputs.append(a)
     outputs = [n for n in region if any(u not in m_nodes for u in n.users)]
 
     # Each output must be a stream value at M's exit with a same-label, same-shape entry.
@@ -188,9 +183,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         if entry is None or not _same_meta(ev, xv):
             return (f"stream {label!r} leaves the middle blocks as {_describe(xv)} but enters "
                     f"as {_describe(ev)}: no residual to cache")
-        if entry not in inputs:
-            inputs.append(entry)
         pairs.append((label, entry, out))
+    inputs, pulled = _operands(region, m_nodes, [e for _, e, _ in pairs], order)
     for a in inputs:
         if not isinstance(_fx.fake_value(a), torch.Tensor):
             return f"the middle blocks read {a.name}, which is not a tensor ({type(_fx.fake_value(a)).__name__})"
@@ -213,12 +207,50 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
         state_names=[])
-    _emit(gm, region, inputs, pairs, h0, hf, timestep, plan, cfg)
+    _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs)}
     return None
+
+
+# Ops whose result may share storage with an input. Branch operands must not alias each other
+# (torch.cond refuses it), so views are replayed inside the branches from their base tensors.
+_VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "permute", "transpose",
+             ".transpose", "unsqueeze", ".unsqueeze", "squeeze", ".squeeze", ".expand", "narrow",
+             "select", ".chunk", "chunk", ".split", "split", ".split_with_sizes", "unbind",
+             ".unbind", "flatten", ".flatten", ".unflatten", ".t", ".contiguous", ".to", ".float",
+             ".type_as", ".detach", "detach", ".view_as", ".reshape_as", ".movedim", "movedim",
+             ".swapaxes", ".expand_as", "as_strided", ".as_strided"}
+
+
+def _is_view(n: fx.Node) -> bool:
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.target is operator.getitem:  # a view only when taken from a tuple of views
+        src = n.args[0]
+        return isinstance(src, fx.Node) and (
+            isinstance(_fx.fake_value(src), torch.Tensor) or _is_view(src))
+    return _fx.target_name(n) in _VIEW_OPS
+
+
+def _operands(region, m_nodes, extra, order):
+    """Branch operands (non-view tensors read by M) and the view nodes replayed inside the branches."""
+    pulled: set[fx.Node] = set()
+    while True:
+        inputs: list[fx.Node] = []
+        for n in sorted(pulled, key=order.__getitem__) + region:
+            for a in n.all_input_nodes:
+                if a not in m_nodes and a not in pulled and a not in inputs:
+                    inputs.append(a)
+        for e in extra:
+            if e not in pulled and e not in inputs:
+                inputs.append(e)
+        views = [a for a in inputs if _is_view(a)]
+        if not views:
+            return inputs, sorted(pulled, key=order.__getitem__)
+        pulled.update(views)
 
 
 def _same_meta(a: Any, b: Any) -> bool:
@@ -268,7 +300,7 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx
     return (named or found)[0]
 
 
-def _emit(gm, region, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
+def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     """Rebuild ``gm.graph``: original nodes minus M, state placeholders, guard, cond, commit."""
     old = gm.graph
     new = fx.Graph()
@@ -287,8 +319,11 @@ def _emit(gm, region, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         state_nodes[name] = new.placeholder(f"cdcompile_{name}")
     plan.state_names = list(state_nodes)
 
-    compute_gm = _branch_compute(gm, region, inputs, [o for _, _, o in pairs])
-    cache_gm = _branch_cache(inputs, pairs, len(pairs))
+    compute_gm = _branch(gm, inputs, pulled, len(pairs), region,
+                         lambda g, env, res: [env[o] for _, _, o in pairs], "ComputeMiddle")
+    cache_gm = _branch(gm, inputs, pulled, len(pairs), [],
+                       lambda g, env, res: [g.call_function(torch.add, (env[e], res[k]))
+                                            for k, (_, e, _) in enumerate(pairs)], "ReuseMiddle")
     gm.add_submodule("cdcompile_compute_branch", compute_gm)
     gm.add_submodule("cdcompile_cache_branch", cache_gm)
 
@@ -338,21 +373,18 @@ def _index_slot(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, idx)[0]
 
 
-def _branch_compute(gm, region, inputs, outs) -> fx.GraphModule:
-    g = fx.Graph()
-    env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
-    for k in range(len(outs)):
-        g.placeholder(f"res_{k}")
-    for n in region:
-        env[n] = g.node_copy(n, env.__getitem__)
-    g.output(tuple(g.call_method("contiguous", (env[o],)) for o in outs))
-    return fx.GraphModule(gm, g, class_name="ComputeMiddle")
-
-
-def _branch_cache(inputs, pairs, n_res) -> fx.GraphModule:
+def _branch(gm, inputs, pulled, n_res, body, outputs, class_name) -> fx.GraphModule:
+    """A branch subgraph: operands ``inputs`` + ``n_res`` residuals, the replayed views, ``body``."""
     g = fx.Graph()
     env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
     res = [g.placeholder(f"res_{k}") for k in range(n_res)]
-    outs = [g.call_function(torch.add, (env[entry], res[k])) for k, (_, entry, _) in enumerate(pairs)]
-    g.output(tuple(g.call_method("contiguous", (o,)) for o in outs))
-    return fx.GraphModule(torch.nn.Module(), g, class_name="ReuseMiddle")
+    for n in list(pulled) + list(body):
+        env[n] = g.node_copy(n, env.__getitem__)
+    outs = outputs(g, env, res)
+    # Both branches return fresh contiguous tensors at offset 0: no aliasing, identical strides.
+    # A view (FLUX's last single block slices the image tokens out) is copied; `contiguous` would
+    # keep its storage offset.
+    g.output(tuple(g.call_function(torch.clone, (o,), {"memory_format": torch.contiguous_format})
+                   if _is_view(o) else g.call_method("contiguous", (o,)) for o in outs))
+    g.eliminate_dead_code()
+    return fx.GraphModule(gm, g, class_name=class_name)

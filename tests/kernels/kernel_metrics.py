@@ -8,6 +8,17 @@ E4M3_FINITE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).flo
 E4M3_FINITE = E4M3_FINITE[torch.isfinite(E4M3_FINITE)]
 
 
+def e4m3_grid_input(b, s, h, d, dtype, seed, device="cpu"):
+    """(b, s, h, d) rows whose amax is 448 * 2**k and whose entries are e4m3 values times 2**k, so
+    per-row e4m3 quantization is exact (scale 2**k); k in [-8, 6] keeps fp16 in range."""
+    g = torch.Generator().manual_seed(seed)
+    x = E4M3_FINITE[torch.randint(len(E4M3_FINITE), (b, s, h, d), generator=g)]
+    x[..., 0] = torch.where(torch.rand(b, s, h, generator=g) < 0.5, 448.0, -448.0)
+    x = x[..., torch.randperm(d, generator=g)]
+    k = torch.randint(-8, 7, (b, s, h, 1), generator=g).float()
+    return (x * torch.exp2(k)).to(device=device, dtype=dtype)
+
+
 def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
     o, r = out.double().flatten(), ref.double().flatten()
     return float(o @ r / (o.norm() * r.norm()))

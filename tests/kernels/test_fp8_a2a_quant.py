@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_metrics import E4M3_FINITE, assert_bitwise_equal, assert_within_one_e4m3_ulp
+from kernel_metrics import E4M3_FINITE, assert_bitwise_equal, assert_within_one_e4m3_ulp, e4m3_grid_input
 
 from cdcompile.kernels import (
     a2a_split_rows,
@@ -20,16 +20,6 @@ from cdcompile.kernels import _triton
 BOTH = [pytest.param("torch"), pytest.param("triton", marks=pytest.mark.interpreter)]
 # (b, s, h, d, w): odd lengths, heads not divisible by ranks, fewer tokens than ranks, batch 1 and 3
 SHAPES = [(1, 77, 5, 64, 3), (3, 10, 24, 128, 4), (3, 2, 3, 16, 4), (1, 7, 1, 128, 2)]
-
-
-def _on_grid(b, s, h, d, dtype, seed):
-    """Rows whose amax is 448 * 2**k with every entry an e4m3 value times 2**k: quantization is exact."""
-    g = torch.Generator().manual_seed(seed)
-    x = E4M3_FINITE[torch.randint(len(E4M3_FINITE), (b, s, h, d), generator=g)]
-    x[..., 0] = torch.where(torch.rand(b, s, h, generator=g) < 0.5, 448.0, -448.0)
-    x = x[..., torch.randperm(d, generator=g)]
-    k = torch.randint(-8, 7, (b, s, h, 1), generator=g).float()  # 448 * 2**6 stays inside fp16
-    return (x * torch.exp2(k)).to(dtype)
 
 
 def _rows_by_loops(x_bshd, w, split):
@@ -67,7 +57,7 @@ def test_seq_split_gives_first_ranks_the_extra_tokens():
 @pytest.mark.parametrize("split", ["heads", "seq"])
 @pytest.mark.parametrize("b,s,h,d,w", SHAPES)
 def test_packed_rows_follow_rank_major_layout_exactly(b, s, h, d, w, split, backend):
-    x = _on_grid(b, s, h, d, torch.bfloat16, seed=b * 1000 + s)
+    x = e4m3_grid_input(b, s, h, d, torch.bfloat16, seed=b * 1000 + s)
     values, scales = quantize_fp8_a2a(x, world_size=w, split=split, backend=backend)
     assert values.shape[0] == sum(a2a_split_rows(b, s, h, w, split))
     assert_bitwise_equal((values.float() * scales[:, None]).to(x.dtype), _rows_by_loops(x, w, split), "packed rows")
@@ -78,7 +68,7 @@ def test_packed_rows_follow_rank_major_layout_exactly(b, s, h, d, w, split, back
 @pytest.mark.parametrize("split", ["heads", "seq"])
 @pytest.mark.parametrize("b,s,h,d,w", SHAPES)
 def test_dequantize_inverts_quantize_exactly_on_grid_inputs(b, s, h, d, w, split, dtype, backend):
-    x = _on_grid(b, s, h, d, dtype, seed=s * 7 + h)
+    x = e4m3_grid_input(b, s, h, d, dtype, seed=s * 7 + h)
     values, scales = quantize_fp8_a2a(x, world_size=w, split=split, backend=backend)
     back = dequantize_fp8_a2a(
         values, scales, batch=b, seq_len=s, num_heads=h, world_size=w, split=split, out_dtype=dtype, backend=backend
@@ -119,7 +109,7 @@ def test_simulated_ulysses_exchange_delivers_each_rank_its_heads_and_back(b, bac
     """Four quantized exchanges of W=3 ranks, S=10 tokens (4, 3, 3), H=5 heads (padded to 6), by hand."""
     w, s, h, d = 3, 10, 5, 64
     hc = 2
-    x = _on_grid(b, s, h, d, torch.bfloat16, seed=5)
+    x = e4m3_grid_input(b, s, h, d, torch.bfloat16, seed=5)
     sizes = seq_split_sizes(s, w)
     starts = [sum(sizes[:r]) for r in range(w)]
     local = [x[:, starts[r] : starts[r] + sizes[r]] for r in range(w)]

@@ -1,0 +1,165 @@
+"""``cdcompile.export`` / ``cdcompile.load``: one AOTInductor ``.pt2`` with the block cache inside.
+
+export:
+1. Dynamo captures the model (``fullgraph=True``) and the same pass list as the backend rewrites
+   it (nothing is implemented twice): guard, cond and state updates are in the graph.
+2. An ``nn.Module`` wraps the rewritten graph: the model's parameters as parameters, the cache
+   state as buffers; its inputs are the model's tensor inputs plus a ``reset`` flag; it returns
+   the graph's outputs and whether this call reused the cache.
+3. ``torch.export`` + ``run_decompositions`` + ``aoti_compile_and_package`` write the ``.pt2``; the
+   input layout (which argument is which) is stored beside the AOTI files in the same archive.
+
+load returns a :class:`CachedArtifact`: call it like the model (same args/kwargs); it keeps the
+cache across calls, detects requests from the timestep like the compiled model, and offers
+``new_request()`` and ``decisions()``. It needs torch only (no diffusers).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import guard
+from .config import CacheConfig
+
+_SPEC = "extra/cdcompile_inputs.json"  # inside the archive's root folder, next to data/
+
+
+def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path: str = "model.pt2",
+           *, options: dict | None = None) -> str:
+    """Write ``model`` with the block cache as one AOTInductor package at ``path``; returns it."""
+    from .backend import build
+
+    kwargs = dict(kwargs or {})
+    cfg = CacheConfig.from_options({**(options or {}), "compiler": "eager"})
+    captured: dict[str, Any] = {}
+
+    def capture(gm, example_inputs):
+        if captured:
+            raise ValueError("cdcompile.export: the model traces to more than one graph")
+        gm2, ctx = build(gm, example_inputs, cfg)
+        captured.update(gm=gm2, ctx=ctx, inputs=list(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture, fullgraph=True)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    ctx = captured["ctx"]
+    if ctx.cache_plan is None:
+        raise ValueError(f"cdcompile.export: no block cache could be inserted: {ctx.report.not_cached}")
+    wrapper, spec, user = _wrap(model, captured["gm"], captured["inputs"], ctx.cache_plan, args, kwargs)
+    reset = torch.ones((), dtype=torch.bool, device=ctx.cache_plan.anchor.device)
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, tuple(user) + (reset,), strict=False)
+    ep = ep.run_decompositions()
+    from torch._inductor import aoti_compile_and_package
+
+    out = aoti_compile_and_package(ep, package_path=path)
+    with zipfile.ZipFile(out, "a") as z:
+        z.writestr(_root(z) + _SPEC, json.dumps(spec))
+    return out
+
+
+def _root(z: zipfile.ZipFile) -> str:
+    name = next(n for n in z.namelist() if n.endswith("archive_format"))
+    return name[: -len("archive_format")]
+
+
+class _Exported(nn.Module):
+    """The rewritten graph as a module: parameters, cache state as buffers, a reset input."""
+
+    def __init__(self, gm, layout, params, consts, state):
+        super().__init__()
+        self.gm = gm
+        self.layout = layout  # per graph input: ("user", k) | ("param", name) | ("const", name)
+        for name, p in params.items():
+            self.register_parameter(name, p)
+        for name, c in consts.items():
+            self.register_buffer(name, c)
+        self.state_names = [n for n in state if n != "reset"]
+        for name in self.state_names:
+            self.register_buffer(f"state_{name}", state[name].clone())
+
+    def forward(self, *inputs):
+        *user, reset = inputs
+        args = [user[k] if kind == "user" else getattr(self, k) for kind, k in self.layout]
+        states = [getattr(self, f"state_{n}") for n in self.state_names]
+        out = self.gm(*args, reset.clone(), *states)
+        flags, counters = getattr(self, "state_hist_flag"), getattr(self, "state_counters")
+        row = counters[2] % guard.HISTORY
+        slot = torch.clamp(counters[1], max=flags.shape[1] - 1)
+        step = torch.clamp(counters[0], max=guard.MAX_STEPS - 1)
+        cached = flags[row, slot, step] == 1
+        return (*out, cached) if isinstance(out, (tuple, list)) else (out, cached)
+
+
+def _wrap(model, gm, example_inputs, plan, args, kwargs):
+    owners = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    user_paths = [(("args", k), a) for k, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    user_paths += [(("kwargs", k), v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][:len(example_inputs)]
+    layout, params, consts, spec, user = [], {}, {}, [], []
+    for node, ex in zip(placeholders, example_inputs):
+        if id(ex) in owners and isinstance(ex, nn.Parameter):
+            name = "p_" + owners[id(ex)].replace(".", "__")
+            params[name] = ex
+            layout.append(("param", name))
+            continue
+        hit = next((p for p, t in user_paths if t is ex), None)
+        if hit is not None:
+            layout.append(("user", len(user)))
+            spec.append(list(hit))
+            user.append(ex)
+            continue
+        if not isinstance(ex, torch.Tensor):
+            raise ValueError(f"cdcompile.export: graph input {node.name} is a {type(ex).__name__}, "
+                             "not a tensor; export needs static shapes and tensor inputs")
+        name = "c_" + (owners.get(id(ex), node.name)).replace(".", "__")
+        consts[name] = ex.detach().clone()
+        layout.append(("const", name))
+    state = plan.allocate().tensors_by_name
+    return _Exported(gm, layout, params, consts, state), spec, user
+
+
+class CachedArtifact:
+    """A loaded ``.pt2``: call it like the model; the cache state lives inside the package."""
+
+    def __init__(self, path: str):
+        from torch._inductor import aoti_load_package
+
+        with zipfile.ZipFile(path) as z:
+            self.spec = [tuple(p) for p in json.loads(z.read(_root(z) + _SPEC))]
+        self.runner = aoti_load_package(path)
+        self._reset = True
+        self._flags: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decisions: list[torch.Tensor] = []
+
+    def new_request(self) -> None:
+        self._reset = True
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        tensors = [args[k] if where == "args" else kwargs[k] for where, k in self.spec]
+        dev = tensors[0].device if tensors else torch.device("cpu")
+        if dev not in self._flags:  # made once per device: no host-to-device copy per call
+            self._flags[dev] = (torch.tensor(False, device=dev), torch.tensor(True, device=dev))
+        reset = self._flags[dev][self._reset]
+        self._reset = False
+        *out, cached = self.runner(*tensors, reset)
+        self._decisions.append(cached)
+        return tuple(out)
+
+    def decisions(self) -> list[bool]:
+        """Whether each call so far reused the cache (reads the device once)."""
+        return [bool(c) for c in self._decisions]
+
+
+def load(path: str) -> CachedArtifact:
+    """Load a package written by :func:`export`."""
+    return CachedArtifact(path)

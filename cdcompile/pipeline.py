@@ -1,0 +1,40 @@
+"""``cdcompile.enable(pipe, **options)``: compile a diffusers pipeline's transformer with the cache.
+
+The transformer is compiled with the ``cachedit`` backend, and each ``pipe(...)`` call starts a new
+request. Only this pipeline instance changes: its class becomes a one-off subclass whose
+``__call__`` resets the cache first (cache-dit patches the pipeline class for every instance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import CacheConfig
+from .runtime import new_request
+
+
+def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False, **options: Any) -> Any:
+    """Compile ``pipe.transformer`` with the block cache; returns ``pipe``.
+
+    ``options`` are the backend options (validated now: a bad key raises ValueError here).
+    """
+    cfg = CacheConfig.from_options(options)
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(f"cdcompile.enable: {type(pipe).__name__} has no `transformer` module to compile")
+    if getattr(pipe, "_cdcompile_enabled", False):
+        raise ValueError("cdcompile.enable: this pipeline is already enabled")
+    original = getattr(transformer, "_orig_mod", transformer)
+    compiled = torch.compile(original, backend="cachedit", options=cfg.as_dict(),
+                             fullgraph=fullgraph, dynamic=dynamic)
+    pipe.transformer = compiled
+    base = type(pipe)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        new_request(original)
+        return base.__call__(self, *args, **kwargs)
+
+    pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})
+    return pipe

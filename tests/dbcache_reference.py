@@ -1,0 +1,133 @@
+"""An eager reference of reference/algorithms.md §1 (DBCache), written for the tests only.
+
+It runs a model's blocks by hand (the tests know the models) and keeps the cache state in Python,
+one :class:`RefSlot` per CFG slot. The compiled backend must reproduce its decisions and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class RefConfig:
+    Fn: int = 1
+    Bn: int = 0
+    threshold: float = 0.08
+    warmup: int = 8
+    interval: int = 1
+    max_cached: int = -1
+    max_continuous: int = -1
+
+
+@dataclasses.dataclass
+class RefSlot:
+    anchor: torch.Tensor | None = None
+    residuals: dict | None = None
+    cached: int = 0
+    run: int = 0
+
+
+class RefCache:
+    def __init__(self, cfg: RefConfig):
+        self.cfg = cfg
+        self.slots: dict[int, RefSlot] = {}
+        self.decisions: list[tuple[int, int, bool]] = []  # (step, slot, cached)
+
+    def new_request(self) -> None:
+        self.slots = {}
+
+    def decide(self, step: int, slot: int, r: torch.Tensor) -> bool:
+        c, st = self.cfg, self.slots.setdefault(slot, RefSlot())
+        if step in range(0, c.warmup, c.interval):
+            cache = False
+        elif c.max_cached >= 0 and st.cached >= c.max_cached:
+            cache = False
+        elif c.max_continuous >= 0 and st.run >= c.max_continuous:
+            cache = False
+        elif c.threshold <= 0 or st.anchor is None or st.anchor.shape != r.shape:
+            cache = False
+        else:
+            diff = (r - st.anchor).abs().mean() / st.anchor.abs().mean()
+            cache = bool(diff < c.threshold)
+        if cache:
+            st.cached += 1
+            st.run += 1
+        else:
+            st.run = 0
+            st.anchor = r
+        self.decisions.append((step, slot, cache))
+        return cache
+
+    def residuals(self, slot: int) -> dict:
+        return self.slots[slot].residuals
+
+    def store(self, slot: int, residuals: dict) -> None:
+        self.slots[slot].residuals = residuals
+
+
+def run_sequential_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
+    """cdcompile.testing.SequentialDiT's forward with DBCache over ``model.blocks``."""
+    c = cache.cfg
+    half = model.proj_in.out_features // 2
+    freqs = torch.exp(-9.21 * torch.arange(half) / half)
+    angles = t.reshape(-1, 1).float() * 1000 * freqs
+    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+    h = model.proj_in(x)
+    blocks = list(model.blocks)
+    n = len(blocks)
+    h0 = h
+    for b in blocks[:c.Fn]:
+        h = b(h, temb)
+    if cache.decide(step, slot, h - h0):
+        h = h + cache.residuals(slot)["hidden"]
+    else:
+        hf = h
+        for b in blocks[c.Fn:n - c.Bn]:
+            h = b(h, temb)
+        cache.store(slot, {"hidden": h - hf})
+    for b in blocks[n - c.Bn:]:
+        h = b(h, temb)
+    return model.proj_out(h)
+
+
+def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
+    """FluxTransformer2DModel's forward (diffusers 0.42) with DBCache over its 2-group stack.
+
+    Double blocks return (encoder, hidden); single blocks take and return the two streams too.
+    """
+    c = cache.cfg
+    hs = model.x_embedder(kw["hidden_states"])
+    t = kw["timestep"].to(hs.dtype) * 1000
+    temb = model.time_text_embed(t, kw["pooled_projections"])
+    enc = model.context_embedder(kw["encoder_hidden_states"])
+    rope = model.pos_embed(torch.cat((kw["txt_ids"], kw["img_ids"]), dim=0))
+    stack = [(b, "double") for b in model.transformer_blocks] + [
+        (b, "single") for b in model.single_transformer_blocks]
+    n = len(stack)
+
+    def run(block, h, e):
+        e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+        return h, e
+
+    h0 = hs
+    for b, _ in stack[:c.Fn]:
+        hs, enc = run(b, hs, enc)
+    if cache.decide(step, slot, hs - h0):
+        hs = hs + cache.residuals(slot)["hidden"]
+        if "encoder" in cache.residuals(slot):
+            enc = enc + cache.residuals(slot)["encoder"]
+    else:
+        hf, ef = hs, enc
+        for b, _ in stack[c.Fn:n - c.Bn]:
+            hs, enc = run(b, hs, enc)
+        res = {"hidden": hs - hf}
+        if c.Bn > 0:  # with Bn = 0 the encoder stream leaves M unused (dead in the graph)
+            res["encoder"] = enc - ef
+        cache.store(slot, res)
+    for b, _ in stack[n - c.Bn:]:
+        hs, enc = run(b, hs, enc)
+    hs = model.norm_out(hs, temb)
+    return model.proj_out(hs)

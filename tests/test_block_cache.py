@@ -1,0 +1,271 @@
+"""DBCache compiled into the graph: decisions and outputs against the eager reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cdcompile
+from cdcompile import guard
+from cdcompile.testing import SequentialDiT, flux_inputs, tiny_flux
+from dbcache_reference import RefCache, RefConfig, run_flux, run_sequential_dit
+
+STEPS = 10
+
+
+def _opts(ref: RefConfig, compiler="eager", **extra):
+    return {"compiler": compiler, "Fn_compute_blocks": ref.Fn, "Bn_compute_blocks": ref.Bn,
+            "residual_diff_threshold": ref.threshold, "max_warmup_steps": ref.warmup,
+            "warmup_interval": ref.interval, "max_cached_steps": ref.max_cached,
+            "max_continuous_cached_steps": ref.max_continuous, **extra}
+
+
+def _seq_trajectory(steps=STEPS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 10, 8, generator=g)
+    d = torch.randn(2, 10, 8, generator=g)
+    return [(x + 0.02 * s * d, torch.full((2,), 1.0 - s / steps)) for s in range(steps)]
+
+
+def _cached_steps(model, request=-1, slot=0):
+    return cdcompile.summary(model).as_dict()["requests"][request]["slots"][slot]["cached_steps"]
+
+
+def _ref_cached(ref: RefCache, slot=0):
+    return [s for s, k, c in ref.decisions if c and k == slot]
+
+
+def _run_seq(ref_cfg, compiler="eager", depth=5, requests=1):
+    m = SequentialDiT(depth=depth)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(ref_cfg, compiler))
+    ref = RefCache(ref_cfg)
+    outs, refs = [], []
+    with torch.no_grad():
+        for _ in range(requests):
+            ref.new_request()
+            ref.decisions.clear()
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                outs.append(c(x, t))
+                refs.append(run_sequential_dit(m, x, t, ref, s))
+    return m, ref, outs, refs
+
+
+@pytest.mark.parametrize("cfg", [
+    RefConfig(threshold=0.15, warmup=2),
+    RefConfig(threshold=0.3, warmup=1, max_cached=3),
+    RefConfig(threshold=0.5, warmup=3, interval=2, max_continuous=2),
+    RefConfig(Fn=2, Bn=1, threshold=0.25, warmup=2),
+    RefConfig(threshold=0.05, warmup=0),
+], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05"])
+def test_sequential_dit_decisions_and_outputs_equal_the_reference(cfg):
+    m, ref, outs, refs = _run_seq(cfg, requests=2)
+    assert _cached_steps(m) == _ref_cached(ref)
+    assert _cached_steps(m, request=-2) == _ref_cached(ref), "identical requests must cache alike"
+    for k, (a, b) in enumerate(zip(outs, refs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"call {k}: {m}")
+
+
+def test_the_thresholds_above_cache_something_and_not_everything():
+    # guards the parametrization above against degenerate trajectories
+    _, ref, _, _ = _run_seq(RefConfig(threshold=0.15, warmup=2))
+    cached = _ref_cached(ref)
+    assert 0 < len(cached) < STEPS - 2
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    (RefConfig(threshold=1e9, warmup=3), [3, 4, 5, 6, 7, 8, 9]),
+    (RefConfig(threshold=1e9, warmup=6, interval=2), [1, 3, 5, 6, 7, 8, 9]),
+    (RefConfig(threshold=1e9, warmup=1, max_cached=4), [1, 2, 3, 4]),
+    (RefConfig(threshold=1e9, warmup=1, max_continuous=2), [1, 2, 4, 5, 7, 8]),
+    (RefConfig(threshold=0.0, warmup=1), []),
+])
+def test_always_caching_threshold_caches_exactly_the_predicted_steps(cfg, expected):
+    m, ref, _, _ = _run_seq(cfg)
+    assert _cached_steps(m) == expected == _ref_cached(ref)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_decisions_equal_the_reference(compiler):
+    cfg = RefConfig(threshold=0.15, warmup=2, max_continuous=3)
+    m, ref, outs, refs = _run_seq(cfg, compiler=compiler)
+    assert _cached_steps(m) == _ref_cached(ref)
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_caching_disabled_or_threshold_zero_equals_plain_compile():
+    m = SequentialDiT(depth=4)
+    plain = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        expected = [plain(x, t) for x, t in _seq_trajectory()]
+    for opts in ({"enable_cache": False}, {"residual_diff_threshold": 0.0, "max_warmup_steps": 0}):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "aot_eager", **opts})
+        with torch.no_grad():
+            got = [c(x, t) for x, t in _seq_trajectory()]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _flux_trajectory(model, steps, seed=0):
+    base = flux_inputs(model, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    d = torch.randn(base["hidden_states"].shape, generator=g)
+    out = []
+    for s in range(steps):
+        kw = dict(base)
+        kw["hidden_states"] = base["hidden_states"] + 0.01 * s * d
+        kw["timestep"] = torch.full_like(base["timestep"], 1.0 - s / steps)
+        out.append(kw)
+    return out
+
+
+@pytest.mark.parametrize("cfg", [
+    RefConfig(threshold=0.35, warmup=2),
+    RefConfig(Fn=2, Bn=1, threshold=0.3, warmup=1, max_cached=4),
+], ids=["F1B0", "F2B1_spans_groups"])
+def test_tiny_flux_decisions_and_outputs_equal_the_reference(cfg):
+    m = tiny_flux()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+    ref = RefCache(cfg)
+    with torch.no_grad():
+        for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+            got = c(**kw)[0]
+            want = run_flux(m, kw, ref, s)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda x: f"step {s}: {x}")
+    cached = _ref_cached(ref)
+    assert 0 < len(cached) < STEPS, "trajectory must exercise both branches"
+    assert _cached_steps(m) == cached
+
+
+def test_zero_graph_breaks_and_recompiles_over_three_requests_of_twenty_steps():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    m = tiny_flux()
+    c = torch.compile(m, backend="cachedit", options={"compiler": "eager", "residual_diff_threshold": 0.35,
+                                                      "max_warmup_steps": 2})
+    with torch.no_grad():
+        for _ in range(3):
+            for kw in _flux_trajectory(m, 20):
+                c(**kw)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["recompiles"] == {} or sum(counters["recompiles"].values()) == 0
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [20, 20, 20]
+    assert reqs[0]["slots"] == reqs[1]["slots"] == reqs[2]["slots"]
+    assert len(reqs[0]["slots"][0]["cached_steps"]) > 0
+
+
+def test_cfg_alternating_calls_equal_two_separately_cached_models():
+    cfg = RefConfig(threshold=0.2, warmup=2)
+    m = SequentialDiT(depth=5)
+    traj = _seq_trajectory()
+    offset = torch.randn(traj[0][0].shape, generator=torch.Generator().manual_seed(7))
+    uncond = [(x + offset, t) for x, t in traj]  # another input, the same timestep
+    both = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+    with torch.no_grad():
+        got = [(both(*a), both(*b)) for a, b in zip(traj, uncond)]
+    summary = cdcompile.summary(m).as_dict()["requests"][-1]
+    assert summary["steps"] == STEPS and len(summary["slots"]) == 2
+
+    for k, calls in enumerate((traj, uncond)):
+        torch._dynamo.reset()
+        single = SequentialDiT(depth=5)
+        single.load_state_dict(m.state_dict())
+        c = torch.compile(single, backend="cachedit", fullgraph=True, options=_opts(cfg))
+        with torch.no_grad():
+            want = [c(x, t) for x, t in calls]
+        for (a, b), w in zip(got, want):
+            torch.testing.assert_close((a, b)[k], w, rtol=1e-5, atol=1e-6)
+        assert summary["slots"][k]["cached_steps"] == _cached_steps(single)
+    assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
+
+
+def test_new_request_resets_even_when_timesteps_do_not_rise():
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+    traj = _seq_trajectory()
+    with torch.no_grad():
+        for x, t in traj[:5]:
+            c(x, t)
+        cdcompile.new_request(c)  # what torch.compile returned works as well as the module
+        for x, t in traj[5:]:  # timesteps keep falling: only new_request marks the boundary
+            c(x, t)
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [5, 5]
+    assert reqs[1]["slots"][0]["cached_steps"] == [2, 3, 4]
+
+
+def test_shape_change_starts_a_new_request_and_never_reuses_a_stale_residual():
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=False,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 1})
+    small = _seq_trajectory()
+    with torch.no_grad():
+        for x, t in small[:4]:
+            c(x, t)
+        x, t = small[4]
+        big = torch.randn(2, 12, 8)
+        out = c(big, t)  # same timestep sequence, another shape: a new graph and a new request
+        torch.testing.assert_close(out, m(big, t), rtol=1e-5, atol=1e-5)
+        out = c(x, small[5][1])  # back to the first shape: that graph starts over too
+        torch.testing.assert_close(out, m(x, small[5][1]), rtol=1e-5, atol=1e-5)
+    steps = sorted(r["steps"] for r in cdcompile.summary(m).as_dict()["requests"])
+    assert steps == [1, 1, 4]
+
+
+def test_fn_plus_bn_above_n_is_a_value_error_naming_n_and_the_group():
+    m = SequentialDiT(depth=3)
+    c = torch.compile(m, backend="cachedit", options={"compiler": "eager", "Fn_compute_blocks": 2,
+                                                      "Bn_compute_blocks": 2})
+    with pytest.raises(Exception) as info:
+        c(torch.randn(1, 10, 8), torch.tensor([0.5]))
+    err = getattr(info.value, "inner_exception", info.value)
+    assert isinstance(err, ValueError)
+    assert "N = 3" in str(err) and "blocks (3)" in str(err)
+
+
+def test_middle_output_read_after_the_stack_compiles_without_cache_and_says_why():
+    class Taps(SequentialDiT):
+        def forward(self, x, timestep):
+            temb = self.t_embed(torch.cat([timestep.reshape(-1, 1).float().cos()] * 32, -1))
+            h = self.proj_in(x)
+            taps = []
+            for block in self.blocks:
+                h = block(h, temb)
+                taps.append(h)
+            return self.proj_out(h + taps[2])
+
+    m = Taps(depth=5)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", options={"compiler": "eager"})
+        x, t = torch.randn(1, 10, 8), torch.tensor([0.5])
+        with torch.no_grad():
+            torch.testing.assert_close(c(x, t), m(x, t))
+    (r,) = reports
+    assert r.cache is None
+    assert any("escaping_output" == x["reason"] for x in r.rejected)
+    assert "no repeated block group in this graph" in r.not_cached
+    assert "no block cache" in str(cdcompile.summary(m))
+
+
+@settings(max_examples=60)
+@given(thr_lo=st.floats(0.0, 2.0), thr_hi=st.floats(0.0, 2.0), seed=st.integers(0, 2**16),
+       step=st.integers(0, 12), ctr=st.tuples(st.integers(0, 1), st.integers(0, 5), st.integers(0, 5)))
+def test_guard_is_monotone_in_the_threshold(thr_lo, thr_hi, seed, step, ctr):
+    thr_lo, thr_hi = sorted((thr_lo, thr_hi))
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(3, 5, generator=g)
+    anchor = torch.stack([r + torch.randn(3, 5, generator=g) * 0.3, torch.zeros(3, 5), torch.zeros(3, 5)])
+
+    def decide(thr):
+        slot_ctr = torch.tensor([list(ctr), [0, 0, 0], [0, 0, 0]])
+        cache, *_ = guard.decide(r, anchor.clone(), slot_ctr, torch.tensor(step), torch.tensor(0),
+                                 torch.tensor(False), threshold=thr, warmup_steps=3, warmup_interval=1,
+                                 max_cached=4, max_continuous=3, slots=2)
+        return bool(cache)
+
+    assert decide(thr_lo) <= decide(thr_hi)  # caching at a lower threshold implies caching at a higher
