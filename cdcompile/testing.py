@@ -85,8 +85,34 @@ class SequentialDiT(nn.Module):
         half = self.proj_in.out_features // 2
         freqs = torch.exp(-9.21 * torch.arange(half, device=x.device) / half)
         angles = timestep.reshape(-1, 1).float() * 1000 * freqs
-        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
         h = self.proj_in(x)
         for block in self.blocks:
             h = block(h, temb)
         return self.proj_out(h)
+
+
+def tiny_flux_pipeline(transformer=None, *, seed: int = 0):
+    """A ``FluxPipeline`` over a tiny FLUX transformer and a tiny VAE; no text encoders.
+
+    Call it with ``prompt_embeds=`` and ``pooled_prompt_embeds=`` (see :func:`flux_prompt`).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = transformer if transformer is not None else tiny_flux(seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=transformer.config.in_channels // 4,
+                        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                        norm_num_groups=4, shift_factor=0.1, scaling_factor=0.5).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+                        vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+
+
+def flux_prompt(transformer, *, text_tokens: int = 8, seed: int = 0) -> dict:
+    """Random ``prompt_embeds`` / ``pooled_prompt_embeds`` for :func:`tiny_flux_pipeline`."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    return dict(prompt_embeds=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g))

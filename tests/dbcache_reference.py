@@ -74,7 +74,7 @@ def run_sequential_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
     half = model.proj_in.out_features // 2
     freqs = torch.exp(-9.21 * torch.arange(half) / half)
     angles = t.reshape(-1, 1).float() * 1000 * freqs
-    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
     h = model.proj_in(x)
     blocks = list(model.blocks)
     n = len(blocks)

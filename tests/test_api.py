@@ -1,0 +1,122 @@
+"""User-facing calls: summary, enable(pipe), export/load, request boundaries on dtype changes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cdcompile
+from cdcompile.testing import SequentialDiT, flux_prompt, tiny_flux_pipeline
+
+OPTS = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
+
+
+def _traj(steps=6, dtype=torch.float32):
+    x = torch.randn(1, 10, 8, generator=torch.Generator().manual_seed(0))
+    return [((x + 0.01 * s).to(dtype), torch.tensor([1.0 - s / steps], dtype=dtype)) for s in range(steps)]
+
+
+def test_summary_as_dict_has_the_documented_shape_and_is_json():
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **OPTS})
+    with torch.no_grad():
+        for x, t in _traj():
+            c(x, t)
+    d = cdcompile.summary(c).as_dict()
+    (req,) = d["requests"]
+    assert req["steps"] == 6
+    (slot,) = req["slots"]
+    assert slot["cached_steps"] == [2, 3, 4, 5]
+    assert sorted(slot["residual_diffs"]) == [1, 2, 3, 4, 5]  # step 0 has no anchor yet
+    assert all(isinstance(v, float) and v >= 0 for v in slot["residual_diffs"].values())
+    json.dumps(d)
+    text = str(cdcompile.summary(m))
+    assert "N=4 F=1 M=3 B=0" in text and "[2, 3, 4, 5]" in text
+
+
+def test_summary_keeps_a_bounded_history_of_requests():
+    from cdcompile import guard
+
+    m = SequentialDiT(depth=3)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **OPTS})
+    with torch.no_grad():
+        for _ in range(guard.HISTORY + 3):
+            for x, t in _traj(3):
+                c(x, t)
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert len(reqs) == guard.HISTORY and all(r["steps"] == 3 for r in reqs)
+
+
+def test_dtype_change_mid_request_starts_a_new_request():
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **OPTS})
+    traj32, traj64 = _traj(), _traj(dtype=torch.float64)
+    with torch.no_grad():
+        for x, t in traj32[:4]:
+            c(x, t)
+        m.double()  # parameters change dtype in place: Dynamo compiles another graph
+        out = c(*traj64[4])
+        torch.testing.assert_close(out, m(*traj64[4]))
+    steps = sorted(r["steps"] for r in cdcompile.summary(m).as_dict()["requests"])
+    assert steps == [1, 4]
+
+
+def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_instance_only():
+    pipe = tiny_flux_pipeline()
+    other = tiny_flux_pipeline(seed=1)
+    base_cls = type(pipe)
+    prompt = flux_prompt(pipe.transformer)
+    run = dict(height=32, width=32, num_inference_steps=6, output_type="latent")
+    with torch.no_grad():
+        ref = pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=3)
+    assert type(other) is base_cls and type(pipe) is not base_cls and isinstance(pipe, base_cls)
+    with torch.no_grad():
+        outs = [pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], ref), "steps 3-5 were served from the cache"
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [6, 6]
+    assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
+
+
+def test_enable_validates_options_immediately():
+    pipe = tiny_flux_pipeline()
+    with pytest.raises(ValueError, match="'threshold'"):
+        cdcompile.enable(pipe, threshold=0.1)
+
+
+@pytest.mark.slow
+def test_exported_package_reproduces_outputs_and_decisions_in_a_process_without_diffusers(tmp_path):
+    m = SequentialDiT(depth=4)
+    opts = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}
+    traj = _traj(6)
+    path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
+    with torch.no_grad():
+        want = [c(x, t) for _ in range(2) for x, t in traj]
+    want_cached = [r["slots"][0]["cached_steps"] for r in cdcompile.summary(m).as_dict()["requests"]]
+    assert want_cached[0] and want_cached == [want_cached[0]] * 2
+    torch.save({"traj": traj, "want": want}, tmp_path / "io.pt")
+
+    code = f"""
+import sys, torch
+sys.modules["diffusers"] = None  # importing diffusers would fail
+import cdcompile
+art = cdcompile.load({path!r})
+io = torch.load({str(tmp_path / "io.pt")!r})
+got = []
+for r in range(2):
+    if r == 1:
+        art.new_request()
+    got += [art(x, t)[0] for x, t in io["traj"]]
+for k, (a, b) in enumerate(zip(got, io["want"])):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"call {{k}}: {{m}}")
+d = art.decisions()
+print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"{want_cached[0]} {want_cached[1]}"
