@@ -16,7 +16,8 @@ x_bshd (b, s, h, d) and ``split`` fix the layout; the inverse takes the same des
 - ``split="heads"``: heads are padded with zero heads to w * hc and chunk j holds heads
   [j*hc, (j+1)*hc) of every token: rows ordered (w, b, s, hc). Even chunks (padding, not uneven
   head splits) keep every rank's head count equal, which the attention between the two exchanges
-  needs; the cost is (w*hc - h) / h extra bytes, zero when w divides h.
+  needs; the cost is (w*hc - h) / h extra bytes, zero when w divides h. The last ranks may
+  receive padding heads (zeros); attention over them gives zeros, which the inverse drops.
 - ``split="seq"``: tokens are split unevenly, the first ``s % w`` ranks one token longer (see
   ``seq_split_sizes``), and chunk j holds rank j's tokens: rows ordered (w, b, s_j, h), no padding.
 
@@ -35,6 +36,11 @@ Ulysses attention on rank i of w, with S = sum of all local lengths, s_i = seq_s
 Inputs may be any strided view (e.g. SDPA's (b, h, s, d) output transposed to (b, s, h, d)); outputs
 are contiguous. Values are ``float8_e4m3fn`` (view them as uint8 if a collective refuses fp8), scales
 fp32. Inference only: the ops register no autograd formula.
+
+The kernels compute in fp32 with correctly rounded division (``div_rn``) and round to e4m3 (and to
+bf16 on dequantization) in fp32 arithmetic, not through the hardware or interpreter cast, so they
+match the reference bit for bit under the interpreter; the tested contract is one e4m3 ulp for
+values and one fp32 ulp for scales.
 """
 
 import torch
@@ -49,8 +55,8 @@ MAX_HEAD_DIM = 1024  # one row is one Triton block; wider rows would need a loop
 
 
 def seq_split_sizes(seq_len: int, world_size: int) -> list[int]:
-    """Tokens per rank when ``seq_len`` tokens are sharded over ``world_size`` ranks: first ``seq_len % w`` get one more."""
-    q, rem = divmod(seq_len, world_size)
+    """Tokens per rank for ``seq_len`` tokens over ``world_size`` ranks; the first ``seq_len % w`` get one more."""
+    q, rem = seq_len // world_size, seq_len % world_size
     return [q + 1 if r < rem else q for r in range(world_size)]
 
 
@@ -59,6 +65,11 @@ def a2a_split_rows(batch: int, seq_len: int, num_heads: int, world_size: int, sp
     if split == "heads":
         return [batch * seq_len * -(-num_heads // world_size)] * world_size
     return [batch * n * num_heads for n in seq_split_sizes(seq_len, world_size)]
+
+
+def _packed_rows(batch: int, seq_len: int, num_heads: int, world_size: int, split: str) -> int:
+    """Total rows of the packed buffer (sum of ``a2a_split_rows``), without building the list."""
+    return batch * seq_len * (world_size * -(-num_heads // world_size) if split == "heads" else num_heads)
 
 
 def _quantize_rows_ref(x_rd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +270,7 @@ def _check_dequantize(values_rd, scales_r, batch, seq_len, num_heads, world_size
         raise ValueError(f"values_rd is on {values_rd.device} but scales_r is on {scales_r.device}")
     if not 1 <= values_rd.shape[1] <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got values_rd shape {tuple(values_rd.shape)}")
-    expected = sum(a2a_split_rows(batch, seq_len, num_heads, world_size, split))
+    expected = _packed_rows(batch, seq_len, num_heads, world_size, split)
     if values_rd.shape[0] != expected:
         raise ValueError(
             f"values_rd has {values_rd.shape[0]} rows but (batch={batch}, seq_len={seq_len}, "
@@ -312,7 +323,7 @@ def _quantize_op(x_bshd: torch.Tensor, world_size: int, split: str, backend: str
 def _(x_bshd, world_size, split, backend):
     _check_quantize(x_bshd, world_size, split, backend)
     b, s, h, d = x_bshd.shape
-    n_rows = b * s * (world_size * -(-h // world_size) if split == "heads" else h)
+    n_rows = _packed_rows(b, s, h, world_size, split)
     return (
         x_bshd.new_empty((n_rows, d), dtype=torch.float8_e4m3fn),
         x_bshd.new_empty((n_rows,), dtype=torch.float32),

@@ -39,8 +39,9 @@ online softmax in plain torch (so the kernel can be checked tightly against it);
 CPU fallback. Truth for accuracy is fp32 SDPA; the bar is cosine >= 0.999 and SNR >= 25 dB.
 
 Dtypes: bf16 and fp16 in and out; fp32 is accepted too (same quantized math, fp32 out; meant for
-CPU tests and references, bf16 and fp16 are the fast path). Inputs must be finite: a NaN or inf in q, k or v is not detected (that
-would cost a device sync) and spreads to the outputs it touches. Inference only (no autograd).
+CPU tests and references, bf16 and fp16 are the fast path). Inputs must be finite: a NaN or inf
+in q, k or v is not detected (that would cost a device sync) and spreads to the outputs it
+touches. Inference only (no autograd).
 
 Under ``TRITON_INTERPRET=1`` the INT8 and FP8 ``tl.dot`` run as exact upcast matrix products
 (checked: int8 with d = 128 and extreme values, fp8 against fp32 products), so one kernel body
@@ -208,7 +209,8 @@ def _sage_attention_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_D)
-    q8 = tl.load(q8_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :], mask=(rows < M)[:, None], other=0)
+    q_live = (rows < M)[:, None]
+    q8 = tl.load(q8_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :], mask=q_live, other=0)
     q_scale = tl.load(q_scale_ptr + pid_bh * M + rows, mask=rows < M, other=0.0)  # has sm_scale * log2(e)
     k_base = k8_ptr + pid_bh * N * HEAD_D
     v_base = v8_ptr + pid_bh * HEAD_D * N_PAD
@@ -245,7 +247,7 @@ def _sage_attention_kernel(
     v_scale = tl.load(v_scale_ptr + pid_bh * HEAD_D + dims)
     out = acc * v_scale[None, :] / l_i[:, None]
     dst = out_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :]
-    tl.store(dst, cast_out(out, OUT_DTYPE), mask=(rows < M)[:, None])
+    tl.store(dst, cast_out(out, OUT_DTYPE), mask=q_live)
 
 
 def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token):
@@ -306,18 +308,20 @@ def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 4-d (batch, heads, seq, head_dim) tensor like SDPA's, got {got}")
-    shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named)
-    dtypes = {t.dtype for _, t in named}
-    if len(dtypes) != 1 or q_bhmd.dtype not in IN_DTYPES:
+
+    def shapes() -> str:  # built only when raising: Dynamo cannot format symbolic shapes
+        return ", ".join(f"{name} {tuple(t.shape)}" for name, t in named)
+
+    if not q_bhmd.dtype == k_bhnd.dtype == v_bhnd.dtype or q_bhmd.dtype not in IN_DTYPES:
         raise ValueError(f"q, k, v must share one dtype of {IN_DTYPES}, got {[str(t.dtype) for _, t in named]}")
-    if len({t.device for _, t in named}) != 1:
+    if not q_bhmd.device == k_bhnd.device == v_bhnd.device:
         raise ValueError(f"q, k, v must be on one device, got {[str(t.device) for _, t in named]}")
     if q_bhmd.shape[:2] != k_bhnd.shape[:2] or k_bhnd.shape[:3] != v_bhnd.shape[:3]:
-        raise ValueError(f"q, k, v must share batch and heads, and k, v their length: {shapes}")
+        raise ValueError(f"q, k, v must share batch and heads, and k, v their length: {shapes()}")
     if not q_bhmd.shape[3] == k_bhnd.shape[3] == v_bhnd.shape[3] or q_bhmd.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS} and equal for q, k, v: {shapes}")
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} and equal for q, k, v: {shapes()}")
     if q_bhmd.shape[2] < 1 or k_bhnd.shape[2] < 1:
-        raise ValueError(f"q and k need at least one token each: {shapes}")
+        raise ValueError(f"q and k need at least one token each: {shapes()}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if not isinstance(is_causal, bool):

@@ -90,6 +90,17 @@ def weight_placeholders(gm: fx.GraphModule, example_inputs: Iterable[object] | N
     return {n for n, ex in zip(placeholders, examples) if is_weight_placeholder(n, ex)}
 
 
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` depends on, transitively."""
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
 def fake_value(node: fx.Node):
     """The FakeTensor (or other value) Dynamo recorded for a node, if any."""
     return node.meta.get("example_value", node.meta.get("val"))

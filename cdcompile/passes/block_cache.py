@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -93,6 +94,8 @@ def run(gm: fx.GraphModule, ctx) -> None:
     reason = _rewrite(gm, ctx, stack, blocks, fn, bn)
     if reason is not None:
         report.not_cached.append(reason)
+        # Block groups exist but the cache could not go in: say so rather than run slower silently.
+        warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=2)
         return
     report.cache["groups"] = [g.name for g in stack]
     report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn)
@@ -107,21 +110,11 @@ def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
             prev = chain[-1].stream("hidden")
             cur = g.stream("hidden")
             if prev is not None and cur is not None and prev.exit is not None and (
-                    cur.entry is prev.exit or prev.exit in _fx_ancestors(cur.entry)):
+                    cur.entry is prev.exit or prev.exit in _fx.ancestors(cur.entry)):
                 chain.append(g)
         if sum(x.num_blocks for x in chain) > sum(x.num_blocks for x in best):
             best = chain
     return best
-
-
-def _fx_ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def _boundary(group: BlockGroup, i: int, label: str, *, before: bool) -> fx.Node | None:

@@ -325,7 +325,7 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
 
 
 def _label_streams(gm: fx.GraphModule, groups: list[BlockGroup]) -> None:
-    reaches_output = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
+    reaches_output = _fx.ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     for gi in range(len(groups) - 1, -1, -1):
         g = groups[gi]
         if len(g.streams) == 1:
@@ -344,17 +344,6 @@ def _label_streams(gm: fx.GraphModule, groups: list[BlockGroup]) -> None:
         others = [s for s in g.streams if s is not hidden]
         for k, s in enumerate(others):
             s.label = "encoder" if len(others) == 1 else f"encoder{k}"
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def _tokens(node: fx.Node) -> int:

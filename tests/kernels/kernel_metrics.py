@@ -58,7 +58,9 @@ def assert_within_one_e4m3_ulp(out: torch.Tensor, ref: torch.Tensor, what: str) 
 
 def assert_bitwise_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """Equal bit patterns (so -0.0 != 0.0 and NaN == NaN of the same payload)."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape, f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (
+        f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    )
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[out.element_size()]
     a, b = out.contiguous().view(ints), ref.contiguous().view(ints)
     bad = a != b

@@ -136,7 +136,8 @@ def test_simulated_ulysses_exchange_delivers_each_rank_its_heads_and_back(b, bac
     # every rank packs its heads by destination token chunk
     sent = []
     for j in range(w):
-        values, scales = quantize_fp8_a2a(mine[j].transpose(1, 2).contiguous().transpose(1, 2), world_size=w, split="seq", backend=backend)
+        o_bshd = mine[j].transpose(1, 2).contiguous().transpose(1, 2)
+        values, scales = quantize_fp8_a2a(o_bshd, world_size=w, split="seq", backend=backend)
         splits = a2a_split_rows(b, s, hc, w, "seq")
         sent.append((values.split(splits), scales.split(splits)))
     for r in range(w):
@@ -165,7 +166,9 @@ def test_both_nan_bit_patterns_make_their_row_nan_and_spare_the_others(backend):
     for row, (s, h, bits) in enumerate([(0, 1, 0x7F), (2, 0, 0xFF)]):
         x[0, s, h, 5 + row] = torch.tensor([bits], dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     values, scales = quantize_fp8_a2a(x, world_size=1, split="seq", backend=backend)
-    back = dequantize_fp8_a2a(values, scales, batch=1, seq_len=3, num_heads=2, world_size=1, split="seq", out_dtype=torch.float32, backend=backend)
+    back = dequantize_fp8_a2a(
+        values, scales, batch=1, seq_len=3, num_heads=2, world_size=1, split="seq", out_dtype=torch.float32, backend=backend
+    )
     bad = torch.zeros(3, 2, dtype=torch.bool)
     bad[0, 1] = bad[2, 0] = True
     assert back[0][bad].isnan().all() and not back[0][~bad].isnan().any()
@@ -184,7 +187,9 @@ def test_e4m3_values_times_power_of_two_round_trip_exactly(backend, exponent, or
     x = torch.stack([row, -row.flip(0)]).reshape(1, 2, 1, 254)
     values, scales = quantize_fp8_a2a(x, world_size=2, split="seq", backend=backend)
     assert scales.tolist() == [2.0**exponent] * 2
-    back = dequantize_fp8_a2a(values, scales, batch=1, seq_len=2, num_heads=1, world_size=2, split="seq", out_dtype=torch.float32, backend=backend)
+    back = dequantize_fp8_a2a(
+        values, scales, batch=1, seq_len=2, num_heads=1, world_size=2, split="seq", out_dtype=torch.float32, backend=backend
+    )
     assert_bitwise_equal(back, x, "round trip")
 
 
@@ -210,13 +215,15 @@ def test_non_finite_element_makes_its_row_nan_and_spares_the_others(bad_value, b
     x = torch.randn(1, 5, 3, 64).bfloat16()
     x[0, 2, 1, 7] = bad_value
     values, scales = quantize_fp8_a2a(x, world_size=2, split="seq", backend=backend)
-    clean_values, clean_scales = quantize_fp8_a2a(x.nan_to_num(0.0, 0.0, 0.0), world_size=2, split="seq", backend=backend)
+    clean = x.nan_to_num(0.0, 0.0, 0.0)
+    clean_values, clean_scales = quantize_fp8_a2a(clean, world_size=2, split="seq", backend=backend)
     row = 2 * 3 + 1  # seq split of 5 tokens over 2 ranks: (3, 2); token 2 is rank 0's, rows (b, s, h)
     assert scales[row].isnan() and (values[row].float() == 0).all()
     keep = torch.arange(len(scales)) != row
     assert_bitwise_equal(scales[keep], clean_scales[keep], "scales of clean rows")
     assert_bitwise_equal(values[keep], clean_values[keep], "values of clean rows")
-    back = dequantize_fp8_a2a(values, scales, batch=1, seq_len=5, num_heads=3, world_size=2, split="seq", backend=backend)
+    kw = dict(batch=1, seq_len=5, num_heads=3, world_size=2, split="seq")
+    back = dequantize_fp8_a2a(values, scales, **kw, backend=backend)
     assert back[0, 2, 1].isnan().all() and not back[keep.reshape(1, 5, 3)].isnan().any()
 
 
