@@ -44,6 +44,14 @@ class CacheConfig:
     max_continuous_cached_steps: at most this many cached steps in a row (-1 = unlimited).
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls); further calls in the same step always compute. >= 1.
+
+    Steps computation mask (algorithms.md §3):
+    steps_computation_mask: None, a preset ("slow", "medium", "fast", "ultra"), an explicit 0/1
+        list (1 = compute; steps past its end count as 0), or {"compute_bins": [...],
+        "cache_bins": [...]}. Presets and bins scale to the request's step count.
+    steps_computation_policy: "dynamic" (a 0 lets the guard decide) or "static" (a 0 caches).
+    num_inference_steps: the request's step count, for presets and bins; ``cdcompile.enable``
+        takes it from each pipeline call instead.
     """
 
     compiler: Compiler = Compiler.INDUCTOR
@@ -58,6 +66,9 @@ class CacheConfig:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     cache_slots: int = 2
+    steps_computation_mask: Any = None
+    steps_computation_policy: str = "dynamic"
+    num_inference_steps: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -86,6 +97,7 @@ class CacheConfig:
             _bad("Bn_compute_blocks", self.Bn_compute_blocks, "an int >= 0")
         if self.max_warmup_steps < 0:
             _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
+        self._check_mask()
         if self.cache_slots < 1:
             _bad("cache_slots", self.cache_slots, "an int >= 1")
         if self.warmup_interval < 1:
@@ -93,6 +105,38 @@ class CacheConfig:
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
             if getattr(self, name) < -1:
                 _bad(name, getattr(self, name), "-1 (unlimited) or an int >= 0")
+
+    def _check_mask(self) -> None:
+        from .masks import PRESETS, build_mask
+
+        if self.steps_computation_policy not in ("dynamic", "static"):
+            _bad("steps_computation_policy", self.steps_computation_policy, '"dynamic" or "static"')
+        if self.num_inference_steps is not None:
+            _check_type("num_inference_steps", self.num_inference_steps, int)
+            if self.num_inference_steps < 1:
+                _bad("num_inference_steps", self.num_inference_steps, "an int >= 1 or None")
+        spec = self.steps_computation_mask
+        if spec is None:
+            return
+        if isinstance(spec, str):
+            if spec not in PRESETS:
+                _bad("steps_computation_mask", spec, f"a preset from {list(PRESETS)}, a 0/1 list or bins")
+        elif isinstance(spec, dict):
+            if sorted(spec) != ["cache_bins", "compute_bins"]:
+                _bad("steps_computation_mask", spec, 'a dict with keys "compute_bins" and "cache_bins"')
+            object.__setattr__(self, "steps_computation_mask",
+                               {k: tuple(int(b) for b in v) for k, v in spec.items()})
+        elif isinstance(spec, (list, tuple)):
+            if not spec or any(b not in (0, 1) or isinstance(b, bool) for b in spec):
+                _bad("steps_computation_mask", spec, "a non-empty list of 0 and 1")
+            object.__setattr__(self, "steps_computation_mask", tuple(int(b) for b in spec))
+        else:
+            _bad("steps_computation_mask", spec, "None, a preset name, a 0/1 list or bins")
+        try:
+            if not isinstance(spec, str) or self.num_inference_steps is not None:
+                build_mask(self.steps_computation_mask, self.num_inference_steps)
+        except ValueError as e:
+            _bad("steps_computation_mask", spec, str(e))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "CacheConfig":
@@ -118,6 +162,8 @@ class CacheConfig:
         d = dataclasses.asdict(self)
         d["compiler"] = self.compiler.value
         d["disable_passes"] = list(self.disable_passes)
+        if isinstance(self.steps_computation_mask, tuple):
+            d["steps_computation_mask"] = list(self.steps_computation_mask)
         return d
 
 

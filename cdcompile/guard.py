@@ -52,9 +52,14 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
 
 
 def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
-           slot: torch.Tensor, new_req: torch.Tensor, *, threshold: float, warmup_steps: int,
-           warmup_interval: int, max_cached: int, max_continuous: int, slots: int):
+           slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None, *,
+           threshold: float, warmup_steps: int, warmup_interval: int, max_cached: int,
+           max_continuous: int, slots: int, static_mask: bool = False):
     """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
+
+    ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
+    mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
+    or the threshold (still only once a residual exists).
 
     Returns ``(cache, diff, idx, anchor_slot, ctr_slot)``; ``idx`` is the slot index as a (1,)
     tensor, clamped to the overflow slot ``slots``.
@@ -70,7 +75,13 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
     diff = torch.where(has_anchor, num / den, torch.full_like(num, float("nan")))
 
     warm = (step < warmup_steps) & (step % warmup_interval == 0)
-    cache = ~warm & has_anchor & (diff < threshold) & (slot < slots)
+    usable = ~warm & has_anchor & (slot < slots)
+    if mask is not None:
+        must = mask.index_select(0, torch.clamp(step, max=mask.shape[0] - 1).reshape(1))[0] == 1
+        usable = usable & ~must
+        if static_mask:
+            return usable, diff, idx, a, ctr
+    cache = usable & (diff < threshold)
     if threshold <= 0:
         cache = cache & False
     if max_cached >= 0:

@@ -1,12 +1,13 @@
 """``cdcompile.enable(pipe, **options)``: compile a diffusers pipeline's transformer with the cache.
 
 The transformer is compiled with the ``cachedit`` backend, and each ``pipe(...)`` call starts a new
-request. Only this pipeline instance changes: its class becomes a one-off subclass whose
+request (and passes its ``num_inference_steps`` to a steps computation mask). Only this pipeline instance changes: its class becomes a one-off subclass whose
 ``__call__`` resets the cache first (cache-dit patches the pipeline class for every instance).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -32,8 +33,12 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False, **optio
     pipe.transformer = compiled
     base = type(pipe)
 
+    steps_default = inspect.signature(base.__call__).parameters.get("num_inference_steps")
+    steps_default = getattr(steps_default, "default", None)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        new_request(original)
+        steps = kwargs.get("num_inference_steps", steps_default)
+        new_request(original, num_inference_steps=steps if isinstance(steps, int) else None)
         return base.__call__(self, *args, **kwargs)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})

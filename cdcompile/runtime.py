@@ -24,6 +24,7 @@ from . import guard
 
 _graphs: "weakref.WeakSet[CachedGraph]" = weakref.WeakSet()
 _last_graph: dict[int, "weakref.ref[CachedGraph]"] = {}  # id(key parameter) -> graph called last
+_steps_hint: dict[int, int] = {}  # id(parameter) -> num_inference_steps given to new_request
 
 
 @dataclasses.dataclass
@@ -33,11 +34,15 @@ class CacheState:
     tensors_by_name: dict[str, torch.Tensor]
     reset_pending: bool = True
 
+    mask_spec: Any = None
+    mask_steps: int | None = None  # step count the mask tensor was built for
+
     @staticmethod
     def names(plan) -> list[str]:
         return (["reset", "clock", "counters", "anchor", "slot_ctr"]
                 + [f"residual_{k}" for k in range(len(plan.residuals))]
-                + ["hist_flag", "hist_diff", "hist_meta"])
+                + ["hist_flag", "hist_diff", "hist_meta"]
+                + (["mask"] if plan.mask_spec is not None else []))
 
     @classmethod
     def allocate(cls, plan) -> "CacheState":
@@ -55,8 +60,25 @@ class CacheState:
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
         t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
         t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)
+        state = cls(t, mask_spec=plan.mask_spec)
+        if plan.mask_spec is not None:
+            t["mask"] = torch.ones(guard.MAX_STEPS, dtype=torch.int8, device=dev)
+            if not isinstance(plan.mask_spec, str) or plan.num_inference_steps is not None:
+                state.set_steps(plan.num_inference_steps)
         assert list(t) == cls.names(plan)
-        return cls(t)
+        return state
+
+    def set_steps(self, steps: int | None) -> None:
+        """Build the steps mask for requests of ``steps`` steps (one host-to-device copy)."""
+        from .masks import build_mask
+
+        if self.mask_spec is None or (steps == self.mask_steps and steps is not None):
+            return
+        bits = build_mask(self.mask_spec, steps)[: guard.MAX_STEPS]
+        mask = torch.zeros(guard.MAX_STEPS, dtype=torch.int8)  # steps past the mask count as 0
+        mask[: len(bits)] = torch.tensor(bits, dtype=torch.int8)
+        self.tensors_by_name["mask"].copy_(mask)
+        self.mask_steps = steps
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.tensors_by_name.values())
@@ -103,6 +125,8 @@ class CachedGraph:
         if entry is not None and entry[0]() is key:
             return entry[1]
         state, self._spare = (self._spare or self.plan.allocate()), None
+        if self.plan.mask_spec is not None and state.mask_steps is None:
+            state.set_steps(_steps_hint.get(id(key), self.plan.num_inference_steps))
         self._states[id(key)] = (weakref.ref(key), state)
         return state
 
@@ -132,8 +156,14 @@ def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:
     return [(g, st) for g in list(_graphs) for st in g.states_of(ids)]
 
 
-def new_request(model: Any) -> None:
+def new_request(model: Any, num_inference_steps: int | None = None) -> None:
     """Start a new request for ``model`` (the module or what torch.compile returned): the next call
-    is step 0 of a fresh request in every compiled graph of the model."""
+    is step 0 of a fresh request in every compiled graph of the model. ``num_inference_steps``
+    rebuilds a steps computation mask given as a preset or bins for that step count."""
     for _, st in cached_states(model):
         st.new_request()
+        if num_inference_steps is not None:
+            st.set_steps(num_inference_steps)
+    if num_inference_steps is not None:  # for graphs not compiled yet (the first pipeline call)
+        for pid in _params(model):
+            _steps_hint[pid] = num_inference_steps

@@ -63,6 +63,8 @@ class CachePlan:
     key_input: int  # index of a weight input identifying the model instance
     timestep_input: str | None
     state_names: list[str]
+    mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
+    num_inference_steps: int | None = None
 
     def allocate(self):
         from ..runtime import CacheState
@@ -199,7 +201,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
         residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
-        state_names=[])
+        state_names=[], mask_spec=cfg.steps_computation_mask,
+        num_inference_steps=cfg.num_inference_steps)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
@@ -341,10 +344,11 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     r = call(torch.sub, (env[hf], env[h0]))
-    dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req), dict(
+    dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(
         threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
-        max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots))
+        max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
+        static_mask=cfg.steps_computation_policy == "static"))
     cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
     res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
     operands = tuple(env[n] for n in inputs) + tuple(res_slots)
