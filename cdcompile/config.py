@@ -45,6 +45,9 @@ class CacheConfig:
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls); further calls in the same step always compute. >= 1.
 
+    taylorseer_order: 0 (off), 1 or 2: forecast the cached middle residual from the last computed
+        steps (cdcompile.calibrators); never changes which steps cache.
+
     Steps computation mask (algorithms.md §3):
     steps_computation_mask: None, a preset ("slow", "medium", "fast", "ultra"), an explicit 0/1
         list (1 = compute; steps past its end count as 0), or {"compute_bins": [...],
@@ -66,6 +69,7 @@ class CacheConfig:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     cache_slots: int = 2
+    taylorseer_order: int = 0
     steps_computation_mask: Any = None
     steps_computation_policy: str = "dynamic"
     num_inference_steps: int | None = None
@@ -86,7 +90,7 @@ class CacheConfig:
 
         _check_type("enable_cache", self.enable_cache, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
-                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):
+                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots", "taylorseer_order"):
             _check_type(name, getattr(self, name), int)
         _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
         object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
@@ -98,6 +102,8 @@ class CacheConfig:
         if self.max_warmup_steps < 0:
             _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
         self._check_mask()
+        if self.taylorseer_order not in (0, 1, 2):
+            _bad("taylorseer_order", self.taylorseer_order, "0 (off), 1 or 2")
         if self.cache_slots < 1:
             _bad("cache_slots", self.cache_slots, "an int >= 1")
         if self.warmup_interval < 1:

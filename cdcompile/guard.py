@@ -12,8 +12,11 @@ slot being the overflow slot that never caches):
     clock      float32 (1,)         timestep of the previous call (-inf: next call starts a request)
     counters   int64 (3,)           step in request, slot (call index within the step), request count
     anchor     (S, *R)              F's hidden residual at the slot's last computed step
-    slot_ctr   int64 (S, 3)         has_anchor, cached steps in request, current run of cached steps
-    residual_k (S, *stream_k)       middle residual of stream k at the slot's last computed step
+    slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
+                                    steps, computed steps in request
+    residual_k (S, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
+                                    and its divided differences for a calibrator of order n
+    cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators)
     hist_flag  int8 (H, S, T)       per request (ring of H), slot and step: -1 no call, 0 computed, 1 cached
     hist_diff  float32 (H, S, T)    the residual diff of each call (nan where no anchor existed)
     hist_meta  int64 (H, 2)         steps and slots seen in each request
@@ -22,6 +25,8 @@ slot being the overflow slot that never caches):
 from __future__ import annotations
 
 import torch
+
+from . import calibrators
 
 HISTORY = 8  # requests kept for cdcompile.summary
 MAX_STEPS = 1000  # steps per request recorded in the history (later steps share the last entry)
@@ -101,7 +106,7 @@ def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.
     """
     anchor.index_put_((idx,), torch.where(cache, a, r).unsqueeze(0))
     c = cache.to(torch.int64)
-    new_ctr = torch.stack([torch.ones_like(ctr[0]), ctr[1] + c, (ctr[2] + 1) * c])
+    new_ctr = torch.stack([torch.ones_like(ctr[0]), ctr[1] + c, (ctr[2] + 1) * c, ctr[3] + 1 - c])
     slot_ctr.index_put_((idx,), new_ctr.unsqueeze(0))
 
     row = (counters[2] % HISTORY).reshape(1)
@@ -117,7 +122,20 @@ def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.
 
 
 def commit_residual(cache: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor,
-                    res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor) -> None:
-    """Store the middle residual of one stream: kept on cached steps, ``exit - entry`` on computed ones."""
-    new = torch.where(cache, res_slot, exit_value - entry_value)
-    residual.index_put_((idx,), new.unsqueeze(0))
+                    res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
+                    step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor) -> None:
+    """Store the middle residual of one stream (and its divided differences): kept on cached
+    steps, ``exit - entry`` on computed ones."""
+    y = exit_value - entry_value
+    if res_slot.shape[0] == 1:
+        new = y.unsqueeze(0)
+    else:
+        new = calibrators.differences(y, res_slot, step, nodes, ctr[3])
+    residual.index_put_((idx,), torch.where(cache, res_slot, new).unsqueeze(0))
+
+
+def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor,
+                 nodes: torch.Tensor, step: torch.Tensor) -> None:
+    """Shift the slot's computed-step nodes on a computed step (after every stream used them)."""
+    shifted = torch.cat([step.to(torch.float32).reshape(1), nodes[:2]])
+    cal_nodes.index_put_((idx,), torch.where(cache, nodes, shifted).unsqueeze(0))

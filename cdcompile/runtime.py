@@ -39,7 +39,7 @@ class CacheState:
 
     @staticmethod
     def names(plan) -> list[str]:
-        return (["reset", "clock", "counters", "anchor", "slot_ctr"]
+        return (["reset", "clock", "counters", "anchor", "slot_ctr", "cal_nodes"]
                 + [f"residual_{k}" for k in range(len(plan.residuals))]
                 + ["hist_flag", "hist_diff", "hist_meta"]
                 + (["mask"] if plan.mask_spec is not None else []))
@@ -53,10 +53,11 @@ class CacheState:
             "clock": torch.full((1,), -math.inf, dtype=torch.float32, device=dev),
             "counters": torch.zeros(3, dtype=torch.int64, device=dev),
             "anchor": torch.zeros((s, *plan.anchor.shape), dtype=plan.anchor.dtype, device=dev),
-            "slot_ctr": torch.zeros((s, 3), dtype=torch.int64, device=dev),
+            "slot_ctr": torch.zeros((s, 4), dtype=torch.int64, device=dev),
+            "cal_nodes": torch.zeros((s, 3), dtype=torch.float32, device=dev),
         }
         for k, r in enumerate(plan.residuals):
-            t[f"residual_{k}"] = torch.zeros((s, *r.shape), dtype=r.dtype, device=dev)
+            t[f"residual_{k}"] = torch.zeros((s, plan.order + 1, *r.shape), dtype=r.dtype, device=dev)
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
         t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
         t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)

@@ -20,12 +20,31 @@ class RefConfig:
     interval: int = 1
     max_cached: int = -1
     max_continuous: int = -1
+    order: int = 0  # TaylorSeer order
+
+
+def newton_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
+    """Interpolating polynomial through the last ``order + 1`` computed (step, residual) points."""
+    pts = history[-(order + 1):][::-1]  # most recent first
+    xs = [float(x) for x, _ in pts]
+    table = [y.double() for _, y in pts]
+    out = table[0].clone()
+    prod = 1.0
+    coefs = [table[0]]
+    for i in range(1, len(pts)):
+        table = [(table[j] - table[j + 1]) / (xs[j] - xs[j + i]) for j in range(len(table) - 1)]
+        coefs.append(table[0])
+    for i in range(1, len(pts)):
+        prod *= (step - xs[i - 1])
+        out = out + coefs[i] * prod
+    return out.to(pts[0][1].dtype)
 
 
 @dataclasses.dataclass
 class RefSlot:
     anchor: torch.Tensor | None = None
     residuals: dict | None = None
+    history: list = dataclasses.field(default_factory=list)  # (step, residuals) of computed steps
     cached: int = 0
     run: int = 0
 
@@ -62,10 +81,17 @@ class RefCache:
         return cache
 
     def residuals(self, slot: int) -> dict:
-        return self.slots[slot].residuals
+        st = self.slots[slot]
+        if self.cfg.order == 0:
+            return st.residuals
+        step = self.decisions[-1][0]
+        return {k: newton_forecast([(s, r[k]) for s, r in st.history], step, self.cfg.order)
+                for k in st.residuals}
 
     def store(self, slot: int, residuals: dict) -> None:
-        self.slots[slot].residuals = residuals
+        st = self.slots[slot]
+        st.residuals = residuals
+        st.history.append((self.decisions[-1][0], residuals))
 
 
 def run_sequential_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):

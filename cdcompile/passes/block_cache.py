@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import guard
+from .. import calibrators, guard
 from . import _fx
 from .discover import BlockGroup
 
@@ -63,6 +63,7 @@ class CachePlan:
     key_input: int  # index of a weight input identifying the model instance
     timestep_input: str | None
     state_names: list[str]
+    order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
 
@@ -201,7 +202,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
         residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
-        state_names=[], mask_spec=cfg.steps_computation_mask,
+        state_names=[], order=cfg.taylorseer_order, mask_spec=cfg.steps_computation_mask,
         num_inference_steps=cfg.num_inference_steps)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
     ctx.cache_plan = plan
@@ -318,8 +319,9 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg) -> Non
     compute_gm = _branch(gm, inputs, pulled, len(pairs), region,
                          lambda g, env, res: [env[o] for _, _, o in pairs], "ComputeMiddle")
     cache_gm = _branch(gm, inputs, pulled, len(pairs), [],
-                       lambda g, env, res: [g.call_function(torch.add, (env[e], res[k]))
-                                            for k, (_, e, _) in enumerate(pairs)], "ReuseMiddle")
+                       lambda g, env, res: [g.call_function(torch.add, (env[e], g.call_function(
+                           calibrators.forecast, (res[k], res[-1])))) for k, (_, e, _) in enumerate(pairs)],
+                       "ReuseMiddle")
     gm.add_submodule("cdcompile_compute_branch", compute_gm)
     gm.add_submodule("cdcompile_cache_branch", cache_gm)
 
@@ -351,13 +353,17 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         static_mask=cfg.steps_computation_policy == "static"))
     cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
     res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
-    operands = tuple(env[n] for n in inputs) + tuple(res_slots)
+    nodes = call(_index_slot, (st["cal_nodes"], idx))
+    coef = call(calibrators.coefficients, (step, nodes, call(_getitem, (ctr, 3)), plan.order))
+    operands = tuple(env[n] for n in inputs) + tuple(res_slots) + (coef,)
     true_fn = g.get_attr("cdcompile_cache_branch")
     false_fn = g.get_attr("cdcompile_compute_branch")
     cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
-        call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry]))
+        call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry],
+                                     step, nodes, ctr))
+    call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, diff, idx, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
 
@@ -371,10 +377,11 @@ def _index_slot(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _branch(gm, inputs, pulled, n_res, body, outputs, class_name) -> fx.GraphModule:
-    """A branch subgraph: operands ``inputs`` + ``n_res`` residuals, the replayed views, ``body``."""
+    """A branch subgraph: operands ``inputs`` + ``n_res`` residuals + the calibrator weights, the
+    replayed views, ``body``."""
     g = fx.Graph()
     env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
-    res = [g.placeholder(f"res_{k}") for k in range(n_res)]
+    res = [g.placeholder(f"res_{k}") for k in range(n_res)] + [g.placeholder("coef")]
     for n in list(pulled) + list(body):
         env[n] = g.node_copy(n, env.__getitem__)
     outs = outputs(g, env, res)
