@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VPY) bench/demo.py
 
 bench-zoo: $(STAMP)
-	$(VPY) bench/zoo.py --json bench/results/zoo.json
+	$(VPY) bench/zoo.py --json bench/results/zoo.json --markdown bench/results/zoo.md
 
 clean:
 	rm -rf $(VENV) .inductor-cache .pytest_cache

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -140,14 +141,39 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + _totals_line(rows)
 
 
+def _short_break(reason: str) -> str:
+    """``Dynamic shape operator (aten.nonzero.default) at attention_processor.py:1068`` from a break reason."""
+    first = re.sub(r" at \S+$", "", reason.splitlines()[0]).strip()
+    first = re.sub(r"\S*/site-packages/", "", first)
+    op = re.search(r"Operator `([^`]+)`", reason)
+    where = re.search(r" at (\S+):(\d+)$", reason)
+    return (first + (f" ({op.group(1)})" if op else "")
+            + (f" at {os.path.basename(where.group(1))}:{where.group(2)}" if where else ""))
+
+
+def _why_not(row: dict) -> str:
+    """For a row without groups: what discovery rejected and why, or where the graph breaks."""
+    if row["groups"] or row["error"]:
+        return ""
+    rejected = [r for r in row.get("rejected") or [] if r["reason"] != "no_repeated_blocks"]
+    if rejected:
+        return "; ".join(f"{r['name']}: {r['reason']} ({r['detail']})" for r in rejected)
+    if row.get("graph_breaks"):
+        breaks = list(dict.fromkeys(_short_break(b) for b in row["break_reasons"]))
+        return f"{row['graphs']} graphs, none holds two blocks; breaks: " + "; ".join(breaks)
+    return "no repeated blocks"
+
+
 def markdown_table(rows: list[dict], meta: dict) -> str:
-    head = ["model", "class", "graphs", "breaks", "groups (name xblocks [streams])", "max_abs_diff", "ok", "error"]
-    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    head = ["model", "class", "graphs", "breaks", "groups (name xblocks [streams])", "max_abs_diff", "ok", "error",
+            "why no group"]
+    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    dyn = " with Dynamo capturing data-dependent ops" if meta.get("capture_dynamic") else ""
     lines = [
         "# cdcompile zoo",
         "",
         f"`python bench/zoo.py` on torch {meta['torch']}, diffusers {meta['diffusers']}, commit "
-        f"`{meta['git_commit'][:12]}`{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}. "
+        f"`{meta['git_commit'][:12]}`{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}{dyn}. "
         f"Backend options `{json.dumps(meta['options'])}`; ok = outputs allclose to eager "
         f"(rtol = atol = {RTOL:g}) and at least one block group found.",
         "",
@@ -158,8 +184,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         c = _cells(r)
-        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], esc(c[6])]
-        lines.append("| " + " | ".join(esc(v) if i < 7 else v for i, v in enumerate(vals)) + " |")
+        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], c[6], _why_not(r)]
+        lines.append("| " + " | ".join(esc(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated ZOO names (default: all)")
     p.add_argument("--json", metavar="PATH", help="write {meta, totals, rows} here")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
+    p.add_argument("--capture-dynamic", action="store_true",
+                   help="let Dynamo capture data-dependent ops (nonzero, .item(), ...) instead of breaking the graph")
     args = p.parse_args(argv)
+    if args.capture_dynamic:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        torch._dynamo.config.capture_scalar_outputs = True
 
     names = list(ZOO)
     if args.only:
@@ -204,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"not in ZOO: {', '.join(unknown)} (known: {', '.join(ZOO)})")
 
     meta = metadata()
+    meta["capture_dynamic"] = bool(args.capture_dynamic)
     rows = []
     for i, name in enumerate(names, 1):
         row = run_one(name)

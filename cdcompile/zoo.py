@@ -3,6 +3,14 @@
 ``ZOO[name]()`` returns ``(model, kwargs)``: a model with random weights at toy size (eval mode,
 fp32) and the keyword arguments of one denoising call. Builders import diffusers lazily; a class
 missing from the installed diffusers raises ``ImportError`` naming it.
+
+There is one builder per DiT transformer class of diffusers 0.42 (image, video, audio and the
+protein DiT), each with 2-6 blocks per repeated stack so that a group of at least two exists, and
+with the inputs its forward needs (ids, masks, rotary tables, KV caches for a first step). Left out
+are the classes that are not DiTs: ``Transformer2DModel``, ``TransformerTemporalModel``,
+``DreamLiteTransformer2DModel`` (spatial transformers inside a U-Net), ``PriorTransformer``,
+``T5FilmDecoder``, the ControlNets and ``MiniMaxMusic3RVQDepthDecoder``. Builders only build: no
+model-specific logic for the backend lives here.
 """
 
 from __future__ import annotations
@@ -122,23 +130,19 @@ def _grid_ids(h: int, w: int, axes: int = 3, first: float = 0.0) -> torch.Tensor
 # -- FLUX family: packed latent tokens, text tokens, 2-D position ids --------------------------
 
 
-def _flux_like(cls_name: str, *, axes=(4, 6, 6), timestep=0.5, pooled: int | None = None, ids_dtype=None,
-               hw=(4, 4), **config):
+def _flux_like(cls_name: str, *, timestep: float = 0.5, **config):
+    """FLUX-shaped call: 4 x 4 packed latent tokens, 7 text tokens, ids with one column per rotary axis."""
     m = _make(cls_name, **config)
     r = _randn()
-    h, w = hw
-    kw = dict(hidden_states=r(1, h * w, config["in_channels"]),
-              encoder_hidden_states=r(1, 7, config["joint_attention_dim"]),
-              timestep=_t(timestep), img_ids=_grid_ids(h, w, len(axes)),
-              txt_ids=torch.zeros(7, len(axes)), return_dict=False)
-    if pooled:
-        kw["pooled_projections"] = r(1, pooled)
-    return m, kw
+    axes = len(config["axes_dims_rope"])
+    return m, dict(hidden_states=r(1, 16, config["in_channels"]),
+                   encoder_hidden_states=r(1, 7, config["joint_attention_dim"]), timestep=_t(timestep),
+                   img_ids=_grid_ids(4, 4, axes), txt_ids=torch.zeros(7, axes), return_dict=False)
 
 
 @register("flux2")
 def flux2():
-    return _flux_like("Flux2Transformer2DModel", axes=(4, 4, 4, 4), patch_size=1, in_channels=16,
+    return _flux_like("Flux2Transformer2DModel", patch_size=1, in_channels=16,
                       num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
                       joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
                       guidance_embeds=False)
@@ -165,7 +169,7 @@ def briafibo():
                        num_single_layers=3, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                        axes_dims_rope=[4, 6, 6], text_encoder_dim=16)
     r = _randn(1)
-    kw["text_encoder_layers"] = [r(1, 7, 16) for _ in range(5)]
+    kw["text_encoder_layers"] = [r(1, 7, 16) for _ in range(2 + 3)]  # one text-encoder layer per block
     return m, kw
 
 
@@ -636,18 +640,18 @@ def minimaxh3():
     # one packed sequence: 7 text tokens, 16 video patches (1 x 4 x 4), 5 audio frames; modality tags 0 / 1 / 2
     text, video, audio = 7, 16, 5
     pos = torch.cat([torch.zeros(text, 3), _grid_ids(4, 4, 3), torch.arange(audio)[:, None].expand(audio, 3)]).long()
-    return m, dict(hidden_states=r(1, video, 16), audio_hidden_states=r(1, audio, 8), encoder_hidden_states=r(1, text, 16),
-                   timestep=_t(), timestep_indices=torch.zeros(text + video + audio, dtype=torch.long),
+    return m, dict(hidden_states=r(1, video, 16), audio_hidden_states=r(1, audio, 8),
+                   encoder_hidden_states=r(1, text, 16), timestep=_t(),
+                   timestep_indices=torch.zeros(text + video + audio, dtype=torch.long),
                    token_tags=torch.tensor([0] * text + [1] * video + [2] * audio), position_ids=pos,
-                   video_indices=torch.arange(text, text + video), audio_indices=torch.arange(text + video,
-                                                                                              text + video + audio),
-                   text_indices=torch.arange(text), return_dict=False)
+                   text_indices=torch.arange(text), video_indices=torch.arange(text, text + video),
+                   audio_indices=torch.arange(text + video, text + video + audio), return_dict=False)
 
 
 @register("motifvideo")
 def motifvideo():
-    m = _make("MotifVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-              num_layers=2, num_single_layers=3, patch_size=2, patch_size_t=1, text_embed_dim=16,
+    m = _make("MotifVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+              attention_head_dim=16, num_layers=2, num_single_layers=3, patch_size=2, patch_size_t=1, text_embed_dim=16,
               rope_axes_dim=(4, 6, 6))
     r = _randn(1)
     return m, dict(hidden_states=_video(), timestep=_t(), encoder_hidden_states=r(1, 7, 16),
@@ -703,8 +707,9 @@ def qwenimage21():
 
 @register("stableaudio3")
 def stableaudio3():
-    m = _make("StableAudio3DiTModel", io_channels=4, patch_size=1, embed_dim=32, depth=3, num_heads=2, cond_token_dim=16,
-              global_cond_dim=16, local_add_cond_dim=5, timestep_features_dim=16, num_memory_tokens=4)
+    m = _make("StableAudio3DiTModel", io_channels=4, patch_size=1, embed_dim=32, depth=3, num_heads=2,
+              cond_token_dim=16, global_cond_dim=16, local_add_cond_dim=5, timestep_features_dim=16,
+              num_memory_tokens=4)
     r = _randn()
     return m, dict(hidden_states=r(1, 4, 16), timestep=_t(0.5), encoder_hidden_states=r(1, 7, 16),
                    global_hidden_states=r(1, 16), return_dict=False)
@@ -782,9 +787,10 @@ def wananimate2():
 
 @register("sanawm")
 def sanawm():
-    m = _make("SanaWMTransformer3DModel", in_channels=4, num_layers=4, hidden_size=32, num_attention_heads=2,
-              patch_size=(1, 1, 1), softmax_every_n=2, linear_head_dim=16, chunk_plucker_channels=8,
-              chunk_plucker_post_attn_blocks=4, image_size=64, caption_channels=16, mlp_ratio=2.0,
+    # the released period: three gated-delta (linear attention) blocks, then a softmax one (blocks 0-2 | 3 | 4)
+    m = _make("SanaWMTransformer3DModel", in_channels=4, num_layers=5, hidden_size=32, num_attention_heads=2,
+              patch_size=(1, 1, 1), softmax_every_n=4, linear_head_dim=16, chunk_plucker_channels=8,
+              chunk_plucker_post_attn_blocks=5, image_size=64, caption_channels=16, mlp_ratio=2.0,
               mixed_precision="fp32")
     r = _randn(1)
     # one timestep per latent frame: (batch, 1, frames)
@@ -803,3 +809,45 @@ def sanawmrefiner():
                                                      device=torch.device("cpu"), fps=24.0)
     return m, dict(hidden_states=r(1, 2 * 4 * 4, 8), encoder_hidden_states=r(1, 7, 16), timestep=_t(),
                    video_rotary_emb=rope, encoder_attention_mask=torch.ones(1, 7), return_dict=False)
+
+
+def _module_cls(module: str, name: str):
+    """A class diffusers does not export at top level, from ``diffusers.models.transformers.<module>``."""
+    import importlib
+
+    return getattr(importlib.import_module(f"diffusers.models.transformers.{module}"), name)
+
+
+@register("cosmos3omni")
+def cosmos3omni():
+    torch.manual_seed(0)
+    m = _module_cls("transformer_cosmos3", "Cosmos3OmniTransformer")(
+        dtype="float32", head_dim=16, hidden_size=32, intermediate_size=64, latent_channel=4, latent_patch_size=2,
+        num_attention_heads=2, num_hidden_layers=3, num_key_value_heads=1, patch_latent_dim=16, vocab_size=64,
+        rope_axes_dim=(4, 2, 2)).eval()
+    r = _randn()
+    # one packed sequence: 5 prompt tokens ("understanding"), then the 1 x 4 x 4 patches of one noisy latent
+    text, image = 5, 16
+    pos = torch.cat([torch.arange(text)[None].expand(3, text), text + _grid_ids(4, 4, 3).long().T], dim=1)
+    vision = torch.arange(text, text + image)
+    return m, dict(input_ids=torch.tensor([1, 7, 12, 30, 2]), text_indexes=torch.arange(text), position_ids=pos,
+                   und_len=text, sequence_length=text + image, vision_tokens=[r(1, 4, 1, 8, 8)],
+                   vision_token_shapes=[(1, 4, 4)], vision_sequence_indexes=vision, vision_mse_loss_indexes=vision,
+                   vision_timesteps=torch.full((image,), 500.0), vision_noisy_frame_indexes=[torch.tensor([0])],
+                   return_dict=False)
+
+
+@register("rfd4proteina")
+def rfd4proteina():
+    torch.manual_seed(0)
+    m = _module_cls("transformer_rfd4_proteina", "RFD4ProteinaTransformer")(
+        nlayers=4, token_dim=32, nheads=2, dim_cond=16, pair_repr_dim=16, latent_dim=8, t_emb_dim=16, seq_sep_dim=8,
+        xt_pair_dist_dim=8, feats_seq=("xt_bb_ca", "xt_local_latents"),
+        feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
+        feats_pair_cond=("time_emb_bb_ca",), update_pair_repr_every_n=2, tri_mult_c=16).eval()
+    r = _randn()
+    return m, dict(bb_ca=r(1, 12, 3), local_latents=r(1, 12, 8), bb_ca_time=_t(0.5), local_latents_time=_t(0.5),
+                   padding_mask=torch.ones(1, 12, dtype=torch.bool), token_type=torch.zeros(1, 12, dtype=torch.long),
+                   conditioning={"is_in_context_conditioning": torch.zeros(1, 12, dtype=torch.bool),
+                                 "supports_local_latent": torch.ones(1, 12, dtype=torch.bool)},
+                   return_dict=False)

@@ -269,3 +269,34 @@ def test_guard_is_monotone_in_the_threshold(thr_lo, thr_hi, seed, step, ctr):
         return bool(cache)
 
     assert decide(thr_lo) <= decide(thr_hi)  # caching at a lower threshold implies caching at a higher
+
+
+def test_side_effect_calls_around_middle_blocks_refuse_the_cache_with_a_reason():
+    class VmapBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, h):  # vmap leaves functorch nesting calls (side effects) in the graph
+            return h + torch.vmap(lambda row: torch.tanh(self.fc(row)))(h)
+
+    class VmapDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(VmapBlock() for _ in range(4))
+
+        def forward(self, h, timestep):
+            h = h * torch.cos(timestep).reshape(-1, 1, 1)
+            for b in self.blocks:
+                h = b(h)
+            return h
+
+    m = VmapDiT()
+    x, t = torch.randn(2, 5, 8), torch.tensor([0.3, 0.3])
+    with cdcompile.backend.collect_reports() as reports, pytest.warns(UserWarning, match="side-effecting"):
+        c = torch.compile(m, backend="cachedit", options={"compiler": "eager"})
+        with torch.no_grad():
+            torch.testing.assert_close(c(x, t), m(x, t))
+    (r,) = reports
+    assert r.groups and r.cache is None
+    assert any("side-effecting op" in reason for reason in r.not_cached)

@@ -155,6 +155,15 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                             and any(a in m_nodes for a in n.all_input_nodes)):
             m_nodes.add(n)
             region.append(n)
+    # A call whose result nobody reads is there for its side effect (Dynamo drops dead pure ops):
+    # e.g. the functorch nesting calls vmap leaves around a block. Moving such calls into a branch
+    # that may not run, or leaving half of a pair outside it, would unbalance them.
+    # (An in-place op on a tensor M computed is fine: it moves with M.)
+    effects = [n for n in nodes[lo:hi + 1] if n.op in ("call_function", "call_method") and not n.users
+               and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))]
+    if effects:
+        return (f"side-effecting op {_fx.target_name(effects[0])} ({effects[0].name}) sits between the "
+                f"middle blocks; skipping them would unbalance it")
     # A getitem of a tuple made outside M by a non-view op stays outside: operands must be tensors.
     for n in list(region):
         if n.target is operator.getitem and n.args[0] not in m_nodes and not _is_view(n.args[0]):
