@@ -207,28 +207,45 @@ def _align(sig: tuple, major: tuple) -> list[int] | None:
     return out
 
 
-def _signature_runs(container, run, members, rejected):
+def _signature_runs(container, run, members, rejected, out=None):
+    """Split a same-class run into sub-runs whose blocks share one op signature.
+
+    The majority signature claims the blocks that match it; consecutive blocks that do not are
+    split again by their own majority (HunyuanDiT's second half carries an extra skip layer), and
+    a lone misfit is rejected.
+    """
+    out = [] if out is None else out
     sigs = {idx: _signature(members[(container, idx)]) for idx in run}
     major = collections.Counter(sigs.values()).most_common(1)[0][0]
     rich_major = tuple(_fx.op_key(n) for n in members[(container, next(i for i in run if sigs[i] == major))])
-    subruns, cur = [], []
+    cur, misfit = [], []
+
+    def flush_misfit():
+        if len(misfit) >= 2:
+            _signature_runs(container, list(misfit), members, rejected, out)
+        for idx in misfit[:1] if len(misfit) == 1 else []:
+            rejected.append(Rejection(
+                f"{container}.{idx}", Ineligible.SIGNATURE_MISMATCH,
+                f"{len(sigs[idx])} ops differ from the {len(major)}-op signature of its siblings"))
+        misfit.clear()
+
     for idx in run:
         # Align on ops with their constants first (tells apart two slices of one tensor), then on
         # ops alone (a block whose constants differ, e.g. a per-layer scale).
         rich = tuple(_fx.op_key(n) for n in members[(container, idx)])
         offsets = _align(rich, rich_major) or _align(sigs[idx], major)
         if offsets is None:
-            rejected.append(Rejection(
-                f"{container}.{idx}", Ineligible.SIGNATURE_MISMATCH,
-                f"{len(sigs[idx])} ops differ from the {len(major)}-op signature of its siblings"))
             if len(cur) >= 2:
-                subruns.append(cur)
+                out.append(cur)
             cur = []
+            misfit.append(idx)
             continue
+        flush_misfit()
         cur.append((idx, offsets))
+    flush_misfit()
     if len(cur) >= 2:
-        subruns.append(cur)
-    return subruns
+        out.append(cur)
+    return out
 
 
 def _inputs(block_nodes: set[fx.Node], ns: list[fx.Node], offsets: list[int]):
