@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from typing import Any, Mapping
 
 
@@ -22,7 +23,7 @@ class Compiler(str, enum.Enum):
 
 # Names of the passes in ``cdcompile.passes.PASSES``; kept here so the config can validate
 # ``disable_passes`` without importing the passes.
-PASS_NAMES = ("discover_blocks", "block_cache")
+PASS_NAMES = ("discover_blocks", "context_parallel", "block_cache")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,14 @@ class CacheConfig:
     steps_computation_policy: "dynamic" (a 0 lets the guard decide) or "static" (a 0 caches).
     num_inference_steps: the request's step count, for presets and bins; ``cdcompile.enable``
         takes it from each pipeline call instead.
+
+    Ulysses context parallelism (algorithms.md §6; cdcompile/passes/context_parallel.py):
+    ulysses_degree: ranks the token sequence is sharded over; 1 = off. Must equal the world size
+        of the default torch.distributed process group (checked at compile time).
+    ulysses_fp8: send Q, V and the attention output as FP8 with per-(token, head) scales (K keeps
+        the model dtype). Ignored when ulysses_degree == 1.
+    ulysses_async: issue each all-to-all as soon as its operand exists, to overlap it with the
+        remaining projections. Ignored when ulysses_degree == 1.
     """
 
     compiler: Compiler = Compiler.INDUCTOR
@@ -73,6 +82,9 @@ class CacheConfig:
     steps_computation_mask: Any = None
     steps_computation_policy: str = "dynamic"
     num_inference_steps: int | None = None
+    ulysses_degree: int = 1
+    ulysses_fp8: bool = False
+    ulysses_async: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -102,6 +114,7 @@ class CacheConfig:
         if self.max_warmup_steps < 0:
             _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
         self._check_mask()
+        self._check_ulysses()
         if self.taylorseer_order not in (0, 1, 2):
             _bad("taylorseer_order", self.taylorseer_order, "0 (off), 1 or 2")
         if self.cache_slots < 1:
@@ -111,6 +124,15 @@ class CacheConfig:
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
             if getattr(self, name) < -1:
                 _bad(name, getattr(self, name), "-1 (unlimited) or an int >= 0")
+
+    def _check_ulysses(self) -> None:
+        _check_type("ulysses_degree", self.ulysses_degree, int)
+        if self.ulysses_degree < 1:
+            _bad("ulysses_degree", self.ulysses_degree, "an int >= 1 (1 = no context parallelism)")
+        for name in ("ulysses_fp8", "ulysses_async"):
+            _check_type(name, getattr(self, name), bool)
+            if getattr(self, name) and self.ulysses_degree == 1:
+                warnings.warn(f"cachedit: {name}=True is ignored with ulysses_degree=1", stacklevel=4)
 
     def _check_mask(self) -> None:
         from .masks import PRESETS, build_mask

@@ -59,12 +59,16 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
 def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
            slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None, *,
            threshold: float, warmup_steps: int, warmup_interval: int, max_cached: int,
-           max_continuous: int, slots: int, static_mask: bool = False):
+           max_continuous: int, slots: int, static_mask: bool = False, group: str | None = None):
     """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
 
     ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
     mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
     or the threshold (still only once a residual exists).
+
+    ``group`` (context parallelism: a process group name) makes every rank take the same branch
+    (algorithms.md §1.8): ``r`` and the anchor are this rank's tokens only, so the sums and element
+    counts of the numerator and denominator are all-reduced before dividing.
 
     Returns ``(cache, diff, idx, anchor_slot, ctr_slot)``; ``idx`` is the slot index as a (1,)
     tensor, clamped to the overflow slot ``slots``.
@@ -77,6 +81,12 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
     has_anchor = ctr[0] > 0
     num = (r - a).abs().mean(dtype=torch.float32)
     den = a.abs().mean(dtype=torch.float32)
+    if group is not None:  # context parallel: global means from per-rank sums and counts
+        from .distributed.ulysses import all_reduce_sum
+
+        count = torch.full_like(num, float(r.numel()))
+        total = all_reduce_sum(torch.stack([num * count, den * count, count]), group)
+        num, den = total[0] / total[2], total[1] / total[2]
     diff = torch.where(has_anchor, num / den, torch.full_like(num, float("nan")))
 
     warm = (step < warmup_steps) & (step % warmup_interval == 0)

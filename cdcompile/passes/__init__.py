@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..config import PASS_NAMES, CacheConfig
 from ..report import GraphReport, PassRecord
-from . import block_cache, discover
+from . import block_cache, context_parallel, discover
 
 
 @dataclasses.dataclass
@@ -24,6 +24,8 @@ class PassContext:
     discovery: discover.Discovery | None = None
     # Set by block_cache: the state the compiled graph reads and updates (runtime.CacheState spec).
     cache_plan: Any = None
+    # Set by context_parallel when ulysses_degree > 1 (context_parallel.ContextParallelRecord).
+    context_parallel: Any = None
 
 
 def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -37,6 +39,7 @@ def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], None]]] = [
     ("discover_blocks", _discover),
+    ("context_parallel", context_parallel.run),
     ("block_cache", block_cache.run),
 ]
 assert tuple(name for name, _ in PASSES) == PASS_NAMES, "keep config.PASS_NAMES in sync"

@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from .. import calibrators, guard
+from ..distributed import ulysses
 from . import _fx
 from .discover import BlockGroup
 
@@ -359,7 +360,10 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
         max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
-        static_mask=cfg.steps_computation_policy == "static"))
+        static_mask=cfg.steps_computation_policy == "static",
+        # Context parallel: r holds this rank's tokens; the guard all-reduces its diff so that
+        # every rank takes the same branch (the compute branch holds collectives).
+        group=ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None))
     cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
     res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
     nodes = call(_index_slot, (st["cal_nodes"], idx))
