@@ -31,6 +31,8 @@ class GraphReport:
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     cache: dict[str, Any] | None = None  # what block_cache inserted (stack, F/M/B, streams)
     not_cached: list[str] = dataclasses.field(default_factory=list)  # reasons, user-facing
+    # What context_parallel did (passes.context_parallel.ContextParallelRecord); None when off.
+    context_parallel: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -51,6 +53,15 @@ class GraphReport:
                          f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}")
         for reason in self.not_cached:
             lines.append(f"  not cached: {reason}")
+        if self.context_parallel is not None:
+            cp = self.context_parallel
+            if cp.applied:
+                kinds = ", ".join(f"{n} {k}" for k, n in sorted(cp.attention.items()))
+                lines.append(f"  context parallel: rank {cp.rank}/{cp.world}, sharded {cp.sharded_streams}, "
+                             f"attention {kinds}, {cp.collectives} collective nodes"
+                             f"{', fp8' if cp.fp8 else ''}{', async' if cp.overlap else ''}")
+            else:
+                lines.append(f"  context parallel: not applied ({cp.reason})")
         for p in self.passes:
             state = "skipped" if p.skipped else f"{p.ops_before} -> {p.ops_after} ops"
             lines.append(f"  pass {p.name}: {state}")

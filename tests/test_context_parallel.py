@@ -145,10 +145,12 @@ def _scn_flux_joint(rank, world):
     c = torch.compile(m, backend="cachedit", fullgraph=True,
                       options=dict(compiler="aot_eager" if world == 2 else "eager", enable_cache=False,
                                    ulysses_degree=world))
-    with torch.no_grad():
+    import cdcompile
+
+    with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
         out_compiled = _first(c(**kw))
     return dict(out=out, ref=ref, out_compiled=out_compiled, record=rec.as_dict(), fx_ops=_fx_ops(gm2),
-                aten_ops=aten_ops)
+                aten_ops=aten_ops, report=str(reports[0]), report_dict=reports[0].as_dict())
 
 
 def _scn_single_stream(rank, world):
@@ -363,6 +365,11 @@ def test_joint_attention_flux_matches_one_process_with_uneven_tokens_and_heads(w
     rec = res[0]["record"]
     assert rec["applied"] and rec["attention"] == {"ulysses": 6}
     assert rec["sharded_streams"] == ["transformer_blocks.hidden", "transformer_blocks.encoder"]
+    # explain()/reports say what the pass did, printable and JSON-able
+    for r, res_r in enumerate(res):
+        assert f"context parallel: rank {r}/{world}, sharded" in res_r["report"]
+        assert "6 ulysses" in res_r["report"]
+        assert res_r["report_dict"]["context_parallel"]["applied"] is True
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -95,7 +95,7 @@ def run(gm: fx.GraphModule, ctx) -> None:
     group, rank, world = ulysses.process_group(cfg.ulysses_degree)
     record = ContextParallelRecord(applied=False, world=world, rank=rank, fp8=cfg.ulysses_fp8,
                                    overlap=cfg.ulysses_async)
-    ctx.context_parallel = record
+    ctx.context_parallel = ctx.report.context_parallel = record
     groups = ctx.discovery.groups if ctx.discovery else []
     if not groups:
         record.reason = "no repeated block group in this graph"
