@@ -180,3 +180,55 @@ def test_middle_block_output_read_after_the_group_is_not_a_group():
     assert r.groups == []
     rejected = [x for g in r.graph_reports for x in g.rejected]
     assert [x["reason"] for x in rejected] == ["escaping_output"]
+
+
+class _HintedDiT(SequentialDiT):
+    """Wan-VACE-like: a control hint is added to the hidden stream after every even block."""
+
+    def __init__(self, depth=5):
+        super().__init__(depth=depth)
+        self.hints = nn.Parameter(torch.randn(depth, self.proj_in.out_features))
+
+    def forward(self, x, timestep):
+        temb, h = self._embed(x, timestep)
+        for i, block in enumerate(self.blocks):
+            h = block(h, temb)
+            if i % 2 == 0:
+                h = h + 0.5 * self.hints[i]
+        return self.proj_out(h)
+
+    def _embed(self, x, timestep):
+        half = self.proj_in.out_features // 2
+        freqs = torch.exp(-9.21 * torch.arange(half) / half)
+        angles = timestep.reshape(-1, 1).float() * 1000 * freqs
+        return self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1)), self.proj_in(x)
+
+
+def test_a_stream_passing_through_glue_between_blocks_is_found_and_cached():
+    m = _HintedDiT(depth=5).eval()
+    x = torch.randn(2, 10, 8)
+    r = _explain(m, x, torch.tensor([0.9, 0.9]))
+    assert _groups(r) == [("blocks", "SeqBlock", 5, ["hidden"])]
+    assert r.groups[0]["glue_nodes"] > 0
+
+    # F1 B1, always cache after one warm-up step: step 2 must reuse step 1's residual of M
+    # (blocks 1-3 and the glue between them), measured from block 0's output.
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 1,
+                               "Bn_compute_blocks": 1})
+    with torch.no_grad():
+        t1, t2 = torch.tensor([0.9, 0.9]), torch.tensor([0.8, 0.8])
+        torch.testing.assert_close(c(x, t1), m(x, t1))
+        temb, h = m._embed(x, t1)
+        f_out = m.blocks[0](h, temb)
+        mid = f_out + 0.5 * m.hints[0]
+        for i in (1, 2, 3):
+            mid = m.blocks[i](mid, temb)
+            mid = mid + 0.5 * m.hints[i] if i % 2 == 0 else mid
+        residual = mid - f_out
+        temb, h = m._embed(x, t2)
+        expected = m.proj_out(m.blocks[4](m.blocks[0](h, temb) + residual, temb) + 0.5 * m.hints[4])
+        got = c(x, t2)
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache

@@ -13,7 +13,10 @@ Algorithm:
    an accepted group (``ff.net`` inside ``transformer_blocks.0``) is dropped.
 4. Dataflow. For consecutive blocks i, i+1, the values block i+1 reads from block i are the
    *streams*; a stream is identified by the offset of its producing op in the signature, so it is
-   the same stream in every block. Block 0 reads the stream's *entry* at the same consumer
+   the same stream in every block. A stream may pass through *glue* between two blocks: ops
+   outside any block, between them in the graph, computed from one value of block i (a control
+   hint added, per-layer features spliced in); the glue is part of the stream's way from block i
+   to block i+1 (the block cache's residual absorbs it). Block 0 reads the stream's *entry* at the same consumer
    positions; each block's stream output is the node at the producer offset. Values every block
    reads and that are defined before the group are *side inputs* (temb, rotary tables, masks,
    Wan's read-only encoder states). A block output used outside the group other than by the next
@@ -268,17 +271,35 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     ins = [_inputs(sets[i], b.nodes, b.offsets) for i, b in enumerate(blocks)]
     offset_of = [dict(zip(b.nodes, b.offsets)) for b in blocks]
 
-    # Streams: producer offsets in block i of the values block i+1 reads from block i.
+    # Streams: producer offsets in block i of the values block i+1 reads from block i, directly
+    # or through glue: non-block ops between the two blocks computed from one block-i value
+    # (Wan VACE adds a control hint, Bria FIBO splices per-layer text features into the encoder).
+    bounds = [(position[b.nodes[0]], position[b.nodes[-1]]) for b in blocks]
     consumer_keys: dict[int, set] = collections.defaultdict(set)
     producer_sets = []
+    bridges: list[set[fx.Node]] = []  # glue nodes carrying a stream from block i to block i+1
+    stream_ins: list[set] = [set() for _ in blocks]  # (value, key) pairs that are stream inputs
     for i in range(len(blocks) - 1):
-        prods = set()
+        prods, bridge = set(), set()
+        in_gap = lambda x: (x not in owner and x.op not in ("placeholder", "get_attr")  # noqa: E731
+                            and bounds[i][1] < position[x] < bounds[i + 1][0])
         for a, key in ins[i + 1]:
             if owner.get(a) == i:
-                off = offset_of[i][a]
-                prods.add(off)
-                consumer_keys[off].add(key)
+                src = a
+            elif in_gap(a):
+                sources, via = _gap_sources(a, in_gap, lambda x: owner.get(x) == i)
+                if len(sources) != 1:
+                    continue  # glue mixing several block values (or none): not a stream input
+                (src,) = sources
+                bridge |= via
+            else:
+                continue
+            off = offset_of[i][src]
+            prods.add(off)
+            consumer_keys[off].add(key)
+            stream_ins[i + 1].add((a, key))
         producer_sets.append(prods)
+        bridges.append(bridge)
     if not producer_sets or not producer_sets[0]:
         rejected.append(Rejection(label, Ineligible.NOT_CHAINED,
                                   "no value flows from one block to the next"))
@@ -304,7 +325,7 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     per_block: list[list[fx.Node]] = [[] for _ in blocks]
     for i, block_ins in enumerate(ins):
         for a, key in block_ins:
-            if key in stream_keys and (i == 0 or owner.get(a) == i - 1):
+            if key in stream_keys and (i == 0 or (a, key) in stream_ins[i]):
                 continue
             if a in owner:
                 rejected.append(Rejection(label, Ineligible.SKIP_CONNECTION,
@@ -327,6 +348,8 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
                 j = owner.get(u)
                 if j == i or (j == i + 1 and offset_of[i][n] in producer_sets[0]):
                     continue
+                if i < len(blocks) - 1 and u in bridges[i] and offset_of[i][n] in producer_sets[0]:
+                    continue  # glue carrying the stream on to block i+1
                 if i == len(blocks) - 1 and j is None and n in exits:
                     continue
                 where = blocks[j].path if j is not None else u.name
@@ -339,6 +362,22 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     glue = [n for n in graph_nodes[first:last + 1] if n not in owner]
     return BlockGroup(name=name, block_class=classes[(container, blocks[0].index)], blocks=blocks,
                       streams=streams, side_inputs=side_inputs, per_block_inputs=per_block, glue=glue)
+
+
+def _gap_sources(value: fx.Node, in_gap, from_block) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The block values ``value`` is computed from through glue nodes (``in_gap``), and that glue."""
+    sources, via, todo = set(), set(), [value]
+    while todo:
+        x = todo.pop()
+        if x in via:
+            continue
+        via.add(x)
+        for y in x.all_input_nodes:
+            if from_block(y):
+                sources.add(y)
+            elif in_gap(y):
+                todo.append(y)
+    return sources, via
 
 
 def _label_streams(gm: fx.GraphModule, groups: list[BlockGroup]) -> None:
