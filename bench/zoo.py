@@ -84,6 +84,11 @@ def run_one(name: str) -> dict:
                              for g in report.groups]
             row["break_reasons"] = report.break_reasons
             row["rejected"] = [r for gr in report.graph_reports for r in gr.rejected]
+            # explain compiles with the block cache on (default options): did it go in, or why not
+            caches = [gr.cache for gr in report.graph_reports if gr.cache]
+            row["cached"] = bool(caches)
+            row["cache"] = caches[0] if caches else None
+            row["not_cached"] = [w for gr in report.graph_reports for w in gr.not_cached]
             stage = "compile"
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="cachedit", options=OPTIONS)
@@ -122,13 +127,14 @@ def _cells(row: dict) -> list[str]:
 def totals(rows: list[dict]) -> dict:
     return {"models": len(rows), "ok": sum(r["ok"] for r in rows),
             "with_groups": sum(bool(r["groups"]) for r in rows),
+            "cached": sum(bool(r.get("cached")) for r in rows),
             "failed": sum(r["error"] is not None for r in rows)}
 
 
 def _totals_line(rows: list[dict]) -> str:
     t = totals(rows)
     return (f"{t['models']} models: {t['ok']} ok, {t['with_groups']} with groups, "
-            f"{t['failed']} failed")
+            f"{t['cached']} with the block cache in the graph, {t['failed']} failed")
 
 
 def text_table(rows: list[dict]) -> str:
@@ -164,9 +170,18 @@ def _why_not(row: dict) -> str:
     return "no repeated blocks"
 
 
+def _cache_cell(row: dict) -> str:
+    """F/M/B and cached streams when the block cache went in, else the first reason it did not."""
+    c = row.get("cache")
+    if c:
+        return f"yes: F{c['Fn']} M{c['Mn']} B{c['Bn']} [{','.join(c['streams'])}]"
+    reasons = [w for w in row.get("not_cached") or [] if w != "no repeated block group in this graph"]
+    return "no" + (f": {reasons[0]}" if reasons else "") if row.get("groups") else ""
+
+
 def markdown_table(rows: list[dict], meta: dict) -> str:
     head = ["model", "class", "graphs", "breaks", "groups (name xblocks [streams])", "max_abs_diff", "ok", "error",
-            "why no group"]
+            "why no group", "block cache (default options)"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     dyn = " with Dynamo capturing data-dependent ops" if meta.get("capture_dynamic") else ""
     lines = [
@@ -175,7 +190,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"`python bench/zoo.py` on torch {meta['torch']}, diffusers {meta['diffusers']}, commit "
         f"`{meta['git_commit'][:12]}`{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}{dyn}. "
         f"Backend options `{json.dumps(meta['options'])}`; ok = outputs allclose to eager "
-        f"(rtol = atol = {RTOL:g}) and at least one block group found.",
+        f"(rtol = atol = {RTOL:g}) and at least one block group found. The last column: whether "
+        f"`cdcompile.explain` (default options, block cache on) put the cache into the graph.",
         "",
         "**" + _totals_line(rows) + "**",
         "",
@@ -184,7 +200,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         c = _cells(r)
-        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], c[6], _why_not(r)]
+        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], c[6], _why_not(r), _cache_cell(r)]
         lines.append("| " + " | ".join(esc(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cdcompile
-from cdcompile.testing import SequentialDiT
+from cdcompile.testing import SeqBlock, SequentialDiT
 from cdcompile.zoo import ZOO
 
 
@@ -229,6 +229,55 @@ def test_a_stream_passing_through_glue_between_blocks_is_found_and_cached():
         residual = mid - f_out
         temb, h = m._embed(x, t2)
         expected = m.proj_out(m.blocks[4](m.blocks[0](h, temb) + residual, temb) + 0.5 * m.hints[4])
+        got = c(x, t2)
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache
+
+
+class _SpaceTimeDiT(nn.Module):
+    """Latte-like: spatial and temporal blocks from two ModuleLists alternate, with reshapes between."""
+
+    def __init__(self, depth=4, dim=16, frames=3, tokens=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frames, self.tokens = frames, tokens
+        self.proj_in, self.proj_out = nn.Linear(8, dim), nn.Linear(dim, 8)
+        self.t_embed = nn.Linear(1, dim)
+        self.spatial = nn.ModuleList(SeqBlock(dim) for _ in range(depth))
+        self.temporal = nn.ModuleList(SeqBlock(dim) for _ in range(depth))
+
+    def unit(self, i, h, temb):
+        f, s = self.frames, self.tokens
+        h = self.spatial[i](h, temb.expand(f, -1))                      # (frames, tokens, dim)
+        h = h.permute(1, 0, 2).reshape(s, f, -1)                         # to (tokens, frames, dim)
+        h = self.temporal[i](h, temb.expand(s, -1))
+        return h.permute(1, 0, 2).reshape(f, s, -1)                      # back
+
+    def forward(self, x, timestep):
+        temb, h = self.t_embed(timestep.reshape(1, 1).sin()), self.proj_in(x)
+        for i in range(len(self.spatial)):
+            h = self.unit(i, h, temb)
+        return self.proj_out(h)
+
+
+def test_interleaved_sibling_block_lists_form_one_group_of_pairs_and_cache():
+    m = _SpaceTimeDiT().eval()
+    x = torch.randn(3, 5, 8)
+    r = _explain(m, x, torch.tensor([0.9]))
+    assert [(g["name"], g["blocks"], g["streams"]) for g in r.groups] == [("spatial+temporal", 4, ["hidden"])]
+
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 1,
+                               "Bn_compute_blocks": 1})
+    with torch.no_grad():
+        t1, t2 = torch.tensor([0.9]), torch.tensor([0.8])
+        torch.testing.assert_close(c(x, t1), m(x, t1))
+        temb, h = m.t_embed(t1.reshape(1, 1).sin()), m.proj_in(x)
+        f_out = m.unit(0, h, temb)
+        residual = m.unit(2, m.unit(1, f_out, temb), temb) - f_out
+        temb, h = m.t_embed(t2.reshape(1, 1).sin()), m.proj_in(x)
+        expected = m.proj_out(m.unit(3, m.unit(0, h, temb) + residual, temb))
         got = c(x, t2)
         torch.testing.assert_close(got, expected)
         assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache

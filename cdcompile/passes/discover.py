@@ -167,12 +167,60 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
                 if group is not None:
                     groups.append(group)
                     accepted_paths.extend(b.path for b in group.blocks)
+    # Interleaved siblings (Latte: spatial 0, temporal 0, spatial 1, ...): neither container chains
+    # on its own; block i of the pair is a.i, the glue after it, and b.i.
+    for a, b in _interleaved_pairs(by_container, members, position):
+        paths = [f"{c}.{i}" for c in (a, b) for i in by_container[a]]
+        if any(g.name in (a, b) for g in groups):
+            continue
+        name = f"{a}+{b}"
+        idx_list = sorted(by_container[a])
+        for k, idx in enumerate(idx_list):
+            lo, hi = position[members[(a, idx)][0]], position[members[(b, idx)][-1]]
+            members[(name, idx)] = [n for n in nodes if lo <= position[n] <= hi]
+            classes[(name, idx)] = f"{classes[(a, idx)]}+{classes[(b, idx)]}"
+            # The glue after b.i (Latte's reshape back to the spatial layout) belongs to unit i, so
+            # that a unit maps the stream's layout to itself; the last unit takes the same glue.
+            end = position[members[(a, idx_list[k + 1])][0]] if k + 1 < len(idx_list) else len(position)
+            unit = set(members[(name, idx)])
+            after = []
+            for n in nodes:
+                if hi < position[n] < end and any(x in unit for x in n.all_input_nodes):
+                    unit.add(n)
+                    after.append(n)
+            if k + 1 == len(idx_list):  # the last unit: only glue shaped like the previous unit's
+                after = after[:len(tail)] if tail and _signature(after[:len(tail)]) == _signature(tail) else []
+            tail = after
+            members[(name, idx)] += tail
+        for run in _same_class_runs(name, sorted(by_container[a]), classes):
+            for sub in _signature_runs(name, run, members, rejected):
+                group = _analyse(name, sub, members, classes, weights, position, rejected)
+                if group is not None:
+                    groups[:] = [g for g in groups if not any(_inside(g.name, p) for p in paths)]
+                    groups.append(group)
     groups.sort(key=lambda g: position[g.blocks[0].nodes[0]])
     _label_streams(gm, groups)
     if not groups and not rejected:
         rejected.append(Rejection("<graph>", Ineligible.NO_REPEATED_BLOCKS,
                                   "no two sibling modules of the same class run in sequence"))
     return Discovery(groups, rejected)
+
+
+def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]:
+    """Sibling containers (same parent, same indices) whose blocks alternate a.0 < b.0 < a.1 < ..."""
+    out = []
+    names = sorted(by_container)
+    for a in names:
+        for b in names:
+            if a == b or a.rpartition(".")[0] != b.rpartition(".")[0]:
+                continue
+            idx = sorted(by_container[a])
+            if idx != sorted(by_container[b]) or len(idx) < 2:
+                continue
+            spans = [(position[members[(c, i)][0]], position[members[(c, i)][-1]]) for i in idx for c in (a, b)]
+            if all(spans[k][1] < spans[k + 1][0] for k in range(len(spans) - 1)):
+                out.append((a, b))
+    return out
 
 
 def _inside(container: str, block_path: str) -> bool:
@@ -282,6 +330,7 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     for i in range(len(blocks) - 1):
         prods, bridge = set(), set()
         in_gap = lambda x: (x not in owner and x.op not in ("placeholder", "get_attr")  # noqa: E731
+                            and not _in_indexed_module(x)
                             and bounds[i][1] < position[x] < bounds[i + 1][0])
         for a, key in ins[i + 1]:
             if owner.get(a) == i:
@@ -362,6 +411,11 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     glue = [n for n in graph_nodes[first:last + 1] if n not in owner]
     return BlockGroup(name=name, block_class=classes[(container, blocks[0].index)], blocks=blocks,
                       streams=streams, side_inputs=side_inputs, per_block_inputs=per_block, glue=glue)
+
+
+def _in_indexed_module(node: fx.Node) -> bool:
+    """Whether ``node`` runs inside some ``<container>.<int>`` module (another block, not glue)."""
+    return any(_INDEXED.match(path) for path, _ in _fx.module_stack(node))
 
 
 def _gap_sources(value: fx.Node, in_gap, from_block) -> tuple[set[fx.Node], set[fx.Node]]:
