@@ -22,7 +22,11 @@ Algorithm:
    Wan's read-only encoder states). A block output used outside the group other than by the next
    block, a value flowing between non-adjacent blocks, or blocks that do not chain at all make the
    candidate ineligible, with the reason recorded.
-5. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
+5. Interleaved siblings. Two sibling containers with the same indices whose blocks alternate
+   (Latte: ``transformer_blocks.i``, then ``temporal_transformer_blocks.i``) and that do not
+   chain on their own form one group ``a+b`` whose block i is ``a.i``, the ops up to ``b.i``,
+   ``b.i``, and the ops after it computed from the pair (the reshape back to the stream's layout).
+6. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
    dimension wins. With two streams the other is ``encoder``.
 
