@@ -8,13 +8,13 @@ Public API: the ``cachedit`` backend, :class:`CacheConfig` (its options), :func:
 """
 
 from .backend import cachedit
-from .config import CacheConfig, Compiler
+from .config import CacheConfig, CacheType, Calibrator, Compiler
 from .explain import explain
 from .export import export, load
 from .pipeline import enable
 from .runtime import new_request
 from .summary import summary
 
-__all__ = ["CacheConfig", "Compiler", "cachedit", "enable", "explain", "export", "load",
-           "new_request", "summary"]
+__all__ = ["CacheConfig", "CacheType", "Calibrator", "Compiler", "cachedit", "enable", "explain", "export",
+           "load", "new_request", "summary"]
 __version__ = "0.1.0"

@@ -14,6 +14,33 @@ history are dropped. State moves only on computed steps; calibrators never chang
 
 State: ``residual_k`` (S, n + 1, *stream) holds d0..dn; ``cal_nodes`` (S, 3) float32 the nodes;
 ``slot_ctr[:, 3]`` counts computed steps in the request.
+
+FoCa (forecast then calibrate: a Heun / trapezoidal step anchored at the last computed residual).
+With ``x0 > x1`` the slot's last two computed steps, ``e = s - x0`` (steps since the last
+computed step, >= 1 on a cached step) and ``w = x0 - x1``:
+
+    DF = (F_full - F_full_prev) / w      the slope between the last two computed residuals
+    DC = F_k - F_km1                     the slope of the values used at the last two steps
+    F  = F_full + e/2 * (DF + DC)                 e <= 3
+    F  = (3/e) F3 + (1 - 3/e) F_full              e > 3, F3 = the e = 3 value (damped toward F_full)
+
+``F_k`` / ``F_km1`` are the residuals *used* at steps ``s - 1`` / ``s - 2`` of this slot: the
+computed residual on a computed step, the forecast on a cached one. So, unlike TaylorSeer, FoCa's
+state moves on cached steps too: the forecast recurses on its own previous increment. That is the
+only well-defined reading of algorithms.md's ``DC = F_k - F_km1`` with ``F_k`` "the forecast":
+on the first cached step after a computed one there is no previous forecast, and the value used
+there is the computed residual. (It is also what cache-dit's FoCa keeps: a rolling window advanced
+by every step.) Deviation, as with TaylorSeer's Newton form: algorithms.md writes
+``DF = F_full - F_full_prev`` without dividing by the gap ``w``; cache-dit assumes computed steps
+one apart. Between computed steps ``w`` apart that is ``w`` times the per-step slope, which makes
+the forecast overshoot ``(w - 1) e/2`` increments even on a residual exactly linear in the step;
+dividing by ``w`` makes FoCa exact on linear residuals for any spacing (e <= 3) and equals the
+literal formula when ``w = 1``. Until two computed steps exist the forecast is ``F_full``.
+
+State: ``residual_k`` (S, 4, *stream) holds ``F_full, F_full_prev, F_k, F_km1``; the nodes and the
+computed-step count are TaylorSeer's. The forecast is a fixed linear combination of the four, so the
+cache branch evaluates it with :func:`forecast` like TaylorSeer; the branch also returns the value
+it used so that :func:`foca_update` can advance ``F_k`` outside the ``cond``.
 """
 
 from __future__ import annotations
@@ -58,3 +85,35 @@ def differences(y: torch.Tensor, old: torch.Tensor, step: torch.Tensor, nodes: t
         new.append(d.to(y.dtype))
         prev = d
     return torch.stack(new)
+
+
+FOCA_HISTORY = 4  # F_full, F_full_prev, F_k, F_km1
+FOCA_HORIZON = 3.0  # steps after which the forecast is damped toward F_full
+
+
+def foca_coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+    """``(4,)`` float32 weights of ``F_full, F_full_prev, F_k, F_km1`` in the FoCa forecast at ``step``.
+
+    ``F = F_full + c (DF + DC)`` with ``c = e/2`` for ``e <= 3`` and ``(3/e)(3/2)`` beyond;
+    ``DF = (F_full - F_full_prev) / w``, ``DC = F_k - F_km1`` (module docstring).
+    """
+    s = step.to(torch.float32)
+    e = s - nodes[0]
+    ok = computed >= 2
+    safe_e = torch.where(e > FOCA_HORIZON, e, torch.full_like(e, FOCA_HORIZON))
+    c = torch.where(e <= FOCA_HORIZON, e / 2, (FOCA_HORIZON / safe_e) * (FOCA_HORIZON / 2))
+    c = torch.where(ok, c, torch.zeros_like(c))
+    w = nodes[0] - nodes[1]
+    a = c / torch.where(ok, w, torch.ones_like(w))
+    return torch.stack([1 + a, -a, c, -c])
+
+
+def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """New ``F_full, F_full_prev, F_k, F_km1`` after a call that used the residual ``used``.
+
+    A computed step shifts the anchors (``used`` is the computed residual); every step shifts the
+    window ``F_k, F_km1``.
+    """
+    full = torch.where(cache, old[0], used)
+    prev = torch.where(cache, old[1], old[0])
+    return torch.stack([full, prev, used, old[2]])

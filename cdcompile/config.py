@@ -21,6 +21,21 @@ class Compiler(str, enum.Enum):
     EAGER = "eager"
 
 
+class Calibrator(str, enum.Enum):
+    """Forecast of the cached middle residual on cached steps (cdcompile.calibrators)."""
+
+    TAYLORSEER = "taylorseer"
+    FOCA = "foca"
+
+
+class CacheType(str, enum.Enum):
+    """What is skipped: DBCache skips the middle blocks as one region with one decision per call;
+    DBPrune decides per block (reference/algorithms.md §1, §4)."""
+
+    DBCACHE = "dbcache"
+    DBPRUNE = "dbprune"
+
+
 # Names of the passes in ``cdcompile.passes.PASSES``; kept here so the config can validate
 # ``disable_passes`` without importing the passes.
 PASS_NAMES = ("discover_blocks", "context_parallel", "block_cache")
@@ -46,8 +61,26 @@ class CacheConfig:
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls); further calls in the same step always compute. >= 1.
 
-    taylorseer_order: 0 (off), 1 or 2: forecast the cached middle residual from the last computed
-        steps (cdcompile.calibrators); never changes which steps cache.
+    Calibrators (algorithms.md §2; cdcompile.calibrators) forecast the cached middle residual on
+    cached steps; they never change which steps cache:
+    calibrator: None (off unless taylorseer_order > 0), "taylorseer" or "foca".
+    taylorseer_order: 1 or 2, the TaylorSeer order. None (the default) means 1 with
+        calibrator="taylorseer" and 0 (off) otherwise; given alone (calibrator=None), 1 or 2 turns
+        TaylorSeer on, as before the calibrator option existed. An order with calibrator="foca",
+        or 0 with calibrator="taylorseer", is a ValueError. After validation both fields are
+        normalised: calibrator is None, TAYLORSEER or FOCA and taylorseer_order an int.
+
+    DBPrune (algorithms.md §4):
+    cache_type: "dbcache" (default: one decision per call skips the middle blocks) or "dbprune":
+        every block outside F, B and non_prune_block_ids gets its own decision, comparing its input
+        hidden state with its input at the step it was last computed (relative mean-abs L1 against
+        residual_diff_threshold); a pruned block adds its cached residual (per stream) instead of
+        running. Warmup, masks, CFG slots, requests and the step limits are DBCache's; a step
+        counts as cached when any block was pruned. Calibrators are DBCache-only.
+    non_prune_block_ids: indices into the stack (0..N-1) of blocks never pruned, besides F and B;
+        checked against N at compile time.
+    enable_dynamic_prune_threshold: per block, use max(threshold, 1.25 * mean of the first 5
+        positive diffs of earlier blocks in this call) while that stays below 2 * threshold.
 
     Steps computation mask (algorithms.md §3):
     steps_computation_mask: None, a preset ("slow", "medium", "fast", "ultra"), an explicit 0/1
@@ -78,7 +111,11 @@ class CacheConfig:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     cache_slots: int = 2
-    taylorseer_order: int = 0
+    calibrator: Calibrator | None = None
+    taylorseer_order: int | None = None
+    cache_type: CacheType = CacheType.DBCACHE
+    non_prune_block_ids: tuple[int, ...] = ()
+    enable_dynamic_prune_threshold: bool = False
     steps_computation_mask: Any = None
     steps_computation_policy: str = "dynamic"
     num_inference_steps: int | None = None
@@ -102,7 +139,7 @@ class CacheConfig:
 
         _check_type("enable_cache", self.enable_cache, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
-                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots", "taylorseer_order"):
+                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):
             _check_type(name, getattr(self, name), int)
         _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
         object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
@@ -115,8 +152,8 @@ class CacheConfig:
             _bad("max_warmup_steps", self.max_warmup_steps, "an int >= 0")
         self._check_mask()
         self._check_ulysses()
-        if self.taylorseer_order not in (0, 1, 2):
-            _bad("taylorseer_order", self.taylorseer_order, "0 (off), 1 or 2")
+        self._check_calibrator()
+        self._check_prune()
         if self.cache_slots < 1:
             _bad("cache_slots", self.cache_slots, "an int >= 1")
         if self.warmup_interval < 1:
@@ -124,6 +161,53 @@ class CacheConfig:
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
             if getattr(self, name) < -1:
                 _bad(name, getattr(self, name), "-1 (unlimited) or an int >= 0")
+
+    def _check_calibrator(self) -> None:
+        cal, order = self.calibrator, self.taylorseer_order
+        if cal is not None:
+            try:
+                cal = Calibrator(cal.lower() if isinstance(cal, str) else cal)
+            except ValueError:
+                _bad("calibrator", self.calibrator, f"None or one of {[c.value for c in Calibrator]}")
+        if order is not None:
+            _check_type("taylorseer_order", order, int)
+            if order not in (0, 1, 2):
+                _bad("taylorseer_order", order, "0 (off), 1 or 2")
+        if cal is Calibrator.TAYLORSEER and order == 0:
+            _bad("taylorseer_order", order, '1 or 2 with calibrator="taylorseer" (or leave it unset: 1)')
+        if cal is Calibrator.FOCA and order:
+            _bad("taylorseer_order", order, 'unset or 0 with calibrator="foca" (FoCa has no order)')
+        if cal is None and order:
+            cal = Calibrator.TAYLORSEER
+        if cal is Calibrator.TAYLORSEER and order is None:
+            order = 1
+        object.__setattr__(self, "calibrator", cal)
+        object.__setattr__(self, "taylorseer_order", order or 0)
+
+    def _check_prune(self) -> None:
+        kind = self.cache_type
+        try:
+            kind = CacheType(kind.lower() if isinstance(kind, str) else kind)
+        except ValueError:
+            _bad("cache_type", self.cache_type, f"one of {[c.value for c in CacheType]}")
+        object.__setattr__(self, "cache_type", kind)
+        ids = self.non_prune_block_ids
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = (ids,)
+        if not isinstance(ids, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            _bad("non_prune_block_ids", self.non_prune_block_ids,
+                 "a list of block indices >= 0 into the stack of N blocks")
+        object.__setattr__(self, "non_prune_block_ids", tuple(sorted(set(ids))))
+        _check_type("enable_dynamic_prune_threshold", self.enable_dynamic_prune_threshold, bool)
+        if kind is CacheType.DBPRUNE:
+            if self.calibrator is not None:
+                _bad("calibrator", self.calibrator.value,
+                     'None with cache_type="dbprune" (calibrators forecast the DBCache middle residual)')
+            return
+        for name in ("non_prune_block_ids", "enable_dynamic_prune_threshold"):
+            if getattr(self, name):
+                warnings.warn(f'cachedit: {name} is ignored with cache_type="dbcache"', stacklevel=4)
 
     def _check_ulysses(self) -> None:
         _check_type("ulysses_degree", self.ulysses_degree, int)
@@ -189,6 +273,9 @@ class CacheConfig:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["compiler"] = self.compiler.value
+        d["calibrator"] = self.calibrator.value if self.calibrator is not None else None
+        d["cache_type"] = self.cache_type.value
+        d["non_prune_block_ids"] = list(self.non_prune_block_ids)
         d["disable_passes"] = list(self.disable_passes)
         if isinstance(self.steps_computation_mask, tuple):
             d["steps_computation_mask"] = list(self.steps_computation_mask)

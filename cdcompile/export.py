@@ -5,13 +5,15 @@ export:
    it (nothing is implemented twice): guard, cond and state updates are in the graph.
 2. An ``nn.Module`` wraps the rewritten graph: the model's parameters as parameters, the cache
    state as buffers; its inputs are the model's tensor inputs plus a ``reset`` flag; it returns
-   the graph's outputs and whether this call reused the cache.
+   the graph's outputs and what this call did (reused the cache; blocks pruned).
 3. ``torch.export`` + ``run_decompositions`` + ``aoti_compile_and_package`` write the ``.pt2``; the
    input layout (which argument is which) is stored beside the AOTI files in the same archive.
+   Every option goes in (calibrators, masks, ``cache_type="dbprune"``): the state is whatever
+   the plan allocates.
 
 load returns a :class:`CachedArtifact`: call it like the model (same args/kwargs); it keeps the
 cache across calls, detects requests from the timestep like the compiled model, and offers
-``new_request()`` and ``decisions()``. It needs torch only (no diffusers).
+``new_request()``, ``decisions()`` and (DBPrune) ``pruned_blocks()``. It needs torch only (no diffusers).
 """
 
 from __future__ import annotations
@@ -96,8 +98,12 @@ class _Exported(nn.Module):
         row = counters[2] % guard.HISTORY
         slot = torch.clamp(counters[1], max=flags.shape[1] - 1)
         step = torch.clamp(counters[0], max=guard.MAX_STEPS - 1)
-        cached = flags[row, slot, step] == 1
-        return (*out, cached) if isinstance(out, (tuple, list)) else (out, cached)
+        # What this call did: [reused the cache (DBCache) / pruned a block (DBPrune), blocks pruned]
+        pruned = getattr(self, "state_hist_pruned", None)
+        did = torch.stack([(flags[row, slot, step] == 1).to(torch.int64),
+                           pruned[row, slot, step].to(torch.int64) if pruned is not None
+                           else torch.zeros_like(counters[0])])
+        return (*out, did) if isinstance(out, (tuple, list)) else (out, did)
 
 
 def _wrap(model, gm, example_inputs, plan, args, kwargs):
@@ -151,13 +157,21 @@ class CachedArtifact:
             self._flags[dev] = (torch.tensor(False, device=dev), torch.tensor(True, device=dev))
         reset = self._flags[dev][self._reset]
         self._reset = False
-        *out, cached = self.runner(*tensors, reset)
-        self._decisions.append(cached)
+        *out, did = self.runner(*tensors, reset)
+        self._decisions.append(did)
         return tuple(out)
 
     def decisions(self) -> list[bool]:
-        """Whether each call so far reused the cache (reads the device once)."""
-        return [bool(c) for c in self._decisions]
+        """Whether each call so far reused the cache (DBCache) or pruned any block (DBPrune)."""
+        return [bool(d) for d in self._read()[:, 0]]
+
+    def pruned_blocks(self) -> list[int]:
+        """Blocks pruned by each call so far (DBPrune; 0 for DBCache)."""
+        return [int(d) for d in self._read()[:, 1]]
+
+    def _read(self) -> torch.Tensor:
+        # one device read for all calls so far
+        return torch.stack(self._decisions).cpu() if self._decisions else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def load(path: str) -> CachedArtifact:

@@ -20,6 +20,11 @@ slot being the overflow slot that never caches):
     hist_flag  int8 (H, S, T)       per request (ring of H), slot and step: -1 no call, 0 computed, 1 cached
     hist_diff  float32 (H, S, T)    the residual diff of each call (nan where no anchor existed)
     hist_meta  int64 (H, 2)         steps and slots seen in each request
+
+DBPrune (cache_type="dbprune") keeps no ``anchor``/``residual_k``/``cal_nodes`` but, per prunable
+block ``b`` (its index in the stack), ``anchor_b{b}`` (S, *hidden input) and ``residual_b{b}_{label}``
+(S, *stream) per stream the block changes, plus ``hist_pruned`` int16 (H, S, T), the blocks pruned
+per call; ``hist_diff`` then holds the mean of the call's block diffs.
 """
 
 from __future__ import annotations
@@ -56,29 +61,44 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
     return step, slot, new_req
 
 
-def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
-           slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None, *,
-           threshold: float, warmup_steps: int, warmup_interval: int, max_cached: int,
-           max_continuous: int, slots: int, static_mask: bool = False, group: str | None = None):
-    """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
+def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor,
+         mask: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
+         max_cached: int, max_continuous: int, slots: int, static_mask: bool = False):
+    """The per-step part of the guard chain (algorithms.md §1.4 a-e), before any diff.
 
-    ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
-    mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
-    or the threshold (still only once a residual exists).
-
-    ``group`` (context parallelism: a process group name) makes every rank take the same branch
-    (algorithms.md §1.8): ``r`` and the anchor are this rank's tokens only, so the sums and element
-    counts of the numerator and denominator are all-reduced before dividing.
-
-    Returns ``(cache, diff, idx, anchor_slot, ctr_slot)``; ``idx`` is the slot index as a (1,)
-    tensor, clamped to the overflow slot ``slots``.
+    Returns ``(free, checked, idx, ctr)``: ``free`` caches without consulting the diff (a 0 of a
+    static mask), ``checked`` caches iff the diff is below the threshold. ``idx`` is the slot index
+    as a (1,) tensor, clamped to the overflow slot ``slots``; ``ctr`` the slot's counters as they
+    stood before this call.
     """
     # A new request forgets every slot's anchor and counters.
     slot_ctr.mul_((~new_req).to(slot_ctr.dtype))
     idx = torch.clamp(slot, max=slots).reshape(1)
-    a = anchor.index_select(0, idx)[0]
     ctr = slot_ctr.index_select(0, idx)[0]
-    has_anchor = ctr[0] > 0
+    warm = (step < warmup_steps) & (step % warmup_interval == 0)
+    usable = ~warm & (ctr[0] > 0) & (slot < slots)
+    never = torch.zeros_like(usable)
+    if mask is not None:
+        must = mask.index_select(0, torch.clamp(step, max=mask.shape[0] - 1).reshape(1))[0] == 1
+        usable = usable & ~must
+        if static_mask:
+            return usable, never, idx, ctr
+    if threshold <= 0:
+        usable = usable & False
+    if max_cached >= 0:
+        usable = usable & (ctr[1] < max_cached)
+    if max_continuous >= 0:
+        usable = usable & (ctr[2] < max_continuous)
+    return never, usable, idx, ctr
+
+
+def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None):
+    """``mean|r - a| / mean|a|`` in float32 (nan without an anchor).
+
+    ``group`` (context parallelism: a process group name) makes every rank see the same diff
+    (algorithms.md §1.8): ``r`` and ``a`` are this rank's tokens only, so the sums and element
+    counts of numerator and denominator are all-reduced before dividing.
+    """
     num = (r - a).abs().mean(dtype=torch.float32)
     den = a.abs().mean(dtype=torch.float32)
     if group is not None:  # context parallel: global means from per-rank sums and counts
@@ -87,23 +107,29 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
         count = torch.full_like(num, float(r.numel()))
         total = all_reduce_sum(torch.stack([num * count, den * count, count]), group)
         num, den = total[0] / total[2], total[1] / total[2]
-    diff = torch.where(has_anchor, num / den, torch.full_like(num, float("nan")))
+    return torch.where(has_anchor, num / den, torch.full_like(num, float("nan")))
 
-    warm = (step < warmup_steps) & (step % warmup_interval == 0)
-    usable = ~warm & has_anchor & (slot < slots)
-    if mask is not None:
-        must = mask.index_select(0, torch.clamp(step, max=mask.shape[0] - 1).reshape(1))[0] == 1
-        usable = usable & ~must
-        if static_mask:
-            return usable, diff, idx, a, ctr
-    cache = usable & (diff < threshold)
-    if threshold <= 0:
-        cache = cache & False
-    if max_cached >= 0:
-        cache = cache & (ctr[1] < max_cached)
-    if max_continuous >= 0:
-        cache = cache & (ctr[2] < max_continuous)
-    return cache, diff, idx, a, ctr
+
+def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
+           slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None, *,
+           threshold: float, warmup_steps: int, warmup_interval: int, max_cached: int,
+           max_continuous: int, slots: int, static_mask: bool = False, group: str | None = None):
+    """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
+
+    ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
+    mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
+    or the threshold (still only once a residual exists). ``group``: see :func:`relative_l1`.
+
+    Returns ``(cache, diff, idx, anchor_slot, ctr_slot)``; ``idx`` is the slot index as a (1,)
+    tensor, clamped to the overflow slot ``slots``.
+    """
+    free, checked, idx, ctr = gate(slot_ctr, step, slot, new_req, mask, threshold=threshold,
+                                   warmup_steps=warmup_steps, warmup_interval=warmup_interval,
+                                   max_cached=max_cached, max_continuous=max_continuous, slots=slots,
+                                   static_mask=static_mask)
+    a = anchor.index_select(0, idx)[0]
+    diff = relative_l1(r, a, ctr[0] > 0, group)
+    return free | (checked & (diff < threshold)), diff, idx, a, ctr
 
 
 def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.Tensor,
@@ -115,17 +141,29 @@ def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.
     The anchor moves only on computed steps; any computed step ends the run of cached steps.
     """
     anchor.index_put_((idx,), torch.where(cache, a, r).unsqueeze(0))
+    _count(cache, idx, ctr, slot_ctr)
+    _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_diff, hist_meta)
+
+
+def _count(cache: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor, slot_ctr: torch.Tensor) -> None:
     c = cache.to(torch.int64)
     new_ctr = torch.stack([torch.ones_like(ctr[0]), ctr[1] + c, (ctr[2] + 1) * c, ctr[3] + 1 - c])
     slot_ctr.index_put_((idx,), new_ctr.unsqueeze(0))
 
+
+def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_diff, hist_meta,
+            pruned=None, hist_pruned=None) -> None:
+    """Write this call into the history row of the current request (cleared on a new request)."""
     row = (counters[2] % HISTORY).reshape(1)
     keep = ~new_req
+    s = torch.clamp(step, max=MAX_STEPS - 1).reshape(1)
     hist_flag.index_put_((row,), torch.where(keep, hist_flag.index_select(0, row), -1))
     hist_diff.index_put_((row,), torch.where(keep, hist_diff.index_select(0, row), float("nan")))
-    s = torch.clamp(step, max=MAX_STEPS - 1).reshape(1)
-    hist_flag.index_put_((row, idx, s), c.to(torch.int8).reshape(1))
+    hist_flag.index_put_((row, idx, s), cache.to(torch.int8).reshape(1))
     hist_diff.index_put_((row, idx, s), diff.reshape(1))
+    if hist_pruned is not None:
+        hist_pruned.index_put_((row,), torch.where(keep, hist_pruned.index_select(0, row), 0))
+        hist_pruned.index_put_((row, idx, s), pruned.to(hist_pruned.dtype).reshape(1))
     meta = hist_meta.index_select(0, row)[0] * keep.to(torch.int64)
     seen = torch.stack([torch.maximum(meta[0], step + 1), torch.maximum(meta[1], slot + 1)])
     hist_meta.index_put_((row,), seen.unsqueeze(0))
@@ -133,9 +171,14 @@ def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.
 
 def commit_residual(cache: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor,
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
-                    step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor) -> None:
+                    step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor,
+                    used: torch.Tensor | None = None) -> None:
     """Store the middle residual of one stream (and its divided differences): kept on cached
-    steps, ``exit - entry`` on computed ones."""
+    steps, ``exit - entry`` on computed ones. ``used`` (FoCa) is the residual the branch used:
+    the state's window moves on every step (cdcompile.calibrators)."""
+    if used is not None:
+        residual.index_put_((idx,), calibrators.foca_update(cache, used, res_slot).unsqueeze(0))
+        return
     y = exit_value - entry_value
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
@@ -149,3 +192,72 @@ def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor
     """Shift the slot's computed-step nodes on a computed step (after every stream used them)."""
     shifted = torch.cat([step.to(torch.float32).reshape(1), nodes[:2]])
     cal_nodes.index_put_((idx,), torch.where(cache, nodes, shifted).unsqueeze(0))
+
+
+# DBPrune (algorithms.md §4). The block_cache pass emits, per call: tick, prune_gate; for every
+# prunable block prune_decide, a cond (add the block's cached residuals | run the block) and
+# prune_commit_block / prune_commit_residual; then prune_commit. ``acc`` is a float32 (5,) value
+# threaded from block to block within the call (not state): sum and count of the diffs feeding the
+# dynamic threshold, blocks pruned, sum and count of all defined diffs (for the history).
+
+PRUNE_RELAX = 1.25  # dynamic threshold = PRUNE_RELAX * mean of the first diffs of the call ...
+PRUNE_SAMPLES = 5  # ... over at most this many positive diffs ...
+PRUNE_CAP = 2.0  # ... used only while below PRUNE_CAP * residual_diff_threshold
+
+
+def prune_gate(slot_ctr, step, slot, new_req, mask=None, **guard_options):
+    """The step-level guard chain for DBPrune; returns ``(free, checked, idx, ctr, acc)``.
+
+    Warmup, mask, slots and the step limits gate every block of the call alike: the limits count
+    steps as they stood when the call began (a step counts once, however many blocks it prunes).
+    """
+    free, checked, idx, ctr = gate(slot_ctr, step, slot, new_req, mask, **guard_options)
+    return free, checked, idx, ctr, torch.zeros(5, dtype=torch.float32, device=slot_ctr.device)
+
+
+def prune_decide(h: torch.Tensor, anchor: torch.Tensor, idx: torch.Tensor, free: torch.Tensor,
+                 checked: torch.Tensor, ctr: torch.Tensor, acc: torch.Tensor, *, threshold: float,
+                 dynamic: bool, group: str | None = None):
+    """Whether to prune one block: its input ``h`` against its input when last computed.
+
+    Every block of a slot computes on the slot's first call of a request, so the slot's
+    ``has_anchor`` counter stands for every block's. With ``dynamic``, the threshold is
+    ``max(threshold, 1.25 * mean(first 5 positive diffs of earlier blocks in this call))`` while
+    that stays below ``2 * threshold``. Returns ``(prune, a, acc)``; ``a`` is the block's anchor.
+    """
+    a = anchor.index_select(0, idx)[0]
+    diff = relative_l1(h, a, ctr[0] > 0, group)
+    thr = torch.full_like(diff, threshold)
+    if dynamic:
+        relaxed = PRUNE_RELAX * acc[0] / torch.clamp(acc[1], min=1)
+        thr = torch.where((acc[1] > 0) & (relaxed < PRUNE_CAP * threshold), torch.maximum(relaxed, thr), thr)
+    prune = free | (checked & (diff < thr))
+    sample = ((diff > 0) & (acc[1] < PRUNE_SAMPLES)).to(torch.float32)  # nan > 0 is False
+    defined = (~torch.isnan(diff)).to(torch.float32)
+    acc = acc + torch.stack([torch.nan_to_num(diff) * sample, sample, prune.to(torch.float32),
+                             torch.nan_to_num(diff) * defined, defined])
+    return prune, a, acc
+
+
+def prune_commit_block(prune: torch.Tensor, idx: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+                       anchor: torch.Tensor) -> None:
+    """The block's anchor moves to its input when it computed."""
+    anchor.index_put_((idx,), torch.where(prune, a, h).unsqueeze(0))
+
+
+def prune_commit_residual(prune: torch.Tensor, idx: torch.Tensor, res_slot: torch.Tensor,
+                          exit_value: torch.Tensor, entry_value: torch.Tensor, residual: torch.Tensor) -> None:
+    """One stream's residual of the block: kept when pruned, ``exit - entry`` when computed."""
+    residual.index_put_((idx,), torch.where(prune, res_slot, exit_value - entry_value).unsqueeze(0))
+
+
+def prune_commit(acc: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor, slot_ctr: torch.Tensor,
+                 step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor, counters: torch.Tensor,
+                 hist_flag: torch.Tensor, hist_diff: torch.Tensor, hist_meta: torch.Tensor,
+                 hist_pruned: torch.Tensor) -> None:
+    """Count the step (cached iff any block was pruned) and record blocks pruned and mean diff."""
+    cache = acc[2] > 0
+    diff = torch.where(acc[4] > 0, acc[3] / torch.clamp(acc[4], min=1), torch.full_like(acc[3], float("nan")))
+    _count(cache, idx, ctr, slot_ctr)
+    _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_diff, hist_meta,
+            pruned=acc[2], hist_pruned=hist_pruned)

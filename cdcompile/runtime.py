@@ -39,28 +39,45 @@ class CacheState:
 
     @staticmethod
     def names(plan) -> list[str]:
-        return (["reset", "clock", "counters", "anchor", "slot_ctr", "cal_nodes"]
-                + [f"residual_{k}" for k in range(len(plan.residuals))]
-                + ["hist_flag", "hist_diff", "hist_meta"]
-                + (["mask"] if plan.mask_spec is not None else []))
+        head = ["reset", "clock", "counters"]
+        hist = ["hist_flag", "hist_diff", "hist_meta"]
+        mask = ["mask"] if plan.mask_spec is not None else []
+        if plan.prune_blocks is not None:
+            per_block = [name for b in plan.prune_blocks for name in b.state_names()]
+            return head + ["slot_ctr"] + per_block + hist + ["hist_pruned"] + mask
+        return (head + ["anchor", "slot_ctr", "cal_nodes"]
+                + [f"residual_{k}" for k in range(len(plan.residuals))] + hist + mask)
 
     @classmethod
     def allocate(cls, plan) -> "CacheState":
         dev = plan.anchor.device
         s = plan.slots + 1  # + the overflow slot
+
+        def zeros(shape, dtype):
+            return torch.zeros((s, *shape), dtype=dtype, device=dev)
+
         t = {
             "reset": torch.ones((), dtype=torch.bool, device=dev),
             "clock": torch.full((1,), -math.inf, dtype=torch.float32, device=dev),
             "counters": torch.zeros(3, dtype=torch.int64, device=dev),
-            "anchor": torch.zeros((s, *plan.anchor.shape), dtype=plan.anchor.dtype, device=dev),
-            "slot_ctr": torch.zeros((s, 4), dtype=torch.int64, device=dev),
-            "cal_nodes": torch.zeros((s, 3), dtype=torch.float32, device=dev),
         }
-        for k, r in enumerate(plan.residuals):
-            t[f"residual_{k}"] = torch.zeros((s, plan.order + 1, *r.shape), dtype=r.dtype, device=dev)
+        if plan.prune_blocks is not None:
+            t["slot_ctr"] = zeros((4,), torch.int64)
+            for b in plan.prune_blocks:
+                t[b.anchor_name] = zeros(b.anchor.shape, b.anchor.dtype)
+                for r in b.residuals:
+                    t[b.residual_name(r.label)] = zeros(r.shape, r.dtype)
+        else:
+            t["anchor"] = zeros(plan.anchor.shape, plan.anchor.dtype)
+            t["slot_ctr"] = zeros((4,), torch.int64)
+            t["cal_nodes"] = zeros((3,), torch.float32)
+            for k, r in enumerate(plan.residuals):
+                t[f"residual_{k}"] = zeros((plan.history, *r.shape), r.dtype)
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
         t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
         t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)
+        if plan.prune_blocks is not None:
+            t["hist_pruned"] = torch.zeros((guard.HISTORY, s, guard.MAX_STEPS), dtype=torch.int16, device=dev)
         state = cls(t, mask_spec=plan.mask_spec)
         if plan.mask_spec is not None:
             t["mask"] = torch.ones(guard.MAX_STEPS, dtype=torch.int8, device=dev)
@@ -93,6 +110,7 @@ class CacheState:
         t = self.tensors_by_name
         total = int(t["counters"][2])
         flags, diffs, meta = t["hist_flag"].cpu(), t["hist_diff"].cpu(), t["hist_meta"].cpu()
+        pruned = t["hist_pruned"].cpu() if "hist_pruned" in t else None
         out = []
         for req in range(max(1, total - guard.HISTORY + 1), total + 1):
             row = req % guard.HISTORY
@@ -100,12 +118,15 @@ class CacheState:
             per_slot = []
             for k in range(min(slots, flags.shape[1])):
                 f, d = flags[row, k, :steps], diffs[row, k, :steps]
-                per_slot.append({
+                entry = {
                     "cached_steps": [s for s in range(steps) if int(f[s]) == 1],
                     "computed_steps": [s for s in range(steps) if int(f[s]) == 0],
                     "residual_diffs": {s: float(d[s]) for s in range(steps)
                                        if int(f[s]) >= 0 and not math.isnan(float(d[s]))},
-                })
+                }
+                if pruned is not None:  # DBPrune: blocks pruned per step (0 where no call)
+                    entry["pruned_blocks"] = [int(pruned[row, k, s]) for s in range(steps)]
+                per_slot.append(entry)
             out.append({"request": req, "steps": steps, "slots": per_slot})
         return out
 
@@ -149,7 +170,8 @@ def _params(model: Any) -> set[int]:
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or what torch.compile returned, got {type(model).__name__}")
-    return {id(p) for p in model.parameters()}
+    # buffers too: a graph may be keyed by a buffer input (Wan: its rotary table comes first)
+    return {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
 
 
 def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:

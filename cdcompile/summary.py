@@ -1,6 +1,9 @@
 """``cdcompile.summary(model)``: what the block cache did over the last requests.
 
-Reading the statistics is the only device sync; nothing is read per step.
+Reading the statistics is the only device sync; nothing is read per step. With
+``cache_type="dbprune"`` every slot also reports ``pruned_blocks`` (blocks pruned at each step) and
+``prune_ratio`` (blocks pruned / blocks of the stack over the slot's calls, cache-dit's definition);
+``residual_diffs`` then hold the mean of each call's block diffs.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ class Summary:
     graphs: list[dict[str, Any]]  # the cache each compiled graph holds (stack, F/M/B, streams)
 
     def as_dict(self) -> dict[str, Any]:
+        keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio")
         return {"requests": [{"steps": r["steps"],
-                              "slots": [{"cached_steps": s["cached_steps"],
-                                         "residual_diffs": s["residual_diffs"]} for s in r["slots"]]}
+                              "slots": [{k: s[k] for k in keep if k in s} for s in r["slots"]]}
                              for r in self.requests],
                 "graphs": self.graphs}
 
@@ -30,11 +33,17 @@ class Summary:
         for g in self.graphs:
             lines.append(f"cache over {g['groups']}: N={g['num_blocks']} F={g['Fn']} M={g['Mn']} "
                          f"B={g['Bn']}, streams {g['streams']}")
+            if g.get("cache_type") == "dbprune":
+                lines.append(f"  dbprune: prunable blocks {g['prunable_blocks']}"
+                             f"{', dynamic threshold' if g['dynamic_threshold'] else ''}")
         lines.append(f"{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6}  cached steps")
         for r in self.requests:
             for k, s in enumerate(r["slots"]):
                 cached = s["cached_steps"]
                 lines.append(f"{r['request']:>7} {k:>4} {r['steps']:>5} {len(cached):>6}  {cached}")
+                if "pruned_blocks" in s:
+                    lines.append(f"{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
+                                 f"blocks pruned per step {s['pruned_blocks']}")
         return "\n".join(lines)
 
 
@@ -43,5 +52,10 @@ def summary(model: Any) -> Summary:
     requests, graphs = [], []
     for graph, state in cached_states(model):
         graphs.append(dict(graph.report.cache))
-        requests.extend(state.requests())
+        for r in state.requests():
+            for s in r["slots"]:
+                if "pruned_blocks" in s:  # DBPrune: blocks pruned over blocks run, this slot's calls
+                    calls = len(s["cached_steps"]) + len(s["computed_steps"])
+                    s["prune_ratio"] = sum(s["pruned_blocks"]) / max(1, calls * graph.plan.num_blocks)
+            requests.append(r)
     return Summary(requests=requests, graphs=graphs)

@@ -21,6 +21,7 @@ class RefConfig:
     max_cached: int = -1
     max_continuous: int = -1
     order: int = 0  # TaylorSeer order
+    calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
 
 
 def newton_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
@@ -40,6 +41,23 @@ def newton_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: i
     return out.to(pts[0][1].dtype)
 
 
+def foca_forecast(full: list[tuple[int, torch.Tensor]], window: list[torch.Tensor], step: int) -> torch.Tensor:
+    """FoCa as cdcompile.calibrators documents it, from scratch: ``full`` the computed (step,
+    residual) points, ``window`` the residuals used at the slot's previous steps, oldest first."""
+    if len(full) < 2:
+        return full[-1][1]
+    (x1, prev), (x0, last) = full[-2], full[-1]
+    df = (last.double() - prev.double()) / (x0 - x1)
+    dc = window[-1].double() - window[-2].double()
+    e = step - x0
+
+    def heun(h):
+        return last.double() + h / 2 * (df + dc)
+
+    out = heun(e) if e <= 3 else (3 / e) * heun(3) + (1 - 3 / e) * last.double()
+    return out.to(last.dtype)
+
+
 @dataclasses.dataclass
 class RefSlot:
     anchor: torch.Tensor | None = None
@@ -47,6 +65,7 @@ class RefSlot:
     history: list = dataclasses.field(default_factory=list)  # (step, residuals) of computed steps
     cached: int = 0
     run: int = 0
+    used: list = dataclasses.field(default_factory=list)  # residuals used per step (FoCa's window)
 
 
 class RefCache:
@@ -82,9 +101,15 @@ class RefCache:
 
     def residuals(self, slot: int) -> dict:
         st = self.slots[slot]
+        step = self.decisions[-1][0]
+        if self.cfg.calibrator == "foca":
+            if len(st.used) == 0 or st.used[-1][0] != step:  # forecast once per step, then reuse
+                fc = {k: foca_forecast([(s, r[k]) for s, r in st.history], [u[k] for _, u in st.used], step)
+                      for k in st.residuals}
+                st.used.append((step, fc))
+            return st.used[-1][1]
         if self.cfg.order == 0:
             return st.residuals
-        step = self.decisions[-1][0]
         return {k: newton_forecast([(s, r[k]) for s, r in st.history], step, self.cfg.order)
                 for k in st.residuals}
 
@@ -92,6 +117,7 @@ class RefCache:
         st = self.slots[slot]
         st.residuals = residuals
         st.history.append((self.decisions[-1][0], residuals))
+        st.used.append((self.decisions[-1][0], residuals))
 
 
 def run_sequential_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):

@@ -120,3 +120,31 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"{want_cached[0]} {want_cached[1]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opts", [
+    {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
+], ids=["foca", "dbprune"])
+def test_exported_package_with_foca_or_dbprune_equals_the_compiled_model(tmp_path, opts):
+    m = SequentialDiT(depth=4)
+    traj = _traj(6)
+    path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
+    art = cdcompile.load(path)
+    with torch.no_grad():
+        for r in range(2):
+            if r == 1:
+                art.new_request()
+            for x, t in traj:
+                torch.testing.assert_close(art(x, t)[0], c(x, t), rtol=1e-5, atol=1e-5)
+    slots = [r["slots"][0] for r in cdcompile.summary(m).as_dict()["requests"]]
+    cached = [s for s in range(6) if s in slots[0]["cached_steps"]]
+    assert cached and slots[0] == slots[1]
+    assert art.decisions() == [s in cached for s in range(6)] * 2
+    if opts.get("cache_type") == "dbprune":
+        assert art.pruned_blocks() == slots[0]["pruned_blocks"] * 2
+        assert set(art.pruned_blocks()) == {0, 2}  # blocks 1 and 3: block 2 is never pruned
+    else:
+        assert art.pruned_blocks() == [0] * 12

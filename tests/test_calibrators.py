@@ -117,3 +117,133 @@ def test_compiled_taylorseer_equals_the_reference(order):
 def test_reference_newton_forecast_is_exact_on_a_cubic_with_order_3():
     pts = [(s, torch.tensor([float(s) ** 3])) for s in (0, 2, 3, 7)]
     torch.testing.assert_close(newton_forecast(pts, 9, 3), torch.tensor([729.0]))
+
+
+# --- FoCa -------------------------------------------------------------------------------------
+
+def _foca_in_graph_functions(pattern, values):
+    """Run the in-graph FoCa functions over a computed(0)/cached(1) pattern; returns what each
+    step used. ``values[s]`` is the residual a computed step s produces."""
+    d = torch.zeros(calibrators.FOCA_HISTORY, *values[0].shape, dtype=torch.float64)
+    nodes, computed, used = torch.zeros(3), 0, []
+    for s, cached in enumerate(pattern):
+        step, cache = torch.tensor(s), torch.tensor(bool(cached))
+        coef = calibrators.foca_coefficients(step, nodes, torch.tensor(computed))
+        y = calibrators.forecast(d, coef.double()) if cached else values[s]
+        d = calibrators.foca_update(cache, y, d)
+        if not cached:
+            nodes, computed = torch.cat([step.float().reshape(1), nodes[:2]]), computed + 1
+        used.append(y)
+    return used
+
+
+def test_foca_state_functions_equal_the_reference_formula_over_a_step_pattern():
+    from dbcache_reference import foca_forecast
+
+    g = torch.Generator().manual_seed(0)
+    pattern = [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]  # gaps 2, 3, 1; runs of 1..5 cached
+    values = [torch.randn(3, 4, generator=g, dtype=torch.float64) * (1 + 0.1 * s) for s in range(len(pattern))]
+    got = _foca_in_graph_functions(pattern, values)
+    full, window = [], []
+    for s, cached in enumerate(pattern):
+        want = foca_forecast(full, window, s) if cached else values[s]
+        if not cached:
+            full.append((s, values[s]))
+        window.append(want)
+        # the graph computes the forecast's weights in float32
+        torch.testing.assert_close(got[s], want, rtol=1e-6, atol=1e-6, msg=lambda m: f"step {s}: {m}")
+
+
+def test_foca_is_exact_on_linear_residuals_within_three_steps_and_damps_beyond():
+    base = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    line = [base * (0.5 + 0.25 * s) for s in range(12)]
+    # computed at 0, 2, 3, 7: after 3 the last two computed steps are 1 apart, after 7 they are 4
+    # apart; cached steps up to 3 after a computed one are exact because DF is taken per step
+    pattern = [0, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1]
+    got = _foca_in_graph_functions(pattern, line)
+    for s in (4, 5, 6, 8, 9, 10):
+        torch.testing.assert_close(got[s], line[s], rtol=1e-6, atol=1e-6, msg=lambda m: f"step {s}: {m}")
+    torch.testing.assert_close(got[1], line[0])  # one computed step so far: reuse it
+    # e = 4: the trapezoid at e = 3 blended toward F_full with weight 3/4 (damped, no longer exact)
+    slope = base * 0.25
+    torch.testing.assert_close(got[11], line[7] + 0.75 * 3 * slope, rtol=1e-6, atol=1e-6)
+
+
+def test_foca_before_two_computed_steps_reuses_the_last_residual():
+    y = torch.full((2,), 3.0, dtype=torch.float64)
+    used = _foca_in_graph_functions([0, 1, 1], [y, y * 5, y * 7])
+    torch.testing.assert_close(used[1], y)
+    torch.testing.assert_close(used[2], y)
+
+
+def test_compiled_foca_equals_the_reference_and_differs_from_plain_reuse():
+    cfg = RefConfig(threshold=0.5, warmup=2, max_continuous=5, calibrator="foca")
+    m = SequentialDiT(depth=5)
+    opts = {"compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+            "max_continuous_cached_steps": cfg.max_continuous}
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={**opts, "calibrator": "foca"})
+    ref = RefCache(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    traj = [(x + 0.02 * s * d, torch.full((2,), 1.0 - s / 16)) for s in range(16)]
+    with torch.no_grad():
+        got = [c(xi, t) for xi, t in traj]
+        want = [run_sequential_dit(m, xi, t, ref, s) for s, (xi, t) in enumerate(traj)]
+    for s, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda msg: f"step {s}: {msg}")
+    cached = [s for s, _, hit in ref.decisions if hit]
+    assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+    runs = "".join("1" if s in cached else "0" for s in range(16)).split("0")
+    assert max(map(len, runs)) == 5, "a run of 5 cached steps exercises the damped branch (e > 3)"
+
+    torch._dynamo.reset()
+    plain = torch.compile(m, backend="cachedit", fullgraph=True, options=opts)
+    with torch.no_grad():
+        reuse = [plain(xi, t) for xi, t in traj]
+    assert max((a - b).abs().max().item() for a, b in zip(got, reuse)) > 1e-3
+
+
+def test_tiny_flux_foca_forecasts_both_streams_like_the_reference():
+    from cdcompile.testing import tiny_flux
+    from dbcache_reference import run_flux
+    from test_block_cache import _flux_trajectory
+
+    cfg = RefConfig(Fn=2, Bn=1, threshold=0.4, warmup=2, max_continuous=3, calibrator="foca")
+    m = tiny_flux()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "aot_eager", "Fn_compute_blocks": 2, "Bn_compute_blocks": 1, "calibrator": "foca",
+        "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+        "max_continuous_cached_steps": cfg.max_continuous})
+    ref = RefCache(cfg)
+    with torch.no_grad():
+        for s, kw in enumerate(_flux_trajectory(m, 10)):
+            torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4,
+                                       msg=lambda msg: f"step {s}: {msg}")
+    cached = [s for s, _, hit in ref.decisions if hit]
+    assert len(cached) >= 4 and "encoder" in ref.slots[0].residuals
+    assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+
+
+@pytest.mark.parametrize("opts,calibrator,order", [
+    ({}, None, 0),
+    ({"taylorseer_order": 2}, "taylorseer", 2),  # the order alone turns TaylorSeer on, as before
+    ({"calibrator": "taylorseer"}, "taylorseer", 1),
+    ({"calibrator": "TaylorSeer", "taylorseer_order": 2}, "taylorseer", 2),
+    ({"calibrator": "foca"}, "foca", 0),
+    ({"calibrator": "foca", "taylorseer_order": 0}, "foca", 0),
+])
+def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrator, order):
+    cfg = cdcompile.CacheConfig.from_options(opts)
+    assert (cfg.calibrator.value if cfg.calibrator else None, cfg.taylorseer_order) == (calibrator, order)
+    assert cdcompile.CacheConfig.from_options(cfg.as_dict()) == cfg  # enable() round-trips as_dict
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"calibrator": "dmd"}, r"'calibrator'.*'dmd'.*taylorseer.*foca"),
+    ({"calibrator": "foca", "taylorseer_order": 1}, r"'taylorseer_order'.*FoCa has no order"),
+    ({"calibrator": "taylorseer", "taylorseer_order": 0}, r"'taylorseer_order'.*1 or 2"),
+    ({"taylorseer_order": 3}, r"'taylorseer_order'.*0 \(off\), 1 or 2"),
+])
+def test_bad_calibrator_options_are_value_errors_naming_the_key(opts, match):
+    with pytest.raises(ValueError, match=match):
+        cdcompile.CacheConfig.from_options(opts)

@@ -55,3 +55,18 @@ def test_every_zoo_builder_builds_an_eval_fp32_model_with_inputs():
         assert isinstance(kwargs, dict) and kwargs, name
         classes.add(type(model).__name__)
     assert len(classes) == len(ZOO)  # one builder per diffusers class
+
+
+def test_a_chain_without_a_residual_across_it_caches_its_largest_group_and_says_so():
+    # Bria FIBO's single blocks carry text + image tokens in one stream, the double blocks two
+    # streams: no M residual spans both groups, so the single group is cached alone.
+    model, kwargs = ZOO["briafibo"]()
+    with torch.no_grad(), pytest.warns(UserWarning, match="cached single_transformer_blocks .3 blocks. alone"):
+        report = cdcompile.explain(model, **kwargs)
+    (graph,) = report.graph_reports
+    assert graph.cache["groups"] == ["single_transformer_blocks"]
+    assert (graph.cache["Fn"], graph.cache["Mn"], graph.cache["Bn"]) == (1, 2, 0)
+    assert "has no residual across it" in graph.cache["fallback"]
+    with torch.no_grad():
+        for a, b in zip(_tensors(report.output), _tensors(model(**kwargs))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from .. import calibrators, guard
+from ..config import CacheType
 from ..distributed import ulysses
 from . import _fx
 from .discover import BlockGroup
@@ -65,13 +66,42 @@ class CachePlan:
     timestep_input: str | None
     state_names: list[str]
     order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
+    calibrator: str | None = None  # None, "taylorseer" or "foca"
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
+    prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
+    num_blocks: int = 0  # N, the stack's blocks
+
+    @property
+    def history(self) -> int:
+        """Entries kept per residual: d0..dn (TaylorSeer), FoCa's four, or the last residual."""
+        if self.calibrator == "foca":
+            return calibrators.FOCA_HISTORY
+        return self.order + 1
 
     def allocate(self):
         from ..runtime import CacheState
 
         return CacheState.allocate(self)
+
+
+@dataclasses.dataclass
+class PruneBlockPlan:
+    """DBPrune state of one prunable block: its input anchor and one residual per stream."""
+
+    index: int  # position in the stack (0..N-1)
+    anchor: StreamPlan
+    residuals: list[StreamPlan]
+
+    @property
+    def anchor_name(self) -> str:
+        return f"anchor_b{self.index}"
+
+    def residual_name(self, label: str) -> str:
+        return f"residual_b{self.index}_{label}"
+
+    def state_names(self) -> list[str]:
+        return [self.anchor_name] + [self.residual_name(r.label) for r in self.residuals]
 
 
 def run(gm: fx.GraphModule, ctx) -> None:
@@ -95,14 +125,37 @@ def run(gm: fx.GraphModule, ctx) -> None:
     if fn + bn == n:
         report.not_cached.append(f"Fn + Bn = {n} covers every block of {names}: nothing to cache")
         return
-    reason = _rewrite(gm, ctx, stack, blocks, fn, bn)
+    reason = _try(gm, ctx, stack, blocks, fn, bn)
+    fallback = None
+    # A chain of groups whose streams change form between them (Bria FIBO's single blocks carry text
+    # and image tokens in one stream) may not have a residual across the whole chain; then the
+    # largest single group of the chain that can be cached is, with F and B counted inside it.
+    for g in sorted(stack, key=lambda g: -g.num_blocks) if reason is not None and len(stack) > 1 else []:
+        if fn + bn < g.num_blocks and _try(gm, ctx, [g], [(g, i) for i in range(g.num_blocks)], fn, bn) is None:
+            fallback = (f"the stack {names} has no residual across it ({reason}); "
+                        f"cached {g.name} ({g.num_blocks} blocks) alone, F and B counted inside it")
+            warnings.warn(f"cachedit: {fallback}", stacklevel=2)
+            stack, n, reason = [g], g.num_blocks, None
+            break
     if reason is not None:
         report.not_cached.append(reason)
         # Block groups exist but the cache could not go in: say so rather than run slower silently.
         warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=2)
         return
+    if fallback is not None:
+        report.cache["fallback"] = fallback
     report.cache["groups"] = [g.name for g in stack]
-    report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn)
+    report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value)
+    ctx.cache_plan.num_blocks = n
+
+
+def _try(gm, ctx, stack, blocks, fn, bn) -> str | None:
+    """Rewrite ``gm`` for ``stack``, or return why not (then ``gm`` is untouched)."""
+    if ctx.cfg.cache_type is CacheType.DBPRUNE:
+        from . import block_prune
+
+        return block_prune.rewrite(gm, ctx, stack, blocks, fn, bn)
+    return _rewrite(gm, ctx, stack, blocks, fn, bn)
 
 
 def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
@@ -145,31 +198,12 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     gx, i_x = blocks[len(blocks) - bn - 1]
 
     # M region: M's block nodes plus in-between nodes depending on them.
-    m_blocks = blocks[fn:len(blocks) - bn]
-    m_nodes = {n for g, i in m_blocks for n in g.blocks[i].nodes}
-    lo = min(order[n] for n in m_nodes)
-    hi = max(order[n] for n in m_nodes)
     nodes = list(graph.nodes)
-    region = []
-    for n in nodes[lo:hi + 1]:
-        if n in m_nodes or (n.op not in ("placeholder", "get_attr", "output")
-                            and any(a in m_nodes for a in n.all_input_nodes)):
-            m_nodes.add(n)
-            region.append(n)
-    # A call whose result nobody reads is there for its side effect (Dynamo drops dead pure ops):
-    # e.g. the functorch nesting calls vmap leaves around a block. Moving such calls into a branch
-    # that may not run, or leaving half of a pair outside it, would unbalance them.
-    # (An in-place op on a tensor M computed is fine: it moves with M.)
-    effects = [n for n in nodes[lo:hi + 1] if n.op in ("call_function", "call_method") and not n.users
-               and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))]
-    if effects:
-        return (f"side-effecting op {_fx.target_name(effects[0])} ({effects[0].name}) sits between the "
-                f"middle blocks; skipping them would unbalance it")
-    # A getitem of a tuple made outside M by a non-view op stays outside: operands must be tensors.
-    for n in list(region):
-        if n.target is operator.getitem and n.args[0] not in m_nodes and not _is_view(n.args[0]):
-            region.remove(n)
-            m_nodes.discard(n)
+    found = _region(nodes, order, {n for g, i in blocks[fn:len(blocks) - bn] for n in g.blocks[i].nodes},
+                    "the middle blocks")
+    if isinstance(found, str):
+        return found
+    region, m_nodes = found
     outputs = [n for n in region if any(u not in m_nodes for u in n.users)]
 
     # Each output must be a stream value at M's exit with a same-label, same-shape entry.
@@ -212,14 +246,45 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
         residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
-        state_names=[], order=cfg.taylorseer_order, mask_spec=cfg.steps_computation_mask,
-        num_inference_steps=cfg.num_inference_steps)
+        state_names=[], order=cfg.taylorseer_order,
+        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
+        mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs)}
     return None
+
+
+def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], what: str):
+    """The nodes a branch takes over: ``core`` (block nodes) plus the nodes between its first and
+    last node that depend on it. Returns ``(region, region_set)`` or a reason it cannot be skipped."""
+    m_nodes = set(core)
+    lo = min(order[n] for n in m_nodes)
+    hi = max(order[n] for n in m_nodes)
+    region = []
+    for n in nodes[lo:hi + 1]:
+        if n in m_nodes or (n.op not in ("placeholder", "get_attr", "output")
+                            and any(a in m_nodes for a in n.all_input_nodes)):
+            m_nodes.add(n)
+            region.append(n)
+    # A call whose result nobody reads is there for its side effect (Dynamo drops dead pure ops):
+    # e.g. the functorch nesting calls vmap leaves around a block. Moving such calls into a branch
+    # that may not run, or leaving half of a pair outside it, would unbalance them.
+    # (An in-place op on a tensor the region computed is fine: it moves with the region.)
+    effects = [n for n in nodes[lo:hi + 1] if n.op in ("call_function", "call_method") and not n.users
+               and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))]
+    if effects:
+        return (f"side-effecting op {_fx.target_name(effects[0])} ({effects[0].name}) sits between "
+                f"{what}; skipping them would unbalance it")
+    # A getitem of a tuple made outside the region by a non-view op stays outside: operands must
+    # be tensors.
+    for n in list(region):
+        if n.target is operator.getitem and n.args[0] not in m_nodes and not _is_view(n.args[0]):
+            region.remove(n)
+            m_nodes.discard(n)
+    return region, m_nodes
 
 
 # Ops whose result may share storage with an input. Branch operands must not alias each other
@@ -242,8 +307,10 @@ def _is_view(n: fx.Node) -> bool:
     return _fx.target_name(n) in _VIEW_OPS
 
 
-def _operands(region, m_nodes, extra, order):
-    """Branch operands (non-view tensors read by M) and the view nodes replayed inside the branches."""
+def _operands(region, m_nodes, extra, order, fresh=frozenset()):
+    """Branch operands (non-view tensors read by M) and the view nodes replayed inside the branches.
+
+    ``fresh``: nodes that another cond will produce (its outputs alias nothing), never replayed."""
     pulled: set[fx.Node] = set()
     while True:
         inputs: list[fx.Node] = []
@@ -254,7 +321,7 @@ def _operands(region, m_nodes, extra, order):
         for e in extra:
             if e not in pulled and e not in inputs:
                 inputs.append(e)
-        views = [a for a in inputs if _is_view(a)]
+        views = [a for a in inputs if a not in fresh and _is_view(a)]
         if not views:
             return inputs, sorted(pulled, key=order.__getitem__)
         pulled.update(views)
@@ -326,12 +393,23 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg) -> Non
         state_nodes[name] = new.placeholder(f"cdcompile_{name}")
     plan.state_names = list(state_nodes)
 
-    compute_gm = _branch(gm, inputs, pulled, len(pairs), region,
-                         lambda g, env, res: [env[o] for _, _, o in pairs], "ComputeMiddle")
-    cache_gm = _branch(gm, inputs, pulled, len(pairs), [],
-                       lambda g, env, res: [g.call_function(torch.add, (env[e], g.call_function(
-                           calibrators.forecast, (res[k], res[-1])))) for k, (_, e, _) in enumerate(pairs)],
-                       "ReuseMiddle")
+    # FoCa's state moves on cached steps too, by the residual the call used: both branches
+    # return it after the streams (the computed residual | the forecast).
+    used = plan.calibrator == "foca"
+
+    def compute_outputs(g, env, res):
+        outs = [env[o] for _, _, o in pairs]
+        if used:
+            outs += [g.call_function(torch.sub, (env[o], env[e])) for _, e, o in pairs]
+        return outs
+
+    def cache_outputs(g, env, res):
+        fc = [g.call_function(calibrators.forecast, (res[k], res[-1])) for k in range(len(pairs))]
+        outs = [g.call_function(torch.add, (env[e], f)) for (_, e, _), f in zip(pairs, fc)]
+        return outs + fc if used else outs
+
+    compute_gm = _branch(gm, inputs, pulled, len(pairs), region, compute_outputs, "ComputeMiddle")
+    cache_gm = _branch(gm, inputs, pulled, len(pairs), [], cache_outputs, "ReuseMiddle")
     gm.add_submodule("cdcompile_compute_branch", compute_gm)
     gm.add_submodule("cdcompile_cache_branch", cache_gm)
 
@@ -367,15 +445,20 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
     res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
     nodes = call(_index_slot, (st["cal_nodes"], idx))
-    coef = call(calibrators.coefficients, (step, nodes, call(_getitem, (ctr, 3)), plan.order))
+    computed = call(_getitem, (ctr, 3))
+    if plan.calibrator == "foca":
+        coef = call(calibrators.foca_coefficients, (step, nodes, computed))
+    else:
+        coef = call(calibrators.coefficients, (step, nodes, computed, plan.order))
     operands = tuple(env[n] for n in inputs) + tuple(res_slots) + (coef,)
     true_fn = g.get_attr("cdcompile_cache_branch")
     false_fn = g.get_attr("cdcompile_compute_branch")
     cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
+        used = call(_getitem, (cond, len(pairs) + k)) if plan.calibrator == "foca" else None
         call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry],
-                                     step, nodes, ctr))
+                                     step, nodes, ctr, used))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, diff, idx, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
@@ -389,12 +472,12 @@ def _index_slot(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, idx)[0]
 
 
-def _branch(gm, inputs, pulled, n_res, body, outputs, class_name) -> fx.GraphModule:
-    """A branch subgraph: operands ``inputs`` + ``n_res`` residuals + the calibrator weights, the
-    replayed views, ``body``."""
+def _branch(gm, inputs, pulled, n_res, body, outputs, class_name, coef=True) -> fx.GraphModule:
+    """A branch subgraph: operands ``inputs`` + ``n_res`` residuals (+ the calibrator weights when
+    ``coef``), the replayed views, ``body``."""
     g = fx.Graph()
     env = {a: g.placeholder(f"in_{k}") for k, a in enumerate(inputs)}
-    res = [g.placeholder(f"res_{k}") for k in range(n_res)] + [g.placeholder("coef")]
+    res = [g.placeholder(f"res_{k}") for k in range(n_res)] + ([g.placeholder("coef")] if coef else [])
     for n in list(pulled) + list(body):
         env[n] = g.node_copy(n, env.__getitem__)
     outs = outputs(g, env, res)

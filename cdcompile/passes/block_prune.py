@@ -1,0 +1,246 @@
+"""DBPrune rewrite: one guard and one ``cond`` per prunable block (reference/algorithms.md §4).
+
+``cache_type="dbprune"`` routes the ``block_cache`` pass here after it chose the stack and
+checked F and B (block_cache.run). Algorithm:
+1. Prunable blocks: the stack's blocks outside F = [0, Fn), B = [N - Bn, N) and the
+   ``non_prune_block_ids`` option (indices into the stack; one >= N is a ValueError naming N).
+2. Per prunable block b: its region (the block's nodes plus in-between nodes depending on them) and
+   its outputs, each a stream value at the block's exit with a same-shape entry (the residual
+   ``exit - entry``); anything else leaving the block makes the graph unprunable, with a reason.
+3. Guard. Once per call, before the first prunable block: :func:`cdcompile.guard.tick` (step,
+   slot, request from the timestep) and :func:`cdcompile.guard.prune_gate` (warmup, mask, slots
+   and the step limits, DBCache's chain). Per block, :func:`cdcompile.guard.prune_decide` compares
+   the block's *input* hidden state with its input at the step it last computed (relative
+   mean-abs L1) against the threshold, or the dynamic threshold.
+4. Branch. ``cond(prune_b, entry + residual per stream, the block)``; both branches return
+   contiguous tensors that alias nothing. One host read per prunable block.
+5. State. Per block ``anchor_b{b}`` and ``residual_b{b}_{label}`` (one slice per CFG slot) are new
+   placeholders, written in place *outside* the cond (prune_commit_block / prune_commit_residual);
+   after the last prunable block :func:`cdcompile.guard.prune_commit` counts the step as cached iff
+   any block was pruned and records the blocks pruned.
+
+Before/after (N = 4, F1B0, block 2 in non_prune_block_ids)::
+
+    H -> b0 -> b1 -> b2 -> b3 -> out
+    H -> b0 -> tick, gate -> decide1, cond(H1 + R1 | b1), commit1 -> b2
+            -> decide3, cond(H3 + R3 | b3), commit3 -> prune_commit -> out
+
+Glue between two blocks (discover.py: ops outside any block carrying a stream from block b - 1 to
+block b, e.g. a control hint added) stays in the main graph and runs every step; the residual of
+block b is taken from block b - 1's output, so it absorbs the glue as DBCache's middle residual
+does, and the decision compares block b - 1's output (the glue's input).
+
+Invariants relied on and guaranteed: block_cache's (contiguous blocks, static shapes, no state
+mutation inside a branch, original placeholders first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+import torch.fx as fx
+
+from .. import guard
+from ..distributed import ulysses
+from . import _fx
+from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _branch, _describe, _find_timestep,
+                          _getitem, _index_slot, _operands, _region, _same_meta, _stream_plan)
+
+
+@dataclasses.dataclass
+class _BlockRewrite:
+    plan: PruneBlockPlan
+    region: list[fx.Node]
+    members: set[fx.Node]
+    pulled: list[fx.Node]  # view nodes replayed inside the branches
+    inputs: list[fx.Node]  # branch operands
+    pairs: list[tuple[str, fx.Node, fx.Node]]  # (label, entry, exit)
+    hidden: fx.Node  # the block's hidden input: the decision signal
+    where: str  # "block 3 (single_transformer_blocks.1)", for messages
+
+
+def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | None:
+    """Insert per-block prune decisions; returns a reason when the graph cannot be pruned."""
+    cfg, report = ctx.cfg, ctx.report
+    n = len(blocks)
+    names = " + ".join(f"{g.name} ({g.num_blocks})" for g in stack)
+    outside = [i for i in cfg.non_prune_block_ids if i >= n]
+    if outside:
+        raise ValueError(
+            f"cachedit: non_prune_block_ids {outside} lie outside the N = {n} blocks of the stack "
+            f"{names}; use indices 0..{n - 1}")
+    prunable = [i for i in range(fn, n - bn) if i not in cfg.non_prune_block_ids]
+    if not prunable:
+        return (f"no prunable block: F = {fn}, B = {bn} and non_prune_block_ids "
+                f"{list(cfg.non_prune_block_ids)} cover the N = {n} blocks of {names}")
+
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    order = {node: k for k, node in enumerate(nodes)}
+    rewrites = []
+    for b in prunable:
+        found = _block(blocks, b, nodes, order)
+        if isinstance(found, str):
+            return found
+        rewrites.append(found)
+    fresh = {o for r in rewrites for _, _, o in r.pairs}
+    for r in rewrites:
+        reason = _operands_of(r, order, fresh)
+        if reason is not None:
+            return reason
+    for v in [_fx.fake_value(r.hidden) for r in rewrites] + [
+            _fx.fake_value(o) for r in rewrites for _, _, o in r.pairs]:
+        if any(not isinstance(d, int) for d in v.shape):
+            return "dynamic shapes: compile with dynamic=False to prune (the state has static shapes)"
+
+    weights = _fx.weight_placeholders(gm, ctx.example_inputs)
+    placeholders = [p for p in nodes if p.op == "placeholder"]
+    key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
+    if key_input is None:
+        return "no parameter among the graph inputs to tell model instances apart"
+    timestep = _find_timestep(nodes, weights, order[stack[0].blocks[0].nodes[0]])
+
+    plan = CachePlan(
+        slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
+        residuals=[], key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
+        state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
+        prune_blocks=[r.plan for r in rewrites])
+    _emit(gm, rewrites, timestep, plan, cfg)
+    ctx.cache_plan = plan
+    report.cache = {"streams": sorted({label for r in rewrites for label, _, _ in r.pairs}),
+                    "timestep_input": plan.timestep_input, "slots": plan.slots,
+                    "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
+                    "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
+                    "branch_operands": sum(len(r.inputs) for r in rewrites)}
+    return None
+
+
+def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
+    g, i = blocks[b]
+    where = f"block {b} ({g.name}.{g.blocks[i].index})"
+    found = _region(nodes, order, set(g.blocks[i].nodes), where)
+    if isinstance(found, str):
+        return found
+    region, members = found
+    exit_label = {s.outputs[i]: s.label for s in g.streams if s.outputs[i] is not None}
+    pairs = []
+    for out in (x for x in region if any(u not in members for u in x.users)):
+        label = exit_label.get(out)
+        if label is None:
+            users = ", ".join(u.name for u in out.users if u not in members)
+            return (f"{out.name}, computed in {where}, is read by {users} other than through the "
+                    f"streams; the block cannot be pruned")
+        entry = _boundary(g, i, label, before=True)
+        ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
+        if entry is None or not _same_meta(ev, xv):
+            return (f"stream {label!r} leaves {where} as {_describe(xv)} but enters as "
+                    f"{_describe(ev)}: no residual to reuse")
+        pairs.append((label, entry, out))
+    hidden = _boundary(g, i, "hidden", before=True)
+    if hidden is None or not isinstance(_fx.fake_value(hidden), torch.Tensor):
+        return f"{where} has no hidden input to compare"
+    plan = PruneBlockPlan(index=b, anchor=_stream_plan("hidden", _fx.fake_value(hidden)),
+                          residuals=[_stream_plan(_ident(label), _fx.fake_value(o)) for label, _, o in pairs])
+    return _BlockRewrite(plan, region, members, [], [], pairs, hidden, where)
+
+
+def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
+    # An earlier block's exit is a cond output (a fresh tensor) even where the original was a view
+    # (FLUX's single blocks slice text and image tokens out of one tensor): never replay it.
+    r.inputs, r.pulled = _operands(r.region, r.members, [e for _, e, _ in r.pairs], order, fresh)
+    for a in r.inputs:
+        if not isinstance(_fx.fake_value(a), torch.Tensor):
+            return f"{r.where} reads {a.name}, which is not a tensor ({type(_fx.fake_value(a)).__name__})"
+    return None
+
+
+def _ident(label: str) -> str:
+    return re.sub(r"\W", "_", label)
+
+
+def _emit(gm, rewrites: list[_BlockRewrite], timestep, plan, cfg) -> None:
+    """Rebuild ``gm.graph``: original nodes minus the prunable blocks, state placeholders, and per
+    block a decision, a cond and its commits."""
+    from ..runtime import CacheState
+
+    old = gm.graph
+    new = fx.Graph()
+    new._codegen = old._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for p in (x for x in old.nodes if x.op == "placeholder"):
+        env[p] = new.node_copy(p, env.__getitem__)
+    st = {name: new.placeholder(f"cdcompile_{name}") for name in CacheState.names(plan)}
+    plan.state_names = list(st)
+
+    skip = {x for r in rewrites for x in r.region}
+    at_end = {r.region[-1]: r for r in rewrites}
+    call = new.call_function
+    guard_state = {}
+    for x in old.nodes:
+        if x.op == "placeholder":
+            continue
+        if x in skip:
+            r = at_end.get(x)
+            if r is not None:
+                before = set(new.nodes)
+                if not guard_state:
+                    guard_state.update(_emit_gate(new, env, st, timestep, plan, cfg))
+                _emit_block(gm, new, env, st, r, guard_state, cfg)
+                if r is rewrites[-1]:
+                    g = guard_state
+                    call(guard.prune_commit, (g["acc"], g["idx"], g["ctr"], st["slot_ctr"], g["step"], g["slot"],
+                                              g["new_req"], st["counters"], st["hist_flag"], st["hist_diff"],
+                                              st["hist_meta"], st["hist_pruned"]))
+                for m in new.nodes:
+                    if m not in before:
+                        m.meta["cdcompile_pass"] = "block_cache"
+            continue
+        env[x] = new.node_copy(x, env.__getitem__)
+    gm.graph = new
+
+
+def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
+    call = g.call_function
+    t = env[timestep] if timestep is not None else None
+    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]))
+    step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
+    gate = call(guard.prune_gate, (st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(
+        threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
+        warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
+        max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
+        static_mask=cfg.steps_computation_policy == "static"))
+    free, checked, idx, ctr, acc = (call(_getitem, (gate, k)) for k in range(5))
+    return dict(step=step, slot=slot, new_req=new_req, free=free, checked=checked, idx=idx, ctr=ctr, acc=acc)
+
+
+def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
+    call = g.call_function
+    b = r.plan.index
+    h = env[r.hidden]
+    # Context parallel: h holds this rank's tokens; the diff is all-reduced so that every rank
+    # takes the same branch (the block holds collectives).
+    group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
+    dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["idx"], gs["free"], gs["checked"], gs["ctr"],
+                                    gs["acc"]),
+               dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold, group=group))
+    prune, a, gs["acc"] = (call(_getitem, (dec, k)) for k in range(3))
+    names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
+    res_slots = [call(_index_slot, (st[name], gs["idx"])) for name in names]
+
+    pairs = r.pairs
+    compute_gm = _branch(gm, r.inputs, r.pulled, len(pairs), r.region,
+                         lambda bg, benv, res: [benv[o] for _, _, o in pairs], f"ComputeBlock{b}", coef=False)
+    reuse_gm = _branch(gm, r.inputs, r.pulled, len(pairs), [],
+                       lambda bg, benv, res: [bg.call_function(torch.add, (benv[e], res[k]))
+                                              for k, (_, e, _) in enumerate(pairs)], f"ReuseBlock{b}", coef=False)
+    gm.add_submodule(f"cdcompile_compute_block{b}", compute_gm)
+    gm.add_submodule(f"cdcompile_reuse_block{b}", reuse_gm)
+    operands = tuple(env[x] for x in r.inputs) + tuple(res_slots)
+    cond = call(torch.ops.higher_order.cond, (prune, g.get_attr(f"cdcompile_reuse_block{b}"),
+                                              g.get_attr(f"cdcompile_compute_block{b}"), operands))
+    for k, (_, entry, out) in enumerate(pairs):
+        env[out] = call(_getitem, (cond, k))
+        call(guard.prune_commit_residual, (prune, gs["idx"], res_slots[k], env[out], env[entry], st[names[k]]))
+    call(guard.prune_commit_block, (prune, gs["idx"], h, a, st[r.plan.anchor_name]))

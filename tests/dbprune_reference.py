@@ -1,0 +1,139 @@
+"""An eager reference of reference/algorithms.md §4 (DBPrune), written for the tests only.
+
+Like dbcache_reference.py it runs the models' blocks by hand and keeps the state in Python: per CFG
+slot, per block, the block's input when it last computed and its residual per stream. The compiled
+backend (cache_type="dbprune") must reproduce its decisions and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    Fn: int = 1
+    Bn: int = 0
+    threshold: float = 0.08
+    warmup: int = 8
+    interval: int = 1
+    max_cached: int = -1
+    max_continuous: int = -1
+    non_prune: tuple[int, ...] = ()
+    dynamic: bool = False
+
+    def options(self, compiler: str = "eager") -> dict:
+        return {"compiler": compiler, "cache_type": "dbprune", "Fn_compute_blocks": self.Fn,
+                "Bn_compute_blocks": self.Bn, "residual_diff_threshold": self.threshold,
+                "max_warmup_steps": self.warmup, "warmup_interval": self.interval,
+                "max_cached_steps": self.max_cached, "max_continuous_cached_steps": self.max_continuous,
+                "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic}
+
+
+@dataclasses.dataclass
+class PruneSlot:
+    inputs: dict = dataclasses.field(default_factory=dict)  # block -> hidden input when last computed
+    residuals: dict = dataclasses.field(default_factory=dict)  # block -> {stream: residual}
+    cached: int = 0  # steps with a pruned block, this request
+    run: int = 0  # such steps in a row
+
+
+class RefPrune:
+    def __init__(self, cfg: PruneConfig, num_blocks: int):
+        self.cfg, self.n = cfg, num_blocks
+        self.slots: dict[int, PruneSlot] = {}
+        self.decisions: list[tuple[int, int, list[int]]] = []  # (step, slot, pruned block indices)
+        self.thresholds: list[float] = []  # the threshold each block decision used
+
+    def new_request(self) -> None:
+        self.slots = {}
+
+    def prunable(self, b: int) -> bool:
+        c = self.cfg
+        return c.Fn <= b < self.n - c.Bn and b not in c.non_prune
+
+    def begin(self, step: int, slot: int) -> None:
+        c, st = self.cfg, self.slots.setdefault(slot, PruneSlot())
+        self.allowed = not (step in range(0, c.warmup, c.interval)
+                            or (c.max_cached >= 0 and st.cached >= c.max_cached)
+                            or (c.max_continuous >= 0 and st.run >= c.max_continuous)
+                            or c.threshold <= 0)
+        self.step, self.slot, self.diffs = step, slot, []
+        self.decisions.append((step, slot, []))
+
+    def prune(self, b: int, h: torch.Tensor) -> bool:
+        c, st = self.cfg, self.slots[self.slot]
+        if not self.prunable(b) or b not in st.inputs:
+            return False
+        a = st.inputs[b]
+        diff = float((h - a).abs().mean() / a.abs().mean())
+        thr = c.threshold
+        positive = [d for d in self.diffs if d > 0][:5]
+        if c.dynamic and positive:
+            relaxed = 1.25 * sum(positive) / len(positive)
+            if relaxed < 2 * c.threshold:
+                thr = max(thr, relaxed)
+        self.diffs.append(diff)
+        self.thresholds.append(thr)
+        hit = self.allowed and diff < thr
+        if hit:
+            self.decisions[-1][2].append(b)
+        return hit
+
+    def residuals(self, b: int) -> dict:
+        return self.slots[self.slot].residuals[b]
+
+    def store(self, b: int, h: torch.Tensor, residuals: dict) -> None:
+        if self.prunable(b):
+            st = self.slots[self.slot]
+            st.inputs[b], st.residuals[b] = h, residuals
+
+    def end(self) -> None:
+        st = self.slots[self.slot]
+        if self.decisions[-1][2]:
+            st.cached += 1
+            st.run += 1
+        else:
+            st.run = 0
+
+
+def run_sequential_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
+    """cdcompile.testing.SequentialDiT's forward with DBPrune over ``model.blocks``."""
+    half = model.proj_in.out_features // 2
+    freqs = torch.exp(-9.21 * torch.arange(half) / half)
+    angles = t.reshape(-1, 1).float() * 1000 * freqs
+    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
+    h = model.proj_in(x)
+    ref.begin(step, slot)
+    for b, block in enumerate(model.blocks):
+        if ref.prune(b, h):
+            h = h + ref.residuals(b)["hidden"]
+        else:
+            out = block(h, temb)
+            ref.store(b, h, {"hidden": out - h})
+            h = out
+    ref.end()
+    return model.proj_out(h)
+
+
+def run_flux(model, kw: dict, ref: RefPrune, step: int, slot: int = 0):
+    """FluxTransformer2DModel's forward (diffusers 0.42) with DBPrune over its 2-group stack."""
+    hs = model.x_embedder(kw["hidden_states"])
+    t = kw["timestep"].to(hs.dtype) * 1000
+    temb = model.time_text_embed(t, kw["pooled_projections"])
+    enc = model.context_embedder(kw["encoder_hidden_states"])
+    rope = model.pos_embed(torch.cat((kw["txt_ids"], kw["img_ids"]), dim=0))
+    stack = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    ref.begin(step, slot)
+    for b, block in enumerate(stack):
+        if ref.prune(b, hs):
+            res = ref.residuals(b)
+            hs, enc = hs + res["hidden"], enc + res["encoder"]
+        else:
+            e, h = block(hidden_states=hs, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
+            ref.store(b, hs, {"hidden": h - hs, "encoder": e - enc})
+            hs, enc = h, e
+    ref.end()
+    return model.proj_out(model.norm_out(hs, temb))
