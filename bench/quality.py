@@ -701,7 +701,7 @@ def markdown(meta: dict[str, Any], results: dict[int, list[dict[str, Any]]], una
     return "\n".join(lines)
 
 
-def plot(results: dict[int, list[dict[str, Any]]], path: str) -> None:
+def plot(results: dict[int, list[dict[str, Any]]], path: str, meta: Mapping[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -740,8 +740,12 @@ def plot(results: dict[int, list[dict[str, Any]]], path: str) -> None:
         for ax, where in ((ax_f, "upper left"), (ax_t, "lower right")):
             if ax.get_legend_handles_labels()[1]:
                 ax.legend(fontsize=7, loc=where)
+    run = (f"{meta.get('cpu')} ({meta.get('cpu_cores')} cores, {meta.get('torch_threads')} torch thread(s)); "
+           f"torch {meta.get('torch')}, diffusers {meta.get('diffusers')}, cache-dit {meta.get('cache_dit')}; "
+           f"commit {str(meta.get('git_commit'))[:12]}{' (dirty)' if meta.get('git_dirty') else ''}; "
+           f"{meta.get('date')}")
     fig.suptitle("Trained tiny FLUX (64 tokens, CPU), PSNR against the uncached eager image; hollow = F2B1; "
-                 "large pale markers = peers (cdcompile on top)", fontsize=10)
+                 f"large pale markers = peers (cdcompile on top)\n{run}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -791,7 +795,7 @@ def write_outputs(stem: str, meta: dict[str, Any], results: dict[int, list[dict[
     """Findings, tables (printed), STEM.json, STEM.md and STEM_frontier.png."""
     notes = {steps: findings(steps, rs) for steps, rs in results.items()}
     png = stem + "_frontier.png"
-    plot(results, png)
+    plot(results, png, meta)
     for steps, rs in results.items():
         print(f"\n{steps} steps")
         print(H.text_table(HEADER, table_rows(rs, unavailable)))

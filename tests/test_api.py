@@ -126,8 +126,10 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
 @pytest.mark.parametrize("opts", [
     {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
     {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
-], ids=["foca", "dbprune"])
-def test_exported_package_with_foca_or_dbprune_equals_the_compiled_model(tmp_path, opts):
+    {"taylorseer_order": 2, "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    {"steps_computation_mask": [1, 1, 0, 1, 0, 0], "steps_computation_policy": "static", "max_warmup_steps": 2},
+], ids=["foca", "dbprune", "taylorseer2", "static_mask"])
+def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, opts):
     m = SequentialDiT(depth=4)
     traj = _traj(6)
     path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts)
