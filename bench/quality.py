@@ -621,10 +621,11 @@ def _fmt_db(v: float) -> str:
 # Why cdcompile's calibrators forecast differently from cache-dit's at equal decisions (see
 # cdcompile/calibrators.py); printed under the findings only when the pair's PSNR differs.
 CALIBRATOR_DIFFERENCES = {
-    "TaylorSeer-2": "TaylorSeer order 2 differs by design: cdcompile evaluates the Newton form "
-                    "d0 + d1 (s - x0) + d2 (s - x0)(s - x1) (exact on quadratics for any spacing), cache-dit the "
-                    "Taylor form sum d_i k^i / i!; order 1 is the same in both. On this model's residuals the "
-                    "larger second-order term of the Newton form extrapolates worse.",
+    "TaylorSeer-2": "TaylorSeer order 2: both use algorithms.md's Taylor form, but cache-dit's calibrator step "
+                    "counter lags the denoising step by one and takes no difference before its step 2, so with "
+                    "4 warm-up steps its first cached steps forecast with order 1 while cdcompile already holds "
+                    "d2 (algorithms.md: use the orders available). With 6 warm-up steps the images are equal "
+                    "(tests/test_parity_cache_dit.py).",
     "FoCa": "FoCa differs by design (cdcompile/calibrators.py): cdcompile divides the slope of the last two "
             "computed residuals by the steps between them; cache-dit takes them as one step apart, so its "
             "forecast overshoots whenever computed steps are further apart.",

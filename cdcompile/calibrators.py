@@ -1,16 +1,31 @@
 """Calibrators: forecast the skipped middle residual on cached steps (reference/algorithms.md §2).
 
-TaylorSeer of order ``n`` keeps, per slot and stream, the divided differences of the residual over
-the last ``n + 1`` computed steps (nodes ``x0 > x1 > x2``, most recent first) and forecasts
+TaylorSeer of order ``n`` keeps, per slot and stream, differences of the residual over the last
+``n + 1`` computed steps (nodes ``x0 > x1 > x2``, most recent first) in one of two forms
+(option ``taylorseer_form``):
 
+``"taylor"`` (the default; algorithms.md §2 literally, and cache-dit's formula)::
+
+    d0 = Y(x0),  d(i+1) = (d_i(now) - d_i(before)) / w,  w = x0 - x1
+    Y(x0 + k) = sum_i d_i k^i / i!
+
+Every order is divided by the same gap ``w`` between the last two computed steps: ``d1`` is a
+backward slope and ``d2`` a backward second difference, read as derivatives at ``x0``. Exact on
+residuals linear in the step for any spacing; at order 2 it is off by ``d2 w k / 2`` on an exact
+quadratic (the backward slope belongs half a gap back).
+
+``"newton"``::
+
+    d1 = (Y(x0) - Y(x1)) / (x0 - x1),  d2 = (d1(x0) - d1(x1)) / (x0 - x2)
     Y(s) = d0 + d1 (s - x0) + d2 (s - x0)(s - x1)
 
-with ``d0 = Y(x0)``, ``d1 = (Y(x0) - Y(x1)) / (x0 - x1)``, ``d2 = (d1(x0) - d1(x1)) / (x0 - x2)``.
-This is the Newton form of the interpolating polynomial: it is exact for residuals that are
-polynomials of degree <= n in the step, for any spacing of the computed steps. (The Taylor form
-``sum d_i k^i / i!`` with ``d2`` divided by the last gap, as algorithms.md writes it, agrees at
-order 1 but is off by ``d2 * w * k / 2`` at order 2 on an exact quadratic.) Orders with too little
-history are dropped. State moves only on computed steps; calibrators never change *when* to cache.
+the Newton form of the interpolating polynomial: exact for residuals that are polynomials of
+degree <= n in the step, for any spacing of the computed steps. Order 1 is the same in both forms.
+Which extrapolates a real model's residual better is an empirical question: on the trained tiny
+FLUX (bench/results/quality.md) the Taylor form's damped second-order term wins at high thresholds.
+
+Orders with too little history are dropped. State moves only on computed steps; calibrators never
+change *when* to cache.
 
 State: ``residual_k`` (S, n + 1, *stream) holds d0..dn; ``cal_nodes`` (S, 3) float32 the nodes;
 ``slot_ctr[:, 3]`` counts computed steps in the request.
@@ -30,7 +45,7 @@ state moves on cached steps too: the forecast recurses on its own previous incre
 only well-defined reading of algorithms.md's ``DC = F_k - F_km1`` with ``F_k`` "the forecast":
 on the first cached step after a computed one there is no previous forecast, and the value used
 there is the computed residual. (It is also what cache-dit's FoCa keeps: a rolling window advanced
-by every step.) Deviation, as with TaylorSeer's Newton form: algorithms.md writes
+by every step.) Deviation: algorithms.md writes
 ``DF = F_full - F_full_prev`` without dividing by the gap ``w``; cache-dit assumes computed steps
 one apart. Between computed steps ``w`` apart that is ``w`` times the per-step slope, which makes
 the forecast overshoot ``(w - 1) e/2`` increments even on a residual exactly linear in the step;
@@ -48,14 +63,20 @@ from __future__ import annotations
 import torch
 
 
-def coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor, order: int) -> torch.Tensor:
+TAYLOR, NEWTON = "taylor", "newton"
+FORMS = (TAYLOR, NEWTON)
+
+
+def coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor, order: int,
+                 form: str = TAYLOR) -> torch.Tensor:
     """``(order + 1,)`` float32 weights of d0..dn at ``step`` (0 for orders without history)."""
     s = step.to(torch.float32)
+    k = s - nodes[0]
     terms = [torch.ones_like(s)]
     if order >= 1:
-        terms.append(s - nodes[0])
+        terms.append(k)
     if order >= 2:
-        terms.append((s - nodes[0]) * (s - nodes[1]))
+        terms.append(k * k / 2 if form == TAYLOR else k * (s - nodes[1]))
     avail = torch.arange(order + 1, device=step.device) < computed
     return torch.where(avail, torch.stack(terms), torch.zeros_like(s))
 
@@ -69,7 +90,7 @@ def forecast(res: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 
 def differences(y: torch.Tensor, old: torch.Tensor, step: torch.Tensor, nodes: torch.Tensor,
-                computed: torch.Tensor) -> torch.Tensor:
+                computed: torch.Tensor, form: str = TAYLOR) -> torch.Tensor:
     """New d0..dn after a computed step at ``step`` with residual ``y`` (``old``: previous d's)."""
     order = old.shape[0] - 1
     new = [y]
@@ -77,8 +98,9 @@ def differences(y: torch.Tensor, old: torch.Tensor, step: torch.Tensor, nodes: t
     s = step.to(acc)
     prev = y.to(acc)
     for i in range(1, order + 1):
-        # d_i = (d_{i-1}(now) - d_{i-1}(before)) / (x_now - x_{i-1}); zero while history is short
-        gap = s - nodes[i - 1].to(acc)
+        # d_i = (d_{i-1}(now) - d_{i-1}(before)) / gap; zero while history is short. The gap is
+        # x_now - x0 in the Taylor form, x_now - x_{i-1} in the Newton form.
+        gap = s - nodes[0 if form == TAYLOR else i - 1].to(acc)
         ok = computed >= i
         d = (prev - old[i - 1].to(acc)) / torch.where(ok, gap, torch.ones_like(gap))
         d = torch.where(ok, d, torch.zeros_like(d))

@@ -69,6 +69,10 @@ class CacheConfig:
         TaylorSeer on, as before the calibrator option existed. An order with calibrator="foca",
         or 0 with calibrator="taylorseer", is a ValueError. After validation both fields are
         normalised: calibrator is None, TAYLORSEER or FOCA and taylorseer_order an int.
+    taylorseer_form: "taylor" (default: algorithms.md §2 and cache-dit, sum d_i k^i / i! with every
+        difference divided by the last gap) or "newton" (the interpolating polynomial through the
+        last n + 1 computed steps: exact on residuals polynomial in the step for any spacing).
+        The two agree at order 1; see cdcompile.calibrators.
 
     DBPrune (algorithms.md §4):
     cache_type: "dbcache" (default: one decision per call skips the middle blocks) or "dbprune":
@@ -113,6 +117,7 @@ class CacheConfig:
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
+    taylorseer_form: str = "taylor"
     cache_type: CacheType = CacheType.DBCACHE
     non_prune_block_ids: tuple[int, ...] = ()
     enable_dynamic_prune_threshold: bool = False
@@ -183,6 +188,14 @@ class CacheConfig:
             order = 1
         object.__setattr__(self, "calibrator", cal)
         object.__setattr__(self, "taylorseer_order", order or 0)
+        form = self.taylorseer_form
+        _check_type("taylorseer_form", form, str)
+        if form.lower() not in ("taylor", "newton"):
+            _bad("taylorseer_form", form, '"taylor" (algorithms.md §2) or "newton"')
+        if form.lower() != "taylor" and cal is not Calibrator.TAYLORSEER:
+            _bad("taylorseer_form", form, 'the default "taylor" unless TaylorSeer is on '
+                 '(calibrator="taylorseer" or taylorseer_order 1 or 2); nothing else reads it')
+        object.__setattr__(self, "taylorseer_form", form.lower())
 
     def _check_prune(self) -> None:
         kind = self.cache_type

@@ -172,7 +172,7 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
 def commit_residual(cache: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor,
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
                     step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor,
-                    used: torch.Tensor | None = None) -> None:
+                    used: torch.Tensor | None = None, form: str = calibrators.TAYLOR) -> None:
     """Store the middle residual of one stream (and its divided differences): kept on cached
     steps, ``exit - entry`` on computed ones. ``used`` (FoCa) is the residual the branch used:
     the state's window moves on every step (cdcompile.calibrators)."""
@@ -183,7 +183,7 @@ def commit_residual(cache: torch.Tensor, residual: torch.Tensor, idx: torch.Tens
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
     else:
-        new = calibrators.differences(y, res_slot, step, nodes, ctr[3])
+        new = calibrators.differences(y, res_slot, step, nodes, ctr[3], form)
     residual.index_put_((idx,), torch.where(cache, res_slot, new).unsqueeze(0))
 
 

@@ -7,6 +7,7 @@ one :class:`RefSlot` per CFG slot. The compiled backend must reproduce its decis
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -21,7 +22,24 @@ class RefConfig:
     max_cached: int = -1
     max_continuous: int = -1
     order: int = 0  # TaylorSeer order
+    form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
+
+
+def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
+    """algorithms.md §2 as written: d0 = Y, d(i+1) = (d_i(now) - d_i(prev)) / w with w the steps
+    between the last two computed steps, updated at each computed step in turn; then
+    Y(k) = sum_i d_i k^i / i! with k the steps since the last computed one."""
+    d: list[torch.Tensor] = []
+    last = None
+    for s, y in history:
+        new = [y.double()]
+        for i in range(min(order, len(d))):  # d_(i+1) needs the previous d_i
+            new.append((new[i] - d[i]) / (s - last))
+        d, last = new, s
+    k = step - last
+    out = sum(di * (k ** i / math.factorial(i)) for i, di in enumerate(d))
+    return out.to(history[-1][1].dtype)
 
 
 def newton_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
@@ -110,8 +128,8 @@ class RefCache:
             return st.used[-1][1]
         if self.cfg.order == 0:
             return st.residuals
-        return {k: newton_forecast([(s, r[k]) for s, r in st.history], step, self.cfg.order)
-                for k in st.residuals}
+        fc = taylor_forecast if self.cfg.form == "taylor" else newton_forecast
+        return {k: fc([(s, r[k]) for s, r in st.history], step, self.cfg.order) for k in st.residuals}
 
     def store(self, slot: int, residuals: dict) -> None:
         st = self.slots[slot]

@@ -7,32 +7,55 @@ import torch.nn as nn
 import cdcompile
 from cdcompile import calibrators
 from cdcompile.testing import SequentialDiT
-from dbcache_reference import RefCache, RefConfig, newton_forecast, run_sequential_dit
+from dbcache_reference import RefCache, RefConfig, newton_forecast, run_sequential_dit, taylor_forecast
 
 
-def _fit_and_forecast(points, order, at):
+def _fit_and_forecast(points, order, at, form="taylor"):
     """Feed computed (step, value) points through the in-graph update; forecast at ``at``."""
     shape = points[0][1].shape
     d = torch.zeros(order + 1, *shape, dtype=torch.float64)
     nodes = torch.zeros(3)
     for n, (s, y) in enumerate(points):
         step, computed = torch.tensor(s), torch.tensor(n)
-        d = calibrators.differences(y, d, step, nodes, computed)
+        d = calibrators.differences(y, d, step, nodes, computed, form)
         nodes = torch.cat([step.float().reshape(1), nodes[:2]])
-    coef = calibrators.coefficients(torch.tensor(at), nodes, torch.tensor(len(points)), order)
+    coef = calibrators.coefficients(torch.tensor(at), nodes, torch.tensor(len(points)), order, form)
     return calibrators.forecast(d, coef.double())
 
 
-@pytest.mark.parametrize("order,poly", [
-    (1, lambda s: 0.5 - 0.25 * s),
-    (2, lambda s: 0.5 - 0.25 * s + 0.125 * s * s),
+LINEAR = lambda s: 0.5 - 0.25 * s  # noqa: E731
+QUADRATIC = lambda s: 0.5 - 0.25 * s + 0.125 * s * s  # noqa: E731
+
+
+@pytest.mark.parametrize("form,order,poly", [
+    ("taylor", 1, LINEAR), ("newton", 1, LINEAR), ("newton", 2, QUADRATIC),
 ])
 @pytest.mark.parametrize("steps", [[0, 1, 2], [0, 3, 4, 9], [2, 5, 6]])
-def test_order_n_is_exact_on_degree_n_trajectories_with_any_spacing(order, poly, steps):
+def test_order_n_is_exact_on_degree_n_trajectories_with_any_spacing(form, order, poly, steps):
     base = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
     points = [(s, base * poly(s)) for s in steps]
     for at in (steps[-1] + 1, steps[-1] + 4):
-        torch.testing.assert_close(_fit_and_forecast(points, order, at), base * poly(at), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(_fit_and_forecast(points, order, at, form), base * poly(at),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("steps", [[0, 1, 2], [0, 3, 4, 9], [2, 5, 6, 8, 12]])
+def test_taylor_form_equals_algorithms_md_on_random_residuals(order, steps):
+    g = torch.Generator().manual_seed(len(steps))
+    points = [(s, torch.randn(3, 4, generator=g, dtype=torch.float64)) for s in steps]
+    for at in (steps[-1] + 1, steps[-1] + 3):
+        torch.testing.assert_close(_fit_and_forecast(points, order, at), taylor_forecast(points, at, order),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_taylor_form_order_2_on_a_quadratic_is_off_by_half_a_gap_of_the_second_difference():
+    # y = s^2 at 0, 1, 2: d0 = 4, d1 = 3, d2 = 2, so Y(k) = 4 + 3k + k^2; the truth is 4 + 4k + k^2.
+    base = torch.ones(2, dtype=torch.float64)
+    points = [(s, base * s * s) for s in (0, 1, 2)]
+    for k in (1, 2, 3):
+        torch.testing.assert_close(_fit_and_forecast(points, 2, 2 + k), base * (4 + 3 * k + k * k))
+        torch.testing.assert_close(_fit_and_forecast(points, 2, 2 + k, "newton"), base * (2 + k) ** 2)
 
 
 def test_order_1_is_not_exact_on_a_quadratic_and_order_0_repeats_the_last_residual():
@@ -76,8 +99,8 @@ class _PolyDiT(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("degree", [1, 2])
-def test_taylorseer_of_matching_order_makes_cached_steps_exact_in_the_graph(degree):
+@pytest.mark.parametrize("degree,form", [(1, "taylor"), (2, "newton")])
+def test_taylorseer_of_matching_order_makes_cached_steps_exact_in_the_graph(degree, form):
     torch.manual_seed(0)
     m = _PolyDiT(degree)
     x = torch.randn(1, 5, 4)
@@ -86,7 +109,7 @@ def test_taylorseer_of_matching_order_makes_cached_steps_exact_in_the_graph(degr
         torch._dynamo.reset()
         c = torch.compile(m, backend="cachedit", fullgraph=True, options={
             "compiler": "aot_eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 3,
-            "taylorseer_order": order})
+            "taylorseer_order": order, **({"taylorseer_form": form} if order else {})})
         with torch.no_grad():
             errs = [(c(x, t) - m(x, t)).abs().max().item()
                     for t in (torch.tensor([1.0 - s / 10]) for s in range(10))]
@@ -96,13 +119,13 @@ def test_taylorseer_of_matching_order_makes_cached_steps_exact_in_the_graph(degr
     assert errors[degree] < 1e-4 < errors[0]
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_compiled_taylorseer_equals_the_reference(order):
-    cfg = RefConfig(threshold=0.3, warmup=2, order=order)
+@pytest.mark.parametrize("order,form", [(1, "taylor"), (2, "taylor"), (2, "newton")])
+def test_compiled_taylorseer_equals_the_reference(order, form):
+    cfg = RefConfig(threshold=0.3, warmup=2, order=order, form=form)
     m = SequentialDiT(depth=5)
     c = torch.compile(m, backend="cachedit", fullgraph=True, options={
         "compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
-        "taylorseer_order": order})
+        "taylorseer_order": order, "taylorseer_form": form})
     ref = RefCache(cfg)
     g = torch.Generator().manual_seed(0)
     x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
@@ -231,6 +254,7 @@ def test_tiny_flux_foca_forecasts_both_streams_like_the_reference():
     ({"calibrator": "TaylorSeer", "taylorseer_order": 2}, "taylorseer", 2),
     ({"calibrator": "foca"}, "foca", 0),
     ({"calibrator": "foca", "taylorseer_order": 0}, "foca", 0),
+    ({"taylorseer_order": 2, "taylorseer_form": "Newton"}, "taylorseer", 2),
 ])
 def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrator, order):
     cfg = cdcompile.CacheConfig.from_options(opts)
@@ -243,6 +267,9 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
     ({"calibrator": "foca", "taylorseer_order": 1}, r"'taylorseer_order'.*FoCa has no order"),
     ({"calibrator": "taylorseer", "taylorseer_order": 0}, r"'taylorseer_order'.*1 or 2"),
     ({"taylorseer_order": 3}, r"'taylorseer_order'.*0 \(off\), 1 or 2"),
+    ({"taylorseer_order": 2, "taylorseer_form": "lagrange"}, r"'taylorseer_form'.*'lagrange'.*taylor.*newton"),
+    ({"taylorseer_form": "newton"}, r"'taylorseer_form'.*'newton'.*unless TaylorSeer is on"),
+    ({"calibrator": "foca", "taylorseer_form": "newton"}, r"'taylorseer_form'.*unless TaylorSeer is on"),
 ])
 def test_bad_calibrator_options_are_value_errors_naming_the_key(opts, match):
     with pytest.raises(ValueError, match=match):

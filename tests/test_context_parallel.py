@@ -213,7 +213,7 @@ def _flux_trajectory(steps, seed=0):
 CACHE_OPTS = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.4, max_warmup_steps=2)
 
 
-def _scn_cache(rank, world):
+def _scn_cache(rank, world, **extra):
     """DBCache + CP: the same cached steps on every rank as in one process (the compute branch of
     the cond holds the collectives; aot_eager on 2 ranks, eager on 3)."""
     import cdcompile
@@ -226,13 +226,19 @@ def _scn_cache(rank, world):
         torch._dynamo.reset()
         c = torch.compile(m, backend="cachedit", fullgraph=True,
                           options=dict(compiler="aot_eager" if world == 2 else "eager", ulysses_degree=degree,
-                                       **CACHE_OPTS))
+                                       **{**CACHE_OPTS, **extra}))
         with torch.no_grad():
             outs = [_first(c(**kw)) for kw in steps]
         slot = cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]
         runs[degree] = dict(outs=torch.stack(outs), cached=slot["cached_steps"],
-                            diffs=slot["residual_diffs"])
+                            diffs=slot["residual_diffs"], pruned=slot.get("pruned_blocks"))
     return dict(single=runs[1], cp=runs[world])
+
+
+def _scn_prune(rank, world):
+    """DBPrune + CP: every prunable block's decision all-reduces its diff, so every rank prunes the
+    same blocks (a divergent decision would hang the collectives in the block's compute branch)."""
+    return _scn_cache(rank, world, cache_type="dbprune", residual_diff_threshold=0.3)
 
 
 def _scn_async(rank, world):
@@ -286,7 +292,7 @@ def _scn_inductor(rank, world):
 
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
-    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "async", "degree_mismatch"]),
+    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache"]),
     "w2-inductor": (2, ["inductor"]),
 }
@@ -423,6 +429,16 @@ def test_cached_steps_are_identical_on_every_rank_and_to_one_process(world):
         assert x["cp"]["cached"] == single["cached"], f"rank {r}: {x['cp']['cached']} != {single['cached']}"
         for s, d in single["diffs"].items():
             assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
+        torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_pruned_blocks_are_identical_on_every_rank_and_to_one_process():
+    res = _scenario(2, "prune")
+    single = res[0]["single"]
+    assert single["pruned"] is not None and 0 < sum(single["pruned"]), f"nothing pruned: {single['pruned']}"
+    for r, x in enumerate(res):
+        assert x["cp"]["pruned"] == single["pruned"], f"rank {r}: {x['cp']['pruned']} != {single['pruned']}"
+        assert x["cp"]["cached"] == single["cached"]
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
 
 

@@ -67,6 +67,7 @@ class CachePlan:
     state_names: list[str]
     order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
     calibrator: str | None = None  # None, "taylorseer" or "foca"
+    form: str = "taylor"  # TaylorSeer's form (cdcompile.calibrators)
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
@@ -246,7 +247,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
         residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
-        state_names=[], order=cfg.taylorseer_order,
+        state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
@@ -449,7 +450,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     if plan.calibrator == "foca":
         coef = call(calibrators.foca_coefficients, (step, nodes, computed))
     else:
-        coef = call(calibrators.coefficients, (step, nodes, computed, plan.order))
+        coef = call(calibrators.coefficients, (step, nodes, computed, plan.order, plan.form))
     operands = tuple(env[n] for n in inputs) + tuple(res_slots) + (coef,)
     true_fn = g.get_attr("cdcompile_cache_branch")
     false_fn = g.get_attr("cdcompile_compute_branch")
@@ -458,7 +459,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         env[out] = call(_getitem, (cond, k))
         used = call(_getitem, (cond, len(pairs) + k)) if plan.calibrator == "foca" else None
         call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry],
-                                     step, nodes, ctr, used))
+                                     step, nodes, ctr, used, plan.form))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, diff, idx, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
