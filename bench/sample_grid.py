@@ -54,6 +54,21 @@ def grid(rows, zoom: int, pad: int = 2):
     return canvas
 
 
+def caption(image, lines: list[str], size: int = 14, pad: int = 6):
+    """``image`` with ``lines`` of text on a white band below it (what ran, where, with which versions)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    band = Image.new("RGB", (image.width, pad + len(lines) * (size + 4) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for k, text in enumerate(lines):
+        draw.text((pad, pad + k * (size + 4)), text, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (image.width, image.height + band.height))
+    out.paste(image, (0, 0))
+    out.paste(band, (0, image.height))
+    return out
+
+
 def residual_diffs(weights, *, digits, seeds, steps: int, cfg: float) -> dict:
     """Per-step diffs at threshold 0, and cached steps / PSNR at a few thresholds (warm-up 4)."""
     import statistics
@@ -179,7 +194,17 @@ def main() -> None:
     start = time.perf_counter()
     rows = sample_rows(pipe, range(10), range(args.seeds), steps=args.steps, cfg=args.cfg, weights=args.weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, args.zoom).save(args.out)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _harness as H
+
+    m = H.metadata("cpu")
+    dirty = " (dirty)" if m["git_dirty"] else ""
+    caption(grid(rows, args.zoom), [
+        f"cdcompile.trained tiny FLUX: rows digits 0-9, columns seeds 0-{args.seeds - 1}; {args.steps} steps, "
+        f"true CFG {args.cfg:g}, no cache",
+        f"{m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}, diffusers {m['diffusers']}",
+        f"commit {m['git_commit'][:12]}{dirty}, {m['date']}",
+    ]).save(args.out)
     print(f"wrote {args.out}: 10 digits x {args.seeds} seeds, {args.steps} steps, cfg {args.cfg}, "
           f"{time.perf_counter() - start:.1f} s")
 
