@@ -180,11 +180,14 @@ def test_static_mask_zeros_prune_every_prunable_block():
     assert slot["pruned_blocks"] == [0 if b else DEPTH - 1 for b in mask]
 
 
-def test_zero_graph_breaks_and_recompiles_over_requests_with_prune_and_with_foca():
+def test_zero_graph_breaks_and_recompiles_over_requests_with_prune_foca_taylorseer_and_masks():
     from torch._dynamo.utils import counters
 
     for opts in ({"cache_type": "dbprune", "residual_diff_threshold": 0.1},
-                 {"calibrator": "foca", "residual_diff_threshold": 0.3}):
+                 {"calibrator": "foca", "residual_diff_threshold": 0.3},
+                 {"taylorseer_order": 2, "residual_diff_threshold": 0.3},
+                 {"steps_computation_mask": [1, 1] + [0, 1] * ((STEPS - 2) // 2), "steps_computation_policy": "static"},
+                 {"steps_computation_mask": [1, 1] + [0, 1] * ((STEPS - 2) // 2), "residual_diff_threshold": 0.3}):
         torch._dynamo.reset()
         counters.clear()
         m = SequentialDiT(depth=DEPTH)
