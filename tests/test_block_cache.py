@@ -293,10 +293,38 @@ def test_side_effect_calls_around_middle_blocks_refuse_the_cache_with_a_reason()
 
     m = VmapDiT()
     x, t = torch.randn(2, 5, 8), torch.tensor([0.3, 0.3])
-    with cdcompile.backend.collect_reports() as reports, pytest.warns(UserWarning, match="side-effecting"):
+    with cdcompile.backend.collect_reports() as reports, pytest.warns(UserWarning, match="torch.vmap"):
         c = torch.compile(m, backend="cachedit", options={"compiler": "eager"})
         with torch.no_grad():
             torch.testing.assert_close(c(x, t), m(x, t))
     (r,) = reports
     assert r.groups and r.cache is None
-    assert any("side-effecting op" in reason for reason in r.not_cached)
+    assert any("a torch.vmap" in reason and "torch.cond" in reason for reason in r.not_cached)
+
+
+class _ScopedBlock(torch.nn.Module):
+    """A SeqBlock run inside ``with torch.autocast(..., enabled=False)`` (as Z-Image's RoPE is), with
+    a dead cast of a side input (as Sana-WM leaves one): neither may keep the block cache out."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x, temb):
+        _ = temb.float()
+        with torch.autocast("cpu", enabled=False):
+            return self.inner(x, temb)
+
+
+def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branch():
+    cfg = RefConfig(threshold=0.15, warmup=2)
+    m = SequentialDiT(depth=5)
+    m.blocks = torch.nn.ModuleList(_ScopedBlock(b) for b in m.blocks)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-5)
+    assert reports[0].cache is not None, reports[0].not_cached
+    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)

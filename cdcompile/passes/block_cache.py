@@ -270,14 +270,25 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
                             and any(a in m_nodes for a in n.all_input_nodes)):
             m_nodes.add(n)
             region.append(n)
+    # A context a block opens and closes around region ops only (``with torch.amp.autocast(...)``
+    # in an attention processor: _enter_autocast .. _exit_autocast) moves into the branch whole.
+    balanced = _take_scopes(nodes[lo:hi + 1], order, m_nodes, region)
     # A call whose result nobody reads is there for its side effect (Dynamo drops dead pure ops):
     # e.g. the functorch nesting calls vmap leaves around a block. Moving such calls into a branch
     # that may not run, or leaving half of a pair outside it, would unbalance them.
-    # (An in-place op on a tensor the region computed is fine: it moves with the region.)
+    # (An in-place op on a tensor the region computed is fine: it moves with the region; a dead
+    # view or cast, or Dynamo's idempotent lazy_load_decompositions, has no effect to unbalance.)
     effects = [n for n in nodes[lo:hi + 1] if n.op in ("call_function", "call_method") and not n.users
+               and n not in balanced
+               and _fx.target_name(n) not in _NO_EFFECT and _fx.target_name(n) not in _VIEW_OPS
                and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))]
     if effects:
-        return (f"side-effecting op {_fx.target_name(effects[0])} ({effects[0].name}) sits between "
+        name = _fx.target_name(effects[0])
+        if name.startswith("_vmap_"):
+            return (f"a torch.vmap ({effects[0].name}) runs inside {what}: Dynamo inlines it with its functorch "
+                    f"level as a constant, and traced inside a torch.cond branch functorch then reports an "
+                    f"escaped tensor")
+        return (f"side-effecting op {name} ({effects[0].name}) sits between "
                 f"{what}; skipping them would unbalance it")
     # A getitem of a tuple made outside the region by a non-view op stays outside: operands must
     # be tensors.
@@ -288,6 +299,70 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
     return region, m_nodes
 
 
+# Contexts Dynamo records as a pair of calls: autocast (the exit reads the enter's result) and
+# torch.vmap / torch.func nesting (matched by nesting order; the decrement takes no argument).
+_SCOPES = {"_enter_autocast": "_exit_autocast", "_vmap_increment_nesting": "_vmap_decrement_nesting"}
+
+
+# Scopes that may move into a cond branch. A vmap may not: Dynamo inlines it with its functorch
+# level as a constant, and traced inside the branch functorch reports an escaped tensor (Kandinsky 6
+# SR, AnyFlow FAR in bench/zoo.py).
+_MOVABLE = {"_enter_autocast"}
+
+
+def _scope_pairs(span: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    pairs, open_ = [], []
+    closes = {v: k for k, v in _SCOPES.items()}
+    for n in span:
+        name = _fx.target_name(n) if n.op == "call_function" else None
+        if name in _SCOPES:
+            open_.append(n)
+        elif name in closes:
+            if not open_ or _fx.target_name(open_[-1]) != closes[name]:
+                open_.clear()  # closes a scope opened before the span (or out of order): no pair
+                continue
+            e = open_.pop()
+            if name != "_exit_autocast" or e in n.all_input_nodes:
+                pairs.append((e, n))
+    return pairs
+
+
+def _take_scopes(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx.Node],
+                 region: list[fx.Node]) -> set[fx.Node]:
+    """Scopes (enter/exit pairs) in ``span``, innermost first. One that holds region nodes moves
+    into the region whole, when the other nodes inside it only feed nodes inside it or the region
+    (a context a block opens and closes: ``with torch.amp.autocast(...)`` around its RoPE). One
+    that holds no region node stays out whole, balanced where it stands (a ``torch.vmap`` that
+    builds a block's attention mask from side inputs). Returns the dead calls that stay balanced:
+    the enter/exit of both kinds, and the in-place writes of the latter to tensors made inside it."""
+    pairs = sorted(_scope_pairs(span), key=lambda p: order[p[1]] - order[p[0]])
+    ends = {n for p in pairs for n in p}
+    balanced: set[fx.Node] = set()
+    for e, x in pairs:
+        if any(a in m_nodes for a in e.all_input_nodes):
+            continue
+        inside = [n for n in span if order[e] < order[n] < order[x]]
+        own = set(inside) | {e, x}
+        if not any(n in m_nodes for n in own):
+            writes_own = all(n.users or n in ends or _fx.target_name(n) in _NO_EFFECT
+                             or (n.args and isinstance(n.args[0], fx.Node) and n.args[0] in own)
+                             for n in inside)
+            if writes_own:
+                balanced |= {e, x} | {n for n in inside if not n.users}
+            continue
+        if _fx.target_name(e) not in _MOVABLE:
+            continue
+        outside = [n for n in inside if n not in m_nodes]
+        if all(n in ends or (n.users and all(u in m_nodes or u in own for u in n.users))
+               or (not n.users and _fx.target_name(n) in _NO_EFFECT) for n in outside):
+            taken = [n for n in outside if n.users or n in ends] + [n for n in (e, x) if n not in m_nodes]
+            m_nodes.update(taken)
+            region.extend(taken)
+            balanced |= {e, x}  # they move together: balanced inside the branch
+    region.sort(key=order.__getitem__)
+    return balanced
+
+
 # Ops whose result may share storage with an input. Branch operands must not alias each other
 # (torch.cond refuses it), so views are replayed inside the branches from their base tensors.
 _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "permute", "transpose",
@@ -296,6 +371,10 @@ _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "per
              ".unbind", "flatten", ".flatten", ".unflatten", ".t", ".contiguous", ".to", ".float",
              ".type_as", ".detach", "detach", ".view_as", ".reshape_as", ".movedim", "movedim",
              ".swapaxes", ".expand_as", "as_strided", ".as_strided"}
+
+
+# Dead calls that have no effect (besides _VIEW_OPS): Dynamo's lazy loading of decompositions.
+_NO_EFFECT = {"lazy_load_decompositions"}
 
 
 def _is_view(n: fx.Node) -> bool:
