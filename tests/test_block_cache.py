@@ -328,3 +328,87 @@ def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branc
                 torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-5)
     assert reports[0].cache is not None, reports[0].not_cached
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+class _Encoder(torch.nn.Module):
+    """A block of a side encoder whose stream narrows (no residual across its chain)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.fc = torch.nn.Linear(i, o)
+
+    def forward(self, m):
+        return torch.tanh(self.fc(m))
+
+
+class _Adapter(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, dim)
+
+    def forward(self, h, m):
+        return torch.tanh(self.fc(m)).unsqueeze(1) * h
+
+
+class _AdapterDiT(SequentialDiT):
+    """Wan-Animate's shape: a side encoder of 5 blocks (more than the 4 DiT blocks) whose stream
+    narrows 16 -> 4, and an adapter list applied after every second DiT block (glue in some gaps)."""
+
+    def __init__(self):
+        super().__init__(depth=4)
+        self.enc = torch.nn.ModuleList(_Encoder(16, 16 if k < 4 else 4) for k in range(5))
+        self.adapters = torch.nn.ModuleList(_Adapter(32) for _ in range(2))
+
+    def motion(self, m):
+        for e in self.enc:
+            m = e(m)
+        return m
+
+    def forward(self, x, timestep, motion):
+        m = self.motion(motion)
+        half = self.proj_in.out_features // 2
+        freqs = torch.exp(-9.21 * torch.arange(half, device=x.device) / half)
+        angles = timestep.reshape(-1, 1).float() * 1000 * freqs
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
+        h = self.proj_in(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, temb)
+            if i % 2 == 0:
+                h = self.adapters[i // 2](h, m) + h
+        return self.proj_out(h)
+
+
+def _run_adapter_dit(model, x, t, motion, cache: RefCache, step: int):
+    """_AdapterDiT with DBCache F1B0 over its DiT blocks: the adapter after block 0 belongs to M."""
+    m = model.motion(motion)
+    half = model.proj_in.out_features // 2
+    angles = t.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+    h0 = model.proj_in(x)
+    h1 = model.blocks[0](h0, temb)
+    if cache.decide(step, 0, h1 - h0):
+        return model.proj_out(h1 + cache.residuals(0)["hidden"])
+    h = model.adapters[0](h1, m) + h1
+    for i in range(1, 4):
+        h = model.blocks[i](h, temb)
+        if i == 2:
+            h = model.adapters[1](h, m) + h
+    cache.store(0, {"hidden": h - h1})
+    return model.proj_out(h)
+
+
+def test_adapters_in_some_gaps_are_glue_and_a_narrowing_side_chain_yields_to_the_dit_blocks():
+    cfg = RefConfig(threshold=0.2, warmup=2)
+    m = _AdapterDiT()
+    motion = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))
+    with cdcompile.backend.collect_reports() as reports, pytest.warns(UserWarning, match="cached blocks"):
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t, motion), _run_adapter_dit(m, x, t, motion, ref, s),
+                                           rtol=1e-5, atol=1e-5)
+    (r,) = reports
+    assert {g["name"]: g["blocks"] for g in r.groups} == {"enc": 5, "blocks": 4}
+    assert r.cache["groups"] == ["blocks"] and "enc (5)" in r.cache["fallback"]
+    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)

@@ -131,12 +131,18 @@ def run(gm: fx.GraphModule, ctx) -> None:
     # A chain of groups whose streams change form between them (Bria FIBO's single blocks carry text
     # and image tokens in one stream) may not have a residual across the whole chain; then the
     # largest single group of the chain that can be cached is, with F and B counted inside it.
-    for g in sorted(stack, key=lambda g: -g.num_blocks) if reason is not None and len(stack) > 1 else []:
-        if fn + bn < g.num_blocks and _try(gm, ctx, [g], [(g, i) for i in range(g.num_blocks)], fn, bn) is None:
-            fallback = (f"the stack {names} has no residual across it ({reason}); "
-                        f"cached {g.name} ({g.num_blocks} blocks) alone, F and B counted inside it")
+    # Failing that, the next chains (a model may hold a smaller stack of its own, e.g. Wan-Animate's
+    # motion encoder, whose stream does not keep its form), largest first.
+    singles = sorted(stack, key=lambda g: -g.num_blocks) if len(stack) > 1 else []
+    others = [c for c in _chains(groups) if c != stack]
+    for alt in ([[g] for g in singles] + others) if reason is not None else []:
+        size = sum(g.num_blocks for g in alt)
+        if fn + bn < size and _try(gm, ctx, alt, [(g, i) for g in alt for i in range(g.num_blocks)], fn, bn) is None:
+            what = " + ".join(f"{g.name} ({g.num_blocks})" for g in alt)
+            how = "alone, F and B counted inside it" if len(alt) == 1 and alt[0] in stack else "instead"
+            fallback = f"the stack {names} has no residual across it ({reason}); cached {what} {how}"
             warnings.warn(f"cachedit: {fallback}", stacklevel=2)
-            stack, n, reason = [g], g.num_blocks, None
+            stack, n, reason = alt, size, None
             break
     if reason is not None:
         report.not_cached.append(reason)
@@ -161,7 +167,13 @@ def _try(gm, ctx, stack, blocks, fn, bn) -> str | None:
 
 def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
     """The longest chain of groups linked along the hidden stream."""
-    best: list[BlockGroup] = []
+    return _chains(groups)[0]
+
+
+def _chains(groups: list[BlockGroup]) -> list[list[BlockGroup]]:
+    """The chains of groups linked along the hidden stream, one from each start, most blocks first
+    (the first of equal size first; a chain inside a longer one is left out)."""
+    chains: list[list[BlockGroup]] = []
     for start in range(len(groups)):
         chain = [groups[start]]
         for g in groups[start + 1:]:
@@ -170,9 +182,9 @@ def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
             if prev is not None and cur is not None and prev.exit is not None and (
                     cur.entry is prev.exit or prev.exit in _fx.ancestors(cur.entry)):
                 chain.append(g)
-        if sum(x.num_blocks for x in chain) > sum(x.num_blocks for x in best):
-            best = chain
-    return best
+        if not any(all(g in c for g in chain) for c in chains):
+            chains.append(chain)
+    return sorted(chains, key=lambda c: -sum(x.num_blocks for x in c))
 
 
 def _boundary(group: BlockGroup, i: int, label: str, *, before: bool) -> fx.Node | None:

@@ -331,10 +331,17 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     producer_sets = []
     bridges: list[set[fx.Node]] = []  # glue nodes carrying a stream from block i to block i+1
     stream_ins: list[set] = [set() for _ in blocks]  # (value, key) pairs that are stream inputs
+    # Another module list's entries between the blocks are blocks of their own (Latte's temporal
+    # blocks, one in every gap: an interleaved group, found as pairs) unless they sit in some gaps
+    # only: then they are glue (Wan-Animate's face adapter, injected every k blocks).
+    between = sorted((x for x in position if bounds[0][1] < position[x] < bounds[-1][0]), key=position.get)
+    gap_lists = [{c for x in between if bounds[i][1] < position[x] < bounds[i + 1][0]
+                  for c in _indexed_containers(x)} for i in range(len(blocks) - 1)]
+    interleaved = set.intersection(*gap_lists) if gap_lists else set()
     for i in range(len(blocks) - 1):
         prods, bridge = set(), set()
         in_gap = lambda x: (x not in owner and x.op not in ("placeholder", "get_attr")  # noqa: E731
-                            and not _in_indexed_module(x)
+                            and not (_indexed_containers(x) & interleaved)
                             and bounds[i][1] < position[x] < bounds[i + 1][0])
         for a, key in ins[i + 1]:
             if owner.get(a) == i:
@@ -417,9 +424,9 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
                       streams=streams, side_inputs=side_inputs, per_block_inputs=per_block, glue=glue)
 
 
-def _in_indexed_module(node: fx.Node) -> bool:
-    """Whether ``node`` runs inside some ``<container>.<int>`` module (another block, not glue)."""
-    return any(_INDEXED.match(path) for path, _ in _fx.module_stack(node))
+def _indexed_containers(node: fx.Node) -> set[str]:
+    """The containers of the ``<container>.<int>`` modules ``node`` runs in."""
+    return {m.group(1) or "" for path, _ in _fx.module_stack(node) if (m := _INDEXED.match(path))}
 
 
 def _gap_sources(value: fx.Node, in_gap, from_block) -> tuple[set[fx.Node], set[fx.Node]]:
