@@ -297,9 +297,8 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
     if effects:
         name = _fx.target_name(effects[0])
         if name.startswith("_vmap_"):
-            return (f"a torch.vmap ({effects[0].name}) runs inside {what}: Dynamo inlines it with its functorch "
-                    f"level as a constant, and traced inside a torch.cond branch functorch then reports an "
-                    f"escaped tensor")
+            return (f"a torch.vmap ({effects[0].name}) runs inside {what}: Dynamo inlines it as raw functorch "
+                    f"calls, which fail inside a torch.cond branch (functorch reports an escaped tensor)")
         return (f"side-effecting op {name} ({effects[0].name}) sits between "
                 f"{what}; skipping them would unbalance it")
     # A getitem of a tuple made outside the region by a non-view op stays outside: operands must
@@ -316,9 +315,9 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
 _SCOPES = {"_enter_autocast": "_exit_autocast", "_vmap_increment_nesting": "_vmap_decrement_nesting"}
 
 
-# Scopes that may move into a cond branch. A vmap may not: Dynamo inlines it with its functorch
-# level as a constant, and traced inside the branch functorch reports an escaped tensor (Kandinsky 6
-# SR, AnyFlow FAR in bench/zoo.py).
+# Scopes that may move into a cond branch. A vmap may not: Dynamo inlines it as raw functorch
+# calls (_vmap_increment_nesting, _add_batch_dim, ...), and inside a torch.cond branch those fail,
+# eager and traced alike (functorch reports an escaped tensor; Kandinsky 6 SR, AnyFlow FAR).
 _MOVABLE = {"_enter_autocast"}
 
 
