@@ -3,9 +3,14 @@
 Algorithm (reference/algorithms.md §1, §5):
 1. Stack. The discovered groups chained along the hidden stream (a group whose hidden entry is
    computed from the previous group's hidden exit) form one stack of N blocks; the longest chain
-   wins (FLUX: 19 double + 38 single = 57). One decision covers the whole stack.
+   wins (FLUX: 19 double + 38 single = 57). One decision covers the whole stack. When it has no
+   residual across it, its largest group alone, then the other chains, largest first, are tried
+   (Bria FIBO; Wan-Animate, whose 5-block motion encoder narrows its stream); the report says so.
 2. Split. F = the first ``Fn_compute_blocks`` blocks, B = the last ``Bn_compute_blocks``, M = the
-   rest. The M region is M's block nodes plus the nodes between them that depend on them.
+   rest. The M region is M's block nodes plus the nodes between them that depend on them, and
+   whole scopes opened and closed around them (``torch.autocast``). A call nobody reads between
+   the M blocks (a side effect, e.g. functorch nesting) that would not move with the region
+   whole refuses the cache with a reason.
    M's outputs must be stream values at M's exit, each with an M-entry stream of the same label
    and shape (the residual ``exit - entry``); anything else leaving M makes the graph uncacheable.
 3. Guard. ``R = HF - H0`` (the hidden stream after F minus the stack's hidden input) is compared
