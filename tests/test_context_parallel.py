@@ -163,6 +163,50 @@ def _scn_single_stream(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict())
 
 
+class _LinearAttnBlock(torch.nn.Module):
+    """Sana-style ReLU linear attention (``(V, 1) K^T`` then ``Q``: token sums as a matmul) gated by
+    the mean over tokens: both are sums over the sharded token dim."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.gate = torch.nn.Linear(dim, dim)
+
+    def forward(self, h):
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q = torch.relu(q.transpose(1, 2).unflatten(1, (self.heads, -1)))  # (B, H, d, N)
+        k = torch.relu(k.transpose(1, 2).unflatten(1, (self.heads, -1)).transpose(2, 3))  # (B, H, N, d)
+        v = torch.nn.functional.pad(v.transpose(1, 2).unflatten(1, (self.heads, -1)), (0, 0, 0, 1), value=1.0)
+        o = torch.matmul(torch.matmul(v, k), q)  # (B, H, d + 1, N)
+        o = (o[:, :, :-1] / (o[:, :, -1:] + 1e-6)).flatten(1, 2).transpose(1, 2)
+        return h + self.out(o) * torch.sigmoid(self.gate(h.mean(dim=1, keepdim=True)))
+
+
+class _LinearAttnDiT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(_LinearAttnBlock() for _ in range(3))
+        self.outp = torch.nn.Linear(16, 8)
+
+    def forward(self, x, timestep):
+        h = self.inp(x) * torch.cos(timestep).reshape(-1, 1, 1)
+        for b in self.blocks:
+            h = b(h)
+        return self.outp(h)
+
+
+def _scn_linear_attention(rank, world):
+    """Token sums (linear attention's V K^T, a token mean) all-reduced, 37 tokens (uneven)."""
+    m = _LinearAttnDiT().eval()
+    kw = dict(x=torch.randn(1, 37, 8, generator=torch.Generator().manual_seed(2)), timestep=torch.tensor([0.4]))
+    gm2, rec, out, ref, _ = _build_and_run(m, kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict(), fx_ops=_fx_ops(gm2))
+
+
 def _scn_wan(rank, world):
     """Wan: self-attention sharded, cross-attention to replicated text runs locally."""
     from cdcompile import zoo
@@ -292,8 +336,9 @@ def _scn_inductor(rank, world):
 
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
-    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch"]),
-    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache"]),
+    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
+               "linear_attention"]),
+    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -394,6 +439,14 @@ def test_single_stream_multihead_attention_matches_one_process(world):
     res = _scenario(world, "single_stream")
     _assert_parity(res)
     assert res[0]["record"]["attention"] == {"mha_ulysses": 6}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_token_sums_and_linear_attention_are_all_reduced(world):
+    res = _scenario(world, "linear_attention")
+    _assert_parity(res, rtol=1e-5, atol=1e-5)
+    assert res[0]["record"]["sharded_streams"] == ["blocks.hidden"]
+    assert res[0]["fx_ops"]["all_reduce_sum"] == 6  # per block: V K^T and the token mean
 
 
 def test_cross_attention_to_replicated_text_needs_no_exchange():

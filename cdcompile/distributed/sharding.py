@@ -18,9 +18,13 @@ change so that the op computes this rank's part. Per op:
    all-to-all); Q sharded and K/V replicated (cross-attention to text) -> local attention, no
    communication; Q replicated and K/V sharded -> K and V are gathered. An attention mask is
    reordered to the gathered token order. ``F.multi_head_attention_forward`` likewise.
-5. Anything that mixes tokens other than attention (a reduction over the token dim, a
-   token-dim convolution, a matmul contracting tokens, advanced indexing) refuses the plan with a
-   reason: compiling without context parallelism is correct, a wrong plan is not.
+5. Sums over the token dim: ``sum``/``mean`` over dims that include it, and a matmul contracting
+   two sharded token dims (linear attention: Sana's ``V K^T``), give this rank's partial sum; an
+   all-reduce after the node (``reductions``) makes the result whole and replicated (a mean is
+   first scaled by local/global length, so uneven splits stay exact).
+6. Anything else that mixes tokens (other reductions over the token dim, a token-dim convolution,
+   a matmul contracting tokens against a replicated value, advanced indexing) refuses the plan
+   with a reason: compiling without context parallelism is correct, a wrong plan is not.
 
 Values used after the last group are gathered (``gathers``).
 """
@@ -70,6 +74,8 @@ class Plan:
     new_args: dict[fx.Node, tuple] = dataclasses.field(default_factory=dict)  # node -> (target, args, kwargs)
     attentions: list[Attention] = dataclasses.field(default_factory=list)
     gathers: list[tuple[fx.Node, Sharded, list[fx.Node]]] = dataclasses.field(default_factory=list)
+    # partial sums over the token axis, all-reduced after the node: (node, scale of the local value)
+    reductions: list[tuple[fx.Node, float]] = dataclasses.field(default_factory=list)
     sharded_streams: list[str] = dataclasses.field(default_factory=list)
 
     def local(self, axis: Axis) -> tuple:
@@ -126,6 +132,12 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
         if outside:
             p.gathers.append((n, lay, outside))
     return p
+
+
+def _batch_dims_replicated(sa, sb, out) -> bool:
+    """A matmul whose operands are 2-D or more: its batch dims carry no token axis (checked by the
+    caller through the contracted dims) and broadcast plainly."""
+    return len(out) == max(len(sa), len(sb))
 
 
 class _Visitor:
@@ -376,10 +388,14 @@ class _Visitor:
             raise Refused(Why.MIXED_AXES, n, f"{name_of(n)} of several sharded values")
         ndim = len(shape_of(src))
         d = arg(n, 1, "dim")
-        if d is None:
-            raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} over all dims")
-        dims = {norm_dim(x, ndim) for x in (d if isinstance(d, (tuple, list)) else (d,))}
+        dims = set(range(ndim)) if d is None else {
+            norm_dim(x, ndim) for x in (d if isinstance(d, (tuple, list)) else (d,))}
         if lay.dim in dims:
+            if name_of(n) in ("sum", "mean") and isinstance(_fx.fake_value(n), torch.Tensor):
+                # this rank's partial sum (a mean: scaled to its share of the tokens), all-reduced
+                share = lay.axis.local_len(self.p.rank) / lay.axis.length if name_of(n) == "mean" else 1.0
+                self.p.reductions.append((n, share))
+                return None
             raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} over the token dim")
         out = _fx.fake_value(n)
         first = out[0] if isinstance(out, (tuple, list)) else out
@@ -410,6 +426,10 @@ class _Visitor:
         la, lb = self.lay(a), self.lay(b)
         sa, sb, out = shape_of(a), shape_of(b), shape_of(n)
         if la is not None and lb is not None:
+            if (len(sa) >= 2 and len(sb) >= 2 and la.dim == len(sa) - 1 and lb.dim == len(sb) - 2
+                    and la.axis == lb.axis and _batch_dims_replicated(sa, sb, out)):
+                self.p.reductions.append((n, 1.0))  # contracting the token dim: a partial sum
+                return None
             raise Refused(Why.TOKEN_MIXING_OP, n, "matmul of two sharded values (attention written as matmuls)")
         if la is not None:
             if la.dim == len(sa) - 1:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import warnings
 from typing import Any
 
@@ -171,13 +172,23 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
             n.op, n.target = "call_function", target
         n.args, n.kwargs = tuple(args), kwargs
 
-    # 4. Attention.
+    # 4. Partial sums over the token axis (sum/mean over tokens, linear attention): all-reduced.
+    for n, share in plan.reductions:
+        users = list(n.users)
+        with graph.inserting_after(n):
+            local = new(operator.mul, (n, share)) if share != 1.0 else n
+        with graph.inserting_after(local):
+            whole = new(ulysses.all_reduce_sum, (local, group))
+        for u in users:
+            u.replace_input_with(n, whole)
+
+    # 5. Attention.
     owner = {m: b for g in (discovery.groups if discovery else []) for b in g.blocks for m in b.nodes}
     for att in plan.attentions:
         _rewrite_attention(graph, att, plan, new, group=group, fp8=fp8, overlap=overlap,
                            block=owner.get(att.node))
 
-    # 5. Gathers after the last node of the groups.
+    # 6. Gathers after the last node of the groups.
     with graph.inserting_after(plan.region[-1]):
         for n, how, users in plan.gathers:
             block = max(how.axis.local_lens())
