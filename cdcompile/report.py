@@ -60,6 +60,8 @@ class GraphReport:
                 lines.append(f"  context parallel: rank {cp.rank}/{cp.world}, sharded {cp.sharded_streams}, "
                              f"attention {kinds}, {cp.collectives} collective nodes"
                              f"{', fp8' if cp.fp8 else ''}{', async' if cp.overlap else ''}")
+                if cp.unsharded_groups:
+                    lines.append(f"  context parallel: left {cp.unsharded_groups} unsharded ({cp.reason})")
             else:
                 lines.append(f"  context parallel: not applied ({cp.reason})")
         for p in self.passes:

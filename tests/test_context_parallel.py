@@ -207,6 +207,15 @@ def _scn_linear_attention(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict(), fx_ops=_fx_ops(gm2))
 
 
+def _scn_krea2(rank, world):
+    """Krea 2: its leading layer-wise text-fusion group cannot shard; the groups after it do."""
+    from cdcompile import zoo
+
+    m, kw = zoo.ZOO["krea2"]()
+    _, rec, out, ref, _ = _build_and_run(m, kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict())
+
+
 def _scn_wan(rank, world):
     """Wan: self-attention sharded, cross-attention to replicated text runs locally."""
     from cdcompile import zoo
@@ -337,7 +346,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention"]),
+               "linear_attention", "krea2"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention"]),
     "w2-inductor": (2, ["inductor"]),
 }
@@ -447,6 +456,14 @@ def test_token_sums_and_linear_attention_are_all_reduced(world):
     _assert_parity(res, rtol=1e-5, atol=1e-5)
     assert res[0]["record"]["sharded_streams"] == ["blocks.hidden"]
     assert res[0]["fx_ops"]["all_reduce_sum"] == 6  # per block: V K^T and the token mean
+
+
+def test_a_leading_group_that_cannot_shard_leaves_the_rest_to_shard():
+    res = _scenario(2, "krea2")
+    _assert_parity(res, rtol=1e-5, atol=1e-5)
+    rec = res[0]["record"]
+    assert rec["unsharded_groups"] == ["text_fusion.layerwise_blocks"] and "token" in rec["reason"]
+    assert rec["sharded_streams"] and not any(s.startswith("text_fusion.layerwise") for s in rec["sharded_streams"])
 
 
 def test_cross_attention_to_replicated_text_needs_no_exchange():

@@ -77,6 +77,7 @@ class ContextParallelRecord:
     world: int
     rank: int
     reason: str | None = None  # why not applied (sharding.Why value + detail)
+    unsharded_groups: list[str] = dataclasses.field(default_factory=list)  # left out, with why, when applied
     sharded_streams: list[str] = dataclasses.field(default_factory=list)
     attention: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> count
     collectives: int = 0  # graph nodes that issue collectives
@@ -103,18 +104,28 @@ def run(gm: fx.GraphModule, ctx) -> None:
         warnings.warn(f"cachedit: ulysses_degree={world} but the graph is compiled unsharded: {record.reason}",
                       stacklevel=2)
         return
+    # Every group first; failing that, fewer groups: a leading group that cannot shard (Krea 2's
+    # layer-wise text fusion) leaves the rest to shard, and so does a trailing one.
+    tries = [groups] + [groups[k:] for k in range(1, len(groups))] + [groups[:k] for k in range(len(groups) - 1, 0, -1)]
     plan, errors = None, []
-    for streams in ("all", "hidden"):
-        try:
-            plan = sharding.plan(gm, groups, world=world, rank=rank, shard_streams=streams)
+    for subset in tries:
+        for streams in ("all", "hidden"):
+            try:
+                plan = sharding.plan(gm, subset, world=world, rank=rank, shard_streams=streams)
+                break
+            except Refused as e:
+                errors.append(str(e))
+        if plan is not None:
             break
-        except Refused as e:
-            errors.append(str(e))
     if plan is None:
         record.reason = errors[0]
         warnings.warn(f"cachedit: ulysses_degree={world} but the graph is compiled unsharded: {errors[0]}",
                       stacklevel=2)
         return
+    if subset is not groups:
+        record.unsharded_groups = [g.name for g in groups if g not in subset]
+        record.reason = errors[0]
+        log.info("cachedit: context parallel leaves %s unsharded: %s", record.unsharded_groups, errors[0])
     apply(gm, plan, ctx.discovery, group=group, fp8=cfg.ulysses_fp8, overlap=cfg.ulysses_async)
     refresh_meta(gm)
     record.applied = True
