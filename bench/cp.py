@@ -179,7 +179,7 @@ def _zoo_worker(rank, world, port, names, outdir):
                     compiler="eager", enable_cache=False, ulysses_degree=world))
                 rec = ctx.context_parallel
                 row.update(applied=rec.applied, reason=rec.reason, attention=rec.attention,
-                           streams=rec.sharded_streams)
+                           streams=rec.sharded_streams, unsharded_groups=rec.unsharded_groups)
                 if rec.applied:
                     with torch.no_grad():
                         out = gm2(*graphs[0][1])
@@ -202,10 +202,14 @@ def run_zoo(world: int, out: str) -> None:
         mp.spawn(_zoo_worker, args=(world, _free_port(), list(ZOO), d), nprocs=world, join=True)
         rows = torch.load(os.path.join(d, "zoo.pt"), weights_only=False)
     applied = [r for r in rows if r.get("applied")]
-    header = ["model", "sharded", "attention", "sharded streams", "max|err| vs 1 process", "not sharded because"]
+    header = ["model", "sharded", "attention", "sharded streams", "max|err| vs 1 process",
+              "not sharded (or groups left out) because"]
+
     def why(r):
         if r.get("graphs", 1) != 1:
             return f"not tried: {r['graphs']} graphs (the sweep takes single-graph models)"
+        if r.get("applied") and r.get("unsharded_groups"):
+            return f"left {', '.join(r['unsharded_groups'])} unsharded: {r.get('reason')}"
         return r.get("error") or r.get("reason") or ""
 
     table = [[r["model"], "yes" if r.get("applied") else "no",
