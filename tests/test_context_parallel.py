@@ -216,6 +216,15 @@ def _scn_krea2(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict())
 
 
+def _scn_cogview4(rank, world):
+    """CogView4 writes RoPE into the image part of Q and K (``q[:, :, text:] = ...``)."""
+    from cdcompile import zoo
+
+    m, kw = zoo.ZOO["cogview4"]()
+    _, rec, out, ref, _ = _build_and_run(m, kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict())
+
+
 def _scn_wan(rank, world):
     """Wan: self-attention sharded, cross-attention to replicated text runs locally."""
     from cdcompile import zoo
@@ -347,7 +356,7 @@ def _scn_inductor(rank, world):
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
                "linear_attention", "krea2"]),
-    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention"]),
+    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -464,6 +473,12 @@ def test_a_leading_group_that_cannot_shard_leaves_the_rest_to_shard():
     rec = res[0]["record"]
     assert rec["unsharded_groups"] == ["text_fusion.layerwise_blocks"] and "token" in rec["reason"]
     assert rec["sharded_streams"] and not any(s.startswith("text_fusion.layerwise") for s in rec["sharded_streams"])
+
+
+def test_writes_into_a_token_range_use_each_rank_s_local_bounds():
+    res = _scenario(3, "cogview4")
+    _assert_parity(res, rtol=1e-5, atol=1e-5)
+    assert res[0]["record"]["attention"] == {"ulysses": 3}
 
 
 def test_cross_attention_to_replicated_text_needs_no_exchange():

@@ -13,7 +13,8 @@ change so that the op computes this rank's part. Per op:
    through the op by running it on a contiguous meta tensor and finding the output dim with the
    token dim's stride; a size argument equal to the logical length becomes the local length.
 3. Token-dim ``cat`` concatenates axes (layout.Axis.cat); a replicated operand gets its even
-   shard. Token-dim slices and splits become local bounds (layout.Axis.slice).
+   shard. Token-dim slices and splits, read or written (``x[:, a:] = y``), become local bounds
+   (layout.Axis.slice).
 4. ``scaled_dot_product_attention``: Q and K/V sharded -> Ulysses (all-to-all, local attention,
    all-to-all); Q sharded and K/V replicated (cross-attention to text) -> local attention, no
    communication; Q replicated and K/V sharded -> K and V are gathered. An attention mask is
@@ -248,15 +249,17 @@ class _Visitor:
             raise Refused(Why.MIXED_AXES, n, "a sharded value is written into a replicated tensor")
         new_idx, region, region_ndim = index_layout(n, idx, len(shape_of(target)), lay, self.p.rank)
         if new_idx is not idx:
-            raise Refused(Why.TOKEN_INDEXED, n, "assignment to a token range")
+            # A token range (CogView4 writes RoPE into the image part of the joint sequence): each
+            # rank writes its part of the range, given in local bounds.
+            self.p.new_args[n] = (n.target, (target, new_idx, value), dict(n.kwargs))
         if isinstance(value, fx.Node):
             vlay, vshp = self.lay(value), shape_of(value)
             if vlay is None and vshp is not None:
                 # The value broadcasts into the indexed region, aligned on the right.
                 q = region.dim - region_ndim + len(vshp)
-                if q >= 0 and vshp[q] == lay.axis.length:
-                    self.align(n, value, q, lay.axis)
-            elif vlay is not None and vlay.axis != lay.axis:
+                if q >= 0 and vshp[q] == region.axis.length:
+                    self.align(n, value, q, region.axis)
+            elif vlay is not None and vlay.axis != region.axis:
                 raise Refused(Why.MIXED_AXES, n, "assignment between differently sharded values")
         return None
 
