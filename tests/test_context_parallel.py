@@ -216,6 +216,45 @@ def _scn_krea2(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict())
 
 
+class _GQABlock(torch.nn.Module):
+    """Grouped-query attention with 3 query heads and 1 key/value head: on 2 ranks neither count
+    splits, so K and V are repeated to 3 heads before the exchange."""
+
+    def __init__(self, heads=3, kv_heads=1, d=4):
+        super().__init__()
+        self.h, self.kvh, self.d = heads, kv_heads, d
+        self.q = torch.nn.Linear(12, heads * d)
+        self.kv = torch.nn.Linear(12, 2 * kv_heads * d)
+        self.o = torch.nn.Linear(heads * d, 12)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2 * self.kvh, self.d).transpose(1, 2).chunk(2, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return x + self.o(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class _GQADiT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(_GQABlock() for _ in range(3))
+
+    def forward(self, x, timestep):
+        h = x * torch.cos(timestep).reshape(-1, 1, 1)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def _scn_gqa(rank, world):
+    m = _GQADiT().eval()
+    kw = dict(x=torch.randn(1, 37, 12, generator=torch.Generator().manual_seed(4)), timestep=torch.tensor([0.4]))
+    gm2, rec, out, ref, _ = _build_and_run(m, kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict(), fx_ops=_fx_ops(gm2))
+
+
 def _scn_cogview4(rank, world):
     """CogView4 writes RoPE into the image part of Q and K (``q[:, :, text:] = ...``)."""
     from cdcompile import zoo
@@ -355,7 +394,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention", "krea2"]),
+               "linear_attention", "krea2", "gqa"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4"]),
     "w2-inductor": (2, ["inductor"]),
 }
@@ -479,6 +518,13 @@ def test_writes_into_a_token_range_use_each_rank_s_local_bounds():
     res = _scenario(3, "cogview4")
     _assert_parity(res, rtol=1e-5, atol=1e-5)
     assert res[0]["record"]["attention"] == {"ulysses": 3}
+
+
+def test_grouped_query_heads_that_do_not_split_are_repeated_before_the_exchange():
+    res = _scenario(2, "gqa")
+    _assert_parity(res, rtol=1e-5, atol=1e-5)
+    assert res[0]["record"]["attention"] == {"ulysses": 3}
+    assert res[0]["fx_ops"]["repeat_interleave"] == 6  # K and V of each of the 3 attentions
 
 
 def test_cross_attention_to_replicated_text_needs_no_exchange():

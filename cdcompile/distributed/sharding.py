@@ -61,6 +61,7 @@ class Attention:
     kv_heads: int | None = None  # differs from heads under grouped-query attention
     mask_takes: tuple[tuple[int, tuple], ...] = ()  # (dim, ranges) applied to the mask in order
     mha: bool = False  # torch.nn.MultiheadAttention's functional form
+    expand_kv: int = 1  # grouped-query K/V repeated to this many heads per head before the exchange
 
 
 @dataclasses.dataclass
@@ -462,13 +463,18 @@ class _Visitor:
             if s is not None and (len(shp) != 4 or s.dim != 2):
                 raise Refused(Why.ATTENTION_UNSUPPORTED, n,
                               f"{name} is not (batch, heads, tokens, dim) sharded on tokens")
+        expand = 1
         if sq[1] != sk[1] and (sq[1] % self.p.world or sk[1] % self.p.world):
             # Grouped-query attention: contiguous head ranges keep query groups with their key head
-            # only when both head counts split evenly.
-            raise Refused(Why.ATTENTION_UNSUPPORTED, n, f"grouped-query attention with {sq[1]} query and "
-                                                         f"{sk[1]} key heads not divisible by {self.p.world} ranks")
+            # only when both head counts split evenly; otherwise K and V are repeated to one head
+            # per query head first (plain multi-head attention, more bytes on the wire).
+            if sk[1] == 0 or sq[1] % sk[1]:
+                raise Refused(Why.ATTENTION_UNSUPPORTED, n, f"grouped-query attention with {sq[1]} query "
+                                                             f"and {sk[1]} key heads")
+            expand = sq[1] // sk[1]
         att = Attention(n, "", q, k, v, lq.axis if lq else None, lk.axis if lk else None,
-                        heads=sq[1], head_dim=sq[3], batch=sq[0], mask=mask, kv_heads=sk[1])
+                        heads=sq[1], head_dim=sq[3], batch=sq[0], mask=mask, kv_heads=sk[1] * expand,
+                        expand_kv=expand)
         mshape = shape_of(mask)
         if lq is not None and lk is not None:
             if a["is_causal"] and not (lq.axis.is_natural_order() and lk.axis.is_natural_order()):

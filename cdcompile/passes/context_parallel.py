@@ -243,6 +243,10 @@ def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, grou
                 block_len = max(axis.local_lens())
                 kw[name] = new(ulysses.gather, (kw[name],), dict(
                     dim=2, block=block_len, ranges=axis.gather_ranges(block_len), group=group, world=world))
+    if att.kind == "ulysses" and att.expand_kv > 1:
+        with graph.inserting_before(n):
+            for name in ("key", "value"):
+                kw[name] = new(torch.repeat_interleave, (kw[name], att.expand_kv), dict(dim=1))
     if att.kind == "ulysses":
         dtype = _fx.fake_value(att.q).dtype
         q_lens, kv_lens = tuple(att.q_axis.local_lens()), tuple(att.kv_axis.local_lens())
