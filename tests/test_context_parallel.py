@@ -255,6 +255,15 @@ def _scn_gqa(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict(), fx_ops=_fx_ops(gm2))
 
 
+def _scn_luminanext(rank, world):
+    """Lumina-Next repeats its key heads with ``.repeat(1, 1, 1, n_rep, 1)``: per token."""
+    from cdcompile import zoo
+
+    m, kw = zoo.ZOO["luminanext"]()
+    _, rec, out, ref, _ = _build_and_run(m, kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict())
+
+
 def _scn_cogview4(rank, world):
     """CogView4 writes RoPE into the image part of Q and K (``q[:, :, text:] = ...``)."""
     from cdcompile import zoo
@@ -394,7 +403,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention", "krea2", "gqa"]),
+               "linear_attention", "krea2", "gqa", "luminanext"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4"]),
     "w2-inductor": (2, ["inductor"]),
 }
@@ -525,6 +534,11 @@ def test_grouped_query_heads_that_do_not_split_are_repeated_before_the_exchange(
     _assert_parity(res, rtol=1e-5, atol=1e-5)
     assert res[0]["record"]["attention"] == {"ulysses": 3}
     assert res[0]["fx_ops"]["repeat_interleave"] == 6  # K and V of each of the 3 attentions
+
+
+def test_a_repeat_that_keeps_the_token_dim_is_per_token():
+    res = _scenario(2, "luminanext")
+    _assert_parity(res, rtol=1e-5, atol=1e-5)
 
 
 def test_cross_attention_to_replicated_text_needs_no_exchange():

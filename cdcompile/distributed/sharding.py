@@ -180,6 +180,8 @@ class _Visitor:
             return self.pad(n)
         if name == "repeat_interleave":
             return self.along_other_dim(n, dim_pos=2)
+        if name in ("repeat", "tile"):
+            return self.repeat(n)
         if name in MIXING or name.startswith("fft_"):
             raise Refused(Why.TOKEN_MIXING_OP, n, f"{name} may mix tokens")
         if name in NEW:  # sizes are given, so the result is replicated (and aligned where used)
@@ -382,6 +384,24 @@ class _Visitor:
         if not isinstance(lay, Sharded) or d is None or norm_dim(d, len(shape_of(n.args[0]))) == lay.dim:
             raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} along the token dim (or flattened)")
         return lay
+
+    def repeat(self, n: fx.Node):
+        """``x.repeat(*sizes)`` / ``torch.tile``: per token when the token dim is repeated once
+        (Lumina-Next repeats K heads: ``key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1)``)."""
+        lay = self.lay(n.args[0])
+        if not isinstance(lay, Sharded) or any(self.lay(a) is not None for a in n.all_input_nodes[1:]):
+            raise Refused(Why.MIXED_AXES, n, f"{name_of(n)} of several sharded values")
+        sizes = n.args[1:] if name_of(n) == "repeat" else (arg(n, 1, "dims"),)
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        ndim = len(shape_of(n.args[0]))
+        if not sizes or not all(isinstance(x, int) for x in sizes):
+            raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} with sizes {sizes!r} may mix tokens")
+        lead = max(len(sizes) - ndim, 0)  # sizes longer than the rank add leading dims
+        pad = max(ndim - len(sizes), 0)  # shorter (tile): ones on the left
+        if ((1,) * pad + tuple(sizes))[lead + lay.dim] != 1:
+            raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} repeats the token dim")
+        return Sharded(lead + lay.dim, lay.axis)
 
     def reduce(self, n: fx.Node):
         src = n.args[0] if n.args else n.kwargs.get("input")
