@@ -99,6 +99,64 @@ def _capture(model, kwargs):
     return graphs[0][0], graphs[0][1], out
 
 
+class _OpBlock(torch.nn.Module):
+    """A block applying ``op`` to its (batch, tokens, channels) input, for single-process plans."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.op = op
+
+    def forward(self, h):
+        return h + self.op(self.fc(h))
+
+
+class _OpDiT(torch.nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_OpBlock(op) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _plan(op, tokens=37, world=2, rank=0):
+    """sharding.plan for a two-block model applying ``op`` (analysis only: no process group)."""
+    from cdcompile.distributed import sharding
+    from cdcompile.passes.discover import find_block_groups
+
+    gm, ex, _ = _capture(_OpDiT(op), dict(x=torch.randn(1, tokens, 4)))
+    return sharding.plan(gm, find_block_groups(gm, ex).groups, world=world, rank=rank)
+
+
+@pytest.mark.parametrize("op,share", [
+    (lambda y: y.sum(dim=1, keepdim=True), 1.0),
+    (lambda y: y.mean(dim=(1, 2), keepdim=True), 19 / 37),  # rank 0 holds 19 of 37 tokens
+    (lambda y: y.mean(dim=1, keepdim=True), 19 / 37),
+])
+def test_token_sums_are_partial_sums_scaled_to_the_rank_s_share(op, share):
+    p = _plan(op)
+    assert [s for _, s in p.reductions] == [share, share]
+
+
+@pytest.mark.parametrize("op,ok", [
+    (lambda y: y.unsqueeze(2).repeat(1, 1, 2, 1).mean(2), True),
+    (lambda y: torch.tile(y, (2,))[..., :4], True),  # tile pads the sizes with ones on the left
+    (lambda y: y.repeat(1, 2, 1)[:, :37], False),
+    (lambda y: y.amax(dim=1, keepdim=True), False),
+])
+def test_repeats_keep_the_token_dim_once_and_other_token_reductions_are_refused(op, ok):
+    from cdcompile.distributed.sharding import Refused
+
+    if ok:
+        assert _plan(op).entries
+    else:
+        with pytest.raises(Refused, match="token"):
+            _plan(op)
+
+
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
