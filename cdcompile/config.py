@@ -12,6 +12,8 @@ import enum
 import warnings
 from typing import Any, Mapping
 
+from . import calibrators
+
 
 class Compiler(str, enum.Enum):
     """Inner compiler the rewritten graph is handed to."""
@@ -117,7 +119,7 @@ class CacheConfig:
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
-    taylorseer_form: str = "taylor"
+    taylorseer_form: str = calibrators.TAYLOR
     cache_type: CacheType = CacheType.DBCACHE
     non_prune_block_ids: tuple[int, ...] = ()
     enable_dynamic_prune_threshold: bool = False
@@ -190,9 +192,9 @@ class CacheConfig:
         object.__setattr__(self, "taylorseer_order", order or 0)
         form = self.taylorseer_form
         _check_type("taylorseer_form", form, str)
-        if form.lower() not in ("taylor", "newton"):
+        if form.lower() not in calibrators.FORMS:
             _bad("taylorseer_form", form, '"taylor" (algorithms.md §2) or "newton"')
-        if form.lower() != "taylor" and cal is not Calibrator.TAYLORSEER:
+        if form.lower() != calibrators.TAYLOR and cal is not Calibrator.TAYLORSEER:
             _bad("taylorseer_form", form, 'the default "taylor" unless TaylorSeer is on '
                  '(calibrator="taylorseer" or taylorseer_order 1 or 2); nothing else reads it')
         object.__setattr__(self, "taylorseer_form", form.lower())

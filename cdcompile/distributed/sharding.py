@@ -136,12 +136,6 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
     return p
 
 
-def _batch_dims_replicated(sa, sb, out) -> bool:
-    """A matmul whose operands are 2-D or more: its batch dims carry no token axis (checked by the
-    caller through the contracted dims) and broadcast plainly."""
-    return len(out) == max(len(sa), len(sb))
-
-
 class _Visitor:
     def __init__(self, p: Plan):
         self.p = p
@@ -451,7 +445,7 @@ class _Visitor:
         sa, sb, out = shape_of(a), shape_of(b), shape_of(n)
         if la is not None and lb is not None:
             if (len(sa) >= 2 and len(sb) >= 2 and la.dim == len(sa) - 1 and lb.dim == len(sb) - 2
-                    and la.axis == lb.axis and _batch_dims_replicated(sa, sb, out)):
+                    and la.axis == lb.axis):
                 self.p.reductions.append((n, 1.0))  # contracting the token dim: a partial sum
                 return None
             raise Refused(Why.TOKEN_MIXING_OP, n, "matmul of two sharded values (attention written as matmuls)")

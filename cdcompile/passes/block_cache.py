@@ -72,7 +72,7 @@ class CachePlan:
     state_names: list[str]
     order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
     calibrator: str | None = None  # None, "taylorseer" or "foca"
-    form: str = "taylor"  # TaylorSeer's form (cdcompile.calibrators)
+    form: str = calibrators.TAYLOR  # TaylorSeer's form (cdcompile.calibrators)
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
@@ -318,6 +318,7 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
 # Contexts Dynamo records as a pair of calls: autocast (the exit reads the enter's result) and
 # torch.vmap / torch.func nesting (matched by nesting order; the decrement takes no argument).
 _SCOPES = {"_enter_autocast": "_exit_autocast", "_vmap_increment_nesting": "_vmap_decrement_nesting"}
+_CLOSES = {v: k for k, v in _SCOPES.items()}
 
 
 # Scopes that may move into a cond branch. A vmap may not: Dynamo inlines it as raw functorch
@@ -328,13 +329,12 @@ _MOVABLE = {"_enter_autocast"}
 
 def _scope_pairs(span: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
     pairs, open_ = [], []
-    closes = {v: k for k, v in _SCOPES.items()}
     for n in span:
         name = _fx.target_name(n) if n.op == "call_function" else None
         if name in _SCOPES:
             open_.append(n)
-        elif name in closes:
-            if not open_ or _fx.target_name(open_[-1]) != closes[name]:
+        elif name in _CLOSES:
+            if not open_ or _fx.target_name(open_[-1]) != _CLOSES[name]:
                 open_.clear()  # closes a scope opened before the span (or out of order): no pair
                 continue
             e = open_.pop()
