@@ -59,6 +59,7 @@ class GraphReport:
                 kinds = ", ".join(f"{n} {k}" for k, n in sorted(cp.attention.items()))
                 lines.append(f"  context parallel: rank {cp.rank}/{cp.world}, sharded {cp.sharded_streams}, "
                              f"attention {kinds}, {cp.collectives} collective nodes"
+                             f"{f', {cp.halos} halo exchanges' if cp.halos else ''}"
                              f"{', fp8' if cp.fp8 else ''}{', async' if cp.overlap else ''}")
                 if cp.unsharded_groups:
                     lines.append(f"  context parallel: left {cp.unsharded_groups} unsharded ({cp.reason})")

@@ -83,6 +83,135 @@ def test_ulysses_degree_without_a_process_group_says_how_to_launch():
         build(gm, ex, CacheConfig(compiler="eager", ulysses_degree=2))
 
 
+# -- token grids (single process) ----------------------------------------------------------------
+
+def test_rows_cover_each_rank_s_tokens_plus_the_halo_clipped_at_the_image_edges():
+    from cdcompile.distributed.grid import rows_for
+
+    axis = Axis.even(35, 3)  # 5 rows of 7 tokens; ranks hold [0, 12), [12, 24), [24, 35)
+    assert rows_for(axis, 7, 0) == ((0, 2), (1, 4), (3, 5))
+    assert rows_for(axis, 7, 1) == ((0, 3), (0, 5), (2, 5))
+
+
+@given(st.integers(1, 300), st.integers(1, 6), st.integers(1, 20), st.integers(0, 3))
+def test_the_halo_exchange_delivers_exactly_the_fetched_range_in_order(length, world, unit, halo):
+    from cdcompile.distributed.grid import exchange, rows_for
+
+    length = length * unit  # whole rows
+    axis = Axis.even(length, world)
+    rows = rows_for(axis, unit, halo)
+    fetch = tuple((r0 * unit, r1 * unit) for r0, r1 in rows)
+    plans = [exchange(axis, fetch, r) for r in range(world)]
+    tokens = torch.arange(length)
+    own = [tokens[s:s + n] if p else tokens[:0] for p in axis.pieces for s, n in (p or [(0, 0)])]
+    if plans[0] is None:  # nothing to move: every rank already holds what it fetches
+        assert all(torch.equal(own[r], tokens[a:b]) for r, (a, b) in enumerate(fetch))
+        return
+    for r in range(world):
+        received = [own[j][slice(*plans[j][0][r])] for j in range(world)]
+        assert [len(x) for x in received] == list(plans[r][1])
+        assert torch.equal(torch.cat(received), tokens[fetch[r][0]:fetch[r][1]])
+
+
+def test_view_atoms_follow_unflatten_permute_and_flatten_of_the_tokens():
+    from cdcompile.distributed.grid import view_atoms
+
+    t, c = (1, 35), (2, 8)
+    x = torch.empty(1, 35, 8, device="meta")
+    dims, parts = view_atoms(((), (t,), (c,)), (1, 35, 8), x.unflatten(1, (5, 7)))
+    h, w = parts[t]
+    assert (h[1], w[1]) == (5, 7) and dims == ((), (h,), (w,), (c,))
+    chw = torch.empty(1, 5, 7, 8, device="meta").permute(0, 3, 1, 2)
+    dims, parts = view_atoms(dims, (1, 5, 7, 8), chw)
+    assert dims == ((), (c,), (h,), (w,)) and not parts
+    dims, _ = view_atoms(dims, (1, 8, 5, 7), torch.empty(1, 8, 5, 7, device="meta").flatten(2, 3))
+    assert dims == ((), (c,), (h, w))  # the tokens, whole and in order: a token dim again
+    assert view_atoms(((t,),), (35,), torch.empty(35, device="meta").expand(2, 35)) is not None
+    assert view_atoms(((t,),), (35,), torch.empty(35, device="meta").as_strided((34,), (1,))) is None
+
+
+class _ConvGridBlock(torch.nn.Module):
+    """Sana's Mix-FFN shape: tokens viewed as an ``hw`` image, 1x1 conv, depthwise 3x3 conv
+    (``dilation`` rows of reach per conv, ``convs`` of them), gated, 1x1 conv, flattened back."""
+
+    def __init__(self, hw=(5, 7), dim=4, convs=1, dilation=1):
+        super().__init__()
+        self.hw = hw
+        self.inv = torch.nn.Conv2d(dim, 4 * dim, 1)
+        self.depth = torch.nn.ModuleList(torch.nn.Conv2d(4 * dim, 4 * dim, 3, padding=dilation, dilation=dilation,
+                                                         groups=4 * dim) for _ in range(convs))
+        self.point = torch.nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, h):
+        x = h.unflatten(1, self.hw).permute(0, 3, 1, 2)
+        x = torch.nn.functional.silu(self.inv(x))
+        for conv in self.depth:
+            x = conv(x)
+        x, gate = x.chunk(2, dim=1)
+        x = self.point(x * torch.nn.functional.silu(gate))
+        return h + x.flatten(2, 3).permute(0, 2, 1)
+
+
+class _TokenConvBlock(torch.nn.Module):
+    """A 1-D convolution along the token sequence (kernel 5, dilation 2: 4 tokens of reach)."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(dim, dim, 5, padding=4, dilation=2)
+
+    def forward(self, h):
+        return h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+def _grid_plan(block, tokens, world=3, rank=1):
+    from cdcompile.distributed import sharding
+    from cdcompile.passes.discover import find_block_groups
+
+    kw = dict(x=torch.randn(1, tokens, 4), timestep=torch.tensor([0.4]))
+    gm, ex, _ = _capture(_StackDiT(block), kw)
+    return sharding.plan(gm, find_block_groups(gm, ex).groups, world=world, rank=rank)
+
+
+@pytest.mark.parametrize("convs,dilation,rows", [(1, 1, (0, 5)), (2, 1, (0, 5)), (1, 1, None)])
+def test_a_convolution_over_a_token_image_fetches_the_rows_it_reaches(convs, dilation, rows):
+    # 35 tokens = 5 rows of 7 on 3 ranks; rank 1 holds tokens [12, 24) = rows 1..3 (partly 1 and 3)
+    hw = (5, 7) if rows else (7, 5)
+    p = _grid_plan(lambda: _ConvGridBlock(hw, convs=convs, dilation=dilation), 35)
+    assert len(p.halos) == 3 and len(p.narrows) == 3
+    _, _, dim, send, recv = p.halos[0]
+    unit = hw[1]
+    r0 = max(0, 12 // unit - convs * dilation)
+    r1 = min(hw[0], -(-24 // unit) + convs * dilation)
+    assert sum(recv) == (r1 - r0) * unit and recv[1] == 12
+    assert p.narrows[0][2] == ((12 - r0 * unit, 12),)
+
+
+def test_a_convolution_along_the_tokens_fetches_its_reach_in_tokens():
+    p = _grid_plan(_TokenConvBlock, 37)  # rank 1 holds [13, 25); reach 4 tokens each side
+    _, _, dim, send, recv = p.halos[0]
+    assert dim == 2 and recv == (4, 12, 4) and send == ((0, 4), (0, 12), (8, 12))
+    assert p.narrows[0][1:] == (2, ((4, 12),))
+
+
+@pytest.mark.parametrize("op,why", [
+    (lambda x: torch.nn.functional.avg_pool2d(x, 3, 1, 1), "avg_pool2d"),
+    (lambda x: x.mean(dim=2, keepdim=True).expand_as(x), "mean"),
+    (lambda x: torch.nn.functional.conv2d(x, torch.ones(4, 1, 3, 3), stride=(2, 1), padding=1, groups=4)
+     .repeat_interleave(2, dim=2)[:, :, :5], "strided"),
+    (lambda x: torch.nn.functional.group_norm(x, 2), "group_norm"),
+])
+def test_ops_that_mix_the_rows_of_a_token_image_otherwise_are_refused(op, why):
+    from cdcompile.distributed.sharding import Refused
+
+    class Block(torch.nn.Module):
+        def forward(self, h):
+            x = op(h.unflatten(1, (5, 7)).permute(0, 3, 1, 2))
+            return h + x.flatten(2, 3).permute(0, 2, 1)
+
+    with pytest.raises(Refused, match=why):
+        _grid_plan(Block, 35)
+
+
 # -- scenarios (run on every rank) ---------------------------------------------------------------
 
 def _capture(model, kwargs):
@@ -248,9 +377,9 @@ class _StackDiT(torch.nn.Module):
         return h
 
 
-def _run_stack(block, channels, world, seed):
+def _run_stack(block, channels, world, seed, tokens=37):
     """_StackDiT of ``block`` on 37 tokens (uneven on 2 and 3 ranks) against one process."""
-    kw = dict(x=torch.randn(1, 37, channels, generator=torch.Generator().manual_seed(seed)),
+    kw = dict(x=torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(seed)),
               timestep=torch.tensor([0.4]))
     gm2, rec, out, ref, _ = _build_and_run(_StackDiT(block).eval(), kw, ulysses_degree=world)
     return dict(out=out, ref=ref, record=rec.as_dict(), fx_ops=_fx_ops(gm2))
@@ -268,6 +397,26 @@ def _run_zoo(name, world):
 def _scn_linear_attention(rank, world):
     """Token sums (linear attention's V K^T, a token mean) all-reduced."""
     return _run_stack(_LinearAttnBlock, 8, world, seed=2)
+
+
+def _scn_conv_grid(rank, world):
+    """Two stacked 3x3 convolutions over a 5 x 7 token image (35 tokens: shards cut rows)."""
+    return _run_stack(lambda: _ConvGridBlock((5, 7), convs=2), 4, world, seed=6, tokens=35)
+
+
+def _scn_token_conv(rank, world):
+    """A dilated 1-D convolution along the 37 tokens."""
+    return _run_stack(_TokenConvBlock, 4, world, seed=7)
+
+
+def _scn_sana(rank, world):
+    """Sana: linear attention and the Mix-FFN's depthwise convolution over the 8 x 8 latent."""
+    return _run_zoo("sana", world)
+
+
+def _scn_sanavideo(rank, world):
+    """Sana-Video: frames x rows x columns, a spatial and a temporal (over frames) convolution."""
+    return _run_zoo("sanavideo", world)
 
 
 def _scn_krea2(rank, world):
@@ -434,8 +583,9 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention", "krea2", "gqa", "luminanext"]),
-    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4"]),
+               "linear_attention", "krea2", "gqa", "luminanext", "sana"]),
+    "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
+               "token_conv", "sana", "sanavideo"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -554,6 +704,16 @@ def test_a_leading_group_that_cannot_shard_leaves_the_rest_to_shard():
     assert rec["sharded_streams"] and not any(s.startswith("text_fusion.layerwise") for s in rec["sharded_streams"])
 
 
+@pytest.mark.parametrize("world,name,halos", [(3, "conv_grid", 3), (3, "token_conv", 3), (2, "sana", 3),
+                                               (3, "sana", 3), (3, "sanavideo", 3)])
+def test_convolutions_over_the_tokens_exchange_halo_rows(world, name, halos):
+    res = _scenario(world, name)
+    _assert_parity(res)
+    assert res[0]["record"]["halos"] == halos
+    if "fx_ops" in res[0]:
+        assert res[0]["fx_ops"]["halo"] == halos
+
+
 def test_writes_into_a_token_range_use_each_rank_s_local_bounds():
     res = _scenario(3, "cogview4")
     _assert_parity(res)
@@ -641,3 +801,4 @@ def test_degree_other_than_the_world_size_is_refused_naming_both():
 @pytest.mark.slow
 def test_inductor_compiles_the_collectives():
     _assert_parity(_scenario(2, "inductor", key="w2-inductor"), rtol=1e-4, atol=1e-5)
+

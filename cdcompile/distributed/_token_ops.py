@@ -137,8 +137,9 @@ def index_layout(n: fx.Node, idx, ndim: int, lay: Sharded, rank: int):
     return (tuple(new_items) if isinstance(idx, tuple) else new_items[0]), out, out_ndim
 
 
-def track_dim(n: fx.Node, src: fx.Node, lay: Sharded) -> int | None:
-    """The output dim of a view op that is the input's token dim (run on contiguous meta tensors)."""
+def meta_view(n: fx.Node):
+    """A view op's output when its input is a contiguous meta tensor of the input's shape (its
+    strides say which input elements each output dim walks)."""
     def meta(a):
         if isinstance(a, fx.Node):
             shp = shape_of(a)
@@ -147,13 +148,19 @@ def track_dim(n: fx.Node, src: fx.Node, lay: Sharded) -> int | None:
 
     args = torch.fx.node.map_aggregate(n.args, meta)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, meta)
-    x = args[0]
-    stride, length = x.stride()[lay.dim], x.shape[lay.dim]
     if n.op == "call_method":
-        out = getattr(x, n.target)(*args[1:], **kwargs)
+        out = getattr(args[0], n.target)(*args[1:], **kwargs)
     else:
         out = n.target(*args, **kwargs)
-    if not isinstance(out, torch.Tensor):
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def track_dim(n: fx.Node, src: fx.Node, lay: Sharded) -> int | None:
+    """The output dim of a view op that is the input's token dim (run on contiguous meta tensors)."""
+    x = torch.empty(shape_of(src), device="meta")
+    stride, length = x.stride()[lay.dim], x.shape[lay.dim]
+    out = meta_view(n)
+    if out is None:
         return None
     hits = [d for d in range(out.dim()) if out.stride()[d] == stride and out.shape[d] == length]
     return hits[0] if len(hits) == 1 else None

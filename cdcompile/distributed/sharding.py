@@ -23,9 +23,15 @@ change so that the op computes this rank's part. Per op:
    two sharded token dims (linear attention: Sana's ``V K^T``), give this rank's partial sum; an
    all-reduce after the node (``reductions``) makes the result whole and replicated (a mean is
    first scaled by local/global length, so uneven splits stay exact).
-6. Anything else that mixes tokens (other reductions over the token dim, a token-dim convolution,
-   a matmul contracting tokens against a replicated value, advanced indexing) refuses the plan
-   with a reason: compiling without context parallelism is correct, a wrong plan is not.
+6. A view that splits or merges the token dim (tokens seen as an image, ``(B, S, C) -> (B, H, W,
+   C)``) or a convolution along it makes a *token grid* (grid.py): each rank holds whole rows
+   covering its tokens plus a halo of rows fetched from its neighbours, convolutions run on them,
+   and where the tokens are one dim again each rank keeps its own. The halo is as deep as the
+   convolutions reach (found by planning twice).
+7. Anything else that mixes tokens (other reductions over the token dim, pooling or a group norm
+   over a grid, a matmul contracting tokens against a replicated value, advanced indexing)
+   refuses the plan with a reason: compiling without context parallelism is correct, a wrong
+   plan is not.
 
 Values used after the last group are gathered (``gathers``).
 """
@@ -41,7 +47,8 @@ import torch.fx as fx
 
 from ..passes import _fx
 from ._token_ops import (DTYPE_ONLY, MIXING, NEW, REDUCE, SIZED, SPLIT, VIEW, Refused, Sharded, Why, arg,
-                         index_layout, name_of, norm_dim, shape_of, size_args, track_dim)
+                         index_layout, meta_view, name_of, norm_dim, shape_of, size_args, track_dim)
+from .grid import CONV, Grid, GridRules
 from .layout import Axis
 
 
@@ -78,6 +85,11 @@ class Plan:
     gathers: list[tuple[fx.Node, Sharded, list[fx.Node]]] = dataclasses.field(default_factory=list)
     # partial sums over the token axis, all-reduced after the node: (node, scale of the local value)
     reductions: list[tuple[fx.Node, float]] = dataclasses.field(default_factory=list)
+    # token grids (grid.py): rows exchanged before a node, (node, sharded source, token dim,
+    # local (lo, hi) sent to each rank, tokens received from each rank) ...
+    halos: list[tuple[fx.Node, fx.Node, int, tuple, tuple]] = dataclasses.field(default_factory=list)
+    # ... and a grid's tokens narrowed back to this rank's after a node: (node, dim, ranges)
+    narrows: list[tuple[fx.Node, int, tuple]] = dataclasses.field(default_factory=list)
     sharded_streams: list[str] = dataclasses.field(default_factory=list)
 
     def local(self, axis: Axis) -> tuple:
@@ -90,7 +102,22 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
     ``shard_streams``: "all" shards every token stream of the groups (hidden and encoder);
     "hidden" shards only the hidden streams (an encoder stream then stays replicated until it
     meets a sharded value). Raises :class:`Refused`.
+
+    A token grid's halo (how many rows each rank fetches beyond its own) is found by planning:
+    the walk reports the rows its convolutions reach beyond the halo granted, and the plan is
+    made again with those (all ranks find the same numbers).
     """
+    halo: dict[fx.Node, int] = {}
+    for _ in range(4):
+        p, need = _plan(gm, groups, world=world, rank=rank, shard_streams=shard_streams, halo=halo)
+        if all(halo.get(k, 0) >= v for k, v in need.items()):
+            return p
+        halo = {k: max(halo.get(k, 0), need.get(k, 0)) for k in {*halo, *need}}
+    raise Refused(Why.TOKEN_MIXING_OP, None, f"convolutions over a token grid reach further than the halo "
+                                             f"the plan grew to ({halo})")
+
+
+def _plan(gm, groups, *, world, rank, shard_streams, halo):
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     first = min(pos[g.blocks[0].nodes[0]] for g in groups)
@@ -105,7 +132,7 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
     at_group: dict[fx.Node, list] = {}
     for g in groups:
         at_group.setdefault(g.blocks[0].nodes[0], []).append(g)
-    visitor = _Visitor(p)
+    visitor = _Visitor(p, halo)
     for n in p.region:
         for g in at_group.get(n, []):
             for s in g.streams:
@@ -127,19 +154,22 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
     # Values leaving the region: gathered once, for every user after it.
     for n, lay in list(p.layouts.items()):
         if not isinstance(lay, Sharded):
-            if isinstance(lay, tuple) and any(u not in region for u in n.users):
-                raise Refused(Why.MIXED_AXES, n, "a tuple of sharded values leaves the block groups")
+            if isinstance(lay, (tuple, Grid)) and any(u not in region for u in n.users):
+                raise Refused(Why.MIXED_AXES, n, "a tuple of sharded values or a token grid leaves the "
+                                                 "block groups")
             continue
         outside = [u for u in n.users if u not in region]
         if outside:
             p.gathers.append((n, lay, outside))
-    return p
+    return p, visitor.need
 
 
-class _Visitor:
-    def __init__(self, p: Plan):
+class _Visitor(GridRules):
+    def __init__(self, p: Plan, halo: dict[fx.Node, int]):
         self.p = p
         self.entry: dict[fx.Node, Sharded] = {}
+        self.halo = halo  # token grids: halo rows granted per origin node
+        self.need: dict[fx.Node, int] = {}  # ... and found needed
 
     # -- helpers ---------------------------------------------------------------------------------
     def lay(self, a: Any):
@@ -160,6 +190,10 @@ class _Visitor:
         if n.op == "call_module":
             raise Refused(Why.TOKEN_MIXING_OP, n, f"module call {n.target} reads a sharded value")
         name = name_of(n)
+        if name in CONV:
+            return self.conv(n)
+        if any(isinstance(s, Grid) for _, s in sharded):
+            return self.grid_op(n, sharded)
         if n.target is operator.getitem:
             return self.getitem(n)
         if any(not isinstance(s, Sharded) for _, s in sharded):
@@ -344,8 +378,10 @@ class _Visitor:
         if not isinstance(lay, Sharded):
             raise Refused(Why.MIXED_AXES, n, f"{name_of(n)} of a value whose layout is unknown")
         dim = track_dim(n, src, lay)
-        if dim is None:
-            raise Refused(Why.TOKEN_DIM_RESHAPED, n, f"{name_of(n)} merges or splits the token dim")
+        if dim is None:  # the token dim is split or merged: a token grid (grid.py)
+            g = self.to_grid(n, src, lay, meta_view(n))
+            self.grid_sizes(n, g)
+            return self.grid_done(n, g)
         name = name_of(n)
         if name in SIZED:
             sizes, rebuild = size_args(n)
@@ -357,8 +393,6 @@ class _Visitor:
                 sizes = list(sizes)
                 sizes[dim] = lay.axis.local_len(self.p.rank)
                 self.p.new_args[n] = (n.target, *rebuild(sizes))
-        if name == "unflatten" and norm_dim(arg(n, 1, "dim"), len(shape_of(src))) == lay.dim:
-            raise Refused(Why.TOKEN_DIM_RESHAPED, n, "unflatten of the token dim")
         return Sharded(dim, lay.axis)
 
     def pad(self, n: fx.Node):

@@ -88,6 +88,19 @@ def gather(x: torch.Tensor, *, dim: int, block: int, ranges: tuple[tuple[int, in
     return take(full, 0, ranges).movedim(0, dim)
 
 
+def halo(x: torch.Tensor, *, dim: int, send: tuple[tuple[int, int], ...], recv: tuple[int, ...],
+         group: str) -> torch.Tensor:
+    """This rank's rows of a token grid: its tokens along ``dim`` plus the neighbours' halo
+    (cdcompile.distributed.grid), by one all-to-all. ``send[j]``: the local ``(lo, hi)`` rank j
+    needs from this rank; ``recv[j]``: how many tokens arrive from rank j. Ranks hold consecutive
+    token ranges, so the received pieces, in rank order, are the fetched range in order."""
+    xm = x.movedim(dim, 0)
+    rows = torch.cat([xm[lo:hi] for lo, hi in send])
+    flat = rows.reshape(rows.shape[0], -1).contiguous()
+    out = _c10d.wait_tensor(_c10d.all_to_all_single(flat, list(recv), [hi - lo for lo, hi in send], group))
+    return out.view(sum(recv), *xm.shape[1:]).movedim(0, dim)
+
+
 def all_reduce_sum(t: torch.Tensor, group: str) -> torch.Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(t, "sum", group))
 

@@ -30,6 +30,8 @@ groups and returns the full output. Algorithm:
    ``ulysses_async``: each all-to-all is issued right after its operand is computed (its pure
    producer chain hoisted as early as its inputs allow inside the block) and waited for right
    before the attention, so the exchange overlaps the remaining projections.
+   Convolutions over the tokens (Sana's Mix-FFN) run on token grids: each rank's rows plus a
+   halo exchanged by one all-to-all (``ulysses.halo``), narrowed back to its tokens after.
 4. Gather at the exit. Sharded values read after the last group are all-gathered (padded to the
    longest rank, reordered to logical order) once.
 5. Refresh the fake-tensor metadata of the graph (later passes read local shapes) and point the
@@ -82,6 +84,7 @@ class ContextParallelRecord:
     attention: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> count
     collectives: int = 0  # graph nodes that issue collectives
     gathers: int = 0
+    halos: int = 0  # token-grid row exchanges (convolutions over the tokens)
     fp8: bool = False
     overlap: bool = False
 
@@ -135,10 +138,11 @@ def run(gm: fx.GraphModule, ctx) -> None:
         record.attention[kind] = record.attention.get(kind, 0) + 1
     record.collectives = sum(_fx.target_name(n) in _COLLECTIVE_FNS for n in gm.graph.nodes)
     record.gathers = len(plan.gathers)
+    record.halos = len(plan.halos)
     log.info("cachedit: context parallel rank %d/%d: %s", rank, world, record)
 
 
-_COLLECTIVE_FNS = {"to_heads_start", "to_seq_start", "gather", "mha_forward"}
+_COLLECTIVE_FNS = {"to_heads_start", "to_seq_start", "gather", "mha_forward", "halo"}
 
 
 def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, overlap: bool) -> None:
@@ -155,14 +159,20 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
         return node
 
     # 1. Entries.
-    sharded_entry: dict[fx.Node, fx.Node] = {}
+    sharded_entry: dict[fx.Node, tuple[fx.Node, int]] = {}  # entry -> (its shard, position of its group)
     for entry, before, how in plan.entries:
         with graph.inserting_before(before):
             sh = new(ulysses.take, (entry, how.dim, plan.local(how.axis)))
         for u in list(entry.users):
             if u in region and pos[u] >= pos[before]:
                 u.replace_input_with(entry, sh)
-        sharded_entry[entry] = sh
+        sharded_entry[entry] = (sh, pos[before])
+
+    def local(a, user: fx.Node):
+        """``a`` as ``user`` reads it after step 1 (arguments the plan recorded before it)."""
+        if a in sharded_entry and pos[user] >= sharded_entry[a][1]:
+            return sharded_entry[a][0]
+        return a
 
     # 2. Replicated operands restricted to the rank's tokens (once per value for side inputs).
     hoisted: dict[tuple, fx.Node] = {}
@@ -181,7 +191,23 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     for n, (target, args, kwargs) in plan.new_args.items():
         if target is not n.target:
             n.op, n.target = "call_function", target
-        n.args, n.kwargs = tuple(args), kwargs
+        n.args, n.kwargs = fx.node.map_arg((tuple(args), kwargs), lambda a: local(a, n))
+
+    # 3b. Token grids: rows exchanged before the view or convolution that starts the grid, and the
+    # tokens this rank keeps taken out where the grid's tokens are whole again.
+    for n, src, dim, send, recv in plan.halos:
+        src = local(src, n)
+        with graph.inserting_before(n):
+            rows = new(ulysses.halo, (src,), dict(dim=dim, send=send, recv=recv, group=group))
+        n.replace_input_with(src, rows)
+
+    narrowed: dict[fx.Node, fx.Node] = {}
+    for n, dim, ranges in plan.narrows:
+        users = list(n.users)
+        with graph.inserting_after(n):
+            narrowed[n] = new(ulysses.take, (n, dim, ranges))
+        for u in users:
+            u.replace_input_with(n, narrowed[n])
 
     # 4. Partial sums over the token axis (sum/mean over tokens, linear attention): all-reduced.
     for n, share in plan.reductions:
@@ -203,6 +229,7 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     with graph.inserting_after(plan.region[-1]):
         for n, how, users in plan.gathers:
             block = max(how.axis.local_lens())
+            n = narrowed.get(n, n)
             g = new(ulysses.gather, (n,), dict(dim=how.dim, block=block, ranges=how.axis.gather_ranges(block),
                                                 group=group, world=plan.world))
             for u in users:
@@ -212,7 +239,7 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     for g in (discovery.groups if discovery else []):
         for s in g.streams:
             if s.entry in sharded_entry:
-                s.entry = sharded_entry[s.entry]
+                s.entry = sharded_entry[s.entry][0]
     graph.lint()
     gm.recompile()
 
