@@ -155,7 +155,7 @@ def _zoo_worker(rank, world, port, names, outdir):
     import torch.distributed as dist
 
     from cdcompile import CacheConfig, zoo
-    from cdcompile.backend import build
+    from cdcompile.backend import build, collect_reports
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = []
@@ -185,6 +185,26 @@ def _zoo_worker(rank, world, port, names, outdir):
                         out = gm2(*graphs[0][1])
                     out = out[0] if isinstance(out, (tuple, list)) else out
                     row.update(max_abs_err=(out - ref).abs().max().item(), scale=ref.abs().max().item())
+            else:  # the model breaks its own graph: the backend on every graph, as torch.compile runs it
+                torch._dynamo.reset()
+                with collect_reports() as reports, torch.no_grad():
+                    out = torch.compile(model, backend="cachedit", options=dict(
+                        compiler="eager", enable_cache=False, ulysses_degree=world))(**kw)
+                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+                recs = [r.context_parallel for r in reports if r.context_parallel is not None]
+                done = [r for r in recs if r.applied]
+                tried = [r for r in recs if r.reason != "no repeated block group in this graph"]
+                attention: dict[str, int] = {}
+                for r in done:
+                    for k, v in r.attention.items():
+                        attention[k] = attention.get(k, 0) + v
+                row.update(applied=bool(done), attention=attention,
+                           streams=[s for r in done for s in r.sharded_streams],
+                           unsharded_groups=[g for r in done for g in r.unsharded_groups],
+                           reason=next((r.reason for r in tried if not r.applied), None)
+                           or next((r.reason for r in done if r.reason), None))
+                if done:
+                    row.update(max_abs_err=(out - ref).abs().max().item(), scale=ref.abs().max().item())
         except Exception as e:  # a zoo builder or a trace failing is a row, not the end of the sweep
             row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
@@ -206,11 +226,12 @@ def run_zoo(world: int, out: str) -> None:
               "not sharded (or groups left out) because"]
 
     def why(r):
-        if r.get("graphs", 1) != 1:
-            return f"not tried: {r['graphs']} graphs (the sweep takes single-graph models)"
+        graphs = f"{r['graphs']} graphs (the model breaks its graph): " if r.get("graphs", 1) != 1 else ""
         if r.get("applied") and r.get("unsharded_groups"):
-            return f"left {', '.join(r['unsharded_groups'])} unsharded: {r.get('reason')}"
-        return r.get("error") or r.get("reason") or ""
+            return f"{graphs}left {', '.join(r['unsharded_groups'])} unsharded: {r.get('reason')}"
+        if r.get("applied") and r.get("reason"):  # a graph of a model that breaks its graph stayed unsharded
+            return f"{graphs}one graph unsharded: {r['reason']}"
+        return graphs + (r.get("error") or r.get("reason") or "")
 
     table = [[r["model"], "yes" if r.get("applied") else "no",
               ", ".join(f"{k} {v}" for k, v in (r.get("attention") or {}).items()),
@@ -224,7 +245,8 @@ def run_zoo(world: int, out: str) -> None:
 
 Every tiny model of cdcompile.zoo on {world} CPU ranks (gloo): Dynamo's graph, the backend's passes
 (block cache off), the rewritten graph run on every rank, compared with the model run in one process
-(fp32). Sharded: {len(applied)} of {len(rows)} models; largest error relative to the output's
+(fp32). A model that breaks its own graph runs whole under `torch.compile(backend="cachedit")`, each
+of its graphs through the passes, and its output is compared. Sharded: {len(applied)} of {len(rows)} models; largest error relative to the output's
 largest magnitude: {worst:.1e}. "ulysses" = all-to-all attention, "local" = cross-attention to
 replicated (unsharded) text with no exchange.
 

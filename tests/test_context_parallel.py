@@ -409,6 +409,11 @@ def _scn_token_conv(rank, world):
     return _run_stack(_TokenConvBlock, 4, world, seed=7)
 
 
+def _scn_ernieimage(rank, world):
+    """ERNIE-Image keeps its streams sequence-first, (tokens, batch, channels)."""
+    return _run_zoo("ernieimage", world)
+
+
 def _scn_sana(rank, world):
     """Sana: linear attention and the Mix-FFN's depthwise convolution over the 8 x 8 latent."""
     return _run_zoo("sana", world)
@@ -583,7 +588,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention", "krea2", "gqa", "luminanext", "sana"]),
+               "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
                "token_conv", "sana", "sanavideo"]),
     "w2-inductor": (2, ["inductor"]),
@@ -712,6 +717,13 @@ def test_convolutions_over_the_tokens_exchange_halo_rows(world, name, halos):
     assert res[0]["record"]["halos"] == halos
     if "fx_ops" in res[0]:
         assert res[0]["fx_ops"]["halo"] == halos
+
+
+def test_sequence_first_streams_shard_their_first_dim():
+    res = _scenario(2, "ernieimage")
+    _assert_parity(res)
+    rec = res[0]["record"]
+    assert rec["sharded_streams"] == ["layers.hidden"] and rec["attention"] == {"ulysses": 3}
 
 
 def test_writes_into_a_token_range_use_each_rank_s_local_bounds():

@@ -96,12 +96,15 @@ class Plan:
         return axis.pieces[self.rank]
 
 
-def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_streams: str = "all") -> Plan:
+def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_streams: str = "all",
+         token_dim: int = -2) -> Plan:
     """Decide how every value between the first and last group is sharded (see the module doc).
 
     ``shard_streams``: "all" shards every token stream of the groups (hidden and encoder);
     "hidden" shards only the hidden streams (an encoder stream then stays replicated until it
-    meets a sharded value). Raises :class:`Refused`.
+    meets a sharded value). ``token_dim``: the dim of a stream that holds its tokens, -2 for
+    (batch, ..., tokens, channels), 0 for sequence-first (tokens, batch, channels) streams (ERNIE-Image).
+    Raises :class:`Refused`.
 
     A token grid's halo (how many rows each rank fetches beyond its own) is found by planning:
     the walk reports the rows its convolutions reach beyond the halo granted, and the plan is
@@ -109,7 +112,8 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
     """
     halo: dict[fx.Node, int] = {}
     for _ in range(4):
-        p, need = _plan(gm, groups, world=world, rank=rank, shard_streams=shard_streams, halo=halo)
+        p, need = _plan(gm, groups, world=world, rank=rank, shard_streams=shard_streams, token_dim=token_dim,
+                        halo=halo)
         if all(halo.get(k, 0) >= v for k, v in need.items()):
             return p
         halo = {k: max(halo.get(k, 0), need.get(k, 0)) for k in {*halo, *need}}
@@ -117,7 +121,7 @@ def plan(gm: fx.GraphModule, groups: list, *, world: int, rank: int, shard_strea
                                              f"the plan grew to ({halo})")
 
 
-def _plan(gm, groups, *, world, rank, shard_streams, halo):
+def _plan(gm, groups, *, world, rank, shard_streams, token_dim, halo):
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     first = min(pos[g.blocks[0].nodes[0]] for g in groups)
@@ -127,8 +131,8 @@ def _plan(gm, groups, *, world, rank, shard_streams, halo):
     region = set(p.region)
 
     # Streams to shard, decided when the walk reaches their group (an entry computed from sharded
-    # values, e.g. the second FLUX group's, is sharded already). Token dim = the second to last dim
-    # of a (batch, ..., tokens, channels) value.
+    # values, e.g. the second FLUX group's, is sharded already). Token dim = ``token_dim`` of a
+    # value of 3 dims or more.
     at_group: dict[fx.Node, list] = {}
     for g in groups:
         at_group.setdefault(g.blocks[0].nodes[0], []).append(g)
@@ -138,15 +142,17 @@ def _plan(gm, groups, *, world, rank, shard_streams, halo):
             for s in g.streams:
                 shp = shape_of(s.entry)
                 if (shard_streams == "hidden" and s.label != "hidden") or visitor.lay(s.entry) is not None \
-                        or shp is None or len(shp) < 3 or shp[-2] < world:
+                        or shp is None or len(shp) < 3 or shp[token_dim] < world:
                     continue
-                how = Sharded(len(shp) - 2, Axis.even(shp[-2], world))
+                tok = norm_dim(token_dim, len(shp))
+                how = Sharded(tok, Axis.even(shp[tok], world))
                 p.entries.append((s.entry, n, how))
                 visitor.entry[s.entry] = how
                 p.sharded_streams.append(f"{g.name}.{s.label}")
         if not p.entries:
-            raise Refused(Why.NO_TOKEN_STREAM, None,
-                          "no stream of the first group has a (batch, tokens, channels) shape")
+            raise Refused(Why.NO_TOKEN_STREAM, None, "no stream of the first group has a "
+                          + ("(batch, tokens, channels)" if token_dim == -2 else "(tokens, batch, channels)")
+                          + " shape")
         lay = visitor.visit(n)
         if lay is not None:
             p.layouts[n] = lay

@@ -10,7 +10,8 @@ groups and returns the full output. Algorithm:
    (layout.Axis.even). **Text tokens are sharded like image tokens**, each stream separately, so
    a joint sequence ``cat([text, image])`` holds rank r's text tokens followed by its image
    tokens; nothing is computed twice. (If sharding the text stream is impossible for some op,
-   the plan falls back to sharding the hidden stream only, the text replicated until it joins.)
+   the plan falls back to sharding the hidden stream only, the text replicated until it joins;
+   failing both, to sequence-first (tokens, batch, channels) streams, as ERNIE-Image keeps them.)
 2. Propagate (cdcompile.distributed.sharding, analysis only): follow the sharded token dim
    through every op between the first and the last group. Per-token ops run unchanged on local
    tokens; replicated per-token operands (rotary tables, masks) are restricted to the rank's
@@ -110,16 +111,16 @@ def run(gm: fx.GraphModule, ctx) -> None:
     # Every group first; failing that, fewer groups: a leading group that cannot shard (Krea 2's
     # layer-wise text fusion) leaves the rest to shard, and so does a trailing one.
     tries = [groups] + [groups[k:] for k in range(1, len(groups))] + [groups[:k] for k in range(len(groups) - 1, 0, -1)]
+    # Streams are (batch, tokens, channels) first, then sequence-first (tokens, batch, channels).
+    attempts = [(subset, streams, token_dim) for token_dim in (-2, 0) for subset in tries
+                for streams in ("all", "hidden")]
     plan, errors = None, []
-    for subset in tries:
-        for streams in ("all", "hidden"):
-            try:
-                plan = sharding.plan(gm, subset, world=world, rank=rank, shard_streams=streams)
-                break
-            except Refused as e:
-                errors.append(str(e))
-        if plan is not None:
+    for subset, streams, token_dim in attempts:
+        try:
+            plan = sharding.plan(gm, subset, world=world, rank=rank, shard_streams=streams, token_dim=token_dim)
             break
+        except Refused as e:
+            errors.append(str(e))
     if plan is None:
         record.reason = errors[0]
         warnings.warn(f"cachedit: ulysses_degree={world} but the graph is compiled unsharded: {errors[0]}",
