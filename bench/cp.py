@@ -227,18 +227,20 @@ def run_zoo(world: int, out: str) -> None:
 
     def why(r):
         graphs = f"{r['graphs']} graphs (the model breaks its graph): " if r.get("graphs", 1) != 1 else ""
+        if r.get("error"):
+            return graphs + r["error"]
         if r.get("applied") and r.get("unsharded_groups"):
             return f"{graphs}left {', '.join(r['unsharded_groups'])} unsharded: {r.get('reason')}"
         if r.get("applied") and r.get("reason"):  # a graph of a model that breaks its graph stayed unsharded
             return f"{graphs}one graph unsharded: {r['reason']}"
-        return graphs + (r.get("error") or r.get("reason") or "")
+        return graphs + (r.get("reason") or "")
 
     table = [[r["model"], "yes" if r.get("applied") else "no",
               ", ".join(f"{k} {v}" for k, v in (r.get("attention") or {}).items()),
               ", ".join(r.get("streams") or []), f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-", why(r)]
              for r in rows]
     meta = H.metadata("cpu", world=world)
-    worst = max((r["max_abs_err"] / max(r["scale"], 1e-12) for r in applied), default=0.0)
+    worst = max((r["max_abs_err"] / max(r["scale"], 1e-12) for r in applied if "max_abs_err" in r), default=0.0)
     md = f"""# Ulysses context parallelism over the diffusers DiT zoo (bench/cp.py --zoo)
 
 {meta['date']}; torch {meta['torch']}, diffusers {meta['diffusers']}; commit `{meta['git_commit'][:12]}`{' + uncommitted changes' if meta['git_dirty'] else ''}.

@@ -414,6 +414,19 @@ def _scn_ernieimage(rank, world):
     return _run_zoo("ernieimage", world)
 
 
+def _scn_latte(rank, world):
+    """Latte, with a batch of 2: its temporal attention attends over frames once per token, so the
+    tokens sit in the attention's batch dim, merged with the batch (``(batch * tokens, frames, C)``)."""
+    from cdcompile import zoo
+
+    m, kw = zoo.ZOO["latte"]()
+    g = torch.Generator().manual_seed(8)
+    kw.update(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500.0, 300.0]),
+              encoder_hidden_states=torch.randn(2, 7, 16, generator=g))
+    _, rec, out, ref, _ = _build_and_run(m.eval(), kw, ulysses_degree=world)
+    return dict(out=out, ref=ref, record=rec.as_dict())
+
+
 def _scn_sana(rank, world):
     """Sana: linear attention and the Mix-FFN's depthwise convolution over the 8 x 8 latent."""
     return _run_zoo("sana", world)
@@ -590,7 +603,7 @@ SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
-               "token_conv", "sana", "sanavideo"]),
+               "token_conv", "sana", "sanavideo", "latte"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -717,6 +730,15 @@ def test_convolutions_over_the_tokens_exchange_halo_rows(world, name, halos):
     assert res[0]["record"]["halos"] == halos
     if "fx_ops" in res[0]:
         assert res[0]["fx_ops"]["halo"] == halos
+
+
+def test_attention_over_frames_once_per_token_is_local_to_the_rank_holding_the_token():
+    res = _scenario(3, "latte")
+    _assert_parity(res)
+    # the group is the (spatial, temporal) pairs 1 and 2 (pair 0 adds the temporal position
+    # embedding); each pair's spatial self- and cross-attention are counted, the temporal ones are
+    # per token and need no rewrite
+    assert res[0]["record"]["attention"] == {"ulysses": 2, "local": 2}
 
 
 def test_sequence_first_streams_shard_their_first_dim():

@@ -279,6 +279,8 @@ class GridRules:
             return g.with_dims(g.dims[:-1] + (fresh(shape_of(n)[-1]),))
         if name in REDUCE:
             return self.grid_reduce(n, g)
+        if name == "scaled_dot_product_attention":
+            return self.grid_sdpa(n, g)
         if name in MIXING or name in _NOT_PER_ELEMENT or name.startswith("fft_"):
             raise Refused(Why.TOKEN_MIXING_OP, n, f"{name} of a token grid")
         return self.grid_done(n, self.grid_pointwise(n, g, sharded))
@@ -387,14 +389,40 @@ class GridRules:
                 d = q - len(shp) + r
                 if shp[q] == 1 or d < 0 or g.row not in res.dims[d]:
                     continue
-                atoms = res.dims[d]
-                if atoms[0] != g.row:
-                    raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} of a replicated value along a dim "
-                                                          "merging a token grid's rows with other dims")
-                inner = math.prod(x[1] for x in atoms[1:])
-                r0, r1 = g.rows[self.p.rank]
-                self.p.aligns.append((n, a, q, ((r0 * inner, (r1 - r0) * inner),)))
+                self.p.aligns.append((n, a, q, self.row_ranges(n, res.dims[d], g)))
         return res
+
+    def row_ranges(self, n: fx.Node, atoms: tuple[Atom, ...], g: Grid) -> tuple[tuple[int, int], ...]:
+        """The ``(start, length)`` ranges of a dim made of ``atoms`` that this rank's rows cover
+        (one per combination of the atoms outside the rows: Latte's ``batch * tokens``)."""
+        i = atoms.index(g.row)
+        outer = math.prod(x[1] for x in atoms[:i])
+        inner = math.prod(x[1] for x in atoms[i + 1:])
+        if outer > 64:
+            raise Refused(Why.TOKEN_MIXING_OP, n, f"{name_of(n)} of a replicated value along a dim merging a "
+                                                  "token grid's rows with large other dims")
+        r0, r1 = g.rows[self.p.rank]
+        rows = g.row[1]
+        return tuple(((o * rows + r0) * inner, (r1 - r0) * inner) for o in range(outer))
+
+    def grid_sdpa(self, n: fx.Node, g: Grid) -> Grid:
+        """Attention whose query, key and value hold the grid only in their batch (and head) dims:
+        one attention per token (Latte's temporal attention over frames), local to each rank."""
+        q, k, v = (arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
+        lays = [self.lay(x) for x in (q, k, v)]
+        ids = g.token_ids()
+        if not all(isinstance(x, Grid) for x in lays) \
+                or len({tuple(tuple(a for a in d if a[0] in ids) for d in x.dims[:-2]) for x in lays}) != 1 \
+                or any(x.has_tokens(d) for x in lays for d in (len(x.dims) - 2, len(x.dims) - 1)):
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "attention over the dims of a token grid")
+        mask = arg(n, 3, "attn_mask")
+        mshape = shape_of(mask)
+        if mshape is not None:
+            for q_ in range(len(mshape)):
+                d = q_ - len(mshape) + len(g.dims)
+                if mshape[q_] > 1 and d >= 0 and g.has_tokens(d):
+                    raise Refused(Why.ATTENTION_UNSUPPORTED, n, "an attention mask over the dims of a token grid")
+        return g.with_dims(lays[0].dims[:-1] + (fresh(shape_of(n)[-1]),))
 
     def conv(self, n: fx.Node):
         """``F.conv{1,2,3}d`` reading a sharded value: along the tokens it needs a halo (a grid of

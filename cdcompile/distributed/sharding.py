@@ -513,6 +513,15 @@ class _Visitor(GridRules):
         if self.lay(mask) is not None:
             raise Refused(Why.ATTENTION_UNSUPPORTED, n, "a sharded attention mask")
         sq, sk = shape_of(q), shape_of(k)
+        if lq is not None and lq.dim < len(sq) - 2 and lk in (None, lq):
+            # The tokens index separate attentions (Latte's temporal attention: one sequence of
+            # frames per token): each rank attends for its own tokens, with no exchange.
+            for other in (k, v, mask):
+                shp = shape_of(other)
+                d = lq.dim - len(sq) + len(shp) if shp is not None else -1
+                if self.lay(other) is None and d >= 0 and shp[d] == lq.axis.length > 1:
+                    self.align(n, other, d, lq.axis)
+            return lq
         for name, s, shp in (("query", lq, sq), ("key", lk, sk)):
             if s is not None and (len(shp) != 4 or s.dim != 2):
                 raise Refused(Why.ATTENTION_UNSUPPORTED, n,
