@@ -172,7 +172,9 @@ def _zoo_worker(rank, world, port, names, outdir):
             torch._dynamo.reset()
             with torch.no_grad():
                 ref = torch.compile(model, backend=capture)(**kw)
-            ref = ref[0] if isinstance(ref, (tuple, list)) else getattr(ref, "sample", ref)
+            ref = getattr(ref, "sample", ref)
+            while isinstance(ref, (tuple, list)):
+                ref = ref[0]
             row["graphs"] = len(graphs)
             if len(graphs) == 1:
                 gm2, ctx = build(graphs[0][0], graphs[0][1], CacheConfig(
@@ -190,7 +192,9 @@ def _zoo_worker(rank, world, port, names, outdir):
                 with collect_reports() as reports, torch.no_grad():
                     out = torch.compile(model, backend="cachedit", options=dict(
                         compiler="eager", enable_cache=False, ulysses_degree=world))(**kw)
-                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+                out = getattr(out, "sample", out)
+                while isinstance(out, (tuple, list)):  # Z-Image returns a list of per-sample outputs
+                    out = out[0]
                 recs = [r.context_parallel for r in reports if r.context_parallel is not None]
                 done = [r for r in recs if r.applied]
                 tried = [r for r in recs if r.reason != "no repeated block group in this graph"]
@@ -202,7 +206,9 @@ def _zoo_worker(rank, world, port, names, outdir):
                            streams=[s for r in done for s in r.sharded_streams],
                            unsharded_groups=[g for r in done for g in r.unsharded_groups],
                            reason=next((r.reason for r in tried if not r.applied), None)
-                           or next((r.reason for r in done if r.reason), None))
+                           or next((r.reason for r in done if r.reason), None)
+                           or (None if done else f"none of its {len(graphs)} graphs holds a repeated block "
+                                                 "group (its graph breaks fall inside the blocks)"))
                 if done:
                     row.update(max_abs_err=(out - ref).abs().max().item(), scale=ref.abs().max().item())
         except Exception as e:  # a zoo builder or a trace failing is a row, not the end of the sweep

@@ -291,6 +291,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cfg.outputs = outs
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(
             f"{c.label} {c.requests[-1] * 1e3:.0f} ms" for c in configs), flush=True)
+        if args.partial_stem and r + 1 < args.repeats:  # what a run cut short by a time limit leaves
+            partial = analyse(args, shape, n, configs, delta(dynamo_snapshot(rec), timing_start), rec, options,
+                              dict(load, end=os.getloadavg()))
+            partial["partial"] = f"cut short: {r + 1} of {args.repeats} rounds"
+            H.write_results(args.partial_stem, partial, f"**Partial: {r + 1} of {args.repeats} rounds.**\n\n"
+                            + markdown(partial))
     compiled_during_timing = delta(dynamo_snapshot(rec), timing_start)
     load["end"] = os.getloadavg()
 
@@ -588,7 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     stem = args.out or os.path.join(H.ROOT, "bench", "results", f"speed_{kind}")
 
+    args.partial_stem = stem + ".partial"
     result = run(args)
+    for ext in (".json", ".md"):  # the whole run supersedes the partial results
+        if os.path.exists(args.partial_stem + ext):
+            os.remove(args.partial_stem + ext)
     print()
     print(H.text_table(HEADER, table_rows(result)))
     print()
