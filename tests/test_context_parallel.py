@@ -427,6 +427,12 @@ def _scn_latte(rank, world):
     return dict(out=out, ref=ref, record=rec.as_dict())
 
 
+def _scn_wananimate(rank, world):
+    """Wan-Animate's face adapter attends per frame, ``(batch * frames, tokens per frame, C)``, to
+    that frame's face tokens: each rank fetches the frames its tokens cut and attends locally."""
+    return _run_zoo("wananimate", world)
+
+
 def _scn_sana(rank, world):
     """Sana: linear attention and the Mix-FFN's depthwise convolution over the 8 x 8 latent."""
     return _run_zoo("sana", world)
@@ -603,7 +609,7 @@ SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
-               "token_conv", "sana", "sanavideo", "latte"]),
+               "token_conv", "sana", "sanavideo", "latte", "wananimate"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -739,6 +745,14 @@ def test_attention_over_frames_once_per_token_is_local_to_the_rank_holding_the_t
     # embedding); each pair's spatial self- and cross-attention are counted, the temporal ones are
     # per token and need no rewrite
     assert res[0]["record"]["attention"] == {"ulysses": 2, "local": 2}
+
+
+def test_attention_per_frame_fetches_the_frames_a_rank_cuts_and_runs_locally():
+    res = _scenario(3, "wananimate")
+    _assert_parity(res)
+    rec = res[0]["record"]
+    assert rec["halos"] == 2 and rec["attention"]["ulysses"] == 4  # two face adapters; four DiT blocks
+    assert rec["unsharded_groups"] == ["motion_encoder.res_blocks", "motion_encoder.motion_network"]
 
 
 def test_sequence_first_streams_shard_their_first_dim():

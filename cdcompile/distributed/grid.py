@@ -406,23 +406,38 @@ class GridRules:
         return tuple(((o * rows + r0) * inner, (r1 - r0) * inner) for o in range(outer))
 
     def grid_sdpa(self, n: fx.Node, g: Grid) -> Grid:
-        """Attention whose query, key and value hold the grid only in their batch (and head) dims:
-        one attention per token (Latte's temporal attention over frames), local to each rank."""
-        q, k, v = (arg(n, i, name) for i, name in enumerate(("query", "key", "value")))
-        lays = [self.lay(x) for x in (q, k, v)]
+        """Attention whose rows are in the batch (or head) dims: one attention per row, over tokens
+        each rank holds whole. Latte's temporal attention over frames (a row per token) and
+        Wan-Animate's per-frame cross-attention to face tokens (a row per frame) are local.
+        Replicated key/value/mask with a batch entry per row are aligned to this rank's rows."""
+        names = ("query", "key", "value", "attn_mask")
+        q, k, v, mask = (arg(n, i, name) for i, name in enumerate(names))
+        lq = self.lay(q)
+        nd = len(lq.dims) if isinstance(lq, Grid) else 0
+        if not isinstance(lq, Grid) or any(g.row in lq.dims[d] for d in (nd - 2, nd - 1)):
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "attention across the rows of a token grid")
         ids = g.token_ids()
-        if not all(isinstance(x, Grid) for x in lays) \
-                or len({tuple(tuple(a for a in d if a[0] in ids) for d in x.dims[:-2]) for x in lays}) != 1 \
-                or any(x.has_tokens(d) for x in lays for d in (len(x.dims) - 2, len(x.dims) - 1)):
-            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "attention over the dims of a token grid")
-        mask = arg(n, 3, "attn_mask")
-        mshape = shape_of(mask)
-        if mshape is not None:
-            for q_ in range(len(mshape)):
-                d = q_ - len(mshape) + len(g.dims)
-                if mshape[q_] > 1 and d >= 0 and g.has_tokens(d):
-                    raise Refused(Why.ATTENTION_UNSUPPORTED, n, "an attention mask over the dims of a token grid")
-        return g.with_dims(lays[0].dims[:-1] + (fresh(shape_of(n)[-1]),))
+
+        def batch_tokens(lay):
+            return tuple(tuple(a for a in d if a[0] in ids) for d in lay.dims[:-2])
+
+        lk, lv = self.lay(k), self.lay(v)
+        if (lk is None) != (lv is None):
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "key and value of a token grid sharded differently")
+        for lay in (lk, lv):
+            if lay is not None and (not isinstance(lay, Grid) or batch_tokens(lay) != batch_tokens(lq)
+                                    or any(g.row in lay.dims[d] for d in (nd - 2, nd - 1))):
+                raise Refused(Why.ATTENTION_UNSUPPORTED, n, "attention across the rows of a token grid")
+        for other in (k, v, mask) if lk is None else (mask,):
+            shp = shape_of(other)
+            for q_ in range(len(shp) if shp is not None else 0):
+                d = q_ - len(shp) + nd
+                if d < 0 or shp[q_] == 1 or g.row not in lq.dims[d]:
+                    continue
+                if d >= nd - 2:
+                    raise Refused(Why.ATTENTION_UNSUPPORTED, n, "an attention mask across the rows of a token grid")
+                self.p.aligns.append((n, other, q_, self.row_ranges(n, lq.dims[d], g)))
+        return g.with_dims(lq.dims[:-1] + (fresh(shape_of(n)[-1]),))
 
     def conv(self, n: fx.Node):
         """``F.conv{1,2,3}d`` reading a sharded value: along the tokens it needs a halo (a grid of
