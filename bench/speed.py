@@ -365,7 +365,7 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
     by = {c.label: c for c in configs}
     eager, ind, cdc, cdt = by.get("eager"), by["inductor"], by["cachedit"], by.get("cache-dit")
     fb = by["F+B-only"]
-    rounds = args.repeats
+    rounds = min(len(c.requests) for c in configs)  # fewer than args.repeats in a partial result
 
     rows = []
     for c in configs:

@@ -278,7 +278,9 @@ def test_repeats_keep_the_token_dim_once_and_other_token_reductions_are_refused(
 
 
 def _first(x):
-    return x[0] if isinstance(x, tuple) else x
+    while isinstance(x, (tuple, list)):  # graph outputs; per-sample lists (Cosmos 3 Omni)
+        x = x[0]
+    return x
 
 
 def _build_and_run(model, kwargs, **opts):
@@ -431,6 +433,11 @@ def _scn_wananimate(rank, world):
     """Wan-Animate's face adapter attends per frame, ``(batch * frames, tokens per frame, C)``, to
     that frame's face tokens: each rank fetches the frames its tokens cut and attends locally."""
     return _run_zoo("wananimate", world)
+
+
+def _scn_cosmos3omni(rank, world):
+    """Cosmos 3 Omni packs one sequence without a batch dim: (tokens, channels) streams."""
+    return _run_zoo("cosmos3omni", world)
 
 
 def _scn_sana(rank, world):
@@ -607,7 +614,8 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
-               "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage"]),
+               "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
+               "cosmos3omni"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
                "token_conv", "sana", "sanavideo", "latte", "wananimate"]),
     "w2-inductor": (2, ["inductor"]),
@@ -760,6 +768,12 @@ def test_sequence_first_streams_shard_their_first_dim():
     _assert_parity(res)
     rec = res[0]["record"]
     assert rec["sharded_streams"] == ["layers.hidden"] and rec["attention"] == {"ulysses": 3}
+
+
+def test_streams_without_a_batch_dim_shard_their_tokens():
+    res = _scenario(2, "cosmos3omni")
+    _assert_parity(res)
+    assert res[0]["record"]["attention"] == {"ulysses": 6}  # causal (text) and full, 3 layers
 
 
 def test_writes_into_a_token_range_use_each_rank_s_local_bounds():

@@ -142,7 +142,7 @@ def _plan(gm, groups, *, world, rank, shard_streams, token_dim, halo):
             for s in g.streams:
                 shp = shape_of(s.entry)
                 if (shard_streams == "hidden" and s.label != "hidden") or visitor.lay(s.entry) is not None \
-                        or shp is None or len(shp) < 3 or shp[token_dim] < world:
+                        or shp is None or len(shp) < 2 or shp[token_dim] < world:
                     continue
                 tok = norm_dim(token_dim, len(shp))
                 how = Sharded(tok, Axis.even(shp[tok], world))
@@ -151,7 +151,8 @@ def _plan(gm, groups, *, world, rank, shard_streams, token_dim, halo):
                 p.sharded_streams.append(f"{g.name}.{s.label}")
         if not p.entries:
             raise Refused(Why.NO_TOKEN_STREAM, None, "no stream of the first group has a "
-                          + ("(batch, tokens, channels)" if token_dim == -2 else "(tokens, batch, channels)")
+                          + ("(batch, tokens, channels) or (tokens, channels)" if token_dim == -2
+                             else "(tokens, batch, channels)")
                           + " shape")
         lay = visitor.visit(n)
         if lay is not None:

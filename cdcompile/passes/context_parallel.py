@@ -5,7 +5,8 @@ for its own rank and receives the same full inputs; each computes 1/W of the tok
 groups and returns the full output. Algorithm:
 
 1. Shard at the entry. Each token stream of the groups (the hidden stream and the encoder/text
-   stream; a stream is a (batch, tokens, channels) value) is cut along its token dim right
+   stream; a stream is a (batch, tokens, channels) value, or (tokens, channels) for a model that
+   packs one sequence without a batch dim, like Cosmos 3 Omni) is cut along its token dim right
    before its group: rank r keeps tokens [o_r, o_r + n_r), the first ``S mod W`` ranks one more
    (layout.Axis.even). **Text tokens are sharded like image tokens**, each stream separately, so
    a joint sequence ``cat([text, image])`` holds rank r's text tokens followed by its image
