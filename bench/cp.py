@@ -239,7 +239,7 @@ def run_zoo(world: int, out: str) -> None:
             return f"{graphs}left {', '.join(r['unsharded_groups'])} unsharded: {r.get('reason')}"
         if r.get("applied") and r.get("reason"):  # a graph of a model that breaks its graph stayed unsharded
             return f"{graphs}one graph unsharded: {r['reason']}"
-        return graphs + (r.get("reason") or "")
+        return (graphs + (r.get("reason") or "")).rstrip(": ")
 
     table = [[r["model"], "yes" if r.get("applied") else "no",
               ", ".join(f"{k} {v}" for k, v in (r.get("attention") or {}).items()),

@@ -130,6 +130,50 @@ def test_view_atoms_follow_unflatten_permute_and_flatten_of_the_tokens():
     assert view_atoms(((t,),), (35,), torch.empty(35, device="meta").as_strided((34,), (1,))) is None
 
 
+@given(st.data())
+def test_view_atoms_say_which_token_every_element_holds_after_random_views(data):
+    """Random unflatten / permute / flatten chains on a tensor holding its token index: decoding
+    each element's coordinates through the atoms gives back that index."""
+    from cdcompile.distributed.grid import view_atoms
+
+    h, w, c = data.draw(st.sampled_from([(3, 4, 2), (2, 6, 3), (5, 1, 2), (4, 3, 1)]))
+    x = torch.arange(h * w).view(1, h * w, 1).expand(2, h * w, c).contiguous()
+    t = (101, h * w)
+    dims = (((103, 2),), (t,), ((102, c),) if c > 1 else ())  # (batch, tokens, channels)
+    tokens = (t,)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["unflatten", "permute", "flatten"]))
+        d = data.draw(st.integers(0, x.dim() - 1))
+        if kind == "unflatten":
+            n = x.shape[d]
+            k = data.draw(st.sampled_from([f for f in range(1, n + 1) if n % f == 0]))
+            op = lambda y: y.unflatten(d, (k, n // k))  # noqa: E731
+        elif kind == "permute":
+            perm = data.draw(st.permutations(range(x.dim())))
+            op = lambda y: y.permute(*perm)  # noqa: E731
+        else:
+            e = data.draw(st.integers(d, x.dim() - 1))
+            op = lambda y: y.flatten(d, e)  # noqa: E731
+        res = view_atoms(dims, tuple(x.shape), op(torch.empty(x.shape, device="meta")))
+        assert res is not None
+        dims, parts = res
+        tokens = tuple(a for tok in tokens for a in parts.get(tok, (tok,)))
+        x = op(x)
+        assert tuple(math.prod(s for _, s in d) for d in dims) == tuple(x.shape)
+    # decode: every element's token index from its coordinates
+    index = torch.zeros(x.shape, dtype=torch.long)
+    stride = {a: math.prod(s for _, s in tokens[i + 1:]) for i, a in enumerate(tokens)}
+    for dim, atoms in enumerate(dims):
+        coord = torch.arange(x.shape[dim])
+        for j, a in enumerate(atoms):
+            if a in stride:
+                digit = coord // math.prod(s for _, s in atoms[j + 1:]) % a[1]
+                shape = [1] * x.dim()
+                shape[dim] = x.shape[dim]
+                index = index + (digit * stride[a]).view(shape)
+    assert torch.equal(index, x)
+
+
 class _ConvGridBlock(torch.nn.Module):
     """Sana's Mix-FFN shape: tokens viewed as an ``hw`` image, 1x1 conv, depthwise 3x3 conv
     (``dilation`` rows of reach per conv, ``convs`` of them), gated, 1x1 conv, flattened back."""
