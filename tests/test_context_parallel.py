@@ -600,6 +600,30 @@ def _scn_cache(rank, world, **extra):
     return dict(single=runs[1], cp=runs[world])
 
 
+def _scn_cache_sana(rank, world):
+    """DBCache + CP on Sana: the halo exchanges of the Mix-FFN sit in the cond's compute branch."""
+    import cdcompile
+    from cdcompile import zoo
+
+    m0, kw = zoo.ZOO["sana"]()
+    d = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(9))
+    steps = [dict(kw, hidden_states=kw["hidden_states"] + 0.03 * s * d, timestep=torch.tensor([900.0 - 100 * s]))
+             for s in range(8)]
+    runs = {}
+    for degree in (1, world):
+        m, _ = zoo.ZOO["sana"]()
+        m.load_state_dict(m0.state_dict())
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True,
+                          options=dict(compiler="eager", ulysses_degree=degree,
+                                       **{**CACHE_OPTS, "residual_diff_threshold": 0.045}))
+        with torch.no_grad():
+            outs = [_first(c(**k)) for k in steps]
+        slot = cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]
+        runs[degree] = dict(outs=torch.stack(outs), cached=slot["cached_steps"], diffs=slot["residual_diffs"])
+    return dict(single=runs[1], cp=runs[world])
+
+
 def _scn_prune(rank, world):
     """DBPrune + CP: every prunable block's decision all-reduces its diff, so every rank prunes the
     same blocks (a divergent decision would hang the collectives in the block's compute branch)."""
@@ -661,7 +685,7 @@ SCENARIOS = {
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
-               "token_conv", "sana", "sanavideo", "latte", "wananimate"]),
+               "token_conv", "sana", "sanavideo", "latte", "wananimate", "cache_sana"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -872,6 +896,13 @@ def test_cached_steps_are_identical_on_every_rank_and_to_one_process(world):
         for s, d in single["diffs"].items():
             assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_halo_exchanges_in_the_cached_branch_keep_the_decisions_of_one_process():
+    for r, res in enumerate(_scenario(3, "cache_sana")):
+        single, cp = res["single"], res["cp"]
+        assert cp["cached"] == single["cached"] and 0 < len(single["cached"]) < 6, (r, cp["cached"], single["cached"])
+        torch.testing.assert_close(cp["outs"], single["outs"], rtol=1e-5, atol=2e-6)
 
 
 def test_pruned_blocks_are_identical_on_every_rank_and_to_one_process():
