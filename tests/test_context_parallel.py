@@ -484,6 +484,35 @@ def _scn_cosmos3omni(rank, world):
     return _run_zoo("cosmos3omni", world)
 
 
+def _window(b, h, q, kv):
+    return (q - kv).abs() <= 4
+
+
+class _FlexBlock(torch.nn.Module):
+    """flex_attention with a positional (sliding window) block mask over a rotated sequence: on
+    ranks, the rotated tokens gather out of logical order, so the mask needs them put back."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, h):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        b, n, c = h.shape
+        j = torch.cat([h[:, 30:], h[:, :30]], dim=1)
+        q, k, v = self.qkv(j).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        mask = create_block_mask(_window, None, None, n, n, device="cpu")
+        o = flex_attention(q, k, v, block_mask=mask).transpose(1, 2).reshape(b, n, c)
+        return h + self.out(torch.cat([o[:, n - 30:], o[:, :n - 30]], dim=1))
+
+
+def _scn_flex(rank, world):
+    return _run_stack(_FlexBlock, 8, world, seed=10)
+
+
 def _scn_sana(rank, world):
     """Sana: linear attention and the Mix-FFN's depthwise convolution over the 8 x 8 latent."""
     return _run_zoo("sana", world)
@@ -683,9 +712,9 @@ def _scn_inductor(rank, world):
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
-               "cosmos3omni"]),
+               "cosmos3omni", "flex"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
-               "token_conv", "sana", "sanavideo", "latte", "wananimate", "cache_sana"]),
+               "token_conv", "sana", "sanavideo", "latte", "wananimate", "cache_sana", "flex"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -829,6 +858,14 @@ def test_attention_per_frame_fetches_the_frames_a_rank_cuts_and_runs_locally():
     rec = res[0]["record"]
     assert rec["halos"] == 2 and rec["attention"]["ulysses"] == 4  # two face adapters; four DiT blocks
     assert rec["unsharded_groups"] == ["motion_encoder.res_blocks", "motion_encoder.motion_network"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_flex_attention_with_a_positional_mask_sees_the_gathered_tokens_in_logical_order(world):
+    res = _scenario(world, "flex")
+    _assert_parity(res)
+    assert res[0]["record"]["attention"] == {"ulysses": 3}
+    assert res[0]["fx_ops"]["to_heads_start"] == 9
 
 
 def test_sequence_first_streams_shard_their_first_dim():

@@ -19,6 +19,8 @@ change so that the op computes this rank's part. Per op:
    all-to-all); Q sharded and K/V replicated (cross-attention to text) -> local attention, no
    communication; Q replicated and K/V sharded -> K and V are gathered. An attention mask is
    reordered to the gathered token order. ``F.multi_head_attention_forward`` likewise.
+   ``flex_attention`` is Ulysses too, its gathered tokens put in logical order for the block mask
+   (positional) and back after; its mask and score functions must not read the head index.
 5. Sums over the token dim: ``sum``/``mean`` over dims that include it, and a matmul contracting
    two sharded token dims (linear attention: Sana's ``V K^T``), give this rank's partial sum; an
    all-reduce after the node (``reductions``) makes the result whole and replicated (a mean is
@@ -69,6 +71,8 @@ class Attention:
     mask_takes: tuple[tuple[int, tuple], ...] = ()  # (dim, ranges) applied to the mask in order
     mha: bool = False  # torch.nn.MultiheadAttention's functional form
     expand_kv: int = 1  # grouped-query K/V repeated to this many heads per head before the exchange
+    flex: bool = False  # torch.nn.attention.flex_attention (its output is item 0 of a tuple)
+    logical: bool = False  # put the gathered tokens in logical order (a flex block mask is positional)
 
 
 @dataclasses.dataclass
@@ -209,6 +213,8 @@ class _Visitor(GridRules):
             return self.setitem(n)
         if name == "scaled_dot_product_attention":
             return self.sdpa(n)
+        if name == "flex_attention":
+            return self.flex(n)
         if name == "multi_head_attention_forward":
             return self.mha(n)
         if name == "pad":
@@ -568,6 +574,39 @@ class _Visitor(GridRules):
         self.p.attentions.append(att)
         return out
 
+    def flex(self, n: fx.Node):
+        """``flex_attention`` (Dynamo's higher-order op) with sharded Q, K, V: Ulysses, like SDPA.
+
+        After the exchange every rank attends over the whole sequence for its heads; the block
+        mask, built for the whole sequence, applies once the gathered tokens are put in logical
+        order (a joint sequence gathers rank by rank: ``Attention.logical``). The mask and score
+        functions must not read the head index (a rank's heads are renumbered from 0)."""
+        q, k, v, score_mod, block_mask = n.args[:5]
+        lq, lk, lv = self.lay(q), self.lay(k), self.lay(v)
+        sq, sk = shape_of(q), shape_of(k)
+        if lq is None or lk is None or lk != lv or lq.dim != 2 or lk.dim != 2 or len(sq) != 4 or sq[1] != sk[1]:
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with Q, K, V not all sharded on tokens "
+                                                        "(or grouped-query heads)")
+        others = [a for a in n.all_input_nodes if a not in (q, k, v)]
+        if any(self.lay(a) is not None for a in others):
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with a sharded mask or buffer")
+        for a in others:
+            shp = shape_of(a)
+            if a.op == "get_attr":
+                fn = getattr(a.graph.owning_module, a.target)
+                heads = [p for p in fn.graph.nodes if p.op == "placeholder"]
+                head = heads[2] if a is score_mod else heads[1]  # (score, b, h, q, kv) / (b, h, q, kv)
+                if head.users:
+                    raise Refused(Why.ATTENTION_UNSUPPORTED, n, f"flex_attention whose {a.target} reads the head index")
+            elif shp is not None and len(shp) >= 2 and shp[1] > 1 and a in _flat(block_mask):
+                raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with a per-head block mask")
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users) or len(n.users) != 1:
+            raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention whose log-sum-exp is used")
+        self.p.attentions.append(Attention(n, "ulysses", q, k, v, lq.axis, lk.axis, heads=sq[1], head_dim=sq[3],
+                                           batch=sq[0], flex=True, logical=not (lq.axis.is_natural_order()
+                                                                                and lk.axis.is_natural_order())))
+        return (Sharded(2, lq.axis), None, None)
+
     def mha(self, n: fx.Node):
         import inspect
 
@@ -592,3 +631,10 @@ class _Visitor(GridRules):
                                            heads=a["num_heads"], head_dim=sq[2] // a["num_heads"], batch=sq[1],
                                            mha=True))
         return (Sharded(0, lq.axis), None)
+
+
+def _flat(x) -> list:
+    """The nodes inside nested tuples/lists (a flex_attention block mask)."""
+    if isinstance(x, (tuple, list)):
+        return [y for item in x for y in _flat(item)]
+    return [x] if isinstance(x, fx.Node) else []

@@ -258,8 +258,11 @@ def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, grou
                     "kv_lens": tuple(att.kv_axis.local_lens()) if att.kind == "ulysses" else None,
                     "rank": rank, "group": group, "fp8": fp8}
         return
-    kw = {name: (n.args[i] if i < len(n.args) else n.kwargs[name])
-          for i, name in enumerate(_SDPA_ARGS) if i < len(n.args) or name in n.kwargs}
+    if att.flex:
+        kw = dict(query=n.args[0], key=n.args[1], value=n.args[2])
+    else:
+        kw = {name: (n.args[i] if i < len(n.args) else n.kwargs[name])
+              for i, name in enumerate(_SDPA_ARGS) if i < len(n.args) or name in n.kwargs}
     mask = kw.get("attn_mask")
     if att.mask_takes:
         with graph.inserting_before(n):
@@ -290,16 +293,27 @@ def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, grou
             with graph.inserting_before(n):
                 start = new(ulysses.to_heads_start, (operand,), dict(lens=lens, rank=rank, group=group, fp8=quant))
                 waits[name] = new(ulysses.to_heads_wait, (start,), dict(lens=lens, fp8=quant, **shp))
+                if att.logical:
+                    axis = att.q_axis if name == "query" else att.kv_axis
+                    waits[name] = new(ulysses.take, (waits[name], 2, axis.gathered_to_logical()))
             if overlap and block is not None:
                 _issue_early(graph, start, operand, set(block.nodes), floor)
                 floor = start
         kw.update(waits)
-        with graph.inserting_after(n):
-            back = new(ulysses.to_seq_start, (n,), dict(lens=q_lens, rank=rank, group=group, fp8=fp8))
+        out = next(iter(n.users)) if att.flex else n  # flex_attention: its (output, lse, ...)[0]
+        o = out
+        if att.logical:  # back to the gathered order the exchange returns
+            with graph.inserting_after(out):
+                o = new(ulysses.take, (out, 2, att.q_axis.gathered_order()))
+        with graph.inserting_after(o):
+            back = new(ulysses.to_seq_start, (o,), dict(lens=q_lens, rank=rank, group=group, fp8=fp8))
         with graph.inserting_after(back):
             done = new(ulysses.to_seq_wait, (back,), dict(lens=q_lens, rank=rank, fp8=fp8, **shape))
-        n.replace_all_uses_with(done, delete_user_cb=lambda u: u is not back)
-    n.args, n.kwargs = (), kw
+        out.replace_all_uses_with(done, delete_user_cb=lambda u: u not in (back, o))
+    if att.flex:
+        n.args = (kw["query"], kw["key"], kw["value"], *n.args[3:])
+    else:
+        n.args, n.kwargs = (), kw
 
 
 def _issue_early(graph: fx.Graph, start: fx.Node, operand: fx.Node, block_nodes: set[fx.Node],
