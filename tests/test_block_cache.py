@@ -330,6 +330,36 @@ def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branc
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
 
 
+class _MaskedBlock(torch.nn.Module):
+    """A SeqBlock whose output is smoothed over a band of neighbouring tokens, the band built with
+    ``torch.vmap`` from positions only (as ``create_block_mask`` builds a flex_attention mask)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x, temb):
+        pos = torch.arange(x.shape[1])
+        near = torch.vmap(lambda i: ((pos - i).abs() <= 2).float())(pos)
+        y = self.inner(x, temb)
+        return y + 0.1 * (near @ (y - x)) / near.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_vmap_that_does_not_read_the_streams_runs_before_the_cond(compiler):
+    cfg = RefConfig(threshold=0.15, warmup=2)
+    m = SequentialDiT(depth=5)
+    m.blocks = torch.nn.ModuleList(_MaskedBlock(b) for b in m.blocks)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-6)
+    assert reports[0].cache is not None, reports[0].not_cached
+    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
 class _Encoder(torch.nn.Module):
     """A block of a side encoder whose stream narrows (no residual across its chain)."""
 

@@ -217,8 +217,10 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
 
     # M region: M's block nodes plus in-between nodes depending on them.
     nodes = list(graph.nodes)
+    sources = tuple(e for s in gm_first.streams
+                    if (e := _boundary(gm_first, i_m, s.label, before=True)) is not None)
     found = _region(nodes, order, {n for g, i in blocks[fn:len(blocks) - bn] for n in g.blocks[i].nodes},
-                    "the middle blocks")
+                    "the middle blocks", sources)
     if isinstance(found, str):
         return found
     region, m_nodes = found
@@ -275,9 +277,11 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     return None
 
 
-def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], what: str):
+def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], what: str,
+            sources: tuple[fx.Node, ...] = ()):
     """The nodes a branch takes over: ``core`` (block nodes) plus the nodes between its first and
-    last node that depend on it. Returns ``(region, region_set)`` or a reason it cannot be skipped."""
+    last node that depend on it. ``sources``: the stream values entering it. Returns ``(region,
+    region_set)`` or a reason it cannot be skipped."""
     m_nodes = set(core)
     lo = min(order[n] for n in m_nodes)
     hi = max(order[n] for n in m_nodes)
@@ -287,6 +291,8 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
                             and any(a in m_nodes for a in n.all_input_nodes)):
             m_nodes.add(n)
             region.append(n)
+    if sources:
+        _hoist_vmaps(nodes[lo:hi + 1], order, m_nodes, region, set(sources))
     # A context a block opens and closes around region ops only (``with torch.amp.autocast(...)``
     # in an attention processor: _enter_autocast .. _exit_autocast) moves into the branch whole.
     balanced = _take_scopes(nodes[lo:hi + 1], order, m_nodes, region)
@@ -313,6 +319,39 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
             region.remove(n)
             m_nodes.discard(n)
     return region, m_nodes
+
+
+def _hoist_vmaps(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx.Node], region: list[fx.Node],
+                 sources: set[fx.Node]) -> None:
+    """Leave out of the region every ``torch.vmap`` scope that does not depend on the streams, with
+    the region nodes it reads: it then runs on every step, before the cond, and the branch reads
+    its results (a vmap cannot run inside a cond branch, see _MOVABLE). Such a scope builds a
+    block's attention mask from sizes and side inputs (``create_block_mask`` for flex_attention:
+    AnyFlow FAR, Kandinsky 6 SR)."""
+    dep: set[fx.Node] = set()
+    for n in span:  # values that change with the streams, through reads and in-place writes
+        if any(a in sources or a in dep for a in n.all_input_nodes):
+            dep.add(n)
+            if n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], fx.Node) and (
+                    _fx.target_name(n) in ("setitem", "copy_") or _fx.target_name(n).endswith("_")
+                    and not _fx.target_name(n).endswith("__")):
+                dep.add(n.args[0])
+    for e, x in _scope_pairs(span):
+        if _fx.target_name(e) != "_vmap_increment_nesting":
+            continue
+        own = {n for n in span if order[e] <= order[n] <= order[x]}
+        if own & dep or not own & m_nodes:
+            continue
+        stack = list(own)
+        while stack:  # with the region nodes it reads (independent of the streams, as it is)
+            for a in stack.pop().all_input_nodes:
+                if a in m_nodes and a not in own:
+                    own.add(a)
+                    stack.append(a)
+        if own & dep:
+            continue
+        m_nodes.difference_update(own)
+        region[:] = [n for n in region if n not in own]
 
 
 # Contexts Dynamo records as a pair of calls: autocast (the exit reads the enter's result) and
