@@ -129,8 +129,8 @@ def exchange(axis: Axis, fetch: tuple[tuple[int, int], ...], rank: int):
 def view_atoms(in_dims, in_shape: tuple[int, ...], out: torch.Tensor):
     """The atoms of each dim of ``out``, a view of a contiguous tensor of ``in_shape`` whose dims
     hold ``in_dims``; and how input atoms were split (``{atom: (sub-atoms, outer to inner)}``).
-    None when ``out`` is not a regrouping of the input's elements (overlapping or broadcast dims
-    other than new size-1 ones)."""
+    None when ``out`` is not a regrouping of the input's elements (dims that overlap, or elements
+    left out). A broadcast (stride 0) dim gets a fresh atom."""
     # Every atom's stride in the contiguous input.
     flat = [a for d in in_dims for a in d]
     strides, acc = {}, 1
