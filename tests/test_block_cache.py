@@ -316,18 +316,24 @@ class _ScopedBlock(torch.nn.Module):
             return self.inner(x, temb)
 
 
-def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branch():
+def _assert_wrapped_blocks_cached_as_the_reference(wrapper, compiler):
+    """SequentialDiT with every block wrapped in ``wrapper``: the block cache is in the graph and
+    its outputs and cached steps equal the eager reference's."""
     cfg = RefConfig(threshold=0.15, warmup=2)
     m = SequentialDiT(depth=5)
-    m.blocks = torch.nn.ModuleList(_ScopedBlock(b) for b in m.blocks)
+    m.blocks = torch.nn.ModuleList(wrapper(b) for b in m.blocks)
     with cdcompile.backend.collect_reports() as reports:
-        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
         ref = RefCache(cfg)
         with torch.no_grad():
             for s, (x, t) in enumerate(_seq_trajectory()):
                 torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-6)
     assert reports[0].cache is not None, reports[0].not_cached
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branch():
+    _assert_wrapped_blocks_cached_as_the_reference(_ScopedBlock, "aot_eager")
 
 
 class _MaskedBlock(torch.nn.Module):
@@ -347,17 +353,7 @@ class _MaskedBlock(torch.nn.Module):
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_a_vmap_that_does_not_read_the_streams_runs_before_the_cond(compiler):
-    cfg = RefConfig(threshold=0.15, warmup=2)
-    m = SequentialDiT(depth=5)
-    m.blocks = torch.nn.ModuleList(_MaskedBlock(b) for b in m.blocks)
-    with cdcompile.backend.collect_reports() as reports:
-        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
-        ref = RefCache(cfg)
-        with torch.no_grad():
-            for s, (x, t) in enumerate(_seq_trajectory()):
-                torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-6)
-    assert reports[0].cache is not None, reports[0].not_cached
-    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+    _assert_wrapped_blocks_cached_as_the_reference(_MaskedBlock, compiler)
 
 
 class _Encoder(torch.nn.Module):
