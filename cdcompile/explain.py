@@ -43,8 +43,11 @@ class ExplainReport:
 
     def __str__(self) -> str:
         lines = [f"cdcompile.explain: {self.graphs} graph(s), {self.graph_breaks} graph break(s)"]
-        for reason in self.break_reasons:
-            lines.append(f"  break: {reason}")
+        counts: dict[str, int] = {}
+        for reason in self.break_reasons:  # a break inside a block repeats once per block: say it once
+            counts[reason] = counts.get(reason, 0) + 1
+        for reason, k in counts.items():
+            lines.append(f"  break{f' (x{k})' if k > 1 else ''}: {reason}")
         lines.extend(str(r) for r in self.graph_reports)
         if not self.groups:
             lines.append("  no repeated block group found: the backend compiles the model unchanged")

@@ -114,6 +114,28 @@ def test_explain_reports_graph_breaks():
     assert _groups(r) == [("blocks", "_MLPBlock", 2, ["hidden"])]
 
 
+def _breaking(x):
+    torch._dynamo.graph_break()
+    return x
+
+
+def test_a_break_repeated_in_every_block_is_printed_once_with_its_count():
+    class BlockBreaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_MLPBlock(8) for _ in range(3))
+
+        def forward(self, x):
+            x = _breaking(self.blocks[0](x))  # the same break after every block
+            x = _breaking(self.blocks[1](x))
+            return _breaking(self.blocks[2](x))
+
+    r = _explain(BlockBreaks(), torch.randn(2, 8))
+    k = len(r.break_reasons)
+    assert r.graph_breaks >= 2 and k >= 2 and len(set(r.break_reasons)) == 1
+    assert str(r).count(f"  break (x{k}): ") == 1 and "  break: " not in str(r)
+
+
 class _TwoStreamBlock(nn.Module):
     def __init__(self, d, e):
         super().__init__()
