@@ -10,6 +10,7 @@ resets Dynamo's caches before and after, like ``torch._dynamo.explain``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -43,10 +44,8 @@ class ExplainReport:
 
     def __str__(self) -> str:
         lines = [f"cdcompile.explain: {self.graphs} graph(s), {self.graph_breaks} graph break(s)"]
-        counts: dict[str, int] = {}
-        for reason in self.break_reasons:  # a break inside a block repeats once per block: say it once
-            counts[reason] = counts.get(reason, 0) + 1
-        for reason, k in counts.items():
+        # a break inside a block repeats once per block: say it once
+        for reason, k in collections.Counter(self.break_reasons).items():
             lines.append(f"  break{f' (x{k})' if k > 1 else ''}: {reason}")
         lines.extend(str(r) for r in self.graph_reports)
         if not self.groups:

@@ -216,18 +216,16 @@ def _grid_plan(block, tokens, world=3, rank=1):
     return sharding.plan(gm, find_block_groups(gm, ex).groups, world=world, rank=rank)
 
 
-@pytest.mark.parametrize("convs,dilation,rows", [(1, 1, (0, 5)), (2, 1, (0, 5)), (1, 1, None)])
+@pytest.mark.parametrize("convs,dilation,rows", [(1, 1, (1, 6)), (2, 1, (0, 7)), (1, 2, (0, 7))])
 def test_a_convolution_over_a_token_image_fetches_the_rows_it_reaches(convs, dilation, rows):
-    # 35 tokens = 5 rows of 7 on 3 ranks; rank 1 holds tokens [12, 24) = rows 1..3 (partly 1 and 3)
-    hw = (5, 7) if rows else (7, 5)
-    p = _grid_plan(lambda: _ConvGridBlock(hw, convs=convs, dilation=dilation), 35)
+    # 35 tokens = 7 rows of 5 on 3 ranks; rank 1 holds tokens [12, 24): rows 2..4 (partly 2 and 4),
+    # plus convs * dilation rows of halo each side, clipped at the image's edges
+    p = _grid_plan(lambda: _ConvGridBlock((7, 5), convs=convs, dilation=dilation), 35)
     assert len(p.halos) == 3 and len(p.narrows) == 3
     _, _, dim, send, recv = p.halos[0]
-    unit = hw[1]
-    r0 = max(0, 12 // unit - convs * dilation)
-    r1 = min(hw[0], -(-24 // unit) + convs * dilation)
-    assert sum(recv) == (r1 - r0) * unit and recv[1] == 12
-    assert p.narrows[0][2] == ((12 - r0 * unit, 12),)
+    r0, r1 = rows
+    assert sum(recv) == (r1 - r0) * 5 and recv[1] == 12
+    assert p.narrows[0][2] == ((12 - r0 * 5, 12),)
 
 
 def test_a_convolution_along_the_tokens_fetches_its_reach_in_tokens():

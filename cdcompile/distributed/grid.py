@@ -265,8 +265,6 @@ class GridRules:
             if (o.tokens, o.rows, o.origin) != (g.tokens, g.rows, g.origin):
                 raise Refused(Why.MIXED_AXES, n, f"{name} combines two different token grids")
         g = dataclasses.replace(g, reach=max(o.reach for _, o in sharded))
-        if name in CONV:
-            return self.conv(n)
         if name in VIEW:
             return self.grid_done(n, self.grid_view(n, g))
         if name in SPLIT:
@@ -368,6 +366,7 @@ class GridRules:
             if n.args[0] is not sharded[0][0]:
                 return None
             return g
+        ids = g.token_ids()
         dims = []
         for d in range(r):
             atoms = None
@@ -375,7 +374,6 @@ class GridRules:
                 q = d - r + len(s.dims)
                 if q < 0 or not s.dims[q]:
                     continue
-                ids = g.token_ids()
                 if atoms is not None and [x for x in atoms if x[0] in ids] != [x for x in s.dims[q] if x[0] in ids]:
                     raise Refused(Why.MIXED_AXES, n, f"{name_of(n)} combines different dims of a token grid")
                 atoms = s.dims[q] if atoms is None or len(s.dims[q]) > len(atoms) else atoms

@@ -90,26 +90,16 @@ class Axis:
         """Logical pieces in the order of the sequence an all-to-all assembles (rank 0's first)."""
         return _merge(tuple(p for rank_pieces in self.pieces for p in rank_pieces))
 
-    def gathered_to_logical(self) -> tuple[Piece, ...]:
-        """Ranges of the all-to-all's gathered sequence (every rank's local tokens, rank 0's
-        first) that, concatenated, give the logical order."""
-        located, offset = [], 0
-        for rank_pieces in self.pieces:
-            for s, n in rank_pieces:
-                located.append((s, offset, n))
-                offset += n
-        located.sort()
-        return _merge(tuple((o, n) for _, o, n in located))
-
     def is_natural_order(self) -> bool:
         return self.gathered_order() in (((0, self.length),), ())
 
-    def gather_ranges(self, block: int) -> tuple[Piece, ...]:
+    def gather_ranges(self, block: int | None = None) -> tuple[Piece, ...]:
         """Ranges, in logical order, of a buffer holding every rank's local tokens in blocks of
-        ``block`` (rank r's tokens start at ``r * block``): what reorders an all-gather."""
-        located = []
+        ``block`` (rank r's tokens start at ``r * block``): what reorders an all-gather. With no
+        ``block`` the ranks' tokens follow each other: an all-to-all's gathered sequence."""
+        located, offset = [], 0
         for r, rank_pieces in enumerate(self.pieces):
-            offset = r * block
+            offset = r * block if block is not None else offset
             for s, n in rank_pieces:
                 located.append((s, offset, n))
                 offset += n

@@ -136,7 +136,7 @@ def _plan(gm, groups, *, world, rank, shard_streams, token_dim, halo):
 
     # Streams to shard, decided when the walk reaches their group (an entry computed from sharded
     # values, e.g. the second FLUX group's, is sharded already). Token dim = ``token_dim`` of a
-    # value of 3 dims or more.
+    # value of 2 dims or more.
     at_group: dict[fx.Node, list] = {}
     for g in groups:
         at_group.setdefault(g.blocks[0].nodes[0], []).append(g)
@@ -588,6 +588,8 @@ class _Visitor(GridRules):
             raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with Q, K, V not all sharded on tokens "
                                                         "(or grouped-query heads)")
         others = [a for a in n.all_input_nodes if a not in (q, k, v)]
+        mask_nodes: list[fx.Node] = []
+        fx.node.map_arg(block_mask, mask_nodes.append)
         if any(self.lay(a) is not None for a in others):
             raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with a sharded mask or buffer")
         for a in others:
@@ -598,7 +600,7 @@ class _Visitor(GridRules):
                 head = heads[2] if a is score_mod else heads[1]  # (score, b, h, q, kv) / (b, h, q, kv)
                 if head.users:
                     raise Refused(Why.ATTENTION_UNSUPPORTED, n, f"flex_attention whose {a.target} reads the head index")
-            elif shp is not None and len(shp) >= 2 and shp[1] > 1 and a in _flat(block_mask):
+            elif shp is not None and len(shp) >= 2 and shp[1] > 1 and a in mask_nodes:
                 raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention with a per-head block mask")
         if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users) or len(n.users) != 1:
             raise Refused(Why.ATTENTION_UNSUPPORTED, n, "flex_attention whose log-sum-exp is used")
@@ -632,9 +634,3 @@ class _Visitor(GridRules):
                                            mha=True))
         return (Sharded(0, lq.axis), None)
 
-
-def _flat(x) -> list:
-    """The nodes inside nested tuples/lists (a flex_attention block mask)."""
-    if isinstance(x, (tuple, list)):
-        return [y for item in x for y in _flat(item)]
-    return [x] if isinstance(x, fx.Node) else []

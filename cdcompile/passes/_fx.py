@@ -104,3 +104,9 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
 def fake_value(node: fx.Node):
     """The FakeTensor (or other value) Dynamo recorded for a node, if any."""
     return node.meta.get("example_value", node.meta.get("val"))
+
+
+def writes_in_place(n: fx.Node) -> bool:
+    """Whether ``n`` writes into its first argument (``x[i] = y``, ``copy_``, ``x.add_(...)``)."""
+    name = target_name(n)
+    return name in ("setitem", "copy_") or (n.op == "call_method" and name.endswith("_") and not name.endswith("__"))

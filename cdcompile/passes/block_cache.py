@@ -326,15 +326,13 @@ def _hoist_vmaps(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx
     """Leave out of the region every ``torch.vmap`` scope that does not depend on the streams, with
     the region nodes it reads: it then runs on every step, before the cond, and the branch reads
     its results (a vmap cannot run inside a cond branch, see _MOVABLE). Such a scope builds a
-    block's attention mask from sizes and side inputs (``create_block_mask`` for flex_attention:
-    AnyFlow FAR, Kandinsky 6 SR)."""
+    block's attention mask from positions and side inputs (``create_block_mask`` for
+    flex_attention: AnyFlow FAR; Kandinsky 6 SR's reads the queries and keys, and stays refused)."""
     dep: set[fx.Node] = set()
     for n in span:  # values that change with the streams, through reads and in-place writes
         if any(a in sources or a in dep for a in n.all_input_nodes):
             dep.add(n)
-            if n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], fx.Node) and (
-                    _fx.target_name(n) in ("setitem", "copy_") or _fx.target_name(n).endswith("_")
-                    and not _fx.target_name(n).endswith("__")):
+            if _fx.writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):
                 dep.add(n.args[0])
     for e, x in _scope_pairs(span):
         if _fx.target_name(e) != "_vmap_increment_nesting":

@@ -120,7 +120,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
 def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
     g, i = blocks[b]
     where = f"block {b} ({g.name}.{g.blocks[i].index})"
-    sources = tuple(e for s in g.streams if (e := (s.entry if i == 0 else s.outputs[i - 1])) is not None)
+    sources = tuple(e for s in g.streams if (e := _boundary(g, i, s.label, before=True)) is not None)
     found = _region(nodes, order, set(g.blocks[i].nodes), where, sources)
     if isinstance(found, str):
         return found

@@ -215,9 +215,9 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     for n, share in plan.reductions:
         users = list(n.users)
         with graph.inserting_after(n):
-            local = new(operator.mul, (n, share)) if share != 1.0 else n
-        with graph.inserting_after(local):
-            whole = new(ulysses.all_reduce_sum, (local, group))
+            part = new(operator.mul, (n, share)) if share != 1.0 else n
+        with graph.inserting_after(part):
+            whole = new(ulysses.all_reduce_sum, (part, group))
         for u in users:
             u.replace_input_with(n, whole)
 
@@ -295,7 +295,7 @@ def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, grou
                 waits[name] = new(ulysses.to_heads_wait, (start,), dict(lens=lens, fp8=quant, **shp))
                 if att.logical:
                     axis = att.q_axis if name == "query" else att.kv_axis
-                    waits[name] = new(ulysses.take, (waits[name], 2, axis.gathered_to_logical()))
+                    waits[name] = new(ulysses.take, (waits[name], 2, axis.gather_ranges()))
             if overlap and block is not None:
                 _issue_early(graph, start, operand, set(block.nodes), floor)
                 floor = start
@@ -328,12 +328,12 @@ def _issue_early(graph: fx.Graph, start: fx.Node, operand: fx.Node, block_nodes:
 
     def movable(n: fx.Node) -> bool:
         return (n in block_nodes or n.meta.get("cdcompile_pass") == PASS) and n.op in (
-            "call_function", "call_method") and not n.is_impure() and not _writes(n)
+            "call_function", "call_method") and not n.is_impure() and not _fx.writes_in_place(n)
 
     def barrier(n: fx.Node) -> fx.Node:
         best = block_first
         for m in block_nodes:
-            if _writes(m) and order[best] < order[m] < order[n]:
+            if _fx.writes_in_place(m) and order[best] < order[m] < order[n]:
                 best = m
         return best
 
@@ -355,10 +355,6 @@ def _issue_early(graph: fx.Graph, start: fx.Node, operand: fx.Node, block_nodes:
         hoist(operand, set())
     operand.append(start)
 
-
-def _writes(n: fx.Node) -> bool:
-    name = _fx.target_name(n)
-    return name in ("setitem", "copy_") or (n.op == "call_method" and name.endswith("_") and not name.endswith("__"))
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
