@@ -8,6 +8,8 @@ Dynamo writes ``node.meta["nn_module_stack"]``: an ordered dict, outermost modul
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
 from typing import Iterable
 
@@ -109,4 +111,69 @@ def fake_value(node: fx.Node):
 def writes_in_place(n: fx.Node) -> bool:
     """Whether ``n`` writes into its first argument (``x[i] = y``, ``copy_``, ``x.add_(...)``)."""
     name = target_name(n)
+    if isinstance(n.target, torch._ops.OpOverload):  # aten ops, e.g. from lower_scope
+        return n.target._schema.is_mutable
     return name in ("setitem", "copy_") or (n.op == "call_method" and name.endswith("_") and not name.endswith("__"))
+
+
+def lower_scope(gm: fx.GraphModule, span: list[fx.Node]) -> list[fx.Node]:
+    """Replace the contiguous nodes ``span`` of ``gm`` by the aten ops they run, traced by
+    ``make_fx`` on Dynamo's fake values, and return the new nodes.
+
+    For a ``torch.vmap`` scope (``_vmap_increment_nesting .. _vmap_decrement_nesting``, which Dynamo
+    inlines as raw functorch calls): the traced ops are the batched ops vmap dispatches to, with no
+    functorch call left, so they may run inside a ``torch.cond`` branch. The new nodes take the
+    first span node's module stack and source line (for discovery and messages); the span's values
+    read after it are replaced by their traced counterparts. Raises what ``make_fx`` raises (then
+    ``gm`` is unchanged).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inside = set(span)
+    inputs = list(dict.fromkeys(a for n in span for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in span if any(u not in inside for u in n.users)]
+    sub = fx.Graph()
+    env = {a: sub.placeholder(a.name) for a in inputs}
+    for n in span:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output(tuple(env[o] for o in outputs))
+    args = [fake_value(a) for a in inputs]
+    mode = next((v.fake_mode for v in args if isinstance(v, torch._subclasses.FakeTensor)), None)
+    level = torch._C._functorch.maybe_current_level()
+    try:
+        with mode if mode is not None else contextlib.nullcontext():
+            traced = make_fx(fx.GraphModule(gm, sub))(*args)
+    finally:  # a failed trace leaves its vmap levels open; close them
+        while torch._C._functorch.maybe_current_level() not in (None, level):
+            torch._C._functorch._vmap_decrement_nesting()
+    traced.graph.eliminate_dead_code()
+
+    result = traced.graph.output_node().args[0]
+    if not all(isinstance(t, fx.Node) for t in result):
+        raise NotImplementedError("a traced scope output is a constant")
+
+    keep = {k: span[0].meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in span[0].meta}
+    new: list[fx.Node] = []
+    values: dict[fx.Node, fx.Node] = {}
+    with gm.graph.inserting_before(span[0]):
+        for t in traced.graph.nodes:
+            if t.op == "placeholder":
+                values[t] = inputs[len(values)]
+            elif t.op == "get_attr":  # a constant make_fx lifted: carried over under a fresh name
+                name = next(f"_lowered_const_{k}" for k in itertools.count() if not hasattr(gm, f"_lowered_const_{k}"))
+                setattr(gm, name, getattr(traced, t.target))
+                values[t] = c = gm.graph.get_attr(name)
+                c.meta.update(t.meta)
+                new.append(c)
+            elif t.op != "output":
+                c = gm.graph.node_copy(t, values.__getitem__)
+                c.meta.update(keep)
+                if "val" in t.meta:
+                    c.meta["example_value"] = t.meta["val"]
+                values[t] = c
+                new.append(c)
+    for old, t in zip(outputs, result):
+        old.replace_all_uses_with(values[t])
+    for n in reversed(span):
+        gm.graph.erase_node(n)
+    return new

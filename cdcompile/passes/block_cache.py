@@ -8,9 +8,11 @@ Algorithm (reference/algorithms.md §1, §5):
    (Bria FIBO; Wan-Animate, whose 5-block motion encoder narrows its stream); the report says so.
 2. Split. F = the first ``Fn_compute_blocks`` blocks, B = the last ``Bn_compute_blocks``, M = the
    rest. The M region is M's block nodes plus the nodes between them that depend on them, and
-   whole scopes opened and closed around them (``torch.autocast``). A call nobody reads between
-   the M blocks (a side effect, e.g. functorch nesting) that would not move with the region
-   whole refuses the cache with a reason.
+   whole scopes opened and closed around them (``torch.autocast``). A ``torch.vmap`` scope inside
+   the blocks is lowered to the aten ops it runs when it reads the streams, and otherwise stays
+   before the cond (raw functorch calls cannot run in a branch). A call nobody reads between
+   the M blocks (a side effect, e.g. an in-place write to a side input) that would not move with
+   the region whole refuses the cache with a reason.
    M's outputs must be stream values at M's exit, each with an M-entry stream of the same label
    and shape (the residual ``exit - entry``); anything else leaving M makes the graph uncacheable.
 3. Guard. ``R = HF - H0`` (the hidden stream after F minus the stack's hidden input) is compared
@@ -119,6 +121,15 @@ def run(gm: fx.GraphModule, ctx) -> None:
     groups = ctx.discovery.groups if ctx.discovery else []
     if not groups:
         return
+    if _lower_stream_vmaps(gm, groups):
+        from . import discover
+
+        ctx.discovery = discover.find_block_groups(gm, ctx.example_inputs)
+        report.groups = [g.as_dict() for g in ctx.discovery.groups]
+        groups = ctx.discovery.groups
+        if not groups:
+            report.not_cached.append("no repeated block group after lowering the torch.vmap scopes")
+            return
     stack = _choose_stack(groups)
     blocks = [(g, i) for g in stack for i in range(g.num_blocks)]
     n = len(blocks)
@@ -321,19 +332,58 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
     return region, m_nodes
 
 
+def _lower_stream_vmaps(gm: fx.GraphModule, groups: list[BlockGroup]) -> bool:
+    """Lower to aten ops (``_fx.lower_scope``) every outermost ``torch.vmap`` scope inside the
+    groups that reads the streams (Kandinsky 6 SR builds its NABLA block mask from pooled queries
+    and keys). As raw functorch calls it could neither run inside a cond branch nor move before it;
+    lowered, it is ordinary ops of its block. A scope that does not read the streams stays as it
+    is (:func:`_hoist_vmaps` moves it before the cond). Returns whether any scope was lowered; one
+    ``make_fx`` cannot trace stays, and the region refuses it with its reason."""
+    nodes = list(gm.graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    members = [n for g in groups for b in g.blocks for n in b.nodes]
+    if not members:
+        return False
+    lo, hi = min(order[n] for n in members), max(order[n] for n in members)
+    span = nodes[lo:hi + 1]
+    dep = _stream_dependent(span, {s.entry for g in groups for s in g.streams})
+    pairs = [(e, x) for e, x in _scope_pairs(span) if _fx.target_name(e) == "_vmap_increment_nesting"]
+    outer = [(e, x) for e, x in pairs
+             if not any(order[e2] < order[e] and order[x] < order[x2] for e2, x2 in pairs)]
+    lowered = False
+    for e, x in outer:
+        scope = nodes[order[e]:order[x] + 1]
+        if not dep.intersection(scope):
+            continue
+        try:
+            _fx.lower_scope(gm, scope)
+        except Exception as err:  # noqa: BLE001 - left as is; _region names the vmap it refuses
+            warnings.warn(f"cachedit: could not lower the torch.vmap at {e.name}: {err}", stacklevel=3)
+            continue
+        lowered = True
+    return lowered
+
+
+def _stream_dependent(span: list[fx.Node], sources: set[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``span`` whose values change with ``sources``, through reads and in-place writes."""
+    dep: set[fx.Node] = set()
+    for n in span:
+        if any(a in sources or a in dep for a in n.all_input_nodes):
+            dep.add(n)
+            if _fx.writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):
+                dep.add(n.args[0])
+    return dep
+
+
 def _hoist_vmaps(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx.Node], region: list[fx.Node],
                  sources: set[fx.Node]) -> None:
     """Leave out of the region every ``torch.vmap`` scope that does not depend on the streams, with
     the region nodes it reads: it then runs on every step, before the cond, and the branch reads
     its results (a vmap cannot run inside a cond branch, see _MOVABLE). Such a scope builds a
     block's attention mask from positions and side inputs (``create_block_mask`` for
-    flex_attention: AnyFlow FAR; Kandinsky 6 SR's reads the queries and keys, and stays refused)."""
-    dep: set[fx.Node] = set()
-    for n in span:  # values that change with the streams, through reads and in-place writes
-        if any(a in sources or a in dep for a in n.all_input_nodes):
-            dep.add(n)
-            if _fx.writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):
-                dep.add(n.args[0])
+    flex_attention: AnyFlow FAR). A scope that reads the streams was lowered before
+    (:func:`_lower_stream_vmaps`)."""
+    dep = _stream_dependent(span, sources)
     for e, x in _scope_pairs(span):
         if _fx.target_name(e) != "_vmap_increment_nesting":
             continue
@@ -360,7 +410,8 @@ _CLOSES = {v: k for k, v in _SCOPES.items()}
 
 # Scopes that may move into a cond branch. A vmap may not: Dynamo inlines it as raw functorch
 # calls (_vmap_increment_nesting, _add_batch_dim, ...), and inside a torch.cond branch those fail,
-# eager and traced alike (functorch reports an escaped tensor; Kandinsky 6 SR, AnyFlow FAR).
+# eager and traced alike (functorch reports an escaped tensor; Kandinsky 6 SR, AnyFlow FAR). Such
+# a scope is lowered to aten ops first when it reads the streams, else left before the cond.
 _MOVABLE = {"_enter_autocast"}
 
 
