@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import cdcompile
 from cdcompile import guard
-from cdcompile.testing import SequentialDiT, flux_inputs, tiny_flux
+from cdcompile.testing import SeqBlock, SequentialDiT, flux_inputs, tiny_flux
 from dbcache_reference import RefCache, RefConfig, run_flux, run_sequential_dit
 
 STEPS = 10
@@ -459,4 +459,71 @@ def test_adapters_in_some_gaps_are_glue_and_a_narrowing_side_chain_yields_to_the
     (r,) = reports
     assert {g["name"]: g["blocks"] for g in r.groups} == {"enc": 5, "blocks": 4}
     assert r.cache["groups"] == ["blocks"] and "enc (5)" in r.cache["fallback"]
+    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+class _ContextBlock(torch.nn.Module):
+    """A SeqBlock plus a gate from the mean of the valid context tokens (their count ``n`` is data)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.inner = SeqBlock(dim)
+        self.gate = torch.nn.Linear(dim, dim)
+
+    def forward(self, h, temb, ctx, n):
+        return self.inner(h, temb) + 0.1 * torch.tanh(self.gate(ctx.sum(0) / n))
+
+
+class _ValidContextDiT(SequentialDiT):
+    """SequentialDiT whose blocks also read the valid context tokens and the first invalid one: under
+    Dynamo's ``capture_dynamic_output_shape_ops`` their count is a sum of unbacked symbols, as
+    HunyuanVideo 1.5's text tokens are after their boolean-mask reordering."""
+
+    def __init__(self, depth=5):
+        super().__init__(depth=depth)
+        self.blocks = torch.nn.ModuleList(_ContextBlock(self.proj_in.out_features) for _ in range(depth))
+
+    def embed(self, x, timestep):
+        half = self.proj_in.out_features // 2
+        angles = timestep.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+        return self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1)), self.proj_in(x)
+
+    def forward(self, x, timestep, context, valid):
+        temb, h = self.embed(x, timestep)
+        ctx = torch.cat([context[valid], context[~valid][:1]])
+        for block in self.blocks:  # the branch reads a tensor of unbacked size and an unbacked SymInt
+            h = block(h, temb, ctx, ctx.shape[0])
+        return self.proj_out(h)
+
+
+def _run_valid_context_dit(model, x, t, context, valid, cache: RefCache, step: int):
+    """_ValidContextDiT with DBCache F1B0."""
+    temb, h0 = model.embed(x, t)
+    ctx = torch.cat([context[valid], context[~valid][:1]])
+    h1 = model.blocks[0](h0, temb, ctx, ctx.shape[0])
+    if cache.decide(step, 0, h1 - h0):
+        return model.proj_out(h1 + cache.residuals(0)["hidden"])
+    h = h1
+    for b in model.blocks[1:]:
+        h = b(h, temb, ctx, ctx.shape[0])
+    cache.store(0, {"hidden": h - h1})
+    return model.proj_out(h)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_middle_blocks_reading_a_tensor_of_data_dependent_size_are_cached(compiler):
+    cfg = RefConfig(threshold=0.15, warmup=2)
+    m = _ValidContextDiT()
+    context = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    valid = torch.tensor([True, False, True, True, False, True])
+    ref = RefCache(cfg)
+    with cdcompile.backend.collect_reports() as reports, \
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t, context, valid),
+                                           _run_valid_context_dit(m, x, t, context, valid, ref, s),
+                                           rtol=1e-4, atol=1e-5)
+    assert reports[0].cache is not None, reports[0].not_cached
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)

@@ -142,6 +142,16 @@ def run(gm: fx.GraphModule, ctx) -> None:
     if fn + bn == n:
         report.not_cached.append(f"Fn + Bn = {n} covers every block of {names}: nothing to cache")
         return
+    try:
+        _run_stack(gm, ctx, groups, stack, blocks, n, fn, bn)
+    finally:  # symbol operands made for an attempt that did not go in
+        for node in [m for m in gm.graph.nodes if "cdcompile_symbol" in m.meta and not m.users]:
+            gm.graph.erase_node(node)
+
+
+def _run_stack(gm, ctx, groups, stack, blocks, n, fn, bn) -> None:
+    cfg, report = ctx.cfg, ctx.report
+    names = " + ".join(f"{g.name} ({g.num_blocks})" for g in stack)
     reason = _try(gm, ctx, stack, blocks, fn, bn)
     fallback = None
     # A chain of groups whose streams change form between them (Bria FIBO's single blocks carry text
@@ -157,13 +167,13 @@ def run(gm: fx.GraphModule, ctx) -> None:
             what = " + ".join(f"{g.name} ({g.num_blocks})" for g in alt)
             how = "alone, F and B counted inside it" if len(alt) == 1 and alt[0] in stack else "instead"
             fallback = f"the stack {names} has no residual across it ({reason}); cached {what} {how}"
-            warnings.warn(f"cachedit: {fallback}", stacklevel=2)
+            warnings.warn(f"cachedit: {fallback}", stacklevel=3)
             stack, n, reason = alt, size, None
             break
     if reason is not None:
         report.not_cached.append(reason)
         # Block groups exist but the cache could not go in: say so rather than run slower silently.
-        warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=2)
+        warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=3)
         return
     if fallback is not None:
         report.cache["fallback"] = fallback
@@ -256,9 +266,9 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     f"as {_describe(ev)}: no residual to cache")
         pairs.append((label, entry, out))
     inputs, pulled = _operands(region, m_nodes, [e for _, e, _ in pairs], order)
-    for a in inputs:
-        if not isinstance(_fx.fake_value(a), torch.Tensor):
-            return f"the middle blocks read {a.name}, which is not a tensor ({type(_fx.fake_value(a)).__name__})"
+    for a in inputs:  # torch.cond takes tensors and SymInts (e.g. an unbacked size under capture_scalar_outputs)
+        if not isinstance(_fx.fake_value(a), (torch.Tensor, torch.SymInt)):
+            return f"the middle blocks read {a.name}, which is neither a tensor nor a SymInt ({type(_fx.fake_value(a)).__name__})"
     hv = _fx.fake_value(hf)
     if not _same_meta(_fx.fake_value(h0), hv):
         return "the hidden stream changes shape inside F; the decision residual is undefined"
@@ -507,8 +517,52 @@ def _operands(region, m_nodes, extra, order, fresh=frozenset()):
                 inputs.append(e)
         views = [a for a in inputs if a not in fresh and _is_view(a)]
         if not views:
-            return inputs, sorted(pulled, key=order.__getitem__)
+            return inputs + _symbol_operands(inputs, order), sorted(pulled, key=order.__getitem__)
         pulled.update(views)
+
+
+def _symbol_operands(inputs: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
+    """SymInt nodes for the unbacked symbols in the operands' shapes that no operand holds, added
+    right after the node that binds each (``aten.sym_size`` / ``sym_storage_offset`` of it).
+
+    Under ``capture_dynamic_output_shape_ops`` a stream read by the branch may have a size Dynamo
+    could not know (HunyuanVideo 1.5 reorders its text tokens with a boolean mask): a subgraph
+    must receive every such symbol as an input, as Dynamo's own ``torch.cond`` lifts them, or
+    Inductor cannot generate it."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    have = {v.node.expr for a in inputs if isinstance(v := _fx.fake_value(a), torch.SymInt)}
+    need = set().union(*(free_unbacked_symbols(_fx.fake_value(a)) for a in inputs)) - have
+    out: list[fx.Node] = []
+    for n in sorted(order, key=order.__getitem__):
+        for sym, path in (n.meta.get("unbacked_bindings") or {}).items():
+            if sym not in need:
+                continue
+            made = _bind_symbol(n, path)
+            if made is not None:
+                need.discard(sym)
+                out.append(made)
+    return out
+
+
+def _bind_symbol(n: fx.Node, path) -> fx.Node | None:
+    """A node computing the value at ``path`` (an unbacked-binding key path) of ``n``'s result."""
+    from torch.fx.experimental.symbolic_shapes import CallMethodKey
+
+    value = _fx.fake_value(n)
+    for u in n.users:  # made by an earlier attempt (or by Dynamo)
+        if u.meta.get("cdcompile_symbol") == path:
+            return u
+    with n.graph.inserting_after(n):
+        if len(path) == 2 and isinstance(path[0], CallMethodKey) and path[0].name == "size":
+            made = n.graph.call_function(torch.ops.aten.sym_size.int, (n, path[1].idx))
+            made.meta.update(example_value=value.size(path[1].idx), cdcompile_symbol=path)
+            return made
+        if len(path) == 1 and isinstance(path[0], CallMethodKey) and path[0].name == "storage_offset":
+            made = n.graph.call_function(torch.ops.aten.sym_storage_offset.default, (n,))
+            made.meta.update(example_value=value.storage_offset(), cdcompile_symbol=path)
+            return made
+    return None
 
 
 def _same_meta(a: Any, b: Any) -> bool:

@@ -152,8 +152,8 @@ def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
     # (FLUX's single blocks slice text and image tokens out of one tensor): never replay it.
     r.inputs, r.pulled = _operands(r.region, r.members, [e for _, e, _ in r.pairs], order, fresh)
     for a in r.inputs:
-        if not isinstance(_fx.fake_value(a), torch.Tensor):
-            return f"{r.where} reads {a.name}, which is not a tensor ({type(_fx.fake_value(a)).__name__})"
+        if not isinstance(_fx.fake_value(a), (torch.Tensor, torch.SymInt)):
+            return f"{r.where} reads {a.name}, which is neither a tensor nor a SymInt ({type(_fx.fake_value(a)).__name__})"
     return None
 
 
