@@ -303,3 +303,17 @@ def test_interleaved_sibling_block_lists_form_one_group_of_pairs_and_cache():
         got = c(x, t2)
         torch.testing.assert_close(got, expected)
         assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache
+
+
+def test_size_checks_dynamo_emits_in_some_blocks_only_are_not_part_of_the_signature():
+    # Under capture_scalar_outputs HunyuanVideo Framepack splits its tokens by data-dependent sizes;
+    # Dynamo puts the asserts on those sizes where each is first needed, so the last single block
+    # holds two more than its siblings, and a block's internal sizes are read by those checks.
+    m, kw = ZOO["hunyuanvideoframepack"]()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        r = _explain(m, **kw)
+    assert (r.graphs, r.graph_breaks) == (1, 0)
+    assert [(name, n) for name, _, n, _ in _groups(r)] == [("transformer_blocks", 2), ("single_transformer_blocks", 3)]
+    # the cache stays out with a reason (the single blocks' hidden stream leaves with an unbacked length)
+    (gr,) = r.graph_reports
+    assert gr.cache is None and any("leaves the middle blocks as (1, u" in w and "no residual" in w for w in gr.not_cached)

@@ -108,6 +108,22 @@ def fake_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+# Runtime checks Dynamo and make_fx emit for symbolic sizes (capture_scalar_outputs, unbacked sizes).
+_CHECKS = ("_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size", "_assert_async")
+SIZE_CHECKS = frozenset(_CHECKS + tuple(f"{c}.default" for c in _CHECKS))  # as target_name spells them
+
+
+def is_shape_bookkeeping(n: fx.Node) -> bool:
+    """Whether ``n`` computes or checks a symbolic size rather than a tensor: SymInt arithmetic and
+    the asserts on it. Dynamo emits them where an unbacked size is first needed, so sibling blocks
+    hold different numbers of them (HunyuanVideo Framepack under ``capture_scalar_outputs``);
+    they are not part of a block's op signature."""
+    if n.op != "call_function":
+        return False
+    return (target_name(n) in SIZE_CHECKS
+            or isinstance(fake_value(n), (torch.SymInt, torch.SymFloat, torch.SymBool)))
+
+
 def writes_in_place(n: fx.Node) -> bool:
     """Whether ``n`` writes into its first argument (``x[i] = y``, ``copy_``, ``x.add_(...)``)."""
     name = target_name(n)

@@ -240,7 +240,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     nodes = list(graph.nodes)
     sources = tuple(e for s in gm_first.streams
                     if (e := _boundary(gm_first, i_m, s.label, before=True)) is not None)
-    found = _region(nodes, order, {n for g, i in blocks[fn:len(blocks) - bn] for n in g.blocks[i].nodes},
+    found = _region(nodes, order, _block_nodes(nodes, [g.blocks[i] for g, i in blocks[fn:len(blocks) - bn]]),
                     "the middle blocks", sources)
     if isinstance(found, str):
         return found
@@ -296,6 +296,18 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs)}
     return None
+
+
+def _block_nodes(nodes: list[fx.Node], blocks: list) -> set[fx.Node]:
+    """The blocks' nodes, with the size checks Dynamo emitted inside their modules (discovery leaves
+    those out of the op signatures): they check the blocks' sizes and run with them."""
+    paths = [b.path for b in blocks]
+    out = {n for b in blocks for n in b.nodes}
+    for n in nodes:
+        if _fx.is_shape_bookkeeping(n) and any(
+                p == q or p.startswith(q + ".") for p, _ in _fx.module_stack(n) for q in paths):
+            out.add(n)
+    return out
 
 
 def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], what: str,
@@ -487,8 +499,10 @@ _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "per
              ".swapaxes", ".expand_as", "as_strided", ".as_strided"}
 
 
-# Dead calls that have no effect (besides _VIEW_OPS): Dynamo's lazy loading of decompositions.
-_NO_EFFECT = {"lazy_load_decompositions"}
+# Dead calls that may stay outside a branch (besides _VIEW_OPS): Dynamo's lazy loading of
+# decompositions, and asserts on symbolic sizes that do not read the region (they hold whether or
+# not it runs).
+_NO_EFFECT = {"lazy_load_decompositions"} | _fx.SIZE_CHECKS
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -566,7 +580,11 @@ def _bind_symbol(n: fx.Node, path) -> fx.Node | None:
 
 
 def _same_meta(a: Any, b: Any) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+    """Same shape (provably, without guarding on an unbacked size), dtype and device."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim == b.ndim
+            and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
             and a.dtype == b.dtype and a.device == b.device)
 
 

@@ -45,7 +45,7 @@ import torch.fx as fx
 from .. import guard
 from ..distributed import ulysses
 from . import _fx
-from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _branch, _describe, _find_timestep,
+from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
                           _getitem, _index_slot, _operands, _region, _same_meta, _stream_plan)
 
 
@@ -121,7 +121,7 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
     g, i = blocks[b]
     where = f"block {b} ({g.name}.{g.blocks[i].index})"
     sources = tuple(e for s in g.streams if (e := _boundary(g, i, s.label, before=True)) is not None)
-    found = _region(nodes, order, set(g.blocks[i].nodes), where, sources)
+    found = _region(nodes, order, _block_nodes(nodes, [g.blocks[i]]), where, sources)
     if isinstance(found, str):
         return found
     region, members = found

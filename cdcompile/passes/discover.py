@@ -146,6 +146,8 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
     members: dict[tuple[str, int], list[fx.Node]] = collections.defaultdict(list)
     classes: dict[tuple[str, int], str] = {}
     for n in nodes:
+        if _fx.is_shape_bookkeeping(n):
+            continue
         for path, cls in _fx.module_stack(n):
             m = _INDEXED.match(path)
             if m is None:
@@ -407,6 +409,8 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
             for u in n.users:
                 j = owner.get(u)
                 if j == i or (j == i + 1 and offset_of[i][n] in producer_sets[0]):
+                    continue
+                if _fx.is_shape_bookkeeping(u):  # a size of it (checked or summed): not its value
                     continue
                 if i < len(blocks) - 1 and u in bridges[i] and offset_of[i][n] in producer_sets[0]:
                     continue  # glue carrying the stream on to block i+1
