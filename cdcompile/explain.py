@@ -47,6 +47,9 @@ class ExplainReport:
         # a break inside a block repeats once per block: say it once
         for reason, k in collections.Counter(self.break_reasons).items():
             lines.append(f"  break{f' (x{k})' if k > 1 else ''}: {reason}")
+        hint = _capture_hint(self.break_reasons)
+        if hint:
+            lines.append(f"  hint: {hint}")
         lines.extend(str(r) for r in self.graph_reports)
         if not self.groups:
             lines.append("  no repeated block group found: the backend compiles the model unchanged")
@@ -79,3 +82,19 @@ def _reason(r: Any) -> str:
         where = f" at {frame.filename}:{frame.lineno}"
     return f"{getattr(r, 'reason', r)}{where}"
 
+
+
+# What Dynamo says when it breaks the graph at an op it could capture with the flags below.
+_DATA_DEPENDENT = ("Data dependent operator", "Dynamic shape operator")
+
+
+def _capture_hint(reasons: list[str]) -> str | None:
+    """How to keep data-dependent ops in the graph, when some break it and the flags are off."""
+    k = sum(any(d in r for d in _DATA_DEPENDENT) for r in reasons)
+    cfg = torch._dynamo.config
+    if not k or (cfg.capture_scalar_outputs and cfg.capture_dynamic_output_shape_ops):
+        return None
+    return (f"{k} break(s) come from data-dependent ops (.item(), nonzero, boolean indexing); set "
+            f"torch._dynamo.config.capture_scalar_outputs = True and "
+            f"torch._dynamo.config.capture_dynamic_output_shape_ops = True before compiling to keep "
+            f"them in the graph; the block cache handles the unbacked sizes they produce")

@@ -136,6 +136,28 @@ def test_a_break_repeated_in_every_block_is_printed_once_with_its_count():
     assert str(r).count(f"  break (x{k}): ") == 1 and "  break: " not in str(r)
 
 
+def test_breaks_at_data_dependent_ops_come_with_the_dynamo_flags_that_keep_them():
+    class Gathers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_MLPBlock(8) for _ in range(3))
+
+        def forward(self, x, valid):
+            x = self.blocks[0](x)
+            x = x + valid.nonzero().sum()  # nonzero: an output shape Dynamo cannot know
+            for b in self.blocks[1:]:
+                x = b(x)
+            return x
+
+    x, valid = torch.randn(2, 8), torch.tensor([True, False])
+    r = _explain(Gathers(), x, valid)
+    assert r.graph_breaks >= 1 and "hint: " in str(r) and "capture_dynamic_output_shape_ops = True" in str(r)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        r = _explain(Gathers(), x, valid)
+    assert r.graph_breaks == 0 and "hint: " not in str(r)
+    assert _groups(r) == [("blocks", "_MLPBlock", 3, ["hidden"])]
+
+
 class _TwoStreamBlock(nn.Module):
     def __init__(self, d, e):
         super().__init__()
