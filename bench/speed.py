@@ -3,6 +3,7 @@
     python bench/speed.py                      # CPU: FLUX architecture at toy width (minutes)
     python bench/speed.py --device cuda        # FLUX.1-dev's shape, bf16, random weights
     python bench/speed.py --repeats 3 --out /tmp/speed_cpu
+    python bench/speed.py --shape overhead     # CPU: FLUX.1-dev's 57 blocks at toy size (overheads)
 
 On a CPU shared with other jobs, run with ``OMP_NUM_THREADS=1``: with 2 threads on 2 cores, a busy
 neighbour stalls every OpenMP region, and steps took 10-60x their idle time in alternating runs
@@ -73,7 +74,20 @@ SHAPES: dict[str, dict[str, Any]] = {
                  # N(0, 0.02) weights keep 57 random bf16 blocks' activations small (the residual diff
                  # must stay finite for equal decisions); not yet run on a GPU
                  tokens=4096, text_tokens=512, dtype=torch.bfloat16, init_std=0.02),
+    # FLUX.1-dev's 19 + 38 blocks at toy width and length: a block is a few small kernels, so a step
+    # is bound by per-op and per-call overheads (dispatch, Python hooks, graph breaks, guards), the
+    # regime a GPU puts fast kernels in. CPU only; a measurement of overheads, not of FLUX.1-dev.
+    "overhead": dict(model=dict(patch_size=1, in_channels=16, num_layers=19, num_single_layers=38,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6)),
+                     tokens=64, text_tokens=16, dtype=torch.float32, init_std=None),
 }
+
+OVERHEAD_NOTE = (
+    "**Overhead shape** (`--shape overhead`): FLUX.1-dev's block count at toy width and length. A block is "
+    "a handful of tiny kernels, so these times measure what each system spends per call and per block "
+    "besides the math (dispatch, Python hooks, graph breaks, guard checks), the regime fast GPU kernels "
+    "put a step in. It is not a FLUX.1-dev measurement and does not decide issue 3's GPU target.")
 
 FN, BN, WARMUP_STEPS = 1, 0, 4
 # Caches every step after warmup in both systems (see the module docstring, point 3).
@@ -244,7 +258,7 @@ def cache_dit_config(model, steps: int) -> Config:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    shape = SHAPES[args.shape]
     torch._dynamo.config.recompile_limit = 64  # all configurations share FLUX's forward code object
     rec = RecompileLog.install()
     timer = H.StepTimer(device)
@@ -444,7 +458,8 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
     meta = H.metadata(args.device, benchmark="bench/speed.py", steps=args.steps, repeats=rounds,
                       warmup_requests=WARMUP_REQUESTS, load_average=load,
                       shape={**shape["model"], "tokens": shape["tokens"], "text_tokens": shape["text_tokens"],
-                             "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n},
+                             "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n,
+                             "name": args.shape},
                       cachedit_options=options,
                       cache_dit_config=dict(Fn_compute_blocks=FN, Bn_compute_blocks=BN,
                                             residual_diff_threshold=ALWAYS_CACHE, max_warmup_steps=WARMUP_STEPS,
@@ -552,6 +567,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"median, robust to bursts of load from other processes. graphs / breaks / recompiles: Dynamo counters "
         f"over the warm-up.",
         "",
+        *([OVERHEAD_NOTE, ""] if s.get("name") == "overhead" else []),
         H.markdown_table(HEADER, table_rows(result)),
         "",
         *[f"- {x}" for x in summary_lines(result)],
@@ -580,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-cache-dit", action="store_true", help="leave out cache-dit + torch.compile")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the CPU profile of the steps after warmup (where a cached step's time goes)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu on the CPU, cuda on a "
+                   "GPU); overhead: FLUX.1-dev's 57 blocks at toy size, where per-call overheads dominate")
     p.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.md "
-                   "(default bench/results/speed_<cpu|cuda>)")
+                   "(default bench/results/speed_<shape>)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -592,7 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
-    stem = args.out or os.path.join(H.ROOT, "bench", "results", f"speed_{kind}")
+    args.shape = args.shape or kind
+    if args.shape == "overhead" and kind != "cpu":
+        p.error("--shape overhead is a CPU shape; on a GPU use the cuda shape")
+    stem = args.out or os.path.join(H.ROOT, "bench", "results", f"speed_{args.shape}")
 
     args.partial_stem = stem + ".partial"
     result = run(args)
