@@ -89,6 +89,13 @@ OVERHEAD_NOTE = (
     "besides the math (dispatch, Python hooks, graph breaks, guard checks), the regime fast GPU kernels "
     "put a step in. It is not a FLUX.1-dev measurement and does not decide issue 3's GPU target.")
 
+LEAN_NOTE = (
+    "**Lean host** (`--lean-host`): every compiled configuration runs without Dynamo's guards on nn "
+    "modules (`guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and without "
+    "Inductor's size/stride asserts on graph inputs (`torch._inductor.config.size_asserts = False`). "
+    "Both checks cost per call in proportion to the weights a graph takes as inputs; safe only while "
+    "the weights and modules do not change between calls.")
+
 FN, BN, WARMUP_STEPS = 1, 0, 4
 # Caches every step after warmup in both systems (see the module docstring, point 3).
 ALWAYS_CACHE = 1e6
@@ -222,8 +229,25 @@ class Config:
         return total, steps, outs
 
 
+# torch.compile options every compiled configuration gets (--lean-host sets them).
+COMPILE_OPTIONS: dict[str, Any] = {}
+
+
+def compile_(model):
+    """``torch.compile`` (inductor) with COMPILE_OPTIONS."""
+    return torch.compile(model, options=dict(COMPILE_OPTIONS)) if COMPILE_OPTIONS else torch.compile(model)
+
+
+def lean_host() -> None:
+    """Drop per-call host checks in every compiled configuration alike: Dynamo's guards on nn
+    modules and Inductor's size/stride asserts on graph inputs (safe only while the weights and
+    modules do not change between calls)."""
+    COMPILE_OPTIONS["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    torch._inductor.config.size_asserts = False
+
+
 def cdcompile_config(model, name: str, options: dict[str, Any]) -> Config:
-    compiled = torch.compile(model, backend="cachedit", options=options)
+    compiled = torch.compile(model, backend="cachedit", options={**options, **COMPILE_OPTIONS})
 
     def cached() -> list[int]:
         reqs = cdcompile.summary(compiled).as_dict()["requests"]
@@ -242,7 +266,7 @@ def cache_dit_config(model, steps: int) -> Config:
             max_continuous_cached_steps=-1, num_inference_steps=steps)
 
     cache_dit.enable_cache(model, cache_config=cache_config())  # patches this instance's forward
-    compiled = torch.compile(model)
+    compiled = compile_(model)
 
     def cached() -> list[int]:
         stats = cache_dit.summary(model, logging=False)
@@ -273,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configs: list[Config] = []
     if not args.skip_eager:
         configs.append(Config("eager", "eager", model))
-    configs.append(Config("torch.compile (inductor)", "inductor", torch.compile(sibling(model))))
+    configs.append(Config("torch.compile (inductor)", "inductor", compile_(sibling(model))))
     configs.append(cdcompile_config(sibling(model), "cachedit (inductor)", options))
     if not args.skip_cache_dit:
         try:
@@ -281,9 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except ImportError as e:
             print(f"cache-dit not available ({e}); pip install cache-dit==1.5.3", file=sys.stderr)
     configs.append(Config("ideal: zero blocks (inductor)", "zero-block",
-                          torch.compile(sibling(model, [], [])), role="ideal"))
+                          compile_(sibling(model, [], [])), role="ideal"))
     configs.append(Config(f"ideal: F{FN}+B{BN} blocks only (inductor)", "F+B-only",
-                          torch.compile(sibling(model, keep_double, keep_single)), role="ideal"))
+                          compile_(sibling(model, keep_double, keep_single)), role="ideal"))
 
     for cfg in configs:
         before = dynamo_snapshot(rec)
@@ -460,6 +484,7 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
                       shape={**shape["model"], "tokens": shape["tokens"], "text_tokens": shape["text_tokens"],
                              "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n,
                              "name": args.shape},
+                      lean_host=bool(args.lean_host),
                       cachedit_options=options,
                       cache_dit_config=dict(Fn_compute_blocks=FN, Bn_compute_blocks=BN,
                                             residual_diff_threshold=ALWAYS_CACHE, max_warmup_steps=WARMUP_STEPS,
@@ -568,6 +593,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"over the warm-up.",
         "",
         *([OVERHEAD_NOTE, ""] if s.get("name") == "overhead" else []),
+        *([LEAN_NOTE, ""] if m.get("lean_host") else []),
         H.markdown_table(HEADER, table_rows(result)),
         "",
         *[f"- {x}" for x in summary_lines(result)],
@@ -596,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-cache-dit", action="store_true", help="leave out cache-dit + torch.compile")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the CPU profile of the steps after warmup (where a cached step's time goes)")
+    p.add_argument("--lean-host", action="store_true",
+                   help="every compiled configuration without Dynamo's nn-module guards "
+                   "(guard_filter_fn=skip_guard_on_all_nn_modules_unsafe) and Inductor's input size asserts")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu on the CPU, cuda on a "
                    "GPU); overhead: FLUX.1-dev's 57 blocks at toy size, where per-call overheads dominate")
     p.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.md "
@@ -615,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--shape overhead is a CPU shape; on a GPU use the cuda shape")
     stem = args.out or os.path.join(H.ROOT, "bench", "results", f"speed_{args.shape}")
 
+    if args.lean_host:
+        lean_host()
     args.partial_stem = stem + ".partial"
     result = run(args)
     for ext in (".json", ".md"):  # the whole run supersedes the partial results

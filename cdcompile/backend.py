@@ -78,14 +78,14 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
         from .runtime import CachedGraph
 
         state = plan.allocate()
-        compiled = compile_inner(gm2, inputs + state.tensors(), cfg.compiler, mode)
+        compiled = compile_inner(gm2, inputs + state.tensors(), cfg.compiler, mode, cfg.size_asserts)
         return CachedGraph(compiled, plan, ctx.report, first_state=state)
-    return compile_inner(gm2, inputs, cfg.compiler, mode)
+    return compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compiler,
-                  mode: str | None) -> Callable:
-    """Compile ``gm`` with the chosen inner compiler."""
+                  mode: str | None, size_asserts: bool | None = None) -> Callable:
+    """Compile ``gm`` with the chosen inner compiler (``size_asserts``: see CacheConfig)."""
     if mode is not None and compiler is not Compiler.INDUCTOR:
         log.warning("cachedit: mode=%r only applies to compiler='inductor'; compiler is %r",
                     mode, compiler.value)
@@ -98,8 +98,10 @@ def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compi
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode is not None else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    patches = dict(list_mode_options(mode)) if mode is not None else {}
+    if size_asserts is not None:
+        patches["size_asserts"] = size_asserts
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 # Dynamo looks backends up by name; ``torch._dynamo.list_backends()`` shows it once imported.

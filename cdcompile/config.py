@@ -49,6 +49,12 @@ class CacheConfig:
 
     compiler: inner compiler for the rewritten graph ("inductor" | "aot_eager" | "eager").
     disable_passes: debugging knob; names of passes to skip (for bisection).
+    size_asserts: Inductor's size/stride assert on every graph input (``torch._inductor.config.
+        size_asserts``; default: Inductor's setting). The cond's operands include every weight of
+        the middle blocks, so on a cached step Inductor checks them all before the branch
+        (about 1000 for FLUX.1-dev; 0.5 ms of a 1.2 ms cached step of bench/speed.py's overhead
+        shape on a CPU core). False drops them for this graph: Dynamo's guards check the inputs
+        already, unless a ``guard_filter_fn`` drops those guards.
 
     DBCache (reference/algorithms.md §1; the names are cache-dit's so that users can move over):
     enable_cache: insert the block cache at all (False compiles the graph unchanged).
@@ -107,6 +113,7 @@ class CacheConfig:
 
     compiler: Compiler = Compiler.INDUCTOR
     disable_passes: tuple[str, ...] = ()
+    size_asserts: bool | None = None
 
     enable_cache: bool = True
     Fn_compute_blocks: int = 1
@@ -144,6 +151,8 @@ class CacheConfig:
                 _bad("disable_passes", p, f"pass names from {list(PASS_NAMES)}")
         object.__setattr__(self, "disable_passes", passes)
 
+        if self.size_asserts is not None:
+            _check_type("size_asserts", self.size_asserts, bool)
         _check_type("enable_cache", self.enable_cache, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
                      "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):

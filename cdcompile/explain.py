@@ -83,7 +83,6 @@ def _reason(r: Any) -> str:
     return f"{getattr(r, 'reason', r)}{where}"
 
 
-
 # What Dynamo says when it breaks the graph at an op it could capture with the flags below.
 _DATA_DEPENDENT = ("Data dependent operator", "Dynamic shape operator")
 

@@ -8,7 +8,7 @@ request (and passes its ``num_inference_steps`` to a steps computation mask). On
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -16,10 +16,15 @@ from .config import CacheConfig
 from .runtime import new_request
 
 
-def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False, **options: Any) -> Any:
+def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False,
+           guard_filter_fn: Callable | None = None, **options: Any) -> Any:
     """Compile ``pipe.transformer`` with the block cache; returns ``pipe``.
 
     ``options`` are the backend options (validated now: a bad key raises ValueError here).
+    ``guard_filter_fn`` goes to ``torch.compile`` (e.g.
+    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: no per-call guards on the weights and
+    modules, which the block cache's single graph otherwise checks on every step, cached or not;
+    safe while they do not change between calls).
     """
     cfg = CacheConfig.from_options(options)
     transformer = getattr(pipe, "transformer", None)
@@ -28,7 +33,8 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False, **optio
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
     original = getattr(transformer, "_orig_mod", transformer)
-    compiled = torch.compile(original, backend="cachedit", options=cfg.as_dict(),
+    compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
+    compiled = torch.compile(original, backend="cachedit", options=compile_options,
                              fullgraph=fullgraph, dynamic=dynamic)
     pipe.transformer = compiled
     base = type(pipe)

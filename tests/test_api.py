@@ -82,6 +82,20 @@ def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_ins
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
 
 
+def test_enable_hands_a_guard_filter_to_torch_compile():
+    pipe = tiny_flux_pipeline()
+    seen = []
+
+    def keep_all(entries):
+        seen.append(len(entries))
+        return [True] * len(entries)
+
+    cdcompile.enable(pipe, guard_filter_fn=keep_all, compiler="eager", residual_diff_threshold=0.5)
+    with torch.no_grad():
+        pipe(**flux_prompt(pipe.transformer), height=32, width=32, num_inference_steps=2, output_type="latent")
+    assert seen and seen[0] > 0  # Dynamo asked the filter about the guards of the compiled graph
+
+
 def test_enable_validates_options_immediately():
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match="'threshold'"):

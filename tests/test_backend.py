@@ -48,6 +48,7 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     ("residual_diff_threshold", "high", "float"),
     ("Fn_compute_blocks", True, "not a bool"),
     ("disable_passes", ["no_such_pass"], "discover_blocks"),
+    ("size_asserts", "off", "bool"),
 ])
 def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):
     with pytest.raises(ValueError) as info:
@@ -95,6 +96,25 @@ def test_inductor_output_equals_eager_with_caching_off_and_mode_passes_through()
     c = torch.compile(m, backend="cachedit", fullgraph=True, mode="max-autotune-no-cudagraphs")
     with torch.no_grad():
         torch.testing.assert_close(c(x, t), m(x, t), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_size_asserts_false_drops_inductors_input_asserts_and_keeps_the_output():
+    from torch._inductor.utils import run_and_get_code
+
+    m = SequentialDiT(depth=3)
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.3])
+    codes = {}
+    for flag in (None, False):
+        torch._dynamo.reset()
+        opts = {"residual_diff_threshold": 0.5} | ({} if flag is None else {"size_asserts": flag})
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=opts)
+        with torch.no_grad():
+            out, code = run_and_get_code(c, x, t)
+        torch.testing.assert_close(out, m(x, t), rtol=1e-4, atol=1e-4)
+        codes[flag] = "\n".join(code)
+    # the cond's operands (every weight of the middle blocks) are asserted by default, not with False
+    assert codes[None].count("assert_size_stride(") > 20 and "assert_size_stride(" not in codes[False]
 
 
 def test_model_without_blocks_compiles_unchanged_and_says_why():
