@@ -94,7 +94,9 @@ LEAN_NOTE = (
     "modules (`guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and without "
     "Inductor's size/stride asserts on graph inputs (`torch._inductor.config.size_asserts = False`). "
     "Both checks cost per call in proportion to the weights a graph takes as inputs; safe only while "
-    "the weights and modules do not change between calls.")
+    "the weights and modules do not change between calls. Each `torch.compile` call keeps its own "
+    "compiled entries (`isolate_recompiles=True`): without module guards, the instances of the "
+    "configurations would share them.")
 
 FN, BN, WARMUP_STEPS = 1, 0, 4
 # Caches every step after warmup in both systems (see the module docstring, point 3).
@@ -229,25 +231,30 @@ class Config:
         return total, steps, outs
 
 
-# torch.compile options every compiled configuration gets (--lean-host sets them).
+# torch.compile options and arguments every compiled configuration gets (--lean-host sets them).
 COMPILE_OPTIONS: dict[str, Any] = {}
+COMPILE_KW: dict[str, Any] = {}
 
 
 def compile_(model):
-    """``torch.compile`` (inductor) with COMPILE_OPTIONS."""
-    return torch.compile(model, options=dict(COMPILE_OPTIONS)) if COMPILE_OPTIONS else torch.compile(model)
+    """``torch.compile`` (inductor) with COMPILE_OPTIONS and COMPILE_KW."""
+    if COMPILE_OPTIONS:
+        return torch.compile(model, options=dict(COMPILE_OPTIONS), **COMPILE_KW)
+    return torch.compile(model, **COMPILE_KW)
 
 
 def lean_host() -> None:
     """Drop per-call host checks in every compiled configuration alike: Dynamo's guards on nn
     modules and Inductor's size/stride asserts on graph inputs (safe only while the weights and
-    modules do not change between calls)."""
+    modules do not change between calls). Without module guards, Dynamo cannot tell the
+    configurations' instances of the same class apart: each compile call keeps its own entries."""
     COMPILE_OPTIONS["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    COMPILE_KW["isolate_recompiles"] = True
     torch._inductor.config.size_asserts = False
 
 
 def cdcompile_config(model, name: str, options: dict[str, Any]) -> Config:
-    compiled = torch.compile(model, backend="cachedit", options={**options, **COMPILE_OPTIONS})
+    compiled = torch.compile(model, backend="cachedit", options={**options, **COMPILE_OPTIONS}, **COMPILE_KW)
 
     def cached() -> list[int]:
         reqs = cdcompile.summary(compiled).as_dict()["requests"]
