@@ -9,6 +9,10 @@ import dataclasses
 from typing import Any
 
 
+# Branch operands from which explain() points at the per-call checks (FLUX.1-dev's cond takes ~1000).
+LARGE_BRANCH = 200
+
+
 @dataclasses.dataclass
 class PassRecord:
     name: str
@@ -49,8 +53,15 @@ class GraphReport:
             lines.append(f"  not a group: {r['name']}: {r['reason']} ({r['detail']})")
         if self.cache:
             c = self.cache
+            ops = c.get("branch_operands")
             lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
-                         f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}")
+                         f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}"
+                         f"{f', {ops} branch operands' if ops is not None else ''}")
+            if ops is not None and ops >= LARGE_BRANCH:
+                lines.append(f"  per-call work: compiled by Inductor, the graph checks the size of each of the {ops} branch operands on "
+                             f"every call, cached or not, and Dynamo guards every module; where the model does not "
+                             f"change between calls, options size_asserts=False and guard_filter_fn drop both "
+                             f"(README: Per-call overhead)")
         for reason in self.not_cached:
             lines.append(f"  not cached: {reason}")
         if self.context_parallel is not None:

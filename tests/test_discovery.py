@@ -339,3 +339,13 @@ def test_size_checks_dynamo_emits_in_some_blocks_only_are_not_part_of_the_signat
     # the cache stays out with a reason (the single blocks' hidden stream leaves with an unbacked length)
     (gr,) = r.graph_reports
     assert gr.cache is None and any("leaves the middle blocks as (1, u" in w and "no residual" in w for w in gr.not_cached)
+
+
+def test_explain_counts_branch_operands_and_points_at_the_per_call_checks_when_they_are_many():
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.5])
+    small = str(_explain(SequentialDiT(depth=3), x, t))
+    assert "branch operands" in small and "per-call work" not in small
+    big = _explain(SequentialDiT(depth=24), x, t)  # 23 middle blocks, 10 weights each
+    (gr,) = big.graph_reports
+    assert gr.cache["branch_operands"] >= 230
+    assert "per-call work" in str(big) and "size_asserts=False" in str(big)
