@@ -57,11 +57,11 @@ class GraphReport:
             lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
                          f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}"
                          f"{f', {ops} branch operands' if ops is not None else ''}")
-            if ops is not None and ops >= LARGE_BRANCH:
-                lines.append(f"  per-call work: compiled by Inductor, the graph checks the size of each of the {ops} branch operands on "
-                             f"every call, cached or not, and Dynamo guards every module; where the model does not "
-                             f"change between calls, options size_asserts=False and guard_filter_fn drop both "
-                             f"(README: Per-call overhead)")
+            if ops is not None and ops >= LARGE_BRANCH and c.get("size_asserts") is not False:
+                lines.append(f"  per-call work: compiled by Inductor, the graph checks the size of each of the "
+                             f"{ops} branch operands on every call, cached or not, and Dynamo guards every "
+                             f"module; where the model does not change between calls, options "
+                             f"size_asserts=False and guard_filter_fn drop both (README: Per-call overhead)")
         for reason in self.not_cached:
             lines.append(f"  not cached: {reason}")
         if self.context_parallel is not None:

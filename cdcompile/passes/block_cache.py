@@ -142,16 +142,6 @@ def run(gm: fx.GraphModule, ctx) -> None:
     if fn + bn == n:
         report.not_cached.append(f"Fn + Bn = {n} covers every block of {names}: nothing to cache")
         return
-    try:
-        _run_stack(gm, ctx, groups, stack, blocks, n, fn, bn)
-    finally:  # symbol operands made for an attempt that did not go in
-        for node in [m for m in gm.graph.nodes if "cdcompile_symbol" in m.meta and not m.users]:
-            gm.graph.erase_node(node)
-
-
-def _run_stack(gm, ctx, groups, stack, blocks, n, fn, bn) -> None:
-    cfg, report = ctx.cfg, ctx.report
-    names = " + ".join(f"{g.name} ({g.num_blocks})" for g in stack)
     reason = _try(gm, ctx, stack, blocks, fn, bn)
     fallback = None
     # A chain of groups whose streams change form between them (Bria FIBO's single blocks carry text
@@ -167,18 +157,19 @@ def _run_stack(gm, ctx, groups, stack, blocks, n, fn, bn) -> None:
             what = " + ".join(f"{g.name} ({g.num_blocks})" for g in alt)
             how = "alone, F and B counted inside it" if len(alt) == 1 and alt[0] in stack else "instead"
             fallback = f"the stack {names} has no residual across it ({reason}); cached {what} {how}"
-            warnings.warn(f"cachedit: {fallback}", stacklevel=3)
+            warnings.warn(f"cachedit: {fallback}", stacklevel=2)
             stack, n, reason = alt, size, None
             break
     if reason is not None:
         report.not_cached.append(reason)
         # Block groups exist but the cache could not go in: say so rather than run slower silently.
-        warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=3)
+        warnings.warn(f"cachedit: compiling without the block cache: {reason}", stacklevel=2)
         return
     if fallback is not None:
         report.cache["fallback"] = fallback
     report.cache["groups"] = [g.name for g in stack]
-    report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value)
+    report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value,
+                        size_asserts=cfg.size_asserts)
     ctx.cache_plan.num_blocks = n
 
 
@@ -187,8 +178,13 @@ def _try(gm, ctx, stack, blocks, fn, bn) -> str | None:
     if ctx.cfg.cache_type is CacheType.DBPRUNE:
         from . import block_prune
 
-        return block_prune.rewrite(gm, ctx, stack, blocks, fn, bn)
-    return _rewrite(gm, ctx, stack, blocks, fn, bn)
+        reason = block_prune.rewrite(gm, ctx, stack, blocks, fn, bn)
+    else:
+        reason = _rewrite(gm, ctx, stack, blocks, fn, bn)
+    if reason is not None:  # symbol operands made for this attempt (_bind_symbol) go again
+        for n in [m for m in gm.graph.nodes if "cdcompile_symbol" in m.meta and not m.users]:
+            gm.graph.erase_node(n)
+    return reason
 
 
 def _choose_stack(groups: list[BlockGroup]) -> list[BlockGroup]:
@@ -266,9 +262,9 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     f"as {_describe(ev)}: no residual to cache")
         pairs.append((label, entry, out))
     inputs, pulled = _operands(region, m_nodes, [e for _, e, _ in pairs], order)
-    for a in inputs:  # torch.cond takes tensors and SymInts (e.g. an unbacked size under capture_scalar_outputs)
-        if not isinstance(_fx.fake_value(a), (torch.Tensor, torch.SymInt)):
-            return f"the middle blocks read {a.name}, which is neither a tensor nor a SymInt ({type(_fx.fake_value(a)).__name__})"
+    bad = _non_operand(inputs)
+    if bad is not None:
+        return f"the middle blocks read {bad}"
     hv = _fx.fake_value(hf)
     if not _same_meta(_fx.fake_value(h0), hv):
         return "the hidden stream changes shape inside F; the decision residual is undefined"
@@ -535,6 +531,16 @@ def _operands(region, m_nodes, extra, order, fresh=frozenset()):
         pulled.update(views)
 
 
+def _non_operand(inputs: list[fx.Node]) -> str | None:
+    """The first input a cond cannot take, described; torch.cond takes tensors and SymInts (an
+    unbacked size under ``capture_scalar_outputs``)."""
+    for a in inputs:
+        v = _fx.fake_value(a)
+        if not isinstance(v, (torch.Tensor, torch.SymInt)):
+            return f"{a.name}, which is neither a tensor nor a SymInt ({type(v).__name__})"
+    return None
+
+
 def _symbol_operands(inputs: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
     """SymInt nodes for the unbacked symbols in the operands' shapes that no operand holds, added
     right after the node that binds each (``aten.sym_size`` / ``sym_storage_offset`` of it).
@@ -548,7 +554,7 @@ def _symbol_operands(inputs: list[fx.Node], order: dict[fx.Node, int]) -> list[f
     have = {v.node.expr for a in inputs if isinstance(v := _fx.fake_value(a), torch.SymInt)}
     need = set().union(*(free_unbacked_symbols(_fx.fake_value(a)) for a in inputs)) - have
     out: list[fx.Node] = []
-    for n in sorted(order, key=order.__getitem__):
+    for n in order:  # graph order
         for sym, path in (n.meta.get("unbacked_bindings") or {}).items():
             if sym not in need:
                 continue

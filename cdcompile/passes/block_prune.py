@@ -46,7 +46,7 @@ from .. import guard
 from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
-                          _getitem, _index_slot, _operands, _region, _same_meta, _stream_plan)
+                          _getitem, _index_slot, _non_operand, _operands, _region, _same_meta, _stream_plan)
 
 
 @dataclasses.dataclass
@@ -151,10 +151,8 @@ def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
     # An earlier block's exit is a cond output (a fresh tensor) even where the original was a view
     # (FLUX's single blocks slice text and image tokens out of one tensor): never replay it.
     r.inputs, r.pulled = _operands(r.region, r.members, [e for _, e, _ in r.pairs], order, fresh)
-    for a in r.inputs:
-        if not isinstance(_fx.fake_value(a), (torch.Tensor, torch.SymInt)):
-            return f"{r.where} reads {a.name}, which is neither a tensor nor a SymInt ({type(_fx.fake_value(a)).__name__})"
-    return None
+    bad = _non_operand(r.inputs)
+    return None if bad is None else f"{r.where} reads {bad}"
 
 
 def _ident(label: str) -> str:

@@ -153,7 +153,6 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     region = set(plan.region)
     pos = {n: i for i, n in enumerate(graph.nodes)}
     first = plan.region[0]
-    rank = plan.rank
 
     def new(fn, args, kwargs=None):
         node = graph.call_function(fn, args, kwargs or {})
@@ -354,7 +353,6 @@ def _issue_early(graph: fx.Graph, start: fx.Node, operand: fx.Node, block_nodes:
     if movable(operand):
         hoist(operand, set())
     operand.append(start)
-
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
