@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
 
 from .config import CacheConfig, Compiler
 from .passes import PassContext, run_passes
@@ -99,9 +100,43 @@ def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compi
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode is not None else {}
+    patches.update(inductor_patches())
     if size_asserts is not None:
         patches["size_asserts"] = size_asserts
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def inductor_patches() -> dict[str, Any]:
+    """Inductor config that every cachedit compile (and AOTInductor export) runs with: the user's
+    post-grad passes, then :class:`CondOperandLayouts`."""
+    from torch._inductor import config
+
+    user = [p for p in get_custom_graph_passes(config.post_grad_custom_post_pass)
+            if not isinstance(p, CondOperandLayouts)]
+    return {"post_grad_custom_post_pass": [*user, CondOperandLayouts()]}
+
+
+class CondOperandLayouts(CustomGraphPass):
+    """Inductor post-grad pass: every tensor operand of a ``torch.cond`` is realized with the strides
+    its FX value has.
+
+    Inductor (torch 2.13, ``ir.Conditional.create``) compiles both branches for the strides of the
+    operands' FX values, but realizes the operands in the outer graph with layouts of its own choice.
+    A pointwise result of a non-contiguous stream (``x.transpose(1, 2) + temb``: eager keeps the
+    transposed strides) is then written contiguous, and the compute branch's input assert fails, or
+    without asserts reads it transposed. The node flag set here is the one Inductor's own
+    ``decompose_mem_bound_mm`` pass uses to pin a layout to the FX strides; where the layouts
+    already agree it costs nothing.
+    """
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for cond in graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond):
+            for operand in cond.args[3]:
+                if isinstance(operand, fx.Node) and isinstance(operand.meta.get("val"), torch.Tensor):
+                    operand.meta["inductor_realize_to_strides"] = True
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
 
 
 # Dynamo looks backends up by name; ``torch._dynamo.list_backends()`` shows it once imported.

@@ -63,7 +63,9 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     ep = ep.run_decompositions()
     from torch._inductor import aoti_compile_and_package
 
-    out = aoti_compile_and_package(ep, package_path=path)
+    from .backend import inductor_patches
+
+    out = aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_patches())
     with zipfile.ZipFile(out, "a") as z:
         z.writestr(_root(z) + _SPEC, json.dumps(spec))
     return out

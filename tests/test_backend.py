@@ -117,6 +117,28 @@ def test_size_asserts_false_drops_inductors_input_asserts_and_keeps_the_output()
     assert codes[None].count("assert_size_stride(") > 20 and "assert_size_stride(" not in codes[False]
 
 
+def test_a_users_post_grad_passes_run_before_the_cond_operand_layout_pass():
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from cdcompile.backend import CondOperandLayouts, inductor_patches
+
+    class Mine(CustomGraphPass):
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return "mine"
+
+    mine = Mine()
+    for user in (None, mine, [mine]):
+        with config.patch(post_grad_custom_post_pass=user):
+            passes = inductor_patches()["post_grad_custom_post_pass"]
+        assert passes[:-1] == ([] if user is None else [mine]) and isinstance(passes[-1], CondOperandLayouts)
+    with config.patch(post_grad_custom_post_pass=inductor_patches()["post_grad_custom_post_pass"]):
+        assert len(inductor_patches()["post_grad_custom_post_pass"]) == 1  # not added twice
+
+
 def test_model_without_blocks_compiles_unchanged_and_says_why():
     m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     x = torch.randn(3, 4)

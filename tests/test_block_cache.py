@@ -527,3 +527,35 @@ def test_middle_blocks_reading_a_tensor_of_data_dependent_size_are_cached(compil
                                            rtol=1e-5, atol=1e-6)
     assert reports[0].cache is not None, reports[0].not_cached
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+class _ChannelsFirstDiT(SequentialDiT):
+    """SequentialDiT fed channels-first, ``(batch, dim, tokens)``: its stream starts as
+    ``x.transpose(1, 2) + temb``, whose eager strides are transposed, as HunyuanVideo 1.5's are after
+    its graph break."""
+
+    def forward(self, x, timestep):
+        half = self.proj_in.out_features // 2
+        angles = timestep.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        h = x.transpose(1, 2) + temb[:, None]
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+@pytest.mark.slow
+def test_inductor_branches_take_a_transposed_stream_with_the_strides_they_were_compiled_for():
+    # Inductor compiles the branches for the FX strides of their operands; without
+    # backend.CondOperandLayouts it writes the stream entering M contiguous, and the compute branch's
+    # input assert fails.
+    m = _ChannelsFirstDiT(depth=4)
+    dim = m.proj_in.out_features
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options=dict(compiler="inductor", residual_diff_threshold=0.0))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in (0.9, 0.8):
+            x = torch.randn(1, dim, 12, generator=g)
+            torch.testing.assert_close(c(x, torch.tensor([t])), m(x, torch.tensor([t])), rtol=1e-4, atol=1e-5)
+    assert _cached_steps(m) == []
