@@ -78,8 +78,14 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
     if plan is not None:
         from .runtime import CachedGraph
 
-        state = plan.allocate()
-        compiled = compile_inner(gm2, inputs + state.tensors(), cfg.compiler, mode, cfg.size_asserts)
+        if plan.size_sources:  # dynamic sizes: the state's example inputs share Dynamo's symbols
+            state = None
+            with torch._guards.detect_fake_mode(inputs):
+                example = plan.allocate().tensors()
+        else:
+            state = plan.allocate()
+            example = state.tensors()
+        compiled = compile_inner(gm2, inputs + example, cfg.compiler, mode, cfg.size_asserts)
         return CachedGraph(compiled, plan, ctx.report, first_state=state)
     return compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)
 

@@ -16,11 +16,13 @@ from .config import CacheConfig
 from .runtime import new_request
 
 
-def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool = False,
+def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
            guard_filter_fn: Callable | None = None, **options: Any) -> Any:
     """Compile ``pipe.transformer`` with the block cache; returns ``pipe``.
 
     ``options`` are the backend options (validated now: a bad key raises ValueError here).
+    ``fullgraph`` and ``dynamic`` go to ``torch.compile``: ``dynamic=False`` compiles one graph per
+    resolution; ``None`` one graph with symbolic sizes from the second resolution on (cached as well).
     ``guard_filter_fn`` goes to ``torch.compile`` (e.g.
     ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: no per-call guards on the weights and
     modules, which the block cache's single graph otherwise checks on every step, cached or not;

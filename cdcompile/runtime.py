@@ -14,6 +14,7 @@ another shape or dtype is ever reused.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import weakref
 from typing import Any, Callable
@@ -23,6 +24,7 @@ import torch
 from . import guard
 
 _graphs: "weakref.WeakSet[CachedGraph]" = weakref.WeakSet()
+_graph_index = itertools.count()  # creation order: summaries list graphs oldest first
 _last_graph: dict[int, "weakref.ref[CachedGraph]"] = {}  # id(key parameter) -> graph called last
 _steps_hint: dict[int, int] = {}  # id(parameter) -> num_inference_steps given to new_request
 
@@ -33,6 +35,7 @@ class CacheState:
 
     tensors_by_name: dict[str, torch.Tensor]
     reset_pending: bool = True
+    sizes: tuple[int, ...] = ()  # the dynamic sizes it was allocated for (plan.size_sources)
 
     mask_spec: Any = None
     mask_steps: int | None = None  # step count the mask tensor was built for
@@ -49,12 +52,16 @@ class CacheState:
                 + [f"residual_{k}" for k in range(len(plan.residuals))] + hist + mask)
 
     @classmethod
-    def allocate(cls, plan) -> "CacheState":
+    def allocate(cls, plan, sizes: dict | None = None) -> "CacheState":
+        """Zeroed state for ``plan``; ``sizes`` gives the value of each dynamic size (symbol -> int)."""
         dev = plan.anchor.device
         s = plan.slots + 1  # + the overflow slot
 
+        def size(d):
+            return int(d.node.expr.xreplace(sizes)) if isinstance(d, torch.SymInt) and sizes is not None else d
+
         def zeros(shape, dtype):
-            return torch.zeros((s, *shape), dtype=dtype, device=dev)
+            return torch.zeros((s, *map(size, shape)), dtype=dtype, device=dev)
 
         t = {
             "reset": torch.ones((), dtype=torch.bool, device=dev),
@@ -98,6 +105,14 @@ class CacheState:
         self.tensors_by_name["mask"].copy_(mask)
         self.mask_steps = steps
 
+    def carry_on(self, old: "CacheState") -> None:
+        """Continue ``old``'s request count, history and steps mask (their shapes never depend on the
+        model's sizes); the anchor and residuals stay fresh, and the reset flag starts a request."""
+        for name, t in self.tensors_by_name.items():
+            if name == "counters" or name == "mask" or name.startswith("hist_"):
+                t.copy_(old.tensors_by_name[name])
+        self.mask_steps = old.mask_steps
+
     def tensors(self) -> list[torch.Tensor]:
         return list(self.tensors_by_name.values())
 
@@ -140,13 +155,28 @@ class CachedGraph:
         self.report = report
         self._states: dict[int, tuple[weakref.ref, CacheState]] = {}
         self._spare = first_state
+        self.index = next(_graph_index)
         _graphs.add(self)
 
-    def state_for(self, key: torch.Tensor) -> CacheState:
+    def state_for(self, key: torch.Tensor, args: tuple = ()) -> CacheState:
+        """The state of the model instance ``key`` identifies, for the sizes of ``args``.
+
+        A graph with dynamic sizes keeps one state per instance: a call with other sizes replaces it
+        with a fresh one (a new request, as a new static graph would start), which carries on the
+        request count, the history and the steps mask, so ``summary`` still lists earlier requests.
+        """
+        sizes = self.plan.sizes_of(args) if self.plan.size_sources else ()
         entry = self._states.get(id(key))
-        if entry is not None and entry[0]() is key:
-            return entry[1]
-        state, self._spare = (self._spare or self.plan.allocate()), None
+        old = entry[1] if entry is not None and entry[0]() is key else None
+        if old is not None and old.sizes == sizes:
+            return old
+        if sizes:
+            state = self.plan.allocate(args)
+        else:
+            state, self._spare = (self._spare or self.plan.allocate()), None
+        state.sizes = sizes
+        if old is not None:
+            state.carry_on(old)
         if self.plan.mask_spec is not None and state.mask_steps is None:
             state.set_steps(_steps_hint.get(id(key), self.plan.num_inference_steps))
         self._states[id(key)] = (weakref.ref(key), state)
@@ -154,7 +184,7 @@ class CachedGraph:
 
     def __call__(self, *args: Any) -> Any:
         key = args[self.plan.key_input]
-        state = self.state_for(key)
+        state = self.state_for(key, args)
         last = _last_graph.get(id(key))
         if last is None or last() is not self:
             state.new_request()
@@ -176,7 +206,7 @@ def _params(model: Any) -> set[int]:
 
 def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:
     ids = _params(model)
-    return [(g, st) for g in list(_graphs) for st in g.states_of(ids)]
+    return [(g, st) for g in sorted(_graphs, key=lambda g: g.index) for st in g.states_of(ids)]
 
 
 def new_request(model: Any, num_inference_steps: int | None = None) -> None:

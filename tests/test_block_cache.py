@@ -559,3 +559,37 @@ def test_inductor_branches_take_a_transposed_stream_with_the_strides_they_were_c
             x = torch.randn(1, dim, 12, generator=g)
             torch.testing.assert_close(c(x, torch.tensor([t])), m(x, torch.tensor([t])), rtol=1e-4, atol=1e-5)
     assert _cached_steps(m) == []
+
+
+def _flux_request(model, steps, tokens, seed):
+    base = flux_inputs(model, tokens=tokens, text_tokens=5, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    d = torch.randn(base["hidden_states"].shape, generator=g)
+    return [dict(base, hidden_states=base["hidden_states"] + 0.01 * s * d,
+                 timestep=torch.full_like(base["timestep"], 1.0 - s / steps)) for s in range(steps)]
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_graph_compiled_for_dynamic_token_counts_caches_every_size_as_the_reference(compiler):
+    # The second token count makes Dynamo recompile with a symbolic token count (automatic dynamic):
+    # that graph serves every later size, with cache state allocated per size.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cfg = RefConfig(threshold=0.35, warmup=2)
+    m = tiny_flux()
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+        with torch.no_grad():
+            for tokens in (16, 36, 64, 36):
+                ref = RefCache(cfg)
+                cdcompile.new_request(c)
+                for s, kw in enumerate(_flux_request(m, STEPS, tokens, seed=tokens)):
+                    torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4,
+                                               msg=lambda x: f"{tokens} tokens, step {s}: {x}")
+                cached = _ref_cached(ref)
+                assert 0 < len(cached) < STEPS, f"{tokens} tokens: trajectory must exercise both branches"
+                got = [r for r in cdcompile.summary(m).as_dict()["requests"] if r["steps"] == STEPS]
+                assert got[-1]["slots"][0]["cached_steps"] == cached, tokens
+    assert [r.cache is not None for r in reports] == [True, True], [r.not_cached for r in reports]
+    assert counters["stats"]["unique_graphs"] == 2

@@ -151,6 +151,25 @@ def test_tiny_flux_prunes_both_streams_across_both_groups_like_the_reference():
     assert 0 < slot["prune_ratio"] < 5 / 6
 
 
+def test_a_graph_compiled_for_dynamic_token_counts_prunes_every_size_like_the_reference():
+    from test_block_cache import _flux_request
+
+    cfg = PruneConfig(threshold=0.03, warmup=1)
+    m = tiny_flux()
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options("aot_eager"))
+        with torch.no_grad():
+            for tokens in (16, 36, 64):  # the second size recompiles with a symbolic token count
+                ref = RefPrune(cfg, 6)
+                cdcompile.new_request(c)
+                for s, kw in enumerate(_flux_request(m, 8, tokens, seed=tokens)):
+                    torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4,
+                                               msg=lambda msg: f"{tokens} tokens, step {s}: {msg}")
+                (slot,) = _slots(m)
+                assert slot["pruned_blocks"] == _pruned_per_step(ref) and sum(slot["pruned_blocks"]) > 0, tokens
+    assert [r.cache is not None for r in reports] == [True, True], [r.not_cached for r in reports]
+
+
 def test_cfg_slots_prune_separately():
     cfg = PruneConfig(threshold=0.1, warmup=2)
     m = SequentialDiT(depth=DEPTH)

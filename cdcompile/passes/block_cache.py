@@ -42,7 +42,7 @@ import dataclasses
 import math
 import operator
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -87,10 +87,21 @@ class CachePlan:
             return calibrators.FOCA_HISTORY
         return self.order + 1
 
-    def allocate(self):
+    # Dynamic sizes (a graph Dynamo compiled with symbolic token counts): each symbol in the state's
+    # shapes -> (graph input position, dim) it is read from at call time; empty for static shapes.
+    size_sources: dict[Any, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def allocate(self, args: Sequence[Any] | None = None):
+        """Fresh state. With dynamic sizes: for the sizes of ``args`` (the graph's inputs), or with
+        symbolic shapes when ``args`` is None (under a fake mode, as compile-time example inputs)."""
         from ..runtime import CacheState
 
-        return CacheState.allocate(self)
+        sizes = None if args is None else dict(zip(self.size_sources, self.sizes_of(args)))
+        return CacheState.allocate(self, sizes)
+
+    def sizes_of(self, args: Sequence[Any]) -> tuple[int, ...]:
+        """The values of the dynamic sizes in a call's inputs (``()`` for static shapes)."""
+        return tuple(args[k].shape[d] for k, d in self.size_sources.values())
 
 
 @dataclasses.dataclass
@@ -268,9 +279,9 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     hv = _fx.fake_value(hf)
     if not _same_meta(_fx.fake_value(h0), hv):
         return "the hidden stream changes shape inside F; the decision residual is undefined"
-    for v in [hv] + [_fx.fake_value(o) for _, _, o in pairs]:
-        if any(not isinstance(d, int) for d in v.shape):
-            return "dynamic shapes: compile with dynamic=False to cache (the cache state has static shapes)"
+    sources = size_sources(nodes, [hv] + [_fx.fake_value(o) for _, _, o in pairs])
+    if isinstance(sources, str):
+        return sources
 
     weights = _fx.weight_placeholders(gm, ctx.example_inputs)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -285,7 +296,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
-        mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps)
+        mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
+        size_sources=sources)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
@@ -601,7 +613,28 @@ def _describe(v: Any) -> str:
 
 
 def _stream_plan(label: str, v: torch.Tensor) -> StreamPlan:
-    return StreamPlan(label, tuple(int(d) for d in v.shape), v.dtype, v.device)
+    """A state tensor's plan; a dynamic size stays a SymInt (runtime.CacheState.allocate resolves it)."""
+    return StreamPlan(label, tuple(d if isinstance(d, torch.SymInt) else int(d) for d in v.shape), v.dtype, v.device)
+
+
+def size_sources(nodes: list[fx.Node], values: list[torch.Tensor]) -> dict[Any, tuple[int, int]] | str:
+    """Where a call's inputs hold each dynamic size in the shapes of ``values`` (the state to allocate):
+    symbol -> (input position, dim). A reason string when some size is no input's size (an unbacked
+    size is data, and a size Dynamo derived only arithmetically cannot be read back)."""
+    symbols = {sym for v in values for d in v.shape if isinstance(d, torch.SymInt) for sym in d.node.expr.free_symbols}
+    found: dict[Any, tuple[int, int]] = {}
+    if not symbols:
+        return found
+    for k, p in enumerate(n for n in nodes if n.op == "placeholder"):
+        v = p.meta.get("example_value")
+        for dim, d in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
+            if isinstance(d, torch.SymInt) and d.node.expr in symbols:
+                found.setdefault(d.node.expr, (k, dim))
+    missing = sorted(map(str, symbols - set(found)))
+    if missing:
+        return (f"the cache state's shapes hold dynamic sizes {missing} that are no input's size; compile "
+                f"with dynamic=False")
+    return found
 
 
 def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx.Node | None:

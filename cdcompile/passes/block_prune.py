@@ -46,7 +46,8 @@ from .. import guard
 from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
-                          _getitem, _index_slot, _non_operand, _operands, _region, _same_meta, _stream_plan)
+                          _getitem, _index_slot, _non_operand, _operands, _region, _same_meta, _stream_plan,
+                          size_sources)
 
 
 @dataclasses.dataclass
@@ -90,10 +91,10 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         reason = _operands_of(r, order, fresh)
         if reason is not None:
             return reason
-    for v in [_fx.fake_value(r.hidden) for r in rewrites] + [
-            _fx.fake_value(o) for r in rewrites for _, _, o in r.pairs]:
-        if any(not isinstance(d, int) for d in v.shape):
-            return "dynamic shapes: compile with dynamic=False to prune (the state has static shapes)"
+    sources = size_sources(nodes, [_fx.fake_value(r.hidden) for r in rewrites] + [
+        _fx.fake_value(o) for r in rewrites for _, _, o in r.pairs])
+    if isinstance(sources, str):
+        return sources
 
     weights = _fx.weight_placeholders(gm, ctx.example_inputs)
     placeholders = [p for p in nodes if p.op == "placeholder"]
@@ -106,7 +107,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
         residuals=[], key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
-        prune_blocks=[r.plan for r in rewrites])
+        prune_blocks=[r.plan for r in rewrites], size_sources=sources)
     _emit(gm, rewrites, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": sorted({label for r in rewrites for label, _, _ in r.pairs}),
