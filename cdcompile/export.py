@@ -50,7 +50,7 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     torch._dynamo.reset()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=capture, fullgraph=True)(*args, **kwargs)
+            torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)  # the artifact's sizes
     finally:
         torch._dynamo.reset()
     ctx = captured["ctx"]
