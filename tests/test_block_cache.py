@@ -593,3 +593,5 @@ def test_a_graph_compiled_for_dynamic_token_counts_caches_every_size_as_the_refe
                 assert got[-1]["slots"][0]["cached_steps"] == cached, tokens
     assert [r.cache is not None for r in reports] == [True, True], [r.not_cached for r in reports]
     assert counters["stats"]["unique_graphs"] == 2
+    # a new size replaced the dynamic graph's state twice; its history kept the earlier requests
+    assert [r["steps"] for r in cdcompile.summary(m).as_dict()["requests"]] == [STEPS] * 4
