@@ -57,6 +57,8 @@ class GraphReport:
             lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
                          f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}"
                          f"{f', {ops} branch operands' if ops is not None else ''}")
+            if c.get("dynamic_sizes"):
+                lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
             if ops is not None and ops >= LARGE_BRANCH and c.get("size_asserts") is not False:
                 lines.append(f"  per-call work: compiled by Inductor, the graph checks the size of each of the "
                              f"{ops} branch operands on every call, cached or not, and Dynamo guards every "

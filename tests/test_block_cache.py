@@ -593,5 +593,8 @@ def test_a_graph_compiled_for_dynamic_token_counts_caches_every_size_as_the_refe
                 assert got[-1]["slots"][0]["cached_steps"] == cached, tokens
     assert [r.cache is not None for r in reports] == [True, True], [r.not_cached for r in reports]
     assert counters["stats"]["unique_graphs"] == 2
+    assert reports[0].cache["dynamic_sizes"] == [] and "per call size" not in str(reports[0])
+    sizes = reports[1].cache["dynamic_sizes"]  # the image token count; the 5 text tokens stayed static
+    assert len(sizes) == 1 and sizes[0].endswith(".shape[1]") and "per call size" in str(reports[1]), sizes
     # a new size replaced the dynamic graph's state twice; its history kept the earlier requests
     assert [r["steps"] for r in cdcompile.summary(m).as_dict()["requests"]] == [STEPS] * 4

@@ -302,7 +302,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
-                    "middle_ops": len(region), "branch_operands": len(inputs)}
+                    "middle_ops": len(region), "branch_operands": len(inputs),
+                    "dynamic_sizes": describe_sizes(nodes, sources)}
     return None
 
 
@@ -635,6 +636,12 @@ def size_sources(nodes: list[fx.Node], values: list[torch.Tensor]) -> dict[Any, 
         return (f"the cache state's shapes hold dynamic sizes {missing} that are no input's size; compile "
                 f"with dynamic=False")
     return found
+
+
+def describe_sizes(nodes: list[fx.Node], sources: dict[Any, tuple[int, int]]) -> list[str]:
+    """``["s0 = l_hidden_states_.shape[1]", ...]``: the dynamic sizes the state is allocated for."""
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    return [f"{sym} = {placeholders[k].name}.shape[{d}]" for sym, (k, d) in sources.items()]
 
 
 def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx.Node | None:

@@ -47,7 +47,7 @@ from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
                           _getitem, _index_slot, _non_operand, _operands, _region, _same_meta, _stream_plan,
-                          size_sources)
+                          describe_sizes, size_sources)
 
 
 @dataclasses.dataclass
@@ -114,7 +114,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
-                    "branch_operands": sum(len(r.inputs) for r in rewrites)}
+                    "branch_operands": sum(len(r.inputs) for r in rewrites),
+                    "dynamic_sizes": describe_sizes(nodes, sources)}
     return None
 
 
