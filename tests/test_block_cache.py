@@ -598,3 +598,45 @@ def test_a_graph_compiled_for_dynamic_token_counts_caches_every_size_as_the_refe
     assert len(sizes) == 1 and sizes[0].endswith(".shape[1]") and "per call size" in str(reports[1]), sizes
     # a new size replaced the dynamic graph's state twice; its history kept the earlier requests
     assert [r["steps"] for r in cdcompile.summary(m).as_dict()["requests"]] == [STEPS] * 4
+
+
+@pytest.mark.parametrize("extra", [
+    {"calibrator": "taylorseer", "taylorseer_order": 2},
+    {"calibrator": "foca"},
+    {"steps_computation_mask": [1, 1, 1, 0, 0, 1, 0, 0, 0, 1], "steps_computation_policy": "static"},
+    {"cache_type": "dbprune"},
+], ids=["taylorseer2", "foca", "mask", "dbprune"])
+def test_one_symbolic_graph_decides_and_outputs_as_one_static_graph_per_size(extra):
+    # Batch and token count both change between requests; dynamic=True compiles one graph with both
+    # sizes symbolic, dynamic=False one graph per size. Decisions, residual diffs and outputs agree.
+    cfg = RefConfig(threshold=0.15, warmup=2)
+    g = torch.Generator().manual_seed(3)
+    requests = []
+    for batch, tokens in ((2, 10), (3, 10), (2, 14), (3, 10)):  # Dynamo specialises sizes 0 and 1
+        x, d = torch.randn(batch, tokens, 8, generator=g), torch.randn(batch, tokens, 8, generator=g)
+        requests.append([(x + 0.05 * s * d, torch.full((batch,), 1.0 - s / STEPS)) for s in range(STEPS)])
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        m = SequentialDiT(depth=5)
+        c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=dynamic, options=_opts(cfg, **extra))
+        with torch.no_grad():
+            outs = []
+            for req in requests:
+                cdcompile.new_request(c)
+                outs.append([c(x, t) for x, t in req])
+        slots = [r["slots"] for r in cdcompile.summary(m).as_dict()["requests"]]
+        runs[dynamic], graphs[dynamic] = (outs, slots), counters["stats"]["unique_graphs"]
+    assert graphs == {True: 1, False: 3}
+    (dyn_outs, dyn_slots), (static_outs, static_slots) = runs[True], runs[False]
+    for a, b in zip(dyn_outs, static_outs):
+        for s, (x, y) in enumerate(zip(a, b)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {s}: {m}")
+    # the static graphs list their requests graph by graph: (2, 10) x1, (3, 10) x2, (2, 14) x1
+    assert len(dyn_slots) == len(static_slots) == 4
+    key = lambda slots: [s.get("cached_steps", s.get("pruned_blocks")) for s in slots]  # noqa: E731
+    assert sorted(map(key, dyn_slots)) == sorted(map(key, static_slots))
+    assert any(key(s)[0] and any(key(s)[0]) for s in dyn_slots), "some step must be cached or pruned"
