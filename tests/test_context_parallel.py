@@ -772,12 +772,18 @@ def _scenario(world, name, key=None):
 
 def _assert_parity(per_rank, rtol=1e-5, atol=2e-6, key="out"):
     """fp32 parity with the single-process output on every rank, and identical outputs on all ranks."""
+    # Every rank's view, in one message, for a failure that does not reproduce: whether the ranks'
+    # own single-process references agree (eager nondeterminism) and how far each output is off.
+    seen = "; ".join(f"rank {r}: max|{key} - ref| {(x[key] - x['ref']).abs().max().item():.3g}, "
+                     f"ref equals rank 0's: {torch.equal(x['ref'], per_rank[0]['ref'])}, "
+                     f"{key} equals rank 0's: {torch.equal(x[key], per_rank[0][key])}"
+                     for r, x in enumerate(per_rank))
     for r, res in enumerate(per_rank):
         if "record" in res:
             assert res["record"]["applied"], f"rank {r}: context parallelism not applied: {res['record']}"
         torch.testing.assert_close(res[key], res["ref"], rtol=rtol, atol=atol,
-                                   msg=lambda m: f"rank {r} vs single process: {m}")
-        assert torch.equal(res[key], per_rank[0][key]), f"rank {r}'s output differs from rank 0's"
+                                   msg=lambda m: f"rank {r} vs single process: {m}\n({seen})")
+        assert torch.equal(res[key], per_rank[0][key]), f"rank {r}'s output differs from rank 0's ({seen})"
 
 
 # -- tests over the spawned ranks ------------------------------------------------------------------
