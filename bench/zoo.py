@@ -38,7 +38,6 @@ from cdcompile.zoo import ZOO  # noqa: E402
 RTOL = ATOL = 1e-4
 OPTIONS = {"compiler": "aot_eager", "enable_cache": False}
 INDUCTOR_OPTIONS = {"compiler": "inductor", "residual_diff_threshold": 0.0, "max_warmup_steps": 0}
-CALLS = 1  # compiled calls compared with eager (2 with --inductor: a second call after the first's state)
 
 
 def tensors(out: Any) -> list[torch.Tensor]:
@@ -71,7 +70,8 @@ def _error(stage: str, e: BaseException) -> str:
     return f"{stage}: {type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(": ")
 
 
-def run_one(name: str) -> dict:
+def run_one(name: str, options: dict = OPTIONS, calls: int = 1) -> dict:
+    """One model's row; ``calls`` compiled calls are each compared with eager."""
     row: dict[str, Any] = {"model": name, "class": None, "graphs": None, "graph_breaks": None, "groups": [],
                            "max_abs_diff": None, "ok": False, "error": None}
     stage = "build"
@@ -96,8 +96,8 @@ def run_one(name: str) -> dict:
             row["not_cached"] = [w for gr in report.graph_reports for w in gr.not_cached]
             stage = "compile"
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend="cachedit", options=OPTIONS)
-            outs = [compiled(**kwargs) for _ in range(CALLS)]
+            compiled = torch.compile(model, backend="cachedit", options=options)
+            outs = [compiled(**kwargs) for _ in range(calls)]
         stage = "compare"
         diffs = [compare(eager, out) for out in outs]
         row["max_abs_diff"], close = max(d for d, _ in diffs), all(c for _, c in diffs)
@@ -211,7 +211,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metadata() -> dict:
+def metadata(options: dict = OPTIONS) -> dict:
     import diffusers
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,7 +231,7 @@ def metadata() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
-        "options": OPTIONS,
+        "options": options,
         "rtol": RTOL,
         "atol": ATOL,
     }
@@ -247,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", action="store_true",
                    help="compile with Inductor and the block cache in the graph (threshold 0: every call computes)")
     args = p.parse_args(argv)
-    global OPTIONS, CALLS
-    if args.inductor:
-        OPTIONS, CALLS = INDUCTOR_OPTIONS, 2
+    # --inductor: a second call runs after the first has written the cache state
+    options, calls = (INDUCTOR_OPTIONS, 2) if args.inductor else (OPTIONS, 1)
     if args.capture_dynamic:
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         torch._dynamo.config.capture_scalar_outputs = True
@@ -261,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"not in ZOO: {', '.join(unknown)} (known: {', '.join(ZOO)})")
 
-    meta = metadata()
-    meta["calls"] = CALLS
+    meta = metadata(options)
+    meta["calls"] = calls
     meta["capture_dynamic"] = bool(args.capture_dynamic)
     rows = []
     for i, name in enumerate(names, 1):
-        row = run_one(name)
+        row = run_one(name, options, calls)
         rows.append(row)
         status = "ok" if row["ok"] else ("FAILED" if row["error"] else "not ok")
         print(f"[{i}/{len(names)}] {name}: {status} ({row['seconds']}s) groups: {_groups_cell(row)}"

@@ -50,7 +50,8 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     torch._dynamo.reset()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)  # the artifact's sizes
+            # dynamic=False: the artifact's sizes, even after a dynamic recompile of the same code
+            torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
     ctx = captured["ctx"]

@@ -165,15 +165,13 @@ class CachedGraph:
         with a fresh one (a new request, as a new static graph would start), which carries on the
         request count, the history and the steps mask, so ``summary`` still lists earlier requests.
         """
-        sizes = self.plan.sizes_of(args) if self.plan.size_sources else ()
+        sizes = self.plan.sizes_of(args)
         entry = self._states.get(id(key))
         old = entry[1] if entry is not None and entry[0]() is key else None
         if old is not None and old.sizes == sizes:
             return old
-        if sizes:
-            state = self.plan.allocate(args)
-        else:
-            state, self._spare = (self._spare or self.plan.allocate()), None
+        # the backend's spare is the first static state (None with dynamic sizes)
+        state, self._spare = (self._spare or self.plan.allocate(args)), None
         state.sizes = sizes
         if old is not None:
             state.carry_on(old)
