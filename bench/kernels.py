@@ -3,6 +3,7 @@
     python bench/kernels.py                                   # B=1, H=24, D=128, S in 1024 4096 4608 16384
     python bench/kernels.py --seq-lens 4096 --causal --outliers
     python bench/kernels.py --out bench/results               # where the JSON + markdown go (default)
+    python bench/kernels.py --sweep 4608                      # + the attention kernel per tile config
 
 Attention, per sequence length S (q, k, v of shape (B, H, S, D), bf16): median time of
 ``triton.testing.do_bench`` after its warm-up, for SDPA with the flash backend, SDPA with the cuDNN
@@ -50,9 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=100, help="do_bench warm-up budget")
     p.add_argument("--rep-ms", type=int, default=500, help="do_bench measuring budget (median reported)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument(
+        "--sweep", type=int, nargs="*", metavar="S", default=None,
+        help="also time the attention kernel alone over tile/warp/stage configurations at these lengths "
+        "(no value: 4608), with the hardware and the fp32-arithmetic rounding of P",
+    )
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-quant", action="store_true")
     args = p.parse_args(argv)
+    if args.sweep is not None and not args.sweep:
+        args.sweep = [4608]
     if min(args.seq_lens) < 1 or args.batch < 1 or args.heads < 1 or args.world_size < 1:
         p.error("--seq-lens, --batch, --heads and --world-size must be positive")
     return args
@@ -176,6 +184,53 @@ def bench_attention(args, peak_tflops) -> list[dict]:
     return rows
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for --sweep; the first is the launcher's default for D=128.
+SWEEP_CONFIGS = (
+    (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3),
+    (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4),
+)
+
+
+def bench_sweep(args, peak_tflops) -> list[dict]:
+    """The attention kernel alone (quantization excluded) per configuration: which tiles to ship.
+
+    BLOCK_M and BLOCK_N also set the online-softmax tiles, so accuracy is reported per row too;
+    ``fp32 rounding`` rows time the interpreter's exact rounding of P on the GPU, to show what the
+    hardware cast saves.
+    """
+    from cdcompile.kernels import sage_attn
+
+    rows = []
+    for s in args.sweep:
+        q, k, v = attention_inputs(args, s)
+        truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=args.causal)
+        flops = 4 * args.batch * args.heads * s * s * args.head_dim * (0.5 if args.causal else 1.0)
+        for i, (bm, bn, warps, stages) in enumerate(SWEEP_CONFIGS):
+            quantized = sage_attn._quantize_qkv(q, k, v, None, bm, bn, True)
+            for fp32_rounding in (False, True) if i == 0 else (False,):
+                row = dict(seq_len=s, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                           fp32_rounding=fp32_rounding)
+
+                def fn():
+                    return sage_attn._attend(quantized, q.dtype, args.causal, bm, bn, warps, stages, fp32_rounding)
+
+                try:
+                    out = fn()
+                    ms = median_ms(fn, args)
+                except Exception as exc:  # a configuration this GPU or Triton cannot compile or launch
+                    row.update(error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}")
+                    rows.append(row)
+                    continue
+                cos, snr = cosine_snr(out, truth)
+                tflops = flops / (ms * 1e-3) / 1e12
+                row.update(ms=ms, tflops=tflops, pct_bf16_peak=100 * tflops / peak_tflops, cosine=cos, snr_db=snr)
+                rows.append(row)
+            del quantized
+        del q, k, v, truth
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_quant(args, copy_gbps) -> list[dict]:
     from cdcompile.kernels import a2a_split_rows, dequantize_fp8_a2a, quantize_fp8_a2a
 
@@ -217,7 +272,7 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def to_markdown(meta, attention, quant) -> str:
+def to_markdown(meta, attention, quant, sweep=()) -> str:
     lines = [
         f"# cdcompile kernels on {meta['device']} ({meta['date']})",
         "",
@@ -239,6 +294,32 @@ def to_markdown(meta, attention, quant) -> str:
             lines.append(
                 f"| {r['seq_len']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['pct_bf16_peak']:.0f} | "
                 f"{_fmt(r['speedup_vs_flash'], '.2f')} | {r['cosine']:.5f} | {r['snr_db']:.1f} |"
+            )
+        lines.append("")
+    if sweep:
+        timed = [r for r in sweep if "error" not in r]
+        best = {}
+        for r in timed:
+            if r["seq_len"] not in best or r["ms"] < best[r["seq_len"]]["ms"]:
+                best[r["seq_len"]] = r
+        lines += [
+            "Attention kernel alone (quantization excluded) per configuration; * marks the fastest per S.",
+            "",
+            "| S | BLOCK_M | BLOCK_N | warps | stages | P rounding | ms | TFLOP/s | % bf16 peak | cosine | SNR dB |",
+            "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in sweep:
+            head = (
+                f"| {r['seq_len']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
+                f"{'fp32 arithmetic' if r['fp32_rounding'] else 'hardware cast'} |"
+            )
+            if "error" in r:
+                lines.append(f"{head} failed: {r['error']} | | | | |")
+                continue
+            mark = " *" if best.get(r["seq_len"]) is r else ""
+            lines.append(
+                f"{head} {r['ms']:.3f}{mark} | {r['tflops']:.0f} | {r['pct_bf16_peak']:.0f} | "
+                f"{r['cosine']:.5f} | {r['snr_db']:.1f} |"
             )
         lines.append("")
     if quant:
@@ -276,14 +357,15 @@ def main(argv=None) -> None:
     meta["copy_gbps"] = measure_copy_gbps(args)
     attention = [] if args.skip_attention else bench_attention(args, meta["bf16_peak_tflops"])
     quant = [] if args.skip_quant else bench_quant(args, meta["copy_gbps"])
+    sweep = bench_sweep(args, meta["bf16_peak_tflops"]) if args.sweep else []
 
-    table = to_markdown(meta, attention, quant)
+    table = to_markdown(meta, attention, quant, sweep)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
     stem = os.path.join(args.out, f"kernels-{now.strftime('%Y%m%dT%H%M%SZ')}-{slug}")
     with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, attention=attention, quantization=quant), f, indent=1)
+        json.dump(dict(meta=meta, attention=attention, quantization=quant, sweep=sweep), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
     print(f"wrote {stem}.json and {stem}.md")

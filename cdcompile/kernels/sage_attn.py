@@ -45,8 +45,10 @@ touches. Inference only (no autograd).
 
 Under ``TRITON_INTERPRET=1`` the INT8 and FP8 ``tl.dot`` run as exact upcast matrix products
 (checked: int8 with d = 128 and extreme values, fp8 against fp32 products), so one kernel body
-serves the GPU and the interpreter; rounding to e4m3 and bf16 is done in fp32 arithmetic
-(``_triton.round_to_e4m3``), so the interpreter's wrong fp32->fp8 cast is never used on inexact values.
+serves the GPU and the interpreter. Rounding to e4m3 and bf16 is done in fp32 arithmetic
+(``_triton.round_to_e4m3``), so the interpreter's wrong fp32->fp8 cast is never used on inexact
+values; the one exception is P in the key loop on a GPU, which takes the hardware's
+round-to-nearest-even cast (same bits, fewer instructions in the loop; see the kernel).
 """
 
 import math
@@ -54,12 +56,13 @@ from typing import Optional
 
 import torch
 
-from ._triton import BACKENDS, cast_out, round_to_e4m3, tl, tl_dtype, triton, use_triton
+from ._triton import BACKENDS, INTERPRETING, cast_out, round_to_e4m3, tl, tl_dtype, triton, use_triton
 
-# Tile sizes: untuned; to be measured on H100 (bench/kernels.py). The reference takes the same
-# numbers: they fix the online-softmax tiles (and the scale blocks when qk_per_token=False).
+# Tile sizes: untuned; to be measured on H100 (bench/kernels.py --sweep). The reference takes the
+# same numbers: they fix the online-softmax tiles (and the scale blocks when qk_per_token=False).
 BLOCK_M = 128
 BLOCK_N = 64
+NUM_STAGES = 3  # software pipelining depth of the key loop; untuned, changes speed only
 QUANT_BLOCK_S = 64  # tokens per program of the V quantization kernel; untuned
 
 HEAD_DIMS = (64, 128)
@@ -203,8 +206,14 @@ def _sage_attention_kernel(
     M, N, N_PAD,
     IS_CAUSAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    EVEN_N: tl.constexpr, FP32_ROUNDING: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one (b, h). q8, k8: contiguous (b, h, s, d); v8: (b, h, d, N_PAD).
+    # EVEN_N: N is a multiple of BLOCK_N, so no key tile needs a mask (the loads and the -inf select
+    # are left out of the loop). FP32_ROUNDING: round P to e4m3 in fp32 arithmetic (round_to_e4m3,
+    # about a dozen integer and float ops per score) instead of the hardware's round-to-nearest-even
+    # cast; both give the same bits for P * 448 in [0, 448], but only the first is right under the
+    # interpreter, and the second keeps the softmax, the kernel's bottleneck, short on a GPU.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,21 +233,29 @@ def _sage_attention_kernel(
         hi = N
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_live = (cols < N)[:, None]
-        k8 = tl.load(k_base + cols[:, None] * HEAD_D + dims[None, :], mask=kv_live, other=0)
-        k_scale = tl.load(k_scale_ptr + pid_bh * N + cols, mask=cols < N, other=0.0)
+        if EVEN_N:
+            k8 = tl.load(k_base + cols[:, None] * HEAD_D + dims[None, :])
+            k_scale = tl.load(k_scale_ptr + pid_bh * N + cols)
+        else:
+            k8 = tl.load(k_base + cols[:, None] * HEAD_D + dims[None, :], mask=(cols < N)[:, None], other=0)
+            k_scale = tl.load(k_scale_ptr + pid_bh * N + cols, mask=cols < N, other=0.0)
         s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * k_scale[None, :] * q_scale[:, None]  # exact int32 dot
-        keep = (cols < N)[None, :]
         if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        s = tl.where(keep, s, float("-inf"))
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols < N)[None, :], s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where((cols < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        p8 = round_to_e4m3(p * 448.0)
-        l_i = l_i * alpha + tl.sum(p8, axis=1)
-        p8 = p8.to(tl.float8e4nv)
-        v8 = tl.load(v_base + dims[None, :] * N_PAD + cols[:, None], mask=kv_live, other=0.0)
+        if FP32_ROUNDING:
+            p8 = round_to_e4m3(p * 448.0).to(tl.float8e4nv)
+        else:
+            p8 = (p * 448.0).to(tl.float8e4nv)
+        l_i = l_i * alpha + tl.sum(p8.to(tl.float32), axis=1)
+        if EVEN_N:
+            v8 = tl.load(v_base + dims[None, :] * N_PAD + cols[:, None])
+        else:
+            v8 = tl.load(v_base + dims[None, :] * N_PAD + cols[:, None], mask=(cols < N)[:, None], other=0.0)
         # The tile's FP8 product starts from zero and is added in fp32: Hopper's FP8 MMA accumulates
         # with fewer than fp32's bits, so it must not carry acc across the whole key loop.
         acc = acc * alpha[:, None] + tl.dot(p8, v8)
@@ -279,8 +296,14 @@ def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
     return q8, q_scale, k8, k_scale, v8, v_scale
 
 
-def _attend(quantized, out_dtype, is_causal, block_m, block_n):
-    """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``."""
+def _attend(
+    quantized, out_dtype, is_causal, block_m, block_n, num_warps=None, num_stages=NUM_STAGES, fp32_rounding=None
+):
+    """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``.
+
+    ``num_warps`` (default: 8 for head dim 128, else 4), ``num_stages`` and ``fp32_rounding`` (default:
+    only under the interpreter, see the kernel) change speed, not results; bench/kernels.py sweeps them.
+    """
     q8, q_scale, k8, k_scale, v8, v_scale = quantized
     b, h, m, d = q8.shape
     n, n_pad = k8.shape[2], v8.shape[3]
@@ -289,7 +312,8 @@ def _attend(quantized, out_dtype, is_causal, block_m, block_n):
         q8, q_scale, k8, k_scale, v8, v_scale, out, m, n, n_pad,
         IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(out_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
-        num_warps=8 if d == 128 else 4, num_stages=3,  # untuned; to be measured on H100
+        EVEN_N=n % block_n == 0, FP32_ROUNDING=INTERPRETING if fp32_rounding is None else fp32_rounding,
+        num_warps=(8 if d == 128 else 4) if num_warps is None else num_warps, num_stages=num_stages,
     )
     return out
 

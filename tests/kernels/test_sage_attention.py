@@ -48,6 +48,8 @@ def _sdpa_fp32(q, k, v, is_causal=False, scale=None):
         (1, 1, 200, 1000, 128, False, torch.float16, 128, 64, True),
         (1, 1, 1000, 300, 64, True, torch.bfloat16, 128, 64, True),
         (1, 1, 130, 4097, 128, False, torch.bfloat16, 128, 64, True),
+        (2, 1, 100, 256, 64, False, torch.bfloat16, 32, 64, True),  # whole key tiles: the unmasked loop
+        (1, 2, 96, 128, 128, True, torch.float16, 32, 32, False),
     ],
 )
 def test_triton_kernel_matches_emulating_reference(b, h, m, n, d, is_causal, dtype, block_m, block_n, per_token):
