@@ -10,10 +10,13 @@ Every kernel launcher takes ``backend``:
 - ``"auto"``: Triton on such CUDA tensors when Triton is importable and not interpreting; the
   reference everywhere else (CPU, older GPUs, no Triton).
 
-The helpers below round in fp32 arithmetic instead of relying on the hardware cast, so the same
-code gives the same bits on a GPU and under the interpreter (whose fp32->fp8 cast drops exponent
-carries and does not saturate, and whose fp32->bf16 cast truncates). After the explicit rounding
-the value is exactly representable, and every cast of an exact value is exact.
+Rounding. On a GPU the fp32->e4m3 and fp32->bf16 casts round to nearest even. The interpreter's
+do not: its fp32->fp8 cast drops exponent carries and does not saturate, and its fp32->bf16 cast
+truncates. So the kernels take an ``FP32_ROUNDING`` constexpr, set by ``fp32_rounding()`` (True
+exactly when interpreting), and the helpers below then round in fp32 arithmetic first: the value
+becomes exactly representable, and every cast of an exact value is exact. The bits are the same
+either way; the hardware cast is one instruction where the arithmetic takes about a dozen, which
+matters in a memory-bound quantization kernel and in the attention kernel's softmax.
 """
 
 import functools
@@ -79,6 +82,11 @@ def use_triton(device: torch.device, backend: str) -> bool:
     return not why
 
 
+def fp32_rounding() -> bool:
+    """The ``FP32_ROUNDING`` a launcher passes: round in fp32 arithmetic only where the casts are wrong."""
+    return INTERPRETING
+
+
 @triton.jit
 def round_to_e4m3(y):
     """Round fp32 ``y`` (already clamped to [-448, 448]) to the nearest float8_e4m3fn value, ties to even.
@@ -114,9 +122,17 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def cast_out(x, OUT_DTYPE: tl.constexpr):
+def to_e4m3(y, FP32_ROUNDING: tl.constexpr):
+    """fp32 ``y`` (finite, clamped to [-448, 448]) to ``float8e4nv``, round to nearest even on every path."""
+    if FP32_ROUNDING:
+        y = round_to_e4m3(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def cast_out(x, OUT_DTYPE: tl.constexpr, FP32_ROUNDING: tl.constexpr):
     """fp32 ``x`` to ``OUT_DTYPE`` with round-to-nearest-even on every path (see module docstring)."""
-    if OUT_DTYPE == tl.bfloat16:
+    if FP32_ROUNDING and OUT_DTYPE == tl.bfloat16:
         x = round_to_bf16(x)
     return x.to(OUT_DTYPE)
 

@@ -38,14 +38,14 @@ are contiguous. Values are ``float8_e4m3fn`` (view them as uint8 if a collective
 fp32. Inference only: the ops register no autograd formula.
 
 The kernels compute in fp32 with correctly rounded division (``div_rn``) and round to e4m3 (and to
-bf16 on dequantization) in fp32 arithmetic, not through the hardware or interpreter cast, so they
-match the reference bit for bit under the interpreter; the tested contract is one e4m3 ulp for
-values and one fp32 ulp for scales.
+bf16 on dequantization) to nearest even: with the hardware casts on a GPU, in fp32 arithmetic under
+the interpreter (``_triton.fp32_rounding``). They match the reference bit for bit under the
+interpreter; the tested contract is one e4m3 ulp for values and one fp32 ulp for scales.
 """
 
 import torch
 
-from ._triton import BACKENDS, cast_out, round_to_e4m3, tl, tl_dtype, triton, use_triton
+from ._triton import BACKENDS, cast_out, fp32_rounding, tl, tl_dtype, to_e4m3, triton, use_triton
 
 E4M3_MAX = 448.0
 SCALE_FLOOR = torch.finfo(torch.float32).tiny  # 2**-126: smallest normal fp32, keeps x / scale finite
@@ -138,7 +138,7 @@ def _quantize_pack_kernel(
     x_ptr, val_ptr, scale_ptr,
     stride_xb, stride_xs, stride_xh, stride_xd,
     B, S, H, H_PACKED, HC, W, D, n_rows,
-    SPLIT_SEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_SEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FP32_ROUNDING: tl.constexpr,
 ):
     # One program quantizes BLOCK_R logical rows of the (b, s, H_PACKED) grid; padded heads
     # (h >= H) load as zeros, so they leave as zero values with the floor scale.
@@ -162,7 +162,7 @@ def _quantize_pack_kernel(
 
     dst = _packed_row(b, s, h, B, S, H_PACKED, HC, W, SPLIT_SEQ)
     store_mask = live[:, None] & (cols < D)[None, :]
-    tl.store(val_ptr + dst[:, None] * D + cols[None, :], round_to_e4m3(y).to(tl.float8e4nv), mask=store_mask)
+    tl.store(val_ptr + dst[:, None] * D + cols[None, :], to_e4m3(y, FP32_ROUNDING), mask=store_mask)
     tl.store(scale_ptr + dst, scale, mask=live)
 
 
@@ -171,6 +171,7 @@ def _dequantize_unpack_kernel(
     val_ptr, scale_ptr, out_ptr,
     B, S, H, H_PACKED, HC, W, D, n_rows,
     SPLIT_SEQ: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_ROUNDING: tl.constexpr,
 ):
     # One program writes BLOCK_R rows of the contiguous (b, s, H, d) output; padded heads are skipped.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -183,7 +184,7 @@ def _dequantize_unpack_kernel(
     src = _packed_row(b, s, h, B, S, H_PACKED, HC, W, SPLIT_SEQ)
     vals = tl.load(val_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + src, mask=live, other=1.0)
-    out = cast_out(vals * scale[:, None], OUT_DTYPE)
+    out = cast_out(vals * scale[:, None], OUT_DTYPE, FP32_ROUNDING)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], out, mask=mask)
 
 
@@ -205,7 +206,7 @@ def _quantize_triton(x_bshd: torch.Tensor, world_size: int, split: str) -> tuple
     _quantize_pack_kernel[(triton.cdiv(n_rows, block_r),)](
         x_bshd, values, scales, *x_bshd.stride(),
         b, s, h, h_packed, hc, world_size, d, n_rows,
-        SPLIT_SEQ=split == "seq", BLOCK_R=block_r, BLOCK_D=block_d,
+        SPLIT_SEQ=split == "seq", BLOCK_R=block_r, BLOCK_D=block_d, FP32_ROUNDING=fp32_rounding(),
     )
     return values, scales
 
@@ -223,6 +224,7 @@ def _dequantize_triton(values_rd, scales_r, batch, seq_len, num_heads, world_siz
         values_rd.contiguous(), scales_r.contiguous(), out,
         batch, seq_len, num_heads, h_packed, hc, world_size, d, n_rows,
         SPLIT_SEQ=split == "seq", OUT_DTYPE=tl_dtype(out_dtype), BLOCK_R=block_r, BLOCK_D=block_d,
+        FP32_ROUNDING=fp32_rounding(),
     )
     return out
 

@@ -45,10 +45,8 @@ touches. Inference only (no autograd).
 
 Under ``TRITON_INTERPRET=1`` the INT8 and FP8 ``tl.dot`` run as exact upcast matrix products
 (checked: int8 with d = 128 and extreme values, fp8 against fp32 products), so one kernel body
-serves the GPU and the interpreter. Rounding to e4m3 and bf16 is done in fp32 arithmetic
-(``_triton.round_to_e4m3``), so the interpreter's wrong fp32->fp8 cast is never used on inexact
-values; the one exception is P in the key loop on a GPU, which takes the hardware's
-round-to-nearest-even cast (same bits, fewer instructions in the loop; see the kernel).
+serves the GPU and the interpreter. Rounding to e4m3 and bf16 is to nearest even on both: the
+hardware casts on a GPU, fp32 arithmetic under the interpreter, whose casts are wrong (see ``_triton``).
 """
 
 import math
@@ -56,7 +54,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import BACKENDS, INTERPRETING, cast_out, round_to_e4m3, tl, tl_dtype, triton, use_triton
+from ._triton import BACKENDS, cast_out, fp32_rounding, tl, tl_dtype, to_e4m3, triton, use_triton
 
 # Tile sizes: untuned; to be measured on H100 (bench/kernels.py --sweep). The reference takes the
 # same numbers: they fix the online-softmax tiles (and the scale blocks when qk_per_token=False).
@@ -179,7 +177,7 @@ def _quantize_v_kernel(
     v_ptr, scale_ptr, out_ptr,
     stride_vb, stride_vh, stride_vs, stride_vd,
     H, S, S_PAD,
-    BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr, FP32_ROUNDING: tl.constexpr,
 ):
     # One program: BLOCK_S tokens of one (b, h) to e4m3 with the per-channel scales, written
     # transposed, (b, h, d, S_PAD) with tokens contiguous: the layout Hopper's FP8 MMA wants for
@@ -195,9 +193,9 @@ def _quantize_v_kernel(
     v = tl.load(src + tokens.to(tl.int64)[:, None] * stride_vs + dims[None, :] * stride_vd, mask=live, other=0.0)
     scale = tl.load(scale_ptr + pid_bh.to(tl.int64) * HEAD_D + dims)
     y = tl.math.div_rn(v.to(tl.float32), scale[None, :])
-    y = round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    y = to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), FP32_ROUNDING)
     dst = out_ptr + pid_bh.to(tl.int64) * HEAD_D * S_PAD + dims[None, :] * S_PAD + tokens.to(tl.int64)[:, None]
-    tl.store(dst, y.to(tl.float8e4nv), mask=live)
+    tl.store(dst, y, mask=live)
 
 
 @triton.jit
@@ -210,10 +208,8 @@ def _sage_attention_kernel(
 ):
     # One program: BLOCK_M query rows of one (b, h). q8, k8: contiguous (b, h, s, d); v8: (b, h, d, N_PAD).
     # EVEN_N: N is a multiple of BLOCK_N, so no key tile needs a mask (the loads and the -inf select
-    # are left out of the loop). FP32_ROUNDING: round P to e4m3 in fp32 arithmetic (round_to_e4m3,
-    # about a dozen integer and float ops per score) instead of the hardware's round-to-nearest-even
-    # cast; both give the same bits for P * 448 in [0, 448], but only the first is right under the
-    # interpreter, and the second keeps the softmax, the kernel's bottleneck, short on a GPU.
+    # are left out of the loop). FP32_ROUNDING (see _triton): on a GPU, P * 448 in [0, 448] takes the
+    # hardware cast, keeping the softmax, this loop's bottleneck, a dozen instructions per score shorter.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,10 +243,7 @@ def _sage_attention_kernel(
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        if FP32_ROUNDING:
-            p8 = round_to_e4m3(p * 448.0).to(tl.float8e4nv)
-        else:
-            p8 = (p * 448.0).to(tl.float8e4nv)
+        p8 = to_e4m3(p * 448.0, FP32_ROUNDING)
         l_i = l_i * alpha + tl.sum(p8.to(tl.float32), axis=1)
         if EVEN_N:
             v8 = tl.load(v_base + dims[None, :] * N_PAD + cols[:, None])
@@ -264,7 +257,7 @@ def _sage_attention_kernel(
     v_scale = tl.load(v_scale_ptr + pid_bh * HEAD_D + dims)
     out = acc * v_scale[None, :] / l_i[:, None]
     dst = out_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :]
-    tl.store(dst, cast_out(out, OUT_DTYPE), mask=q_live)
+    tl.store(dst, cast_out(out, OUT_DTYPE, FP32_ROUNDING), mask=q_live)
 
 
 def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token):
@@ -291,18 +284,19 @@ def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
         HAS_MEAN=True, PER_TOKEN=qk_per_token, BLOCK_S=block_n, HEAD_D=d,
     )
     _quantize_v_kernel[(triton.cdiv(n, QUANT_BLOCK_S), b * h)](
-        v_bhnd, v_scale, v8, *v_bhnd.stride(), h, n, n_pad, BLOCK_S=QUANT_BLOCK_S, HEAD_D=d,
+        v_bhnd, v_scale, v8, *v_bhnd.stride(), h, n, n_pad,
+        BLOCK_S=QUANT_BLOCK_S, HEAD_D=d, FP32_ROUNDING=fp32_rounding(),
     )
     return q8, q_scale, k8, k_scale, v8, v_scale
 
 
 def _attend(
-    quantized, out_dtype, is_causal, block_m, block_n, num_warps=None, num_stages=NUM_STAGES, fp32_rounding=None
+    quantized, out_dtype, is_causal, block_m, block_n, num_warps=None, num_stages=NUM_STAGES, round_in_fp32=None
 ):
     """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``.
 
-    ``num_warps`` (default: 8 for head dim 128, else 4), ``num_stages`` and ``fp32_rounding`` (default:
-    only under the interpreter, see the kernel) change speed, not results; bench/kernels.py sweeps them.
+    ``num_warps`` (default: 8 for head dim 128, else 4), ``num_stages`` and ``round_in_fp32`` (default:
+    ``_triton.fp32_rounding()``) change speed, not results, on a GPU; bench/kernels.py sweeps them.
     """
     q8, q_scale, k8, k_scale, v8, v_scale = quantized
     b, h, m, d = q8.shape
@@ -312,7 +306,7 @@ def _attend(
         q8, q_scale, k8, k_scale, v8, v_scale, out, m, n, n_pad,
         IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(out_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
-        EVEN_N=n % block_n == 0, FP32_ROUNDING=INTERPRETING if fp32_rounding is None else fp32_rounding,
+        EVEN_N=n % block_n == 0, FP32_ROUNDING=fp32_rounding() if round_in_fp32 is None else round_in_fp32,
         num_warps=(8 if d == 128 else 4) if num_warps is None else num_warps, num_stages=num_stages,
     )
     return out

@@ -77,13 +77,14 @@ def test_gpu_kernel_matches_reference_and_fp32_sdpa(b, h, m, n, d, is_causal, dt
 
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_hardware_fp8_cast_of_p_gives_the_bits_of_fp32_rounding(n):
-    # The key loop casts P * 448 with the hardware's round-to-nearest-even; the interpreter path
-    # rounds in fp32 arithmetic. Same exp2 values in, so the outputs must be the same bits.
+    # On a GPU the kernel casts P * 448 to e4m3 and the output to bf16 with the hardware; the
+    # interpreter's path rounds in fp32 arithmetic. Same exp2 values in, so the same bits out.
     q, k, v = _attention_inputs(1, 4, 1000, n, 128, torch.bfloat16, True, seed=n)
-    quantized = sage_attn._quantize_qkv(q, k, v, None, sage_attn.BLOCK_M, sage_attn.BLOCK_N, True)
-    hardware = sage_attn._attend(quantized, q.dtype, False, sage_attn.BLOCK_M, sage_attn.BLOCK_N, fp32_rounding=False)
-    emulated = sage_attn._attend(quantized, q.dtype, False, sage_attn.BLOCK_M, sage_attn.BLOCK_N, fp32_rounding=True)
-    assert_bitwise_equal(hardware, emulated, "hardware vs fp32-arithmetic rounding of P")
+    bm, bn = sage_attn.BLOCK_M, sage_attn.BLOCK_N
+    quantized = sage_attn._quantize_qkv(q, k, v, None, bm, bn, True)
+    hardware = sage_attn._attend(quantized, q.dtype, False, bm, bn, round_in_fp32=False)
+    emulated = sage_attn._attend(quantized, q.dtype, False, bm, bn, round_in_fp32=True)
+    assert_bitwise_equal(hardware, emulated, "hardware casts vs fp32-arithmetic rounding")
 
 
 def test_gpu_auto_backend_runs_the_kernel_not_the_reference(monkeypatch):
