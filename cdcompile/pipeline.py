@@ -1,14 +1,18 @@
-"""``cdcompile.enable(pipe, **options)``: compile a diffusers pipeline's transformer with the cache.
+"""``cdcompile.enable(pipe, **options)``: compile a diffusers pipeline's transformers with the cache.
 
-The transformer is compiled with the ``cachedit`` backend, and each ``pipe(...)`` call starts a new
-request (and passes its ``num_inference_steps`` to a steps computation mask). Only this pipeline instance changes: its class becomes a one-off subclass whose
-``__call__`` resets the cache first (cache-dit patches the pipeline class for every instance).
+Every transformer of the pipeline is compiled with the ``cachedit`` backend: the component named
+``transformer`` and any named ``transformer_<suffix>`` (Wan 2.2 runs ``transformer`` on the
+high-noise steps and ``transformer_2`` on the low-noise ones). Each keeps its own cache state and
+counts its own steps. Each ``pipe(...)`` call starts a new request in all of them (and, with one
+transformer, passes its ``num_inference_steps`` to a steps computation mask). Only this pipeline
+instance changes: its class becomes a one-off subclass whose ``__call__`` resets the cache first
+(cache-dit patches the pipeline class for every instance).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -16,11 +20,47 @@ from .config import CacheConfig
 from .runtime import new_request
 
 
-def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
-           guard_filter_fn: Callable | None = None, **options: Any) -> Any:
-    """Compile ``pipe.transformer`` with the block cache; returns ``pipe``.
+def transformer_names(pipe: Any) -> list[str]:
+    """The pipeline's transformer components, in registration order: ``transformer`` and ``transformer_*``."""
+    components = getattr(pipe, "components", None)
+    names = list(components) if isinstance(components, Mapping) else ["transformer"]
+    return [n for n in names if (n == "transformer" or n.startswith("transformer_"))
+            and isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
-    ``options`` are the backend options (validated now: a bad key raises ValueError here).
+
+def _configs(pipe: Any, names: list[str], options: dict, per_transformer: Mapping | None) -> dict[str, CacheConfig]:
+    """One validated config per transformer: the shared options, updated by its own entry."""
+    per_transformer = dict(per_transformer or {})
+    unknown = sorted(set(per_transformer) - set(names))
+    if unknown:
+        raise ValueError(f"cdcompile.enable: transformer_options names {unknown}, but {type(pipe).__name__}'s "
+                         f"transformers are {names}")
+    configs = {}
+    for name in names:
+        own = per_transformer.get(name) or {}
+        if not isinstance(own, Mapping):
+            raise ValueError(f"cdcompile.enable: transformer_options[{name!r}] must be a dict of options, "
+                             f"got {type(own).__name__}")
+        cfg = CacheConfig.from_options({**options, **own})
+        mask = cfg.steps_computation_mask
+        if len(names) > 1 and isinstance(mask, str) and cfg.num_inference_steps is None:
+            raise ValueError(
+                f"cdcompile.enable: {type(pipe).__name__} has {len(names)} transformers {names}; each counts "
+                f"only the steps it runs, so the steps_computation_mask {mask!r} of {name!r} has no step count "
+                f"to scale to. Give it num_inference_steps (that transformer's steps) or an explicit 0/1 list "
+                f"over its steps, in transformer_options={{{name!r}: {{...}}}}")
+        configs[name] = cfg
+    return configs
+
+
+def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
+           guard_filter_fn: Callable | None = None, transformer_options: Mapping[str, Mapping] | None = None,
+           **options: Any) -> Any:
+    """Compile the pipeline's transformers with the block cache; returns ``pipe``.
+
+    ``options`` are the backend options for every transformer (validated now: a bad key raises
+    ValueError here). ``transformer_options`` maps a transformer's name to options that override
+    them for that transformer alone, e.g. ``{"transformer_2": {"residual_diff_threshold": 0.2}}``.
     ``fullgraph`` and ``dynamic`` go to ``torch.compile``: ``dynamic=False`` compiles one graph per
     resolution; ``None`` one graph with symbolic sizes from the second resolution on (cached as well).
     ``guard_filter_fn`` goes to ``torch.compile`` (e.g.
@@ -28,17 +68,19 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     modules, which the block cache's single graph otherwise checks on every step, cached or not;
     safe while they do not change between calls).
     """
-    cfg = CacheConfig.from_options(options)
-    transformer = getattr(pipe, "transformer", None)
-    if not isinstance(transformer, torch.nn.Module):
+    names = transformer_names(pipe)
+    if not names:
         raise ValueError(f"cdcompile.enable: {type(pipe).__name__} has no `transformer` module to compile")
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
-    original = getattr(transformer, "_orig_mod", transformer)
-    compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
-    compiled = torch.compile(original, backend="cachedit", options=compile_options,
-                             fullgraph=fullgraph, dynamic=dynamic)
-    pipe.transformer = compiled
+    configs = _configs(pipe, names, options, transformer_options)
+    originals = []
+    for name, cfg in configs.items():
+        original = getattr(getattr(pipe, name), "_orig_mod", getattr(pipe, name))
+        compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
+        setattr(pipe, name, torch.compile(original, backend="cachedit", options=compile_options,
+                                          fullgraph=fullgraph, dynamic=dynamic))
+        originals.append(original)
     base = type(pipe)
 
     steps_default = inspect.signature(base.__call__).parameters.get("num_inference_steps")
@@ -46,7 +88,10 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         steps = kwargs.get("num_inference_steps", steps_default)
-        new_request(original, num_inference_steps=steps if isinstance(steps, int) else None)
+        # with several transformers, no one of them runs the call's step count
+        steps = steps if isinstance(steps, int) and len(originals) == 1 else None
+        for original in originals:
+            new_request(original, num_inference_steps=steps)
         return base.__call__(self, *args, **kwargs)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})

@@ -116,3 +116,28 @@ def flux_prompt(transformer, *, text_tokens: int = 8, seed: int = 0) -> dict:
     cfg = transformer.config
     return dict(prompt_embeds=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g),
                 pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g))
+
+
+def tiny_wan(*, num_layers: int = 4, seed: int = 0):
+    """Wan 2.x architecture at toy size (2 heads of 8, 4 latent channels, 16-wide text)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=32).eval()
+
+
+def tiny_wan22_pipeline(*, boundary_ratio: float = 0.7, seed: int = 0):
+    """A Wan 2.2 style ``WanPipeline``: ``transformer`` on the high-noise steps (timestep >=
+    ``boundary_ratio`` * 1000), ``transformer_2`` on the rest; no VAE or text encoder.
+
+    Call it with ``prompt_embeds=`` and ``negative_prompt_embeds=`` of shape (1, tokens, 16) and
+    ``output_type="latent"``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=tiny_wan(seed=seed), transformer_2=tiny_wan(seed=seed + 1),
+                       boundary_ratio=boundary_ratio)

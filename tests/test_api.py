@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cdcompile
-from cdcompile.testing import SequentialDiT, flux_prompt, tiny_flux_pipeline
+from cdcompile.testing import SequentialDiT, flux_prompt, tiny_flux_pipeline, tiny_wan22_pipeline
 
 OPTS = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
 
@@ -100,6 +100,67 @@ def test_enable_validates_options_immediately():
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match="'threshold'"):
         cdcompile.enable(pipe, threshold=0.1)
+
+
+def _wan22_run(pipe, steps=10):
+    g = torch.Generator().manual_seed(0)
+    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
+    with torch.no_grad():
+        return pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=steps, guidance_scale=3.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+
+def _steps_per_transformer(pipe, steps=10) -> dict[str, int]:
+    """How many steps each transformer runs in one call (hooks on the uncompiled pipeline)."""
+    seen: dict[str, set] = {}
+    handles = [getattr(pipe, name).register_forward_hook(
+        lambda mod, args, kwargs, out, name=name: seen.setdefault(name, set()).add(float(kwargs["timestep"][0])),
+        with_kwargs=True) for name in ("transformer", "transformer_2")]
+    _wan22_run(pipe, steps)
+    for h in handles:
+        h.remove()
+    return {name: len(ts) for name, ts in seen.items()}
+
+
+def test_enable_caches_both_transformers_of_a_two_expert_pipeline_each_on_its_own_steps():
+    """Wan 2.2: `transformer` runs the high-noise steps, `transformer_2` the rest; both are compiled
+    with the cache, each counts its own steps, and transformer_options sets one of them apart."""
+    pipe = tiny_wan22_pipeline()
+    per = _steps_per_transformer(pipe)
+    assert per["transformer"] >= 4 and per["transformer_2"] >= 3 and sum(per.values()) == 10
+    ref = _wan22_run(pipe)
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2,
+                     transformer_options={"transformer_2": {"max_warmup_steps": 1}})
+    assert all(hasattr(getattr(pipe, n), "_orig_mod") for n in ("transformer", "transformer_2"))
+    outs = [_wan22_run(pipe) for _ in range(2)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], ref), "the cached steps changed the result"
+    for name, warmup in (("transformer", 2), ("transformer_2", 1)):
+        reqs = cdcompile.summary(getattr(pipe, name)).as_dict()["requests"]
+        assert [r["steps"] for r in reqs] == [per[name]] * 2, name
+        for r in reqs:  # cond and uncond slots, each cached after its own warmup
+            assert [s["cached_steps"] for s in r["slots"]] == [list(range(warmup, per[name]))] * 2, name
+
+
+def test_enable_on_a_two_expert_pipeline_without_caching_equals_the_pipeline():
+    pipe = tiny_wan22_pipeline()
+    ref = _wan22_run(pipe)
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=0.0)
+    torch.testing.assert_close(_wan22_run(pipe), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"transformer_options": {"transformer_3": {}}}, r"transformer_3.*\['transformer', 'transformer_2'\]"),
+    ({"transformer_options": {"transformer_2": 0.2}}, r"transformer_options\['transformer_2'\] must be a dict"),
+    ({"transformer_options": {"transformer_2": {"threshold": 0.2}}}, r"unknown option 'threshold'"),
+    ({"steps_computation_mask": "fast"}, r"2 transformers.*'fast'.*num_inference_steps"),
+])
+def test_enable_on_a_two_expert_pipeline_rejects_what_it_cannot_apply(kwargs, match):
+    pipe = tiny_wan22_pipeline()
+    with pytest.raises(ValueError, match=match):
+        cdcompile.enable(pipe, compiler="eager", **kwargs)
+    assert not hasattr(pipe.transformer, "_orig_mod"), "a refused enable() changes nothing"
 
 
 @pytest.mark.slow
