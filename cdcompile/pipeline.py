@@ -74,9 +74,10 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
     configs = _configs(pipe, names, options, transformer_options)
+    before = {name: getattr(pipe, name) for name in names}  # what disable() puts back
     originals = []
     for name, cfg in configs.items():
-        original = getattr(getattr(pipe, name), "_orig_mod", getattr(pipe, name))
+        original = getattr(before[name], "_orig_mod", before[name])
         compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
         setattr(pipe, name, torch.compile(original, backend="cachedit", options=compile_options,
                                           fullgraph=fullgraph, dynamic=dynamic))
@@ -95,4 +96,21 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
         return base.__call__(self, *args, **kwargs)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})
+    pipe._cdcompile_before = (base, before)
+    return pipe
+
+
+def disable(pipe: Any) -> Any:
+    """Undo :func:`enable`: the pipeline gets back its class and the transformers it had; returns ``pipe``.
+
+    The compiled transformers are dropped (with their cache state); ``summary`` of a transformer
+    still lists the requests it ran while enabled.
+    """
+    if not getattr(pipe, "_cdcompile_enabled", False):
+        raise ValueError(f"cdcompile.disable: this {type(pipe).__name__} was not enabled with cdcompile.enable")
+    base, before = pipe._cdcompile_before
+    for name, module in before.items():
+        setattr(pipe, name, module)
+    pipe.__class__ = base
+    del pipe._cdcompile_before
     return pipe

@@ -82,6 +82,30 @@ def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_ins
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
 
 
+def test_disable_gives_the_pipeline_back_its_class_and_transformer():
+    pipe = tiny_flux_pipeline()
+    base_cls, transformer = type(pipe), pipe.transformer
+    prompt = flux_prompt(pipe.transformer)
+    run = dict(height=32, width=32, num_inference_steps=6, output_type="latent")
+
+    def images():
+        with torch.no_grad():
+            return pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+
+    ref = images()
+    with pytest.raises(ValueError, match="was not enabled"):
+        cdcompile.disable(pipe)
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=3)
+    assert not torch.equal(images(), ref)
+    assert cdcompile.disable(pipe) is pipe
+    assert type(pipe) is base_cls and pipe.transformer is transformer
+    torch.testing.assert_close(images(), ref, rtol=0, atol=0)
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=3)  # again
+    assert [r["steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] == [6]
+    images()
+    assert [r["steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] == [6, 6]
+
+
 def test_enable_hands_a_guard_filter_to_torch_compile():
     pipe = tiny_flux_pipeline()
     seen = []
