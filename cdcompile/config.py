@@ -40,7 +40,7 @@ class CacheType(str, enum.Enum):
 
 # Names of the passes in ``cdcompile.passes.PASSES``; kept here so the config can validate
 # ``disable_passes`` without importing the passes.
-PASS_NAMES = ("discover_blocks", "context_parallel", "block_cache")
+PASS_NAMES = ("discover_blocks", "context_parallel", "fp8_attention", "block_cache")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,6 +109,12 @@ class CacheConfig:
         the model dtype). Ignored when ulysses_degree == 1.
     ulysses_async: issue each all-to-all as soon as its operand exists, to overlap it with the
         remaining projections. Ignored when ulysses_degree == 1.
+
+    FP8 attention (algorithms.md §7; cdcompile/passes/fp8_attention.py):
+    fp8_attention: compute every SDPA call that the kernel can (no mask, no dropout, head dim 64
+        or 128) with ``cdcompile::sage_attention``: INT8 Q K^T and FP8 P V, Triton on GPUs of
+        compute capability 8.9+, a slow plain-torch emulation elsewhere. ``explain`` lists the
+        calls kept as SDPA, with why.
     """
 
     compiler: Compiler = Compiler.INDUCTOR
@@ -136,6 +142,7 @@ class CacheConfig:
     ulysses_degree: int = 1
     ulysses_fp8: bool = False
     ulysses_async: bool = False
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -154,6 +161,7 @@ class CacheConfig:
         if self.size_asserts is not None:
             _check_type("size_asserts", self.size_asserts, bool)
         _check_type("enable_cache", self.enable_cache, bool)
+        _check_type("fp8_attention", self.fp8_attention, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
                      "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):
             _check_type(name, getattr(self, name), int)

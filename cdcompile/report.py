@@ -37,6 +37,8 @@ class GraphReport:
     not_cached: list[str] = dataclasses.field(default_factory=list)  # reasons, user-facing
     # What context_parallel did (passes.context_parallel.ContextParallelRecord); None when off.
     context_parallel: Any = None
+    # What fp8_attention did (passes.fp8_attention.Fp8AttentionRecord); None when off.
+    fp8_attention: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -78,6 +80,8 @@ class GraphReport:
                     lines.append(f"  context parallel: left {cp.unsharded_groups} unsharded ({cp.reason})")
             else:
                 lines.append(f"  context parallel: not applied ({cp.reason})")
+        if self.fp8_attention is not None:
+            lines.append(f"  fp8 attention: {self.fp8_attention}")
         for p in self.passes:
             state = "skipped" if p.skipped else f"{p.ops_before} -> {p.ops_after} ops"
             lines.append(f"  pass {p.name}: {state}")

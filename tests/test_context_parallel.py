@@ -627,6 +627,28 @@ def _scn_cache(rank, world, **extra):
     return dict(single=runs[1], cp=runs[world])
 
 
+def _scn_fp8_attention(rank, world):
+    """fp8_attention under CP: the local attention between the exchanges is the FP8 kernel's op
+    (its reference on CPU); compared with one process compiled the same way, and with plain SDPA."""
+    import cdcompile
+    from cdcompile.testing import flux_inputs, tiny_flux
+
+    m = tiny_flux(heads=3, head_dim=64)
+    kw = flux_inputs(m, tokens=37, text_tokens=5)
+    outs, reports = {}, {}
+    with torch.no_grad():
+        plain = _first(m(**kw))
+        for degree in (1, world):
+            torch._dynamo.reset()
+            c = torch.compile(m, backend="cachedit", fullgraph=True, options=dict(
+                compiler="aot_eager", enable_cache=False, ulysses_degree=degree, fp8_attention=True))
+            with cdcompile.backend.collect_reports() as rep:
+                outs[degree] = _first(c(**kw))
+            reports[degree] = rep[0].as_dict()
+    return dict(out=outs[world], ref=outs[1], plain=plain, fp8=reports[world]["fp8_attention"],
+                cp=reports[world]["context_parallel"])
+
+
 def _scn_cache_sana(rank, world):
     """DBCache + CP on Sana: the halo exchanges of the Mix-FFN sit in the cond's compute branch."""
     import cdcompile
@@ -708,7 +730,8 @@ def _scn_inductor(rank, world):
 
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
-    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "cache", "prune", "async", "degree_mismatch",
+    "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
+               "degree_mismatch",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni", "flex"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
@@ -889,6 +912,21 @@ def test_writes_into_a_token_range_use_each_rank_s_local_bounds():
     res = _scenario(3, "cogview4")
     _assert_parity(res)
     assert res[0]["record"]["attention"] == {"ulysses": 3}
+
+
+def test_fp8_attention_runs_between_the_exchanges():
+    res = _scenario(2, "fp8_attention")
+    # 42 tokens fit in one key tile of the kernel, so the gathered order (a permutation of the
+    # logical one) changes only the order of fp32 sums: parity with one process as for SDPA. (Over
+    # several tiles the online softmax would meet the tokens in other tiles, and P would round to
+    # other FP8 values: close, not fp32-equal.)
+    _assert_parity(res)
+    for r in res:
+        assert r["cp"]["applied"] and r["cp"]["attention"] == {"ulysses": 6}
+        assert (r["fp8"]["replaced"], r["fp8"]["kept"]) == (6, {})
+        assert not torch.allclose(r["out"], r["plain"], rtol=1e-5, atol=1e-5), "plain SDPA ran"
+        cos = torch.nn.functional.cosine_similarity(r["out"].flatten(), r["plain"].flatten(), dim=0)
+        assert cos > 0.999, float(cos)
 
 
 def test_grouped_query_heads_that_do_not_split_are_repeated_before_the_exchange():

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..config import PASS_NAMES, CacheConfig
 from ..report import GraphReport, PassRecord
-from . import block_cache, context_parallel, discover
+from . import block_cache, context_parallel, discover, fp8_attention
 
 
 @dataclasses.dataclass
@@ -40,6 +40,7 @@ def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], None]]] = [
     ("discover_blocks", _discover),
     ("context_parallel", context_parallel.run),
+    ("fp8_attention", fp8_attention.run),
     ("block_cache", block_cache.run),
 ]
 assert tuple(name for name, _ in PASSES) == PASS_NAMES, "keep config.PASS_NAMES in sync"
