@@ -197,7 +197,11 @@ class CachedGraph:
 def _params(model: Any) -> set[int]:
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module or what torch.compile returned, got {type(model).__name__}")
+        from .pipeline import transformer_names
+
+        names = transformer_names(model)
+        hint = f"; for a pipeline, pass its transformer: {', '.join(f'pipe.{n}' for n in names)}" if names else ""
+        raise TypeError(f"expected a torch.nn.Module or what torch.compile returned, got {type(model).__name__}{hint}")
     # buffers too: a graph may be keyed by a buffer input (Wan: its rotary table comes first)
     return {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
 

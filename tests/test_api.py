@@ -160,6 +160,9 @@ def test_enable_caches_both_transformers_of_a_two_expert_pipeline_each_on_its_ow
     outs = [_wan22_run(pipe) for _ in range(2)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.equal(outs[0], ref), "the cached steps changed the result"
+    with pytest.raises(TypeError, match=r"WanPipeline; for a pipeline, pass its transformer: pipe.transformer, "
+                                        r"pipe.transformer_2"):
+        cdcompile.summary(pipe)
     for name, warmup in (("transformer", 2), ("transformer_2", 1)):
         reqs = cdcompile.summary(getattr(pipe, name)).as_dict()["requests"]
         assert [r["steps"] for r in reqs] == [per[name]] * 2, name
