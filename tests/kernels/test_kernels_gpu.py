@@ -108,3 +108,32 @@ def test_gpu_ops_compile_with_inductor_to_the_same_bits():
     got = torch.compile(f, backend="inductor", fullgraph=True)(x, q, k, v)
     for a, b in zip(got, f(x, q, k, v)):
         assert torch.equal(a, b)
+
+
+def test_gpu_fp8_attention_pass_runs_the_triton_kernel_in_the_compiled_graph(recwarn):
+    from cdcompile.backend import collect_reports
+
+    class Attention(torch.nn.Module):
+        def __init__(self, dim=512, heads=4):
+            super().__init__()
+            self.heads, self.qkv, self.out = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x, attend=F.scaled_dot_product_attention):
+            b, s, _ = x.shape
+            q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            return x + self.out(attend(q, k, v).transpose(1, 2).reshape(b, s, -1))
+
+    torch.manual_seed(0)
+    model = Attention().to("cuda", torch.bfloat16).eval()
+    x = torch.randn(2, 1000, 512, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="cachedit", fullgraph=True,
+                             options={"compiler": "aot_eager", "enable_cache": False, "fp8_attention": True})
+    with torch.no_grad(), collect_reports() as reports:
+        got = compiled(x)
+        want = model(x, attend=lambda q, k, v: sage_attention(q, k, v, backend="triton"))
+    record = reports[0].fp8_attention
+    assert (record.replaced, record.runs) == (1, "the Triton kernel"), record
+    assert not [w for w in recwarn if "fp8_attention" in str(w.message)]
+    # aot_eager's decomposed projections may round differently from eager's in the last bf16 bit
+    assert_quality(got, want, min_cos=0.9999, min_snr_db=40.0, what="compiled fp8_attention vs the kernel by hand")
