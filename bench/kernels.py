@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=24)
-    p.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    p.add_argument("--head-dim", type=int, default=128, choices=(32, 64, 128))
     p.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
     p.add_argument("--causal", action="store_true", help="causal attention (flops counted as half)")
     p.add_argument("--outliers", action="store_true", help="outlier channels in Q, K and a token-mean in K")

@@ -80,7 +80,7 @@ class _Attention(nn.Module):
         k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril() if self.masked else None
         gqa = self.kv_heads != self.heads
-        if self.emulate and not self.masked and self.head_dim in (64, 128):
+        if self.emulate and not self.masked and self.head_dim in (32, 64, 128):
             if gqa:
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
             o = sage_attention_ref(q, k, v, scale=self.scale, is_causal=self.causal)
@@ -96,7 +96,7 @@ class _MixedAttentions(nn.Module):
         torch.manual_seed(0)
         self.layers = nn.ModuleList([
             _Attention(256, 4, masked=True),            # kept: attn_mask
-            _Attention(128, 4),                         # kept: head_dim 32
+            _Attention(128, 8),                         # kept: head_dim 16
             _Attention(256, 4, kv_heads=2),             # grouped-query: K, V heads repeated
             _Attention(128, 2, causal=True, scale=0.3),  # is_causal and scale passed on
         ])
@@ -119,15 +119,15 @@ def test_each_sdpa_call_is_replaced_or_kept_with_its_reason():
     (report,) = reports
     record = report.fp8_attention
     assert record.replaced == 2
-    assert record.kept == {"attn_mask (the kernel has no mask)": 1, "head_dim 32 (the kernel takes 64 or 128)": 1}
-    assert "2 of 4 SDPA calls" in str(record) and "1 kept: head_dim 32" in str(record)
+    assert record.kept == {"attn_mask (the kernel has no mask)": 1, "head_dim 16 (the kernel takes 32, 64, 128)": 1}
+    assert "2 of 4 SDPA calls" in str(record) and "1 kept: head_dim 16" in str(record)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_graph_without_an_eligible_call_says_so():
-    model = _Attention(128, 4).eval()  # head_dim 32
+    model = _Attention(128, 8).eval()  # head_dim 16
     torch._dynamo.reset()
-    with torch.no_grad(), pytest.warns(UserWarning, match=r"fp8_attention=True changed nothing.*head_dim 32"):
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"fp8_attention=True changed nothing.*head_dim 16"):
         _compile(model, enable_cache=False)(torch.randn(1, 5, 128))
 
 

@@ -1,6 +1,6 @@
 """SageAttention-style attention: INT8 Q K^T, FP8 P V, fp32 accumulation, online softmax.
 
-Shape legend: b batch, h heads, m query tokens, n key/value tokens, d head dim (64 or 128);
+Shape legend: b batch, h heads, m query tokens, n key/value tokens, d head dim (32, 64 or 128);
 tensors are SDPA-shaped, q_bhmd (b, h, m, d), k_bhnd / v_bhnd (b, h, n, d).
 
 ``sage_attention(q, k, v, scale=None, is_causal=False)`` computes what
@@ -63,7 +63,7 @@ BLOCK_N = 64
 NUM_STAGES = 3  # software pipelining depth of the key loop; untuned, changes speed only
 QUANT_BLOCK_S = 64  # tokens per program of the V quantization kernel; untuned
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (32, 64, 128)  # the INT8 tensor-core dot takes K >= 32
 IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT8_MAX = 127.0
 E4M3_MAX = 448.0

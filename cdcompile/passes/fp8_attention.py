@@ -8,7 +8,7 @@ cdcompile/kernels/sage_attn.py). The op runs the Triton kernel on CUDA GPUs of c
 arithmetic and is slow, so compiling for such a device warns once.
 
 A call is kept as SDPA, and the report says why, when it has an ``attn_mask``, a nonzero
-``dropout_p``, a head dim other than 64 or 128, inputs that are not 4-d (batch, heads, tokens,
+``dropout_p``, a head dim other than 32, 64 or 128, inputs that are not 4-d (batch, heads, tokens,
 head dim), a dtype other than bf16, fp16 or fp32, or a ``scale`` computed in the graph.
 Grouped-query attention (``enable_gqa=True`` with fewer K/V heads) gets its K and V heads
 repeated first, as SDPA repeats them.
@@ -79,7 +79,7 @@ def _why_not(args: dict[str, Any]) -> str | None:
     if not q.dtype == k.dtype == v.dtype or q.dtype not in IN_DTYPES:
         return f"dtype {q.dtype}"
     if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (the kernel takes {' or '.join(map(str, HEAD_DIMS))})"
+        return f"head_dim {q.shape[-1]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
     if not all(_same(a, b) for a, b in ((q.shape[0], k.shape[0]), *zip(k.shape[:3], v.shape[:3]))):
         return "broadcast batch or mismatched key/value shapes"
     if k.shape[1] != q.shape[1] and not (args.get("enable_gqa") and q.shape[1] % k.shape[1] == 0):

@@ -63,6 +63,7 @@ def test_gpu_round_trip_is_exact_on_grid_inputs(split):
         (3, 5, 1000, 4097, 64, True, torch.float16),
         (1, 24, 4608, 4608, 128, True, torch.bfloat16),
         (1, 2, 77, 16384, 128, False, torch.bfloat16),
+        (2, 4, 1000, 1000, 32, False, torch.bfloat16),
     ],
 )
 def test_gpu_kernel_matches_reference_and_fp32_sdpa(b, h, m, n, d, is_causal, dtype, outliers):

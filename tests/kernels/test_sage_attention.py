@@ -49,6 +49,7 @@ def _sdpa_fp32(q, k, v, is_causal=False, scale=None):
         (1, 1, 1000, 300, 64, True, torch.bfloat16, 128, 64, True),
         (1, 1, 130, 4097, 128, False, torch.bfloat16, 128, 64, True),
         (2, 1, 100, 256, 64, False, torch.bfloat16, 32, 64, True),  # whole key tiles: the unmasked loop
+        (1, 3, 70, 90, 32, False, torch.bfloat16, 32, 32, True),
         (1, 2, 96, 128, 128, True, torch.float16, 32, 32, False),
     ],
 )
@@ -115,7 +116,7 @@ def test_rejects_bad_inputs_naming_the_values():
         sage_attention(q, q.bfloat16(), q)
     with pytest.raises(ValueError, match="torch.int8"):
         sage_attention(*(q.to(torch.int8),) * 3)
-    with pytest.raises(ValueError, match=r"head_dim must be one of \(64, 128\).*q \(2, 3, 5, 96\)"):
+    with pytest.raises(ValueError, match=r"head_dim must be one of \(32, 64, 128\).*q \(2, 3, 5, 96\)"):
         x = torch.randn(2, 3, 5, 96)
         sage_attention(x, x, x)
     with pytest.raises(ValueError, match=r"equal.*k \(2, 3, 5, 128\)"):
