@@ -69,6 +69,7 @@ CALIBRATOR_THRESHOLDS = (0.2, 0.3)        # calibrators pay off where many steps
 SCM_PRESETS = ("slow", "medium", "fast")
 SCM_DYNAMIC_THRESHOLD = 0.2               # "dynamic": a 0 in the mask caches if diff < this
 PRUNE_THRESHOLDS = (0.12, 0.2)
+FP8_WITH_DBCACHE_THRESHOLD = 0.12
 DIFFUSERS_TAYLORSEER = ((2, 1), (3, 1), (5, 1), (3, 2))   # (cache_interval, max_order)
 # cdcompile options of features being added now; rows using them say "not available in this build"
 # until CacheConfig accepts them. Update the names here once they are announced.
@@ -123,6 +124,9 @@ def default_rows() -> list[RowSpec]:
                                                                       policy="dynamic")))
         rows += [RowSpec(system, "FoCa", *_dbcache(1, 0, t, foca=True)) for t in CALIBRATOR_THRESHOLDS]
         rows += [RowSpec(system, "DBPrune", *_dbcache(1, 0, t, prune=True)) for t in PRUNE_THRESHOLDS]
+    # FP8 attention (cdcompile's fp8_attention pass; on CPU its op emulates the kernel's arithmetic)
+    rows += [RowSpec("cdcompile", "FP8-attention", "no cache", {"fn": 1, "bn": 0, "threshold": 0.0, "fp8": True}),
+             RowSpec("cdcompile", "DBCache+FP8-attention", *_dbcache(1, 0, FP8_WITH_DBCACHE_THRESHOLD, fp8=True))]
     rows += [RowSpec("diffusers", "FBC", f"t={t:g}", {"threshold": t}) for t in THRESHOLDS]
     rows += [RowSpec("diffusers", "TaylorSeer", f"i{i} o{o}", {"interval": i, "order": o})
              for i, o in DIFFUSERS_TAYLORSEER]
@@ -199,6 +203,8 @@ def cdcompile_options(o: Mapping[str, Any], warmup: int) -> dict[str, Any]:
         opts.update(CDCOMPILE_FOCA)
     if o.get("prune"):
         opts.update(CDCOMPILE_DBPRUNE)
+    if o.get("fp8"):
+        opts["fp8_attention"] = True
     return opts
 
 
@@ -540,7 +546,7 @@ def findings(steps: int, rows: list[dict[str, Any]]) -> list[str]:
     by = {r["label"]: r for r in rows}
     lines = []
     eager, ind = by["eager"], by.get("inductor")
-    cached = [r for r in rows if r["method"] != "no cache"]
+    cached = [r for r in rows if r["method"] != "no cache" and "FP8" not in r["method"]]
     if ind:
         lines.append(f"inductor without cache: {ind['ms_per_image']:.0f} ms per image against eager's "
                      f"{eager['ms_per_image']:.0f} ms ({ind['vs_eager']:.2f}x); PSNR against eager "
@@ -577,6 +583,16 @@ def findings(steps: int, rows: list[dict[str, Any]]) -> list[str]:
                      f"pairs" + (f"; apart: {'; '.join(far)}." if far else "."))
         methods = {r["method"] for r, p in pairs if not abs(r["psnr_mean"] - p["psnr_mean"]) <= 0.5}
         lines += [why for m, why in CALIBRATOR_DIFFERENCES.items() if m in methods]
+    fp8 = [r for r in rows if "FP8" in r["method"]]
+    if fp8:
+        base = by.get(f"cdcompile DBCache F1B0 t={FP8_WITH_DBCACHE_THRESHOLD:g}")
+        parts = [f"{r['label']}: {_fmt_db(r['psnr_mean'])} (min {_fmt_db(r['psnr_min'])}), "
+                 f"{r['computed_mean']:.1f} {r['unit']} computed" for r in fp8]
+        if base:
+            parts.append(f"without FP8, {base['label']}: {_fmt_db(base['psnr_mean'])}, "
+                         f"{base['computed_mean']:.1f} {base['unit']} computed")
+        lines.append("FP8 attention (INT8 Q K^T, FP8 P V, emulated on the CPU), mean PSNR against eager: "
+                     + "; ".join(parts) + ".")
     gains = [f"{r['system']} {r['method']} {r['settings'].split()[-1]} {r['psnr_mean'] - base['psnr_mean']:+.1f}"
              for r in cached if r["method"].startswith(("TaylorSeer", "FoCa")) and r["system"] != "diffusers"
              for base in [by.get(f"{r['system']} DBCache {r['settings']}")] if base is not None]
@@ -698,6 +714,10 @@ def markdown(meta: dict[str, Any], results: dict[int, list[dict[str, Any]]], una
         "0/1 list so the settings are equal (cache-dit's own `steps_mask` gives other 50-step masks, e.g. "
         "`fast` computes 20 of 50 steps there against 21 here).",
         "- DBPrune rows count computed blocks (of 6 per step), not steps.",
+        "- FP8-attention rows (`fp8_attention=True`): every attention of the model (head dim 32) runs as "
+        "`cdcompile::sage_attention`. On the CPU that op runs its plain-torch reference, which emulates the "
+        "kernel's arithmetic (INT8 Q K^T, FP8 P V). So their PSNR is the kernel's, but their wall time is the "
+        "emulation's and is no speed figure (a GPU runs the Triton kernel). They are left out of the plot.",
     ]
     return "\n".join(lines)
 
@@ -714,8 +734,8 @@ def plot(results: dict[int, list[dict[str, Any]]], path: str, meta: Mapping[str,
     for (steps, rows), (ax_f, ax_t) in zip(results.items(), axes):
         seen = set()
         for r in rows:
-            if r["method"] == "no cache" or not math.isfinite(r["psnr_mean"]):
-                continue  # eager is the reference; inductor (~150 dB: float rounding) is a line instead
+            if r["method"] == "no cache" or "FP8" in r["method"] or not math.isfinite(r["psnr_mean"]):
+                continue  # FP8 rows: their time is the CPU emulation's; their PSNR is in the findings  # eager is the reference; inductor (~150 dB: float rounding) is a line instead
             family = r["method"].split("-")[0]
             key = f"{r['system']} {family}"
             colour = colours.get(r["system"], "k")
