@@ -108,6 +108,15 @@ def fake_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+# F.scaled_dot_product_attention's parameters in positional order.
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_args(n: fx.Node) -> dict[str, object]:
+    """An SDPA call's arguments by parameter name, whether passed by position or keyword."""
+    return {**{name: n.args[i] for i, name in enumerate(SDPA_ARGS) if i < len(n.args)}, **n.kwargs}
+
+
 # Runtime checks Dynamo and make_fx emit for symbolic sizes (capture_scalar_outputs, unbacked sizes).
 _CHECKS = ("_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size", "_assert_async")
 SIZE_CHECKS = frozenset(_CHECKS + tuple(f"{c}.default" for c in _CHECKS))  # as target_name spells them

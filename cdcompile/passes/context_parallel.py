@@ -245,9 +245,6 @@ def apply(gm: fx.GraphModule, plan: Plan, discovery, *, group: str, fp8: bool, o
     gm.recompile()
 
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
 def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, group, fp8, overlap, block) -> None:
     n = att.node
     rank, world = plan.rank, plan.world
@@ -260,8 +257,7 @@ def _rewrite_attention(graph: fx.Graph, att: Attention, plan: Plan, new, *, grou
     if att.flex:
         kw = dict(query=n.args[0], key=n.args[1], value=n.args[2])
     else:
-        kw = {name: (n.args[i] if i < len(n.args) else n.kwargs[name])
-              for i, name in enumerate(_SDPA_ARGS) if i < len(n.args) or name in n.kwargs}
+        kw = _fx.sdpa_args(n)
     mask = kw.get("attn_mask")
     if att.mask_takes:
         with graph.inserting_before(n):

@@ -33,7 +33,6 @@ from . import _fx
 
 log = logging.getLogger("cdcompile")
 PASS = "fp8_attention"
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 @dataclasses.dataclass
@@ -52,11 +51,6 @@ class Fp8AttentionRecord:
         kept = "; ".join(f"{n} kept: {why}" for why, n in sorted(self.kept.items()))
         return (f"{self.replaced} of {total} SDPA calls -> cdcompile::sage_attention ({self.runs})"
                 + (f"; {kept}" if kept else ""))
-
-
-def _sdpa_args(n: fx.Node) -> dict[str, Any]:
-    args = {name: n.args[i] for i, name in enumerate(_SDPA_ARGS) if i < len(n.args)}
-    return {**args, **n.kwargs}
 
 
 def _why_not(args: dict[str, Any]) -> str | None:
@@ -128,7 +122,7 @@ def run(gm: fx.GraphModule, ctx) -> None:
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or _fx.target_name(n) != "scaled_dot_product_attention":
             continue
-        args = _sdpa_args(n)
+        args = _fx.sdpa_args(n)
         why = _why_not(args)
         if why is not None:
             record.kept[why] = record.kept.get(why, 0) + 1
