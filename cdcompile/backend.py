@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .config import CacheConfig, Compiler
 from .passes import PassContext, run_passes
@@ -117,9 +117,28 @@ def inductor_patches() -> dict[str, Any]:
     post-grad passes, then :class:`CondOperandLayouts`."""
     from torch._inductor import config
 
-    user = [p for p in get_custom_graph_passes(config.post_grad_custom_post_pass)
-            if not isinstance(p, CondOperandLayouts)]
-    return {"post_grad_custom_post_pass": [*user, CondOperandLayouts()]}
+    user = config.post_grad_custom_post_pass
+    if isinstance(user, PostGradPasses):  # set by an enclosing cachedit compile
+        user = user.passes[:-1]
+    user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+    return {"post_grad_custom_post_pass": PostGradPasses((*user, CondOperandLayouts()))}
+
+
+class PostGradPasses(CustomGraphPass):
+    """Several post-grad passes as one, run in order. torch 2.13 takes a list in
+    ``post_grad_custom_post_pass``, torch 2.11 (the GPU machine's) a single pass: one pass suits both."""
+
+    def __init__(self, passes: tuple) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Any:
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        # A pass without a uuid cannot key Inductor's cache (Inductor then bypasses it, as it would).
+        return None if None in ids else repr(ids)
 
 
 class CondOperandLayouts(CustomGraphPass):

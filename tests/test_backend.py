@@ -121,11 +121,13 @@ def test_a_users_post_grad_passes_run_before_the_cond_operand_layout_pass():
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    from cdcompile.backend import CondOperandLayouts, inductor_patches
+    from cdcompile.backend import CondOperandLayouts, PostGradPasses, inductor_patches
+
+    ran = []
 
     class Mine(CustomGraphPass):
         def __call__(self, graph):
-            pass
+            ran.append("mine")
 
         def uuid(self):
             return "mine"
@@ -133,10 +135,18 @@ def test_a_users_post_grad_passes_run_before_the_cond_operand_layout_pass():
     mine = Mine()
     for user in (None, mine, [mine]):
         with config.patch(post_grad_custom_post_pass=user):
-            passes = inductor_patches()["post_grad_custom_post_pass"]
+            chain = inductor_patches()["post_grad_custom_post_pass"]
+        # one pass object (torch 2.11 takes no list), the user's first
+        assert isinstance(chain, PostGradPasses)
+        passes = list(chain.passes)
         assert passes[:-1] == ([] if user is None else [mine]) and isinstance(passes[-1], CondOperandLayouts)
-    with config.patch(post_grad_custom_post_pass=inductor_patches()["post_grad_custom_post_pass"]):
-        assert len(inductor_patches()["post_grad_custom_post_pass"]) == 1  # not added twice
+        assert isinstance(chain.uuid(), str) and ("mine" in chain.uuid()) == (user is not None)
+    ran.clear()
+    chain(torch.fx.Graph())
+    assert ran == ["mine"]
+    with config.patch(post_grad_custom_post_pass=chain):
+        again = inductor_patches()["post_grad_custom_post_pass"]
+        assert again.passes[:-1] == (mine,) and len(again.passes) == 2  # not added twice
 
 
 def test_model_without_blocks_compiles_unchanged_and_says_why():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -526,6 +527,89 @@ def test_middle_blocks_reading_a_tensor_of_data_dependent_size_are_cached(compil
                                            _run_valid_context_dit(m, x, t, context, valid, ref, s),
                                            rtol=1e-5, atol=1e-6)
     assert reports[0].cache is not None, reports[0].not_cached
+    assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+class _JointBlock(torch.nn.Module):
+    """Attention and MLP over the image tokens joined with the text tokens, whose image part it takes
+    back at ``:-text.shape[1]`` (HunyuanVideo Framepack's blocks)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.mod, self.qkv, self.mlp = (torch.nn.Linear(dim, k * dim) for k in (2, 3, 1))
+
+    def joint(self, h, temb, text):
+        torch._check(h.shape[1] > 1)  # lets Dynamo broadcast over the joint length
+        joint = torch.cat([h, text], dim=1)
+        shift, scale = self.mod(temb).unsqueeze(1).chunk(2, dim=-1)
+        q, k, v = self.qkv(self.norm(joint) * (1 + scale) + shift).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        joint = joint + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return joint + self.mlp(self.norm(joint))
+
+
+class _JointAddBlock(_JointBlock):
+    def forward(self, h, temb, text):  # adds the sliced update: h keeps its (static) length
+        return h + 0.5 * self.joint(h, temb, text)[:, :-text.shape[1]]
+
+
+class _JointSliceBlock(_JointBlock):
+    def forward(self, h, temb, text):  # returns the slice: a fresh unbacked length
+        return self.joint(h, temb, text)[:, :-text.shape[1]]
+
+
+class _JointSliceDiT(SequentialDiT):
+    """Two groups of joint blocks, as HunyuanVideo Framepack's double and single blocks; the text
+    tokens are cut to the mask's count, read with ``.item()``. Under ``capture_scalar_outputs`` each
+    slice block's image tokens leave it with a fresh unbacked length that Dynamo cannot prove equal
+    to the entry's (it is, unless the text is empty)."""
+
+    def __init__(self):
+        super().__init__(depth=1)
+        dim = self.proj_in.out_features
+        self.pre = torch.nn.ModuleList(_JointAddBlock(dim) for _ in range(2))
+        self.blocks = torch.nn.ModuleList(_JointSliceBlock(dim) for _ in range(3))
+
+    def forward(self, x, timestep, text, mask):
+        temb, h = _ValidContextDiT.embed(self, x, timestep)
+        text = text[:, :mask.sum().item()]
+        for block in [*self.pre, *self.blocks]:
+            h = block(h, temb, text)
+        return self.proj_out(h)
+
+
+def _run_joint_slice_dit(model, x, t, text, mask, cache: RefCache, step: int):
+    """_JointSliceDiT with DBCache F1B0 over its 5 blocks."""
+    temb, h0 = _ValidContextDiT.embed(model, x, t)
+    text = text[:, :int(mask.sum())]
+    h1 = model.pre[0](h0, temb, text)
+    if cache.decide(step, 0, h1 - h0):
+        return model.proj_out(h1 + cache.residuals(0)["hidden"])
+    h = h1
+    for b in [model.pre[1], *model.blocks]:
+        h = b(h, temb, text)
+    cache.store(0, {"hidden": h - h1})
+    return model.proj_out(h)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_stream_leaving_with_an_unbacked_length_is_checked_at_run_time_and_cached(compiler):
+    cfg = RefConfig(threshold=0.15, warmup=2)
+    m = _JointSliceDiT()
+    text = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([1, 1, 1, 1, 0, 0])
+    ref = RefCache(cfg)
+    with cdcompile.backend.collect_reports() as reports, \
+            torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t, text, mask), _run_joint_slice_dit(m, x, t, text, mask, ref, s),
+                                           rtol=1e-5, atol=1e-6)
+    (r,) = reports
+    assert r.cache is not None, r.not_cached
+    (check,) = r.cache["runtime_size_checks"]
+    assert check.startswith("hidden dim 1: u") and check.endswith(" == 10"), check
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
 
 

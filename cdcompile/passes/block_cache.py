@@ -15,6 +15,8 @@ Algorithm (reference/algorithms.md §1, §5):
    the region whole refuses the cache with a reason.
    M's outputs must be stream values at M's exit, each with an M-entry stream of the same label
    and shape (the residual ``exit - entry``); anything else leaving M makes the graph uncacheable.
+   An exit length that is a fresh unbacked size (a block slicing its joint sequence at a
+   data-dependent length) is checked equal to the entry's in the compute branch (``torch._check``).
 3. Guard. ``R = HF - H0`` (the hidden stream after F minus the stack's hidden input) is compared
    with the slot's anchor by :func:`cdcompile.guard.decide`; the step/slot/request clock comes from
    the timestep input (:func:`cdcompile.guard.tick`), found structurally: a scalar-per-sample
@@ -260,6 +262,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         if s.outputs[i_x] is not None:
             exit_label[s.outputs[i_x]] = s.label
     pairs = []
+    checked: dict[fx.Node, list[int]] = {}  # exit -> dims equal to the entry's only at run time
     for out in outputs:
         label = exit_label.get(out)
         if label is None:
@@ -268,9 +271,12 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     f"other than through the streams; the middle blocks cannot be skipped")
         entry = _boundary(gm_first, i_m, label, before=True)
         ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        if entry is None or not _same_meta(ev, xv):
+        dims = _data_dependent_dims(ev, xv) if entry is not None and not _same_meta(ev, xv) else []
+        if entry is None or dims is None:
             return (f"stream {label!r} leaves the middle blocks as {_describe(xv)} but enters "
                     f"as {_describe(ev)}: no residual to cache")
+        if dims:
+            checked[out] = dims
         pairs.append((label, entry, out))
     inputs, pulled = _operands(region, m_nodes, [e for _, e, _ in pairs], order)
     bad = _non_operand(inputs)
@@ -279,7 +285,9 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     hv = _fx.fake_value(hf)
     if not _same_meta(_fx.fake_value(h0), hv):
         return "the hidden stream changes shape inside F; the decision residual is undefined"
-    sources = size_sources(nodes, [hv] + [_fx.fake_value(o) for _, _, o in pairs])
+    # A checked exit has its entry's shape once the compute branch has checked it: plan with that.
+    shaped = [_fx.fake_value(e if o in checked else o) for _, e, o in pairs]
+    sources = size_sources(nodes, [hv] + shaped)
     if isinstance(sources, str):
         return sources
 
@@ -292,18 +300,22 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
 
     plan = CachePlan(
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
-        residuals=[_stream_plan(label, _fx.fake_value(out)) for label, _, out in pairs],
+        residuals=[_stream_plan(label, v) for (label, _, _), v in zip(pairs, shaped)],
         key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         size_sources=sources)
-    _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg)
+    _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs),
                     "dynamic_sizes": describe_sizes(nodes, sources)}
+    if checked:
+        report.cache["runtime_size_checks"] = [
+            f"{label} dim {d}: {_fx.fake_value(o).shape[d]} == {_fx.fake_value(e).shape[d]}"
+            for label, e, o in pairs for d in checked.get(o, [])]
     return None
 
 
@@ -607,6 +619,43 @@ def _same_meta(a: Any, b: Any) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
+def _data_dependent_dims(entry: Any, exit_: Any) -> list[int] | None:
+    """The dims where the exit's size is an unbacked symbol Dynamo cannot prove equal to the entry's
+    size (nor unequal), when those are the only differences; None when the shapes differ otherwise.
+
+    A block that slices its joint sequence apart at a data-dependent length (HunyuanVideo Framepack
+    under ``capture_dynamic_output_shape_ops``: ``x[:, :-text_len]`` with ``text_len`` read from the
+    text mask) returns its hidden stream with a fresh unbacked size: equal to the entry's whenever
+    the slice is not empty, but Dynamo cannot know. The compute branch checks the equality at run
+    time (``torch._check``, which also tells the tracer), so the residual has the entry's shape."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
+
+    if not (isinstance(entry, torch.Tensor) and isinstance(exit_, torch.Tensor) and entry.ndim == exit_.ndim
+            and entry.dtype == exit_.dtype and entry.device == exit_.device):
+        return None
+    dims = []
+    for d, (a, b) in enumerate(zip(entry.shape, exit_.shape)):
+        if statically_known_true(a == b):
+            continue
+        if not (isinstance(b, torch.SymInt) and free_unbacked_symbols(b)) or statically_known_true(a != b):
+            return None
+        dims.append(d)
+    return dims
+
+
+def _checked_exit(g: fx.Graph, out: fx.Node, entry: fx.Node, dims: list[int], entry_value: torch.Tensor) -> fx.Node:
+    """``out`` with the entry's shape, in graph ``g``: ``torch._check(out.size(d) == entry.size(d))``
+    for each of ``dims`` (an error at run time, never a stale residual of another shape), then a
+    contiguous copy viewed with the entry's sizes, so both branches return equal sizes and strides."""
+    sizes = [g.call_function(torch.ops.aten.sym_size.int, (entry, d)) if isinstance(v, torch.SymInt) else v
+             for d, v in enumerate(entry_value.shape)]
+    for d in dims:
+        got = g.call_function(torch.ops.aten.sym_size.int, (out, d))
+        g.call_function(torch._check, (g.call_function(operator.eq, (got, sizes[d])),))
+    copy = g.call_function(torch.clone, (out,), {"memory_format": torch.contiguous_format})
+    return g.call_function(torch.ops.aten.view.default, (copy, sizes))
+
+
 def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"{tuple(v.shape)} {v.dtype}"
@@ -676,7 +725,7 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx
     return (named or found)[0]
 
 
-def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
+def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked=None) -> None:
     """Rebuild ``gm.graph``: original nodes minus M, state placeholders, guard, cond, commit."""
     old = gm.graph
     new = fx.Graph()
@@ -700,9 +749,10 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg) -> Non
     used = plan.calibrator == "foca"
 
     def compute_outputs(g, env, res):
-        outs = [env[o] for _, _, o in pairs]
+        outs = [_checked_exit(g, env[o], env[e], checked[o], _fx.fake_value(e)) if o in (checked or {})
+                else env[o] for _, e, o in pairs]
         if used:
-            outs += [g.call_function(torch.sub, (env[o], env[e])) for _, e, o in pairs]
+            outs += [g.call_function(torch.sub, (x, env[e])) for (_, e, _), x in zip(pairs, list(outs))]
         return outs
 
     def cache_outputs(g, env, res):
