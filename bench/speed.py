@@ -74,6 +74,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                  # N(0, 0.02) weights keep 57 random bf16 blocks' activations small (the residual diff
                  # must stay finite for equal decisions); not yet run on a GPU
                  tokens=4096, text_tokens=512, dtype=torch.bfloat16, init_std=0.02),
+    # A few seconds of everything the run does (compiles, timing, profile, report), on any device:
+    # to try the script where it will run (a new torch, the GPU machine) before the real shapes.
+    "smoke": dict(model=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=3,
+                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+                  tokens=64, text_tokens=16, dtype=torch.float32, init_std=None),
     # FLUX.1-dev's 19 + 38 blocks at toy width and length: a block is a few small kernels, so a step
     # is bound by per-op and per-call overheads (dispatch, Python hooks, graph breaks, guards), the
     # regime a GPU puts fast kernels in. CPU only; a measurement of overheads, not of FLUX.1-dev.

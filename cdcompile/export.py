@@ -103,10 +103,18 @@ class _Exported(nn.Module):
         step = torch.clamp(counters[0], max=guard.MAX_STEPS - 1)
         # What this call did: [reused the cache (DBCache) / pruned a block (DBPrune), blocks pruned]
         pruned = getattr(self, "state_hist_pruned", None)
-        did = torch.stack([(flags[row, slot, step] == 1).to(torch.int64),
-                           pruned[row, slot, step].to(torch.int64) if pruned is not None
+        did = torch.stack([(_at(flags, row, slot, step) == 1).to(torch.int64),
+                           _at(pruned, row, slot, step).to(torch.int64) if pruned is not None
                            else torch.zeros_like(counters[0])])
         return (*out, did) if isinstance(out, (tuple, list)) else (out, did)
+
+
+def _at(t: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
+    """``t[i, j, k]`` for 0-d index tensors, as ``index_select``s: torch 2.11's non-strict export
+    turns a 0-d tensor index into a data-dependent int and fails."""
+    for dim, i in enumerate(index):
+        t = t.index_select(dim, i.reshape(1))
+    return t.reshape(())
 
 
 def _wrap(model, gm, example_inputs, plan, args, kwargs):

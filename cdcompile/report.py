@@ -61,6 +61,9 @@ class GraphReport:
                          f"{f', {ops} branch operands' if ops is not None else ''}")
             if c.get("dynamic_sizes"):
                 lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
+            if c.get("runtime_size_checks"):
+                lines.append(f"  runtime size checks (compute branch, torch._check): "
+                             f"{'; '.join(c['runtime_size_checks'])}")
             if ops is not None and ops >= LARGE_BRANCH and c.get("size_asserts") is not False:
                 lines.append(f"  per-call work: compiled by Inductor, the graph checks the size of each of the "
                              f"{ops} branch operands on every call, cached or not, and Dynamo guards every "

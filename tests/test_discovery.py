@@ -340,6 +340,7 @@ def test_size_checks_dynamo_emits_in_some_blocks_only_are_not_part_of_the_signat
     assert gr.cache is not None, gr.not_cached
     assert [c.split(":")[0] for c in gr.cache["runtime_size_checks"]] == ["hidden dim 1"]
     assert gr.cache["runtime_size_checks"][0].endswith(" == 69")
+    assert "runtime size checks (compute branch, torch._check): hidden dim 1: u" in str(r)
 
 
 def test_explain_counts_branch_operands_and_points_at_the_per_call_checks_when_they_are_many():
