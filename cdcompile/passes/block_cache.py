@@ -261,6 +261,11 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     for s in gx.streams:
         if s.outputs[i_x] is not None:
             exit_label[s.outputs[i_x]] = s.label
+    # A size of a stream's exit read after M (a check Dynamo placed there on a slice of the output)
+    # is read again from the cond's result: sym_size node -> (exit, dim).
+    exit_sizes = {n: (n.args[0], n.args[1]) for n in outputs
+                  if n.target is torch.ops.aten.sym_size.int and n.args[0] in exit_label}
+    outputs = [n for n in outputs if n not in exit_sizes]
     pairs = []
     checked: dict[fx.Node, list[int]] = {}  # exit -> dims equal to the entry's only at run time
     for out in outputs:
@@ -306,7 +311,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         size_sources=sources)
-    _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked)
+    _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
@@ -624,8 +629,8 @@ def _data_dependent_dims(entry: Any, exit_: Any) -> list[int] | None:
     size (nor unequal), when those are the only differences; None when the shapes differ otherwise.
 
     A block that slices its joint sequence apart at a data-dependent length (HunyuanVideo Framepack
-    under ``capture_dynamic_output_shape_ops``: ``x[:, :-text_len]`` with ``text_len`` read from the
-    text mask) returns its hidden stream with a fresh unbacked size: equal to the entry's whenever
+    under ``capture_scalar_outputs``: ``x[:, :-text_len]`` with ``text_len`` read from the text
+    mask) returns its hidden stream with a fresh unbacked size: equal to the entry's whenever
     the slice is not empty, but Dynamo cannot know. The compute branch checks the equality at run
     time (``torch._check``, which also tells the tracer), so the residual has the entry's shape."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
@@ -725,7 +730,7 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx
     return (named or found)[0]
 
 
-def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked=None) -> None:
+def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked=None, exit_sizes=None) -> None:
     """Rebuild ``gm.graph``: original nodes minus M, state placeholders, guard, cond, commit."""
     old = gm.graph
     new = fx.Graph()
@@ -772,6 +777,8 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checke
             if n is last_m:
                 before = set(new.nodes)
                 _emit_guard(new, env, state_nodes, inputs, pairs, h0, hf, timestep, plan, cfg)
+                for size, (out, dim) in (exit_sizes or {}).items():
+                    env[size] = new.call_function(torch.ops.aten.sym_size.int, (env[out], dim))
                 for m in new.nodes:
                     if m not in before:
                         m.meta["cdcompile_pass"] = "block_cache"
