@@ -76,7 +76,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                  tokens=4096, text_tokens=512, dtype=torch.bfloat16, init_std=0.02),
     # A few seconds of everything the run does (compiles, timing, profile, report), on any device:
     # to try the script where it will run (a new torch, the GPU machine) before the real shapes.
-    "smoke": dict(model=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=3,
+    "smoke": dict(model=dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                              pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
                   tokens=64, text_tokens=16, dtype=torch.float32, init_std=None),
