@@ -118,9 +118,10 @@ def inductor_patches() -> dict[str, Any]:
     from torch._inductor import config
 
     user = config.post_grad_custom_post_pass
-    if isinstance(user, PostGradPasses):  # set by an enclosing cachedit compile
-        user = user.passes[:-1]
-    user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+    user = [] if user is None else user if isinstance(user, (list, tuple)) else [user]
+    # An enclosing cachedit compile may have set a chain already: flatten it, ours once, last.
+    user = [q for p in user for q in (p.passes if isinstance(p, PostGradPasses) else (p,))
+            if not isinstance(q, CondOperandLayouts)]
     return {"post_grad_custom_post_pass": PostGradPasses((*user, CondOperandLayouts()))}
 
 

@@ -757,7 +757,7 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checke
         outs = [_checked_exit(g, env[o], env[e], checked[o], _fx.fake_value(e)) if o in (checked or {})
                 else env[o] for _, e, o in pairs]
         if used:
-            outs += [g.call_function(torch.sub, (x, env[e])) for (_, e, _), x in zip(pairs, list(outs))]
+            outs += [g.call_function(torch.sub, (x, env[e])) for (_, e, _), x in zip(pairs, outs)]
         return outs
 
     def cache_outputs(g, env, res):
