@@ -4,8 +4,12 @@
 # Here, once:   bash ../shared/tools/device-wheels.sh        # fills .whl (diffusers, cache-dit)
 # Then:         run(command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590)
 #
-# Each stage has its own time limit so that one slow stage cannot eat the others; results (JSON,
-# markdown, logs) go to $OUT/results, to be copied into bench/results/ here. Stages, cheapest first:
+# Each stage has its own time limit so that one slow stage cannot eat the others. The device tool
+# brings back at most 8 files from $OUT, and this run writes more than that (a log per stage, JSON and
+# markdown per bench), so they are written to a temporary gpu_results/ and packed after every stage
+# into one archive, $OUT/gpu_results.tar.gz (renamed into place, so a run killed mid-stage still returns
+# the stages before it). Here: tar -xzf <files_at>/gpu_results.tar.gz, then copy what belongs into
+# bench/results/. Stages, cheapest first:
 #   1. GPU kernel tests (compiled Triton, not the interpreter)              issue 4
 #   2. bench/kernels.py: Sage attention and FP8 quantization tables, and    issue 4
 #      the attention kernel's tile/warp/stage sweep at S=4608 (--sweep)
@@ -13,7 +17,11 @@
 #   4. bench/speed.py --device cuda: FLUX.1-dev shape, 3 rounds             issue 3
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT/results"
+RES=$(mktemp -d)/gpu_results
+mkdir -p "$OUT" "$RES"
+pack() {  # the archive the device tool brings back, replaced whole, never half-written
+  tar -czf "$OUT/.gpu_results.tar.gz" -C "$(dirname "$RES")" gpu_results && mv "$OUT/.gpu_results.tar.gz" "$OUT/gpu_results.tar.gz"
+}
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.inductor-cache-gpu
 # Compiled Triton, never the interpreter: tests/kernels/conftest.py sets TRITON_INTERPRET=1 unless
 # it is set, and then every GPU test would be skipped (and the stage would still pass).
@@ -25,22 +33,26 @@ else
   export PYTHONPATH=$PWD
   echo "no .whl: diffusers and cache-dit are missing, stage 4 will fail (run ../shared/tools/device-wheels.sh here first)"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/results/nvidia-smi.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/nvidia-smi.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RES/nvidia-smi.txt"
+# Fails here, in seconds, rather than after the kernel stages, when a carried wheel does not import.
+python3 -c "import diffusers, cache_dit; print('diffusers', diffusers.__version__, 'cache-dit', cache_dit.__version__)" 2>&1 | tail -n 3 | tee -a "$RES/nvidia-smi.txt"
+pack
 
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/results/$name.log" 2>&1
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
   echo "== $name: rc=$? in $((SECONDS - t0)) s (limit $limit s)"
-  tail -n 25 "$OUT/results/$name.log"
+  tail -n 25 "$RES/$name.log"
+  pack
 }
 
 # Limits sum to 535 s, under the 600 s a call may run; speed.py leaves speed_cuda.partial.{json,md}
 # after each timed round, so a run cut short still reports the rounds it finished.
 # -rs lists any skipped test with its reason: a skip here means a check did not run.
 stage kernel_tests 75 python3 -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py
-stage kernels 130 python3 bench/kernels.py --rep-ms 200 --warmup-ms 50 --sweep 4608 --out "$OUT/results"
-stage gpu_rates 30 python3 bench/gpu_rates.py --json "$OUT/results/gpu_rates.json"
-stage speed 300 python3 bench/speed.py --device cuda --repeats 3 --out "$OUT/results/speed_cuda"
-ls -la "$OUT/results"
+stage kernels 130 python3 bench/kernels.py --rep-ms 200 --warmup-ms 50 --sweep 4608 --out "$RES"
+stage gpu_rates 30 python3 bench/gpu_rates.py --json "$RES/gpu_rates.json"
+stage speed 300 python3 bench/speed.py --device cuda --repeats 3 --out "$RES/speed_cuda"
+ls -la "$RES" "$OUT"
