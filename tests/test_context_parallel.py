@@ -605,7 +605,7 @@ def _flux_trajectory(steps, seed=0):
 CACHE_OPTS = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.4, max_warmup_steps=2)
 
 
-def _scn_cache(rank, world, **extra):
+def _scn_cache(rank, world, layers=(2, 4), **extra):
     """DBCache + CP: the same cached steps on every rank as in one process (the compute branch of
     the cond holds the collectives; aot_eager on 2 ranks, eager on 3)."""
     import cdcompile
@@ -614,7 +614,7 @@ def _scn_cache(rank, world, **extra):
     steps = _flux_trajectory(10)
     runs = {}
     for degree in (1, world):
-        m = tiny_flux()
+        m = tiny_flux(num_layers=layers[0], num_single_layers=layers[1])
         torch._dynamo.reset()
         c = torch.compile(m, backend="cachedit", fullgraph=True,
                           options=dict(compiler="aot_eager" if world == 2 else "eager", ulysses_degree=degree,
@@ -625,6 +625,12 @@ def _scn_cache(rank, world, **extra):
         runs[degree] = dict(outs=torch.stack(outs), cached=slot["cached_steps"],
                             diffs=slot["residual_diffs"], pruned=slot.get("pruned_blocks"))
     return dict(single=runs[1], cp=runs[world])
+
+
+def _scn_cache_lone(rank, world):
+    """As _scn_cache with one double block, a group of one that holds F, and DBPrune over M."""
+    return dict(cache=_scn_cache(rank, world, layers=(1, 3)),
+                prune=_scn_cache(rank, world, layers=(1, 3), cache_type="dbprune", residual_diff_threshold=0.3))
 
 
 def _scn_fp8_attention(rank, world):
@@ -731,7 +737,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
-               "degree_mismatch",
+               "degree_mismatch", "cache_lone",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni", "flex"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
@@ -975,6 +981,15 @@ def test_cached_steps_are_identical_on_every_rank_and_to_one_process(world):
         for s, d in single["diffs"].items():
             assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_a_lone_first_block_keeps_the_decisions_of_one_process_under_cp_with_cache_and_prune():
+    for r, res in enumerate(_scenario(2, "cache_lone")):
+        for kind in ("cache", "prune"):
+            single, cp = res[kind]["single"], res[kind]["cp"]
+            assert 0 < len(single["cached"]) < 8 or (single["pruned"] and sum(single["pruned"])), (r, kind, single)
+            assert cp["cached"] == single["cached"] and cp["pruned"] == single["pruned"], (r, kind)
+            torch.testing.assert_close(cp["outs"], single["outs"], rtol=1e-5, atol=2e-6)
 
 
 def test_halo_exchanges_in_the_cached_branch_keep_the_decisions_of_one_process():

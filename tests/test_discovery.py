@@ -206,6 +206,28 @@ def test_random_block_structured_models_are_discovered_with_the_right_count(dept
         assert any(x["name"].startswith("tail") and x["reason"] == "not_chained" for x in rejected)
 
 
+def test_a_lone_block_chained_to_a_group_is_a_group_of_one_and_a_lone_linear_is_not():
+    from cdcompile.testing import flux_inputs, tiny_flux
+
+    m = tiny_flux(num_layers=1, num_single_layers=3)
+    r = _explain(m, **flux_inputs(m))
+    assert _groups(r) == [
+        ("transformer_blocks", "FluxTransformerBlock", 1, ["hidden", "encoder"]),
+        ("single_transformer_blocks", "FluxSingleTransformerBlock", 3, ["encoder", "hidden"]),
+    ]
+    double, single = r.groups
+    # each output of the lone block is paired with the input of its shape: its exits are the entries
+    assert dict(zip(double["streams"], double["stream_exits"])) == dict(
+        zip(single["streams"], single["stream_entries"]))
+    assert r.graph_reports[0].cache["num_blocks"] == 4
+
+    # A ModuleList of one Linear after the blocks reads the hidden exit and has its shape, but it
+    # has no skip connection inside: not a block.
+    torch._dynamo.reset()
+    r = _explain(_RandomDiT(3, 12, False, 1).eval(), torch.randn(1, 5, 4), torch.randn(1, 3, 6), torch.rand(1))
+    assert [(g["name"], g["blocks"]) for g in r.groups] == [("blocks", 3)]
+
+
 def test_middle_block_output_read_after_the_group_is_not_a_group():
     class Escapes(nn.Module):
         def __init__(self):

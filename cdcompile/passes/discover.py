@@ -26,7 +26,12 @@ Algorithm:
    (Latte: ``transformer_blocks.i``, then ``temporal_transformer_blocks.i``) and that do not
    chain on their own form one group ``a+b`` whose block i is ``a.i``, the ops up to ``b.i``,
    ``b.i``, and the ops after it computed from the pair (the reshape back to the stream's layout).
-6. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
+6. Lone blocks. A module list holding one block (FLUX built with one double block) is a group of
+   one when it chains directly to a group on the hidden stream, before or after it. With no
+   sibling to compare, each output read outside the block is paired with the one input of the
+   same shape and dtype it is computed from, through a skip connection (an add whose one operand
+   is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
+7. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
    dimension wins. With two streams the other is ``encoder``.
 
@@ -206,10 +211,123 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
                     groups.append(group)
     groups.sort(key=lambda g: position[g.blocks[0].nodes[0]])
     _label_streams(gm, groups)
+    lone = _lone_blocks(by_container, members, classes, groups, weights, position)
+    if lone:
+        groups = sorted(groups + lone, key=lambda g: position[g.blocks[0].nodes[0]])
+        _label_streams(gm, groups)
     if not groups and not rejected:
         rejected.append(Rejection("<graph>", Ineligible.NO_REPEATED_BLOCKS,
                                   "no two sibling modules of the same class run in sequence"))
     return Discovery(groups, rejected)
+
+
+def _lone_blocks(by_container, members, classes, groups, weights, position) -> list[BlockGroup]:
+    """Groups of one: a module list holding a single block that chains to a group on its hidden stream.
+
+    FLUX built with one double block is ``transformer_blocks.0`` then the single blocks; cache-dit
+    and reference/algorithms.md count that block in the stack (it is F). A lone block has no
+    sibling to say which of its inputs each output continues, so a stream pairs an output read
+    outside the block with the one input of the same shape and dtype it is computed from; any
+    ambiguity (two such inputs) leaves the block out. The chain must be direct: the block's output
+    is (an ancestor of) the first block's hidden entry of the group right after it, or the hidden
+    exit of the group right before it is (an ancestor of) one of the block's stream entries.
+    """
+    taken = [b.path for g in groups for b in g.blocks]
+    spans = sorted((position[g.blocks[0].nodes[0]], position[g.blocks[-1].nodes[-1]], g) for g in groups)
+    out = []
+    for container, indices in by_container.items():
+        if len(indices) != 1 or any(g.name == (container or "<root>") for g in groups):
+            continue
+        idx = indices[0]
+        path = f"{container}.{idx}" if container else str(idx)
+        if any(_inside(container, p) or _inside(p, path) for p in taken):
+            continue
+        nodes = members[(container, idx)]
+        first, last = position[nodes[0]], position[nodes[-1]]
+        if any(lo <= last and first <= hi for lo, hi, _ in spans):  # overlaps a group
+            continue
+        before = next((g for lo, _, g in spans if lo > last), None)
+        after = next((g for _, hi, g in reversed(spans) if hi < first), None)
+        streams = _lone_streams(nodes, weights)
+        if streams is None:
+            continue
+        outputs = {o for o, _ in streams}
+        entries = {a for _, a in streams}
+        h_next = before.stream("hidden") if before is not None else None
+        h_prev = after.stream("hidden") if after is not None else None
+        chained = (h_next is not None and (h_next.entry in outputs or outputs & _fx.ancestors(h_next.entry))) or (
+            h_prev is not None and h_prev.exit is not None
+            and any(a is h_prev.exit or h_prev.exit in _fx.ancestors(a) for a in entries))
+        if not chained:
+            continue
+        node_set = set(nodes)
+        side = sorted({a for n in nodes for a in n.all_input_nodes
+                       if a not in node_set and a not in entries and a.op != "get_attr"
+                       and not (a.op == "placeholder" and a in weights)}, key=position.__getitem__)
+        offsets = list(range(len(nodes)))
+        graph_nodes = list(nodes[0].graph.nodes)
+        out.append(BlockGroup(
+            name=container or "<root>", block_class=classes[(container, idx)],
+            blocks=[Block(idx, path, nodes, offsets)],
+            streams=[Stream(f"stream{k}", nodes.index(o), a, [o]) for k, (o, a) in enumerate(streams)],
+            side_inputs=side, per_block_inputs=[[]],
+            glue=[n for n in graph_nodes[first:last + 1] if n not in node_set]))
+    return out
+
+
+def _lone_streams(nodes: list[fx.Node], weights) -> list[tuple[fx.Node, fx.Node]] | None:
+    """(output, entry) per value a lone block passes on, or None when a pairing is not unique."""
+    node_set = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                                if a not in node_set and a.op != "get_attr"
+                                and not (a.op == "placeholder" and a in weights)))
+    pairs = []
+    for o in nodes:
+        if not any(u not in node_set and not _fx.is_shape_bookkeeping(u) for u in o.users):
+            continue
+        ov = _fx.fake_value(o)
+        if not hasattr(ov, "shape"):
+            return None
+        up = _fx.ancestors(o)
+        same = [a for a in inputs if a in up and _same_layout(_fx.fake_value(a), ov)]
+        if len(same) != 1 or not _skips(same[0], o, up | {o}, node_set):
+            return None
+        pairs.append((o, same[0]))
+    if not pairs or len({a for _, a in pairs}) != len(pairs):
+        return None
+    return pairs
+
+
+# Ops that move or reshape a value without computing on it: a skip connection may pass through them
+# (FLUX's single block concatenates text and image tokens, adds its residual, and slices them apart).
+_LAYOUT = frozenset({"cat", "concat", "getitem", "view", "reshape", "flatten", "unflatten", "permute",
+                     "transpose", "contiguous", "clone", "to", "type", "float", "half", "bfloat16",
+                     "split", "chunk", "narrow", "squeeze", "unsqueeze", "expand"})
+_ADD = frozenset({"add", "iadd", "sub"})
+
+
+def _skips(entry: fx.Node, out: fx.Node, path: set[fx.Node], block: set[fx.Node]) -> bool:
+    """Whether ``out`` is ``entry`` plus something: on the way from ``entry`` to ``out`` there is an
+    add whose one operand is ``entry`` moved by layout ops only (a skip connection), and whose
+    other operand is computed. A lone Linear or norm has none, so it is no block."""
+    carried, todo = {entry}, [entry]
+    while todo:
+        for u in todo.pop().users:
+            if u in block and u in path and u not in carried and _fx.target_name(u).lstrip(".") in _LAYOUT:
+                carried.add(u)
+                todo.append(u)
+    for n in path & block:
+        if _fx.target_name(n).lstrip(".").lstrip("_") in _ADD:
+            ops = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+            if len(ops) == 2 and (ops[0] in carried) != (ops[1] in carried):
+                return True
+    return False
+
+
+def _same_layout(a, b) -> bool:
+    if not (hasattr(a, "shape") and hasattr(b, "shape")) or a.dtype != b.dtype or a.ndim != b.ndim:
+        return False
+    return all(x is y or (type(x) is type(y) and bool(x == y)) for x, y in zip(a.shape, b.shape))
 
 
 def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]:
