@@ -228,6 +228,73 @@ def test_a_lone_block_chained_to_a_group_is_a_group_of_one_and_a_lone_linear_is_
     assert [(g["name"], g["blocks"]) for g in r.groups] == [("blocks", 3)]
 
 
+class _Outer(nn.Module):
+    """A lone block that holds a lone residual block of its own."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.inner = nn.ModuleList([SeqBlock(dim)])
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x, temb):
+        x = self.inner[0](x, temb)
+        return x + self.lin(x)
+
+
+class _PreBlockDiT(SequentialDiT):
+    def __init__(self):
+        super().__init__(depth=3)
+        self.pre = nn.ModuleList([_Outer(self.proj_in.out_features)])
+
+    def forward(self, x, timestep):
+        h = self.proj_in(x)
+        temb = self.t_embed(torch.cat([timestep.reshape(-1, 1).float().expand(-1, 16).sin(),
+                                       timestep.reshape(-1, 1).float().expand(-1, 16).cos()], -1))
+        h = self.pre[0](h, temb)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+def test_a_lone_block_inside_a_lone_block_is_part_of_it_not_a_group():
+    m = _PreBlockDiT().eval()
+    x, t = torch.randn(1, 9, 8), torch.tensor([0.3])
+    r = _explain(m, x, t)
+    assert [(g["name"], g["blocks"]) for g in r.groups] == [("pre", 1), ("blocks", 3)]
+    assert r.graph_reports[0].cache["num_blocks"] == 4
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="cachedit", options={"compiler": "eager", "residual_diff_threshold": 0.0})
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, t), m(x, t))
+
+
+class _RefinerDiT(SequentialDiT):
+    """MiniMax-H3-like: one text refiner block, its output concatenated with the image tokens."""
+
+    def __init__(self):
+        super().__init__(depth=3)
+        d = self.proj_in.out_features
+        self.text_in = nn.Linear(6, d)
+        self.refiner = nn.ModuleList([SeqBlock(d)])
+
+    def forward(self, x, enc, timestep):
+        temb = self.t_embed(torch.cat([timestep.reshape(-1, 1).float().expand(-1, 16).sin(),
+                                       timestep.reshape(-1, 1).float().expand(-1, 16).cos()], -1))
+        text = self.refiner[0](self.text_in(enc), temb)
+        h = torch.cat([text, self.proj_in(x)], dim=1)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h[:, enc.shape[1]:])
+
+
+def test_a_lone_text_refiner_joined_to_image_tokens_does_not_chain():
+    # Its output is only part of the blocks' hidden entry: made the stack's F, the text refiner's
+    # residual would decide when to cache.
+    r = _explain(_RefinerDiT().eval(), torch.randn(1, 9, 8), torch.randn(1, 4, 6), torch.tensor([0.3]))
+    assert [(g["name"], g["blocks"]) for g in r.groups] == [("blocks", 3)]
+    assert r.graph_reports[0].cache["num_blocks"] == 3
+
+
 def test_middle_block_output_read_after_the_group_is_not_a_group():
     class Escapes(nn.Module):
         def __init__(self):

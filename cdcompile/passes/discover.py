@@ -26,8 +26,10 @@ Algorithm:
    (Latte: ``transformer_blocks.i``, then ``temporal_transformer_blocks.i``) and that do not
    chain on their own form one group ``a+b`` whose block i is ``a.i``, the ops up to ``b.i``,
    ``b.i``, and the ops after it computed from the pair (the reshape back to the stream's layout).
-6. Lone blocks. A module list holding one block (FLUX built with one double block) is a group of
-   one when it chains directly to a group on the hidden stream, before or after it. With no
+6. Lone blocks. A module list holding one block (FLUX built with one double block), not itself
+   inside an indexed module, is a group of one when it chains directly to a group on the hidden
+   stream, before or after it: the group's hidden entry is made of the block's outputs alone
+   (through layout ops), or one of the block's entries is made of the group's exits alone. With no
    sibling to compare, each output read outside the block is paired with the one input of the
    same shape and dtype it is computed from, through a skip connection (an add whose one operand
    is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
@@ -238,6 +240,8 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
     for container, indices in by_container.items():
         if len(indices) != 1 or any(g.name == (container or "<root>") for g in groups):
             continue
+        if any(part.isdigit() for part in container.split(".")):  # inside an indexed module
+            continue
         idx = indices[0]
         path = f"{container}.{idx}" if container else str(idx)
         if any(_inside(container, p) or _inside(p, path) for p in taken):
@@ -255,9 +259,14 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
         entries = {a for _, a in streams}
         h_next = before.stream("hidden") if before is not None else None
         h_prev = after.stream("hidden") if after is not None else None
-        chained = (h_next is not None and (h_next.entry in outputs or outputs & _fx.ancestors(h_next.entry))) or (
+        # Direct: the next group's hidden entry is made of this block's outputs alone (moved by
+        # layout ops: FLUX's joint sequence), or one of this block's entries is made of the previous
+        # group's exits alone. A text refiner whose output is concatenated with image tokens from
+        # elsewhere (MiniMax H3) does not chain: its residual would make the decision.
+        exits = {s.exit for s in after.streams} - {None} if after is not None else set()
+        chained = (h_next is not None and (leaves := _layout_sources(h_next.entry)) <= outputs) or (
             h_prev is not None and h_prev.exit is not None
-            and any(a is h_prev.exit or h_prev.exit in _fx.ancestors(a) for a in entries))
+            and any(h_prev.exit in (leaves := _layout_sources(a)) and leaves <= exits for a in entries))
         if not chained:
             continue
         node_set = set(nodes)
@@ -322,6 +331,22 @@ def _skips(entry: fx.Node, out: fx.Node, path: set[fx.Node], block: set[fx.Node]
             if len(ops) == 2 and (ops[0] in carried) != (ops[1] in carried):
                 return True
     return False
+
+
+def _layout_sources(value: fx.Node) -> set[fx.Node]:
+    """The values ``value`` is made of by layout ops alone (itself if it is computed)."""
+    out, todo, seen = set(), [value], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "call_function" or x.op == "call_method":
+            if _fx.target_name(x).lstrip(".") in _LAYOUT:
+                todo.extend(a for a in x.all_input_nodes if not _fx.is_shape_bookkeeping(a))
+                continue
+        out.add(x)
+    return out
 
 
 def _same_layout(a, b) -> bool:
