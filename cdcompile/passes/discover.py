@@ -230,9 +230,9 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
     and reference/algorithms.md count that block in the stack (it is F). A lone block has no
     sibling to say which of its inputs each output continues, so a stream pairs an output read
     outside the block with the one input of the same shape and dtype it is computed from; any
-    ambiguity (two such inputs) leaves the block out. The chain must be direct: the block's output
-    is (an ancestor of) the first block's hidden entry of the group right after it, or the hidden
-    exit of the group right before it is (an ancestor of) one of the block's stream entries.
+    ambiguity (two such inputs), or an output with no skip connection from its input (a lone
+    Linear), leaves the block out. The chain must be direct, with the group right after or right
+    before the block (see the comment at ``chained``).
     """
     taken = [b.path for g in groups for b in g.blocks]
     spans = sorted((position[g.blocks[0].nodes[0]], position[g.blocks[-1].nodes[-1]], g) for g in groups)
@@ -264,9 +264,9 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
         # group's exits alone. A text refiner whose output is concatenated with image tokens from
         # elsewhere (MiniMax H3) does not chain: its residual would make the decision.
         exits = {s.exit for s in after.streams} - {None} if after is not None else set()
-        chained = (h_next is not None and (leaves := _layout_sources(h_next.entry)) <= outputs) or (
+        chained = (h_next is not None and _layout_sources(h_next.entry) <= outputs) or (
             h_prev is not None and h_prev.exit is not None
-            and any(h_prev.exit in (leaves := _layout_sources(a)) and leaves <= exits for a in entries))
+            and any(h_prev.exit in src and src <= exits for src in map(_layout_sources, entries)))
         if not chained:
             continue
         node_set = set(nodes)
