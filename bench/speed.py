@@ -4,6 +4,9 @@
     python bench/speed.py --device cuda        # FLUX.1-dev's shape, bf16, random weights
     python bench/speed.py --repeats 3 --out /tmp/speed_cpu
     python bench/speed.py --shape overhead     # CPU: FLUX.1-dev's 57 blocks at toy size (overheads)
+    python bench/speed.py --device cuda --fp8-attention --skip-eager --skip-cache-dit
+                                               # + cachedit with fp8_attention=True: FP8 attention's
+                                               # end-to-end gain at equal decisions (a GPU figure)
 
 On a CPU shared with other jobs, run with ``OMP_NUM_THREADS=1``: with 2 threads on 2 cores, a busy
 neighbour stalls every OpenMP region, and steps took 10-60x their idle time in alternating runs
@@ -229,6 +232,7 @@ class Config:
         self.outputs: list[torch.Tensor] = []  # last timed request's outputs
         self.dynamo: dict[str, int] = {}
         self.warmup_s: float = 0.0
+        self.fp8_attention: list[str] = []  # per compiled graph, what the fp8_attention pass did
 
     def request(self, timer: H.StepTimer, inputs: list[dict]) -> tuple[float, list[float], list[torch.Tensor]]:
         self.before_request()
@@ -259,14 +263,14 @@ def lean_host() -> None:
     torch._inductor.config.size_asserts = False
 
 
-def cdcompile_config(model, name: str, options: dict[str, Any]) -> Config:
+def cdcompile_config(model, name: str, options: dict[str, Any], label: str = "cachedit") -> Config:
     compiled = torch.compile(model, backend="cachedit", options={**options, **COMPILE_OPTIONS}, **COMPILE_KW)
 
     def cached() -> list[int]:
         reqs = cdcompile.summary(compiled).as_dict()["requests"]
         return list(reqs[-1]["slots"][0]["cached_steps"]) if reqs and reqs[-1]["slots"] else []
 
-    return Config(name, "cachedit", compiled, cached_steps=cached)
+    return Config(name, label, compiled, cached_steps=cached)
 
 
 def cache_dit_config(model, steps: int) -> Config:
@@ -312,6 +316,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         configs.append(Config("eager", "eager", model))
     configs.append(Config("torch.compile (inductor)", "inductor", compile_(sibling(model))))
     configs.append(cdcompile_config(sibling(model), "cachedit (inductor)", options))
+    if args.fp8_attention:  # the same cache, every eligible SDPA call on cdcompile::sage_attention
+        configs.append(cdcompile_config(sibling(model), "cachedit + FP8 attention (inductor)",
+                                        {**options, "fp8_attention": True}, label="cachedit-fp8"))
     if not args.skip_cache_dit:
         try:
             configs.append(cache_dit_config(sibling(model), args.steps))
@@ -324,9 +331,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for cfg in configs:
         before = dynamo_snapshot(rec)
-        for _ in range(WARMUP_REQUESTS):
-            total, _, _ = cfg.request(timer, inputs)
-            cfg.warmup_s += total
+        with cdcompile.backend.collect_reports() as reports:
+            for _ in range(WARMUP_REQUESTS):
+                total, _, _ = cfg.request(timer, inputs)
+                cfg.warmup_s += total
+        cfg.fp8_attention = [str(r.fp8_attention) for r in reports if r.fp8_attention is not None]
         cfg.dynamo = delta(dynamo_snapshot(rec), before)
         print(f"warm-up {cfg.name}: {cfg.warmup_s:.1f} s, {cfg.dynamo}", flush=True)
 
@@ -457,6 +466,11 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
     computed = [k for k in range(args.steps) if k not in set(rc["cached_steps"])]
     checks["max_abs_diff_cachedit_vs_inductor_computed_steps"] = _max_abs(
         [cdc.outputs[k] for k in computed], [ind.outputs[k] for k in computed])
+    fp8 = by.get("cachedit-fp8")
+    if fp8 is not None:
+        checks["fp8_equal_decisions"] = row["cachedit-fp8"]["cached_steps"] == rc["cached_steps"]
+        checks["max_abs_diff_fp8_vs_cachedit"] = _max_abs(fp8.outputs, cdc.outputs)
+        checks["fp8_attention_pass"] = fp8.fp8_attention
     if cdt is not None:
         rt = row["cache-dit"]
         checks["equal_decisions"] = (rt["cached_steps"] == rc["cached_steps"] and rt["cached_steps_stable"]
@@ -478,6 +492,13 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
         "cachedit_vs_inductor_speedup": _paired(rounds, lambda r: ind.requests[r], lambda r: cdc.requests[r]),
         "cachedit_vs_ideal_request": rc["request_composed_ms"] / ideal["request_ms"],
     }
+    if fp8 is not None:
+        rf = row["cachedit-fp8"]
+        targets.update({
+            "fp8_vs_cachedit_speedup_paired": _paired(rounds, lambda r: cdc.requests[r], lambda r: fp8.requests[r]),
+            "fp8_computed_step_speedup": rc["computed_step_ms"] / rf["computed_step_ms"],
+            "fp8_cached_step_speedup": rc["cached_step_ms"] / rf["cached_step_ms"],
+        })
     if eager is not None:
         targets["cachedit_vs_eager_speedup"] = _paired(rounds, lambda r: eager.requests[r], lambda r: cdc.requests[r])
     if cdt is not None:
@@ -497,7 +518,7 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
                       shape={**shape["model"], "tokens": shape["tokens"], "text_tokens": shape["text_tokens"],
                              "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n,
                              "name": args.shape},
-                      lean_host=bool(args.lean_host),
+                      lean_host=bool(args.lean_host), fp8_attention=bool(args.fp8_attention),
                       cachedit_options=options,
                       cache_dit_config=dict(Fn_compute_blocks=FN, Bn_compute_blocks=BN,
                                             residual_diff_threshold=ALWAYS_CACHE, max_warmup_steps=WARMUP_STEPS,
@@ -557,6 +578,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"max|cachedit - cache-dit| over all steps: {c['max_abs_diff_cachedit_vs_cache_dit']:.2e}")
         lines.append(f"the ideal request is {t['ideal_vs_cache_dit_speedup']:.2f}x faster than cache-dit + "
                      f"torch.compile (composed): the most any cache could gain over it on this shape")
+    if "fp8_vs_cachedit_speedup_paired" in t:
+        lines.append(
+            f"FP8 attention (cachedit + fp8_attention=True) vs cachedit: {t['fp8_vs_cachedit_speedup_paired']:.2f}x "
+            f"per request (paired), {t['fp8_computed_step_speedup']:.2f}x per computed step, "
+            f"{t['fp8_cached_step_speedup']:.2f}x per cached step; equal cached step sets: "
+            f"{ok(c['fp8_equal_decisions'])}; max|FP8 - cachedit| over all steps: "
+            f"{c['max_abs_diff_fp8_vs_cachedit']:.2e}; the pass: {'; '.join(c['fp8_attention_pass']) or 'no report'}"
+            + ("" if m["device"].startswith("cuda") else
+               " (on a CPU the op is its plain-torch emulation: slower by design, not a speed figure)"))
     lines.append(f"max|cachedit - inductor| on computed steps: "
                  f"{c['max_abs_diff_cachedit_vs_inductor_computed_steps']:.2e}")
     lines.append(f"checks: nothing compiled while timing: {ok(c['no_compiles_during_timing'])}; "
@@ -638,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lean-host", action="store_true",
                    help="every compiled configuration without Dynamo's nn-module guards "
                    "(guard_filter_fn=skip_guard_on_all_nn_modules_unsafe) and Inductor's input size asserts")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="add a configuration: cachedit with fp8_attention=True (the FP8 Triton attention "
+                   "kernel in the graph on a GPU; its plain-torch emulation on a CPU, which only checks the run)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu on the CPU, cuda on a "
                    "GPU); overhead: FLUX.1-dev's 57 blocks at toy size, where per-call overheads dominate")
     p.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.md "
