@@ -146,6 +146,31 @@ def test_tiny_flux_decisions_and_outputs_equal_the_reference(double, single, cfg
     assert report.cache["num_blocks"] == double + single
 
 
+def test_dynamic_true_finds_both_groups_and_caches_once_floats_are_specialized():
+    # dynamic=True (specialize_float off) makes each module's float attributes graph inputs read
+    # with .item(); diffusers' attention dispatch reads one such float in block 0 for every block.
+    # That read is a scalar, not a block value: discovery still finds the double blocks. A cond
+    # cannot take a float, so the cache is refused with the fix in the message; with
+    # specialize_float the cached decisions equal the reference.
+    cfg = RefConfig(threshold=0.35, warmup=2)
+    m = tiny_flux(num_layers=1, num_single_layers=3)
+    with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+        torch.compile(m, backend="cachedit", dynamic=True, options=_opts(cfg, "eager"))(**_flux_trajectory(m, 1)[0])
+    (report,) = reports
+    assert [(g["name"], g["blocks"]) for g in report.groups] == [
+        ("transformer_blocks", 1), ("single_transformer_blocks", 3)]
+    assert report.cache is None and "specialize_float = True" in report.not_cached[0], report.not_cached
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=True):
+        c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+                torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4)
+    assert _cached_steps(m) == _ref_cached(ref) and 0 < len(_ref_cached(ref)) < STEPS
+
+
 def test_zero_graph_breaks_and_recompiles_over_three_requests_of_twenty_steps():
     from torch._dynamo.utils import counters
 

@@ -126,8 +126,10 @@ def is_shape_bookkeeping(n: fx.Node) -> bool:
     """Whether ``n`` computes or checks a symbolic size rather than a tensor: SymInt arithmetic and
     the asserts on it. Dynamo emits them where an unbacked size is first needed, so sibling blocks
     hold different numbers of them (HunyuanVideo Framepack under ``capture_scalar_outputs``);
-    they are not part of a block's op signature."""
-    if n.op != "call_function":
+    they are not part of a block's op signature. A ``.item()`` method call giving a symbolic
+    scalar counts too: under ``dynamic=True`` Dynamo reads a shared float default once, inside the
+    first block, for every block."""
+    if n.op not in ("call_function", "call_method"):
         return False
     return (target_name(n) in SIZE_CHECKS
             or isinstance(fake_value(n), (torch.SymInt, torch.SymFloat, torch.SymBool)))

@@ -566,6 +566,13 @@ def _non_operand(inputs: list[fx.Node]) -> str | None:
     unbacked size under ``capture_scalar_outputs``)."""
     for a in inputs:
         v = _fx.fake_value(a)
+        if isinstance(v, torch.SymFloat):
+            # torch.compile(dynamic=True) with specialize_float off (2.13's default) makes every float
+            # a module holds (a norm's eps, a dropout p) a graph input read with .item().
+            return (f"{a.name}, a symbolic float (SymFloat), which a cond cannot take; with "
+                    f"torch.compile(dynamic=True) Dynamo makes float attributes such as a norm's eps "
+                    f"graph inputs: set torch._dynamo.config.specialize_float = True, or compile with "
+                    f"dynamic=None (sizes become symbolic when they change)")
         if not isinstance(v, (torch.Tensor, torch.SymInt)):
             return f"{a.name}, which is neither a tensor nor a SymInt ({type(v).__name__})"
     return None

@@ -350,9 +350,12 @@ def _layout_sources(value: fx.Node) -> set[fx.Node]:
 
 
 def _same_layout(a, b) -> bool:
+    """Same dtype and a shape provably equal (symbolic sizes compared without adding a guard)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     if not (hasattr(a, "shape") and hasattr(b, "shape")) or a.dtype != b.dtype or a.ndim != b.ndim:
         return False
-    return all(x is y or (type(x) is type(y) and bool(x == y)) for x, y in zip(a.shape, b.shape))
+    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]:
