@@ -98,13 +98,25 @@ def _make(cls_name: str, **config) -> torch.nn.Module:
 
     Parameters a model initialises to zero (adaLN-Zero gates, zeroed output projections) get small random
     values, so that every block changes the output and a wrong compiled graph cannot hide behind zeros.
+    Parameters it leaves uninitialised (``torch.empty``: Lumina-Next's ``pad_token``) are built as NaN
+    (deterministic mode fills uninitialised memory) and then drawn from their own generator. Before,
+    such memory was all zero in some processes only; those processes randomised it too, which moved
+    every later zero-initialised parameter's draw: two ranks of a context-parallel test could build
+    different weights (the rare Lumina-Next parity failure).
     """
     torch.manual_seed(0)
-    m = _cls(cls_name)(**config).eval()
-    g = _g(1)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty -> NaN, the same in every process
+    try:
+        m = _cls(cls_name)(**config).eval()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    g, g_empty = _g(1), _g(2)
     with torch.no_grad():
         for p in m.parameters():
-            if p.numel() > 1 and not p.any():
+            if p.is_floating_point() and p.isnan().all():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g_empty))
+            elif p.numel() > 1 and not p.any():
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return m
 
