@@ -108,6 +108,15 @@ def fake_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def same_meta(a: object, b: object) -> bool:
+    """Same shape (provably, without guarding on a symbolic or unbacked size), dtype and device."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim == b.ndim
+            and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 # F.scaled_dot_product_attention's parameters in positional order.
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 

@@ -276,7 +276,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     f"other than through the streams; the middle blocks cannot be skipped")
         entry = _boundary(gm_first, i_m, label, before=True)
         ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        dims = _data_dependent_dims(ev, xv) if entry is not None and not _same_meta(ev, xv) else []
+        dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
         if entry is None or dims is None:
             return (f"stream {label!r} leaves the middle blocks as {_describe(xv)} but enters "
                     f"as {_describe(ev)}: no residual to cache")
@@ -288,7 +288,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     if bad is not None:
         return f"the middle blocks read {bad}"
     hv = _fx.fake_value(hf)
-    if not _same_meta(_fx.fake_value(h0), hv):
+    if not _fx.same_meta(_fx.fake_value(h0), hv):
         return "the hidden stream changes shape inside F; the decision residual is undefined"
     # A checked exit has its entry's shape once the compute branch has checked it: plan with that.
     shaped = [_fx.fake_value(e if o in checked else o) for _, e, o in pairs]
@@ -620,15 +620,6 @@ def _bind_symbol(n: fx.Node, path) -> fx.Node | None:
             made.meta.update(example_value=value.storage_offset(), cdcompile_symbol=path)
             return made
     return None
-
-
-def _same_meta(a: Any, b: Any) -> bool:
-    """Same shape (provably, without guarding on an unbacked size), dtype and device."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim == b.ndim
-            and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
-            and a.dtype == b.dtype and a.device == b.device)
 
 
 def _data_dependent_dims(entry: Any, exit_: Any) -> list[int] | None:

@@ -46,7 +46,7 @@ from .. import guard
 from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
-                          _getitem, _index_slot, _non_operand, _operands, _region, _same_meta, _stream_plan,
+                          _getitem, _index_slot, _non_operand, _operands, _region, _stream_plan,
                           describe_sizes, size_sources)
 
 
@@ -137,7 +137,7 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
                     f"streams; the block cannot be pruned")
         entry = _boundary(g, i, label, before=True)
         ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        if entry is None or not _same_meta(ev, xv):
+        if entry is None or not _fx.same_meta(ev, xv):
             return (f"stream {label!r} leaves {where} as {_describe(xv)} but enters as "
                     f"{_describe(ev)}: no residual to reuse")
         pairs.append((label, entry, out))

@@ -238,7 +238,7 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
     spans = sorted((position[g.blocks[0].nodes[0]], position[g.blocks[-1].nodes[-1]], g) for g in groups)
     out = []
     for container, indices in by_container.items():
-        if len(indices) != 1 or any(g.name == (container or "<root>") for g in groups):
+        if len(indices) != 1:
             continue
         if any(part.isdigit() for part in container.split(".")):  # inside an indexed module
             continue
@@ -270,9 +270,7 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
         if not chained:
             continue
         node_set = set(nodes)
-        side = sorted({a for n in nodes for a in n.all_input_nodes
-                       if a not in node_set and a not in entries and a.op != "get_attr"
-                       and not (a.op == "placeholder" and a in weights)}, key=position.__getitem__)
+        side = sorted(set(_external_inputs(nodes, weights)) - entries, key=position.__getitem__)
         offsets = list(range(len(nodes)))
         graph_nodes = list(nodes[0].graph.nodes)
         out.append(BlockGroup(
@@ -287,24 +285,28 @@ def _lone_blocks(by_container, members, classes, groups, weights, position) -> l
 def _lone_streams(nodes: list[fx.Node], weights) -> list[tuple[fx.Node, fx.Node]] | None:
     """(output, entry) per value a lone block passes on, or None when a pairing is not unique."""
     node_set = set(nodes)
-    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
-                                if a not in node_set and a.op != "get_attr"
-                                and not (a.op == "placeholder" and a in weights)))
+    inputs = _external_inputs(nodes, weights)
     pairs = []
     for o in nodes:
         if not any(u not in node_set and not _fx.is_shape_bookkeeping(u) for u in o.users):
             continue
         ov = _fx.fake_value(o)
-        if not hasattr(ov, "shape"):
-            return None
         up = _fx.ancestors(o)
-        same = [a for a in inputs if a in up and _same_layout(_fx.fake_value(a), ov)]
+        same = [a for a in inputs if a in up and _fx.same_meta(_fx.fake_value(a), ov)]
         if len(same) != 1 or not _skips(same[0], o, up | {o}, node_set):
             return None
         pairs.append((o, same[0]))
     if not pairs or len({a for _, a in pairs}) != len(pairs):
         return None
     return pairs
+
+
+def _external_inputs(nodes: list[fx.Node], weights) -> list[fx.Node]:
+    """The values ``nodes`` read from outside themselves, weights and attributes left out."""
+    node_set = set(nodes)
+    return list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                              if a not in node_set and a.op != "get_attr"
+                              and not (a.op == "placeholder" and a in weights)))
 
 
 # Ops that move or reshape a value without computing on it: a skip connection may pass through them
@@ -315,6 +317,10 @@ _LAYOUT = frozenset({"cat", "concat", "getitem", "view", "reshape", "flatten", "
 _ADD = frozenset({"add", "iadd", "sub"})
 
 
+def _is_layout(n: fx.Node) -> bool:
+    return n.op in ("call_function", "call_method") and _fx.target_name(n).lstrip(".") in _LAYOUT
+
+
 def _skips(entry: fx.Node, out: fx.Node, path: set[fx.Node], block: set[fx.Node]) -> bool:
     """Whether ``out`` is ``entry`` plus something: on the way from ``entry`` to ``out`` there is an
     add whose one operand is ``entry`` moved by layout ops only (a skip connection), and whose
@@ -322,7 +328,7 @@ def _skips(entry: fx.Node, out: fx.Node, path: set[fx.Node], block: set[fx.Node]
     carried, todo = {entry}, [entry]
     while todo:
         for u in todo.pop().users:
-            if u in block and u in path and u not in carried and _fx.target_name(u).lstrip(".") in _LAYOUT:
+            if u in block and u in path and u not in carried and _is_layout(u):
                 carried.add(u)
                 todo.append(u)
     for n in path & block:
@@ -341,21 +347,11 @@ def _layout_sources(value: fx.Node) -> set[fx.Node]:
         if x in seen:
             continue
         seen.add(x)
-        if x.op == "call_function" or x.op == "call_method":
-            if _fx.target_name(x).lstrip(".") in _LAYOUT:
-                todo.extend(a for a in x.all_input_nodes if not _fx.is_shape_bookkeeping(a))
-                continue
-        out.add(x)
+        if _is_layout(x):
+            todo.extend(a for a in x.all_input_nodes if not _fx.is_shape_bookkeeping(a))
+        else:
+            out.add(x)
     return out
-
-
-def _same_layout(a, b) -> bool:
-    """Same dtype and a shape provably equal (symbolic sizes compared without adding a guard)."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if not (hasattr(a, "shape") and hasattr(b, "shape")) or a.dtype != b.dtype or a.ndim != b.ndim:
-        return False
-    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]:
