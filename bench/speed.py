@@ -519,6 +519,10 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
                              "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n,
                              "name": args.shape},
                       lean_host=bool(args.lean_host), fp8_attention=bool(args.fp8_attention),
+                      # Dynamo's dict-tag shortcut over unchanged module trees (on in torch 2.11, off
+                      # from 2.12): it sets what a guard check costs per call.
+                      recursive_dict_tag_guards=bool(getattr(torch._dynamo.config,
+                                                             "use_recursive_dict_tags_for_guards", False)),
                       cachedit_options=options,
                       cache_dit_config=dict(Fn_compute_blocks=FN, Bn_compute_blocks=BN,
                                             residual_diff_threshold=ALWAYS_CACHE, max_warmup_steps=WARMUP_STEPS,
@@ -624,7 +628,9 @@ def markdown(result: dict[str, Any]) -> str:
         "# Cached step cost and end to end against cache-dit (bench/speed.py)",
         "",
         f"{m['date']} on {where}; torch {m['torch']}, diffusers {m['diffusers']}, cache-dit {m['cache_dit']}; "
-        f"commit `{m['git_commit'][:12]}`{' + uncommitted changes in cdcompile/' if m['git_dirty'] else ''}.",
+        f"commit `{m['git_commit'][:12]}`{' + uncommitted changes in cdcompile/' if m['git_dirty'] else ''}"
+        + ("" if "recursive_dict_tag_guards" not in m else
+           f"; Dynamo's recursive dict-tag guards {'on' if m['recursive_dict_tag_guards'] else 'off'}") + ".",
         "",
         f"FLUX architecture, random weights: {s['num_layers']} double + {s['num_single_layers']} single blocks "
         f"(N = {s['N']}), {s['num_attention_heads']} heads x {s['attention_head_dim']}, {s['tokens']} image + "

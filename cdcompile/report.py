@@ -61,6 +61,9 @@ class GraphReport:
                          f"{f', {ops} branch operands' if ops is not None else ''}")
             if c.get("dynamic_sizes"):
                 lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
+            if c.get("specialized_floats"):
+                floats = ", ".join(f"{k}={v!r}" for k, v in c["specialized_floats"].items())
+                lines.append(f"  block cache: floats made guarded constants (a new value compiles a new graph): {floats}")
             if c.get("runtime_size_checks"):
                 lines.append(f"  runtime size checks (compute branch, torch._check): "
                              f"{'; '.join(c['runtime_size_checks'])}")

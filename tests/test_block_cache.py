@@ -146,29 +146,153 @@ def test_tiny_flux_decisions_and_outputs_equal_the_reference(double, single, cfg
     assert report.cache["num_blocks"] == double + single
 
 
-def test_dynamic_true_finds_both_groups_and_caches_once_floats_are_specialized():
+def test_dynamic_true_finds_both_groups_and_caches_with_its_float_inputs_specialized():
     # dynamic=True (specialize_float off) makes each module's float attributes graph inputs read
     # with .item(); diffusers' attention dispatch reads one such float in block 0 for every block.
     # That read is a scalar, not a block value: discovery still finds the double blocks. A cond
-    # cannot take a float, so the cache is refused with the fix in the message; with
-    # specialize_float the cached decisions equal the reference.
+    # takes no float: the pass makes each one a guarded constant, Dynamo then restarts the frame
+    # with those floats constants (previous test), and the graph it keeps caches: decisions and
+    # outputs equal the reference with no recompile over the trajectory.
+    from torch._dynamo.utils import counters
+
     cfg = RefConfig(threshold=0.35, warmup=2)
     m = tiny_flux(num_layers=1, num_single_layers=3)
+    counters.clear()
     with cdcompile.backend.collect_reports() as reports, torch.no_grad():
-        torch.compile(m, backend="cachedit", dynamic=True, options=_opts(cfg, "eager"))(**_flux_trajectory(m, 1)[0])
-    (report,) = reports
-    assert [(g["name"], g["blocks"]) for g in report.groups] == [
-        ("transformer_blocks", 1), ("single_transformer_blocks", 3)]
-    assert report.cache is None and "specialize_float = True" in report.not_cached[0], report.not_cached
-
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(specialize_float=True):
         c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=True, options=_opts(cfg, "aot_eager"))
         ref = RefCache(cfg)
-        with torch.no_grad():
-            for s, kw in enumerate(_flux_trajectory(m, STEPS)):
-                torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4)
+        for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+            torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4)
+    first, kept = reports
+    for report in reports:
+        assert [(g["name"], g["blocks"]) for g in report.groups] == [
+            ("transformer_blocks", 1), ("single_transformer_blocks", 3)]
+        assert report.cache is not None, report.not_cached
+    assert first.cache["specialized_floats"] and not kept.cache["specialized_floats"]
     assert _cached_steps(m) == _ref_cached(ref) and 0 < len(_ref_cached(ref)) < STEPS
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+class _ScaledBlock(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mod = torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x, temb, scale: float):
+        return x + scale * self.mlp(F.layer_norm(x, x.shape[-1:]) * (1 + self.mod(temb)[:, None]))
+
+
+class _ScaledDiT(torch.nn.Module):
+    """Blocks that read a float argument of the forward (as a LoRA ``scale`` reaches peft's layers)."""
+
+    def __init__(self, dim: int = 16, depth: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in, self.t_embed = torch.nn.Linear(8, dim), torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList(_ScaledBlock(dim) for _ in range(depth))
+        self.proj_out = torch.nn.Linear(dim, 8)
+
+    def forward(self, x, timestep, scale: float = 1.0):
+        return self.proj_out(self.run(self.proj_in(x), self.t_embed(timestep[:, None]), scale))
+
+    def run(self, h, temb, scale, cache: RefCache | None = None, step: int = 0):
+        """The blocks; with ``cache``, DBCache by hand (the eager reference)."""
+        if cache is None:
+            for b in self.blocks:
+                h = b(h, temb, scale)
+            return h
+        h0, h = h, self.blocks[0](h, temb, scale)
+        if cache.decide(step, 0, h - h0):
+            return h + cache.residuals(0)["hidden"]
+        hf = h
+        for b in self.blocks[1:]:
+            h = b(h, temb, scale)
+        cache.store(0, {"hidden": h - hf})
+        return h
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_float_argument_that_changes_between_requests_gets_a_cached_graph_per_value(compiler):
+    # Dynamo compiles the first value as a constant; when it changes, Dynamo recompiles with the
+    # float symbolic (automatic dynamic), which a cond cannot take. The pass specializes it back
+    # with a guard: each value has its own graph with the cache, and a value seen before reuses
+    # its graph. Before, the second graph ran every step without the cache (only a warning said so).
+    from torch._dynamo.utils import counters
+
+    cfg = RefConfig(threshold=0.3, warmup=2)
+    m = _ScaledDiT()
+    counters.clear()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+    with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+        for scale in (1.0, 0.5, 0.25, 0.5):
+            cdcompile.new_request(c)
+            ref = RefCache(cfg)
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                want = m.proj_out(m.run(m.proj_in(x), m.t_embed(t[:, None]), scale, ref, s))
+                torch.testing.assert_close(c(x, t, scale), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda e: f"scale {scale}, step {s}: {e}")
+            assert _cached_steps(m) == _ref_cached(ref) and 0 < len(_ref_cached(ref)) < STEPS, scale
+    assert counters["stats"]["unique_graphs"] == 3  # 1.0, 0.5, 0.25; the second 0.5 reuses its graph
+    assert all(r.cache is not None for r in reports), [r.not_cached for r in reports]
+    # With AOTAutograd (aot_eager, inductor) a float specialized while compiling makes Dynamo
+    # restart the frame with that float a constant from then on (torch's tensorify pass): 0.5 is
+    # specialized here once, its graph is compiled again static, and 0.25 arrives static.
+    specialized = [v for r in reports for v in r.cache["specialized_floats"].values()]
+    assert specialized == ([0.5, 0.25] if compiler == "eager" else [0.5])
+
+
+def test_dbprune_specializes_a_changing_float_argument_once_for_all_its_blocks():
+    # Every prunable block's cond reads the same float: one guarded constant serves them all.
+    from dbprune_reference import PruneConfig, RefPrune
+
+    cfg = PruneConfig(threshold=0.3, warmup=2)
+    m = _ScaledDiT()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options("eager"))
+    with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+        for scale in (1.0, 0.5):
+            cdcompile.new_request(c)
+            ref = RefPrune(cfg, len(m.blocks))
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                h, temb = m.proj_in(x), m.t_embed(t[:, None])
+                ref.begin(s, 0)
+                for b, block in enumerate(m.blocks):
+                    if ref.prune(b, h):
+                        h = h + ref.residuals(b)["hidden"]
+                    else:
+                        out = block(h, temb, scale)
+                        ref.store(b, h, {"hidden": out - h})
+                        h = out
+                ref.end()
+                torch.testing.assert_close(c(x, t, scale), m.proj_out(h), rtol=1e-5, atol=1e-5,
+                                           msg=lambda e: f"scale {scale}, step {s}: {e}")
+            assert any(pruned for _, _, pruned in ref.decisions), scale
+    assert [list(r.cache["specialized_floats"].values()) for r in reports] == [[], [0.5]]
+
+
+def test_a_lora_adapted_flux_caches_like_the_reference_at_each_lora_scale():
+    # peft's LoRA layers (lora_A/lora_B module dicts inside every projection) leave the block
+    # structure to discover; the LoRA scale diffusers passes through joint_attention_kwargs is a
+    # float the second scale makes symbolic (previous test).
+    from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+    from peft import LoraConfig
+
+    cfg = RefConfig(threshold=0.35, warmup=2)
+    m = tiny_flux(num_layers=2, num_single_layers=3)
+    m.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]))
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+    with torch.no_grad():
+        for scale in (1.0, 0.5):
+            cdcompile.new_request(c)
+            ref = RefCache(cfg)
+            for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+                got = c(**kw, joint_attention_kwargs={"scale": scale})[0]
+                scale_lora_layers(m, scale)
+                want = run_flux(m, kw, ref, s)
+                unscale_lora_layers(m, scale)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda e: f"scale {scale}, step {s}: {e}")
+            assert _cached_steps(m) == _ref_cached(ref) and 0 < len(_ref_cached(ref)) < STEPS, scale
 
 
 def test_zero_graph_breaks_and_recompiles_over_three_requests_of_twenty_steps():

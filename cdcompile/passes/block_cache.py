@@ -311,12 +311,13 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         size_sources=sources)
+    inputs, floats = specialize_floats(inputs)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs),
-                    "dynamic_sizes": describe_sizes(nodes, sources)}
+                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
     if checked:
         report.cache["runtime_size_checks"] = [
             f"{label} dim {d}: {_fx.fake_value(o).shape[d]} == {_fx.fake_value(e).shape[d]}"
@@ -375,6 +376,14 @@ def _region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node],
     # be tensors.
     for n in list(region):
         if n.target is operator.getitem and n.args[0] not in m_nodes and not _is_view(n.args[0]):
+            region.remove(n)
+            m_nodes.discard(n)
+    # A float Dynamo made symbolic but knows the value of (an unspecialized float input read with
+    # .item(), a norm's eps under dynamic=True) reads no tensor the region computes: it stays
+    # outside, becomes an operand, and specialize_floats makes it a guarded constant. Inside a
+    # branch its .item() would be a data-dependent read.
+    for n in list(region):
+        if _specializable(_fx.fake_value(n)) and not any(a in m_nodes for a in n.all_input_nodes):
             region.remove(n)
             m_nodes.discard(n)
     return region, m_nodes
@@ -563,19 +572,54 @@ def _operands(region, m_nodes, extra, order, fresh=frozenset()):
 
 def _non_operand(inputs: list[fx.Node]) -> str | None:
     """The first input a cond cannot take, described; torch.cond takes tensors and SymInts (an
-    unbacked size under ``capture_scalar_outputs``)."""
+    unbacked size under ``capture_scalar_outputs``). A float Dynamo made symbolic but knows the
+    value of is taken too: :func:`specialize_floats` makes it a guarded constant."""
     for a in inputs:
         v = _fx.fake_value(a)
-        if isinstance(v, torch.SymFloat):
-            # torch.compile(dynamic=True) with specialize_float off (2.13's default) makes every float
-            # a module holds (a norm's eps, a dropout p) a graph input read with .item().
-            return (f"{a.name}, a symbolic float (SymFloat), which a cond cannot take; with "
-                    f"torch.compile(dynamic=True) Dynamo makes float attributes such as a norm's eps "
-                    f"graph inputs: set torch._dynamo.config.specialize_float = True, or compile with "
-                    f"dynamic=None (sizes become symbolic when they change)")
-        if not isinstance(v, (torch.Tensor, torch.SymInt)):
+        if isinstance(v, torch.SymFloat) and not _specializable(v):
+            if not v.node.has_hint():
+                return (f"{a.name}, a float computed from tensor data (SymFloat, e.g. x.item() under "
+                        f"capture_scalar_outputs), which a cond cannot take and which has no value at "
+                        f"compile time to specialize on")
+            return (f"{a.name}, a float computed from symbolic sizes ({v.node.expr}), which a cond "
+                    f"cannot take; specializing it would fix those sizes: compile with dynamic=False")
+        if not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat)):
             return f"{a.name}, which is neither a tensor nor a SymInt ({type(v).__name__})"
     return None
+
+
+def _specializable(v) -> bool:
+    """A symbolic float of float inputs only (no size symbol, no data-dependent read): its value is
+    known at compile time and guarding on it fixes no size."""
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    return (isinstance(v, torch.SymFloat) and v.node.has_hint()
+            and all(symbol_is_type(x, SymT.FLOAT) for x in v.node.expr.free_symbols))
+
+
+def specialize_floats(inputs: list[fx.Node]) -> tuple[list[fx.Node], dict[str, float]]:
+    """Replace each symbolic float among the branch operands by its value, with a Dynamo guard.
+
+    Dynamo makes a float input symbolic once its value changes between calls (2.13 leaves floats
+    unspecialized: a LoRA ``scale`` in ``joint_attention_kwargs``, a module float under
+    ``dynamic=True``), and a cond takes no float. Specializing it here adds the guard ``value ==
+    v`` to the ShapeEnv, which Dynamo turns into guards of this graph once the backend returns, so
+    a new value compiles a new graph (with its cache) instead of reusing this one. Returns the
+    remaining operands and {operand name: value}."""
+    kept, done = [], {}
+    for a in inputs:
+        v = _fx.fake_value(a)
+        if not _specializable(v):
+            kept.append(a)
+            continue
+        value = v.node.guard_float(__file__, 0)
+        for user in list(a.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is a else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is a else n)
+        done[a.name] = value
+        if not a.users and a.op != "placeholder":
+            a.graph.erase_node(a)
+    return kept, done
 
 
 def _symbol_operands(inputs: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:

@@ -47,7 +47,7 @@ from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
                           _getitem, _index_slot, _non_operand, _operands, _region, _stream_plan,
-                          describe_sizes, size_sources)
+                          describe_sizes, size_sources, specialize_floats)
 
 
 @dataclasses.dataclass
@@ -108,6 +108,11 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         residuals=[], key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         prune_blocks=[r.plan for r in rewrites], size_sources=sources)
+    # Blocks share operands (a float every block reads): specialize each node once.
+    kept, floats = specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
+    kept = set(kept)
+    for r in rewrites:
+        r.inputs = [a for a in r.inputs if a in kept]
     _emit(gm, rewrites, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": sorted({label for r in rewrites for label, _, _ in r.pairs}),
@@ -115,7 +120,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
-                    "dynamic_sizes": describe_sizes(nodes, sources)}
+                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
     return None
 
 
