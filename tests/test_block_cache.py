@@ -242,6 +242,29 @@ def test_a_float_argument_that_changes_between_requests_gets_a_cached_graph_per_
     assert specialized == ([0.5, 0.25] if compiler == "eager" else [0.5])
 
 
+class _SizeScaledDiT(_ScaledDiT):
+    def forward(self, x, timestep):
+        return super().forward(x, timestep, x.shape[1] ** -0.5)
+
+
+def test_a_float_of_symbolic_sizes_refuses_the_cache_and_dynamic_false_caches_each_size():
+    # Specializing a float made of sizes would fix those sizes in a graph compiled to vary them.
+    cfg = RefConfig(threshold=0.3, warmup=2)
+    m = _SizeScaledDiT()
+    x, t = _seq_trajectory()[0]
+    wider = torch.cat([x, x[:, :2]], dim=1)
+    for dynamic, cached in ((None, [True, False]), (False, [True, True])):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", dynamic=dynamic, options=_opts(cfg))
+        with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+            for inp in (x, wider):
+                torch.testing.assert_close(c(inp, t), m(inp, t))
+        assert [r.cache is not None for r in reports] == cached, dynamic
+        if dynamic is None:
+            assert "a float computed from symbolic sizes" in reports[1].not_cached[0]
+            assert "dynamic=False" in reports[1].not_cached[0]
+
+
 def test_dbprune_specializes_a_changing_float_argument_once_for_all_its_blocks():
     # Every prunable block's cond reads the same float: one guarded constant serves them all.
     from dbprune_reference import PruneConfig, RefPrune
