@@ -792,6 +792,42 @@ def test_a_stream_leaving_with_an_unbacked_length_is_checked_at_run_time_and_cac
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
 
 
+def test_dbprune_checks_each_unbacked_block_exit_at_run_time_and_prunes_as_the_reference():
+    # DBPrune gets DBCache's run-time check per block: each slice block's exit (an unbacked length)
+    # leaves its cond with its entry's shape, which the next block's anchor and residual take; the
+    # size checks Dynamo placed right after each slice follow that block's cond.
+    from dbprune_reference import PruneConfig, RefPrune
+
+    cfg = PruneConfig(threshold=0.05, warmup=2)
+    m = _JointSliceDiT()
+    text = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([1, 1, 1, 1, 0, 0])
+    blocks = [*m.pre, *m.blocks]
+    ref = RefPrune(cfg, len(blocks))
+    with cdcompile.backend.collect_reports() as reports, \
+            torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options("aot_eager"))
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                temb, h = _ValidContextDiT.embed(m, x, t)
+                cut = text[:, :int(mask.sum())]
+                ref.begin(s, 0)
+                for b, block in enumerate(blocks):
+                    if ref.prune(b, h):
+                        h = h + ref.residuals(b)["hidden"]
+                    else:
+                        out = block(h, temb, cut)
+                        ref.store(b, h, {"hidden": out - h})
+                        h = out
+                ref.end()
+                torch.testing.assert_close(c(x, t, text, mask), m.proj_out(h), rtol=1e-5, atol=1e-6,
+                                           msg=lambda e: f"step {s}: {e}")
+    (r,) = reports
+    assert r.cache is not None and r.cache["prunable_blocks"] == [1, 2, 3, 4], r.not_cached
+    pruned = [p for _, _, p in ref.decisions]
+    assert [] in pruned[2:] and [1, 2, 3, 4] in pruned, pruned
+
+
 class _ChannelsFirstDiT(SequentialDiT):
     """SequentialDiT fed channels-first, ``(batch, dim, tokens)``: its stream starts as
     ``x.transpose(1, 2) + temb``, whose eager strides are transposed, as HunyuanVideo 1.5's are after

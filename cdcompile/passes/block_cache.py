@@ -727,10 +727,17 @@ def size_sources(nodes: list[fx.Node], values: list[torch.Tensor]) -> dict[Any, 
         for dim, d in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
             if isinstance(d, torch.SymInt) and d.node.expr in symbols:
                 found.setdefault(d.node.expr, (k, dim))
-    missing = sorted(map(str, symbols - set(found)))
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    missing = symbols - set(found)
+    data = sorted(str(x) for x in missing if free_unbacked_symbols(x))
+    if data:  # dynamic=False does not fix these: they come from tensor values
+        return (f"the cache state's shapes hold sizes {data} read from tensor data (under "
+                f"capture_scalar_outputs / capture_dynamic_output_shape_ops), which no input's shape "
+                f"holds, so the state cannot be allocated before the call")
     if missing:
-        return (f"the cache state's shapes hold dynamic sizes {missing} that are no input's size; compile "
-                f"with dynamic=False")
+        return (f"the cache state's shapes hold dynamic sizes {sorted(map(str, missing))} that are no "
+                f"input's size; compile with dynamic=False")
     return found
 
 

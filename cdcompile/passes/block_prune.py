@@ -45,9 +45,9 @@ import torch.fx as fx
 from .. import guard
 from ..distributed import ulysses
 from . import _fx
-from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _describe, _find_timestep,
-                          _getitem, _index_slot, _non_operand, _operands, _region, _stream_plan,
-                          describe_sizes, size_sources, specialize_floats)
+from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _checked_exit,
+                          _data_dependent_dims, _describe, _find_timestep, _getitem, _index_slot, _non_operand,
+                          _operands, _region, _stream_plan, describe_sizes, size_sources, specialize_floats)
 
 
 @dataclasses.dataclass
@@ -60,6 +60,10 @@ class _BlockRewrite:
     pairs: list[tuple[str, fx.Node, fx.Node]]  # (label, entry, exit)
     hidden: fx.Node  # the block's hidden input: the decision signal
     where: str  # "block 3 (single_transformer_blocks.1)", for messages
+    # exit -> dims equal to the entry's only at run time (block_cache._data_dependent_dims)
+    checked: dict[fx.Node, list[int]] = dataclasses.field(default_factory=dict)
+    # a size of an exit read after the block (a check Dynamo placed on a slice): node -> (exit, dim)
+    exit_sizes: dict[fx.Node, tuple[fx.Node, int]] = dataclasses.field(default_factory=dict)
 
 
 def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | None:
@@ -86,13 +90,24 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         if isinstance(found, str):
             return found
         rewrites.append(found)
+    # A checked exit leaves its cond with its entry's shape; the blocks after it read that shape.
+    shape_of: dict[fx.Node, torch.Tensor] = {}
+    state_values: list[torch.Tensor] = []  # what the state is allocated for
+    for r in rewrites:
+        for _, e, o in r.pairs:
+            if o in r.checked or (e in shape_of and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(o))):
+                shape_of[o] = shape_of.get(e, _fx.fake_value(e))
+        anchor = shape_of.get(r.hidden, _fx.fake_value(r.hidden))
+        residuals = [shape_of.get(o, _fx.fake_value(o)) for _, _, o in r.pairs]
+        r.plan.anchor = _stream_plan("hidden", anchor)
+        r.plan.residuals = [_stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)]
+        state_values += [anchor, *residuals]
     fresh = {o for r in rewrites for _, _, o in r.pairs}
     for r in rewrites:
         reason = _operands_of(r, order, fresh)
         if reason is not None:
             return reason
-    sources = size_sources(nodes, [_fx.fake_value(r.hidden) for r in rewrites] + [
-        _fx.fake_value(o) for r in rewrites for _, _, o in r.pairs])
+    sources = size_sources(nodes, state_values)
     if isinstance(sources, str):
         return sources
 
@@ -134,7 +149,11 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
     region, members = found
     exit_label = {s.outputs[i]: s.label for s in g.streams if s.outputs[i] is not None}
     pairs = []
-    for out in (x for x in region if any(u not in members for u in x.users)):
+    checked: dict[fx.Node, list[int]] = {}
+    outputs = [x for x in region if any(u not in members for u in x.users)]
+    exit_sizes = {x: (x.args[0], x.args[1]) for x in outputs
+                  if x.target is torch.ops.aten.sym_size.int and x.args[0] in exit_label}
+    for out in (x for x in outputs if x not in exit_sizes):
         label = exit_label.get(out)
         if label is None:
             users = ", ".join(u.name for u in out.users if u not in members)
@@ -142,16 +161,20 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
                     f"streams; the block cannot be pruned")
         entry = _boundary(g, i, label, before=True)
         ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        if entry is None or not _fx.same_meta(ev, xv):
+        dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
+        if entry is None or dims is None:
             return (f"stream {label!r} leaves {where} as {_describe(xv)} but enters as "
                     f"{_describe(ev)}: no residual to reuse")
+        if dims:
+            checked[out] = dims
         pairs.append((label, entry, out))
     hidden = _boundary(g, i, "hidden", before=True)
     if hidden is None or not isinstance(_fx.fake_value(hidden), torch.Tensor):
         return f"{where} has no hidden input to compare"
+    # Shapes as traced; rewrite() sets them to what the conds before this block leave.
     plan = PruneBlockPlan(index=b, anchor=_stream_plan("hidden", _fx.fake_value(hidden)),
                           residuals=[_stream_plan(_ident(label), _fx.fake_value(o)) for label, _, o in pairs])
-    return _BlockRewrite(plan, region, members, [], [], pairs, hidden, where)
+    return _BlockRewrite(plan, region, members, [], [], pairs, hidden, where, checked, exit_sizes)
 
 
 def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
@@ -184,6 +207,7 @@ def _emit(gm, rewrites: list[_BlockRewrite], timestep, plan, cfg) -> None:
     at_end = {r.region[-1]: r for r in rewrites}
     call = new.call_function
     guard_state = {}
+    waiting: list[fx.Node] = []  # nodes that read an exit of a block whose cond comes later
     for x in old.nodes:
         if x.op == "placeholder":
             continue
@@ -202,8 +226,18 @@ def _emit(gm, rewrites: list[_BlockRewrite], timestep, plan, cfg) -> None:
                 for m in new.nodes:
                     if m not in before:
                         m.meta["cdcompile_pass"] = "block_cache"
+                # Nodes placed before the block's last node that read its exits (a size check
+                # Dynamo put right after a slice) follow its cond.
+                while waiting and all(a in env for a in waiting[0].all_input_nodes):
+                    y = waiting.pop(0)
+                    env[y] = new.node_copy(y, env.__getitem__)
+            continue
+        if waiting or not all(a in env for a in x.all_input_nodes):
+            waiting.append(x)
             continue
         env[x] = new.node_copy(x, env.__getitem__)
+    if waiting:
+        raise AssertionError(f"cachedit: block_prune left {[y.name for y in waiting]} unplaced")
     gm.graph = new
 
 
@@ -237,7 +271,9 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
 
     pairs = r.pairs
     compute_gm = _branch(gm, r.inputs, r.pulled, len(pairs), r.region,
-                         lambda bg, benv, res: [benv[o] for _, _, o in pairs], f"ComputeBlock{b}", coef=False)
+                         lambda bg, benv, res: [_checked_exit(bg, benv[o], benv[e], r.checked[o], _fx.fake_value(e))
+                                                if o in r.checked else benv[o] for _, e, o in pairs],
+                         f"ComputeBlock{b}", coef=False)
     reuse_gm = _branch(gm, r.inputs, r.pulled, len(pairs), [],
                        lambda bg, benv, res: [bg.call_function(torch.add, (benv[e], res[k]))
                                               for k, (_, e, _) in enumerate(pairs)], f"ReuseBlock{b}", coef=False)
@@ -248,5 +284,8 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
                                               g.get_attr(f"cdcompile_compute_block{b}"), operands))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
+    for size, (out, dim) in r.exit_sizes.items():
+        env[size] = call(torch.ops.aten.sym_size.int, (env[out], dim))
+    for k, (_, entry, out) in enumerate(pairs):
         call(guard.prune_commit_residual, (prune, gs["idx"], res_slots[k], env[out], env[entry], st[names[k]]))
     call(guard.prune_commit_block, (prune, gs["idx"], h, a, st[r.plan.anchor_name]))
