@@ -138,29 +138,37 @@ class RefCache:
         st.used.append((self.decisions[-1][0], residuals))
 
 
+def sequential_temb(model, x, t):
+    """cdcompile.testing.SequentialDiT's timestep embedding."""
+    half = model.proj_in.out_features // 2
+    angles = t.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+    return model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
+
+
 def run_sequential_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
     """cdcompile.testing.SequentialDiT's forward with DBCache over ``model.blocks``."""
-    c = cache.cfg
-    half = model.proj_in.out_features // 2
-    freqs = torch.exp(-9.21 * torch.arange(half) / half)
-    angles = t.reshape(-1, 1).float() * 1000 * freqs
-    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
-    h = model.proj_in(x)
-    blocks = list(model.blocks)
+    temb = sequential_temb(model, x, t)
+    h = cache_blocks(cache, model.blocks, model.proj_in(x), lambda block, h: block(h, temb), step, slot)
+    return model.proj_out(h)
+
+
+def cache_blocks(cache: RefCache, blocks, h: torch.Tensor, run, step: int, slot: int = 0) -> torch.Tensor:
+    """DBCache over one hidden stream: ``run(block, h)`` computes a block."""
+    c, blocks = cache.cfg, list(blocks)
     n = len(blocks)
     h0 = h
     for b in blocks[:c.Fn]:
-        h = b(h, temb)
+        h = run(b, h)
     if cache.decide(step, slot, h - h0):
         h = h + cache.residuals(slot)["hidden"]
     else:
         hf = h
         for b in blocks[c.Fn:n - c.Bn]:
-            h = b(h, temb)
+            h = run(b, h)
         cache.store(slot, {"hidden": h - hf})
     for b in blocks[n - c.Bn:]:
-        h = b(h, temb)
-    return model.proj_out(h)
+        h = run(b, h)
+    return h
 
 
 def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):

@@ -11,6 +11,8 @@ import dataclasses
 
 import torch
 
+from dbcache_reference import sequential_temb
+
 
 @dataclasses.dataclass
 class PruneConfig:
@@ -99,22 +101,24 @@ class RefPrune:
             st.run = 0
 
 
-def run_sequential_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
-    """cdcompile.testing.SequentialDiT's forward with DBPrune over ``model.blocks``."""
-    half = model.proj_in.out_features // 2
-    freqs = torch.exp(-9.21 * torch.arange(half) / half)
-    angles = t.reshape(-1, 1).float() * 1000 * freqs
-    temb = model.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
-    h = model.proj_in(x)
+def prune_blocks(ref: RefPrune, blocks, h: torch.Tensor, run, step: int, slot: int = 0) -> torch.Tensor:
+    """DBPrune over one hidden stream: ``run(block, h)`` computes a block."""
     ref.begin(step, slot)
-    for b, block in enumerate(model.blocks):
+    for b, block in enumerate(blocks):
         if ref.prune(b, h):
             h = h + ref.residuals(b)["hidden"]
         else:
-            out = block(h, temb)
+            out = run(block, h)
             ref.store(b, h, {"hidden": out - h})
             h = out
     ref.end()
+    return h
+
+
+def run_sequential_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
+    """cdcompile.testing.SequentialDiT's forward with DBPrune over ``model.blocks``."""
+    temb = sequential_temb(model, x, t)
+    h = prune_blocks(ref, model.blocks, model.proj_in(x), lambda block, h: block(h, temb), step, slot)
     return model.proj_out(h)
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import cdcompile
 from cdcompile import guard
 from cdcompile.testing import SeqBlock, SequentialDiT, flux_inputs, tiny_flux
-from dbcache_reference import RefCache, RefConfig, run_flux, run_sequential_dit
+from dbcache_reference import RefCache, RefConfig, cache_blocks, run_flux, run_sequential_dit
 
 STEPS = 10
 
@@ -196,22 +196,10 @@ class _ScaledDiT(torch.nn.Module):
         self.proj_out = torch.nn.Linear(dim, 8)
 
     def forward(self, x, timestep, scale: float = 1.0):
-        return self.proj_out(self.run(self.proj_in(x), self.t_embed(timestep[:, None]), scale))
-
-    def run(self, h, temb, scale, cache: RefCache | None = None, step: int = 0):
-        """The blocks; with ``cache``, DBCache by hand (the eager reference)."""
-        if cache is None:
-            for b in self.blocks:
-                h = b(h, temb, scale)
-            return h
-        h0, h = h, self.blocks[0](h, temb, scale)
-        if cache.decide(step, 0, h - h0):
-            return h + cache.residuals(0)["hidden"]
-        hf = h
-        for b in self.blocks[1:]:
+        h, temb = self.proj_in(x), self.t_embed(timestep[:, None])
+        for b in self.blocks:
             h = b(h, temb, scale)
-        cache.store(0, {"hidden": h - hf})
-        return h
+        return self.proj_out(h)
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
@@ -231,8 +219,9 @@ def test_a_float_argument_that_changes_between_requests_gets_a_cached_graph_per_
             cdcompile.new_request(c)
             ref = RefCache(cfg)
             for s, (x, t) in enumerate(_seq_trajectory()):
-                want = m.proj_out(m.run(m.proj_in(x), m.t_embed(t[:, None]), scale, ref, s))
-                torch.testing.assert_close(c(x, t, scale), want, rtol=1e-5, atol=1e-5,
+                temb = m.t_embed(t[:, None])
+                want = m.proj_out(cache_blocks(ref, m.blocks, m.proj_in(x), lambda b, h: b(h, temb, scale), s))
+                torch.testing.assert_close(c(x, t, scale), want, rtol=1e-5, atol=1e-6,
                                            msg=lambda e: f"scale {scale}, step {s}: {e}")
             assert _cached_steps(m) == _ref_cached(ref) and 0 < len(_ref_cached(ref)) < STEPS, scale
     assert counters["stats"]["unique_graphs"] == 3  # 1.0, 0.5, 0.25; the second 0.5 reuses its graph
@@ -271,7 +260,7 @@ def test_a_float_of_symbolic_sizes_refuses_the_cache_and_dynamic_false_caches_ea
 
 def test_dbprune_specializes_a_changing_float_argument_once_for_all_its_blocks():
     # Every prunable block's cond reads the same float: one guarded constant serves them all.
-    from dbprune_reference import PruneConfig, RefPrune
+    from dbprune_reference import PruneConfig, RefPrune, prune_blocks
 
     cfg = PruneConfig(threshold=0.3, warmup=2)
     m = _ScaledDiT()
@@ -281,17 +270,9 @@ def test_dbprune_specializes_a_changing_float_argument_once_for_all_its_blocks()
             cdcompile.new_request(c)
             ref = RefPrune(cfg, len(m.blocks))
             for s, (x, t) in enumerate(_seq_trajectory()):
-                h, temb = m.proj_in(x), m.t_embed(t[:, None])
-                ref.begin(s, 0)
-                for b, block in enumerate(m.blocks):
-                    if ref.prune(b, h):
-                        h = h + ref.residuals(b)["hidden"]
-                    else:
-                        out = block(h, temb, scale)
-                        ref.store(b, h, {"hidden": out - h})
-                        h = out
-                ref.end()
-                torch.testing.assert_close(c(x, t, scale), m.proj_out(h), rtol=1e-5, atol=1e-5,
+                temb = m.t_embed(t[:, None])
+                h = prune_blocks(ref, m.blocks, m.proj_in(x), lambda block, h: block(h, temb, scale), s)
+                torch.testing.assert_close(c(x, t, scale), m.proj_out(h), rtol=1e-5, atol=1e-6,
                                            msg=lambda e: f"scale {scale}, step {s}: {e}")
             assert any(pruned for _, _, pruned in ref.decisions), scale
     assert [list(r.cache["specialized_floats"].values()) for r in reports] == [[], [0.5]]
@@ -800,7 +781,7 @@ def test_dbprune_checks_each_unbacked_block_exit_at_run_time_and_prunes_as_the_r
     # DBPrune gets DBCache's run-time check per block: each slice block's exit (an unbacked length)
     # leaves its cond with its entry's shape, which the next block's anchor and residual take; the
     # size checks Dynamo placed right after each slice follow that block's cond.
-    from dbprune_reference import PruneConfig, RefPrune
+    from dbprune_reference import PruneConfig, RefPrune, prune_blocks
 
     cfg = PruneConfig(threshold=0.05, warmup=2)
     m = _JointSliceDiT()
@@ -815,15 +796,7 @@ def test_dbprune_checks_each_unbacked_block_exit_at_run_time_and_prunes_as_the_r
             for s, (x, t) in enumerate(_seq_trajectory()):
                 temb, h = _ValidContextDiT.embed(m, x, t)
                 cut = text[:, :int(mask.sum())]
-                ref.begin(s, 0)
-                for b, block in enumerate(blocks):
-                    if ref.prune(b, h):
-                        h = h + ref.residuals(b)["hidden"]
-                    else:
-                        out = block(h, temb, cut)
-                        ref.store(b, h, {"hidden": out - h})
-                        h = out
-                ref.end()
+                h = prune_blocks(ref, blocks, h, lambda block, h: block(h, temb, cut), s)
                 torch.testing.assert_close(c(x, t, text, mask), m.proj_out(h), rtol=1e-5, atol=1e-6,
                                            msg=lambda e: f"step {s}: {e}")
     (r,) = reports

@@ -254,35 +254,12 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     if isinstance(found, str):
         return found
     region, m_nodes = found
-    outputs = [n for n in region if any(u not in m_nodes for u in n.users)]
-
-    # Each output must be a stream value at M's exit with a same-label, same-shape entry.
-    exit_label = {}
-    for s in gx.streams:
-        if s.outputs[i_x] is not None:
-            exit_label[s.outputs[i_x]] = s.label
-    # A size of a stream's exit read after M (a check Dynamo placed there on a slice of the output)
-    # is read again from the cond's result: sym_size node -> (exit, dim).
-    exit_sizes = {n: (n.args[0], n.args[1]) for n in outputs
-                  if n.target is torch.ops.aten.sym_size.int and n.args[0] in exit_label}
-    outputs = [n for n in outputs if n not in exit_sizes]
-    pairs = []
-    checked: dict[fx.Node, list[int]] = {}  # exit -> dims equal to the entry's only at run time
-    for out in outputs:
-        label = exit_label.get(out)
-        if label is None:
-            users = ", ".join(u.name for u in out.users if u not in m_nodes)
-            return (f"{out.name}, computed in the middle blocks, is read by {users} "
-                    f"other than through the streams; the middle blocks cannot be skipped")
-        entry = _boundary(gm_first, i_m, label, before=True)
-        ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
-        if entry is None or dims is None:
-            return (f"stream {label!r} leaves the middle blocks as {_describe(xv)} but enters "
-                    f"as {_describe(ev)}: no residual to cache")
-        if dims:
-            checked[out] = dims
-        pairs.append((label, entry, out))
+    exit_label = {s.outputs[i_x]: s.label for s in gx.streams if s.outputs[i_x] is not None}
+    found = _pair_exits(region, m_nodes, exit_label, lambda label: _boundary(gm_first, i_m, label, before=True),
+                        "the middle blocks", "the middle blocks cannot be skipped")
+    if isinstance(found, str):
+        return found
+    pairs, checked, exit_sizes = found
     inputs, pulled = _operands(region, m_nodes, [e for _, e, _ in pairs], order)
     bad = _non_operand(inputs)
     if bad is not None:
@@ -664,6 +641,36 @@ def _bind_symbol(n: fx.Node, path) -> fx.Node | None:
             made.meta.update(example_value=value.storage_offset(), cdcompile_symbol=path)
             return made
     return None
+
+
+def _pair_exits(region: list[fx.Node], members: set[fx.Node], exit_label: dict[fx.Node, str], entry_of,
+                what: str, consequence: str):
+    """Pair each value ``region`` leaves with the entry of its stream (``entry_of(label)``).
+
+    Returns ``(pairs, checked, exit_sizes)`` or why not: ``pairs`` = [(label, entry, exit)];
+    ``checked`` = exit -> dims equal to the entry's only at run time (:func:`_data_dependent_dims`);
+    ``exit_sizes`` = a size of an exit read after the region (a check Dynamo placed on a slice),
+    read again from the cond's result: sym_size node -> (exit, dim). ``what`` names the region and
+    ``consequence`` ends the message for a value read other than through the streams."""
+    outputs = [n for n in region if any(u not in members for u in n.users)]
+    exit_sizes = {n: (n.args[0], n.args[1]) for n in outputs
+                  if n.target is torch.ops.aten.sym_size.int and n.args[0] in exit_label}
+    pairs = []
+    checked: dict[fx.Node, list[int]] = {}
+    for out in (n for n in outputs if n not in exit_sizes):
+        label = exit_label.get(out)
+        if label is None:
+            users = ", ".join(u.name for u in out.users if u not in members)
+            return f"{out.name}, computed in {what}, is read by {users} other than through the streams; {consequence}"
+        entry = entry_of(label)
+        ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
+        dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
+        if entry is None or dims is None:
+            return f"stream {label!r} leaves {what} as {_describe(xv)} but enters as {_describe(ev)}: no residual to reuse"
+        if dims:
+            checked[out] = dims
+        pairs.append((label, entry, out))
+    return pairs, checked, exit_sizes
 
 
 def _data_dependent_dims(entry: Any, exit_: Any) -> list[int] | None:

@@ -46,13 +46,13 @@ from .. import guard
 from ..distributed import ulysses
 from . import _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _checked_exit,
-                          _data_dependent_dims, _describe, _find_timestep, _getitem, _index_slot, _non_operand,
-                          _operands, _region, _stream_plan, describe_sizes, size_sources, specialize_floats)
+                          _find_timestep, _getitem, _index_slot, _non_operand, _operands, _pair_exits, _region,
+                          _stream_plan, describe_sizes, size_sources, specialize_floats)
 
 
 @dataclasses.dataclass
 class _BlockRewrite:
-    plan: PruneBlockPlan
+    index: int  # position in the stack
     region: list[fx.Node]
     members: set[fx.Node]
     pulled: list[fx.Node]  # view nodes replayed inside the branches
@@ -64,6 +64,7 @@ class _BlockRewrite:
     checked: dict[fx.Node, list[int]] = dataclasses.field(default_factory=dict)
     # a size of an exit read after the block (a check Dynamo placed on a slice): node -> (exit, dim)
     exit_sizes: dict[fx.Node, tuple[fx.Node, int]] = dataclasses.field(default_factory=dict)
+    plan: PruneBlockPlan | None = None  # its state, once rewrite() knows the shapes the conds before it leave
 
 
 def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | None:
@@ -99,8 +100,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                 shape_of[o] = shape_of.get(e, _fx.fake_value(e))
         anchor = shape_of.get(r.hidden, _fx.fake_value(r.hidden))
         residuals = [shape_of.get(o, _fx.fake_value(o)) for _, _, o in r.pairs]
-        r.plan.anchor = _stream_plan("hidden", anchor)
-        r.plan.residuals = [_stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)]
+        r.plan = PruneBlockPlan(index=r.index, anchor=_stream_plan("hidden", anchor), residuals=[
+            _stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)])
         state_values += [anchor, *residuals]
     fresh = {o for r in rewrites for _, _, o in r.pairs}
     for r in rewrites:
@@ -148,33 +149,15 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
         return found
     region, members = found
     exit_label = {s.outputs[i]: s.label for s in g.streams if s.outputs[i] is not None}
-    pairs = []
-    checked: dict[fx.Node, list[int]] = {}
-    outputs = [x for x in region if any(u not in members for u in x.users)]
-    exit_sizes = {x: (x.args[0], x.args[1]) for x in outputs
-                  if x.target is torch.ops.aten.sym_size.int and x.args[0] in exit_label}
-    for out in (x for x in outputs if x not in exit_sizes):
-        label = exit_label.get(out)
-        if label is None:
-            users = ", ".join(u.name for u in out.users if u not in members)
-            return (f"{out.name}, computed in {where}, is read by {users} other than through the "
-                    f"streams; the block cannot be pruned")
-        entry = _boundary(g, i, label, before=True)
-        ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
-        dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
-        if entry is None or dims is None:
-            return (f"stream {label!r} leaves {where} as {_describe(xv)} but enters as "
-                    f"{_describe(ev)}: no residual to reuse")
-        if dims:
-            checked[out] = dims
-        pairs.append((label, entry, out))
+    found = _pair_exits(region, members, exit_label, lambda label: _boundary(g, i, label, before=True),
+                        where, "the block cannot be pruned")
+    if isinstance(found, str):
+        return found
+    pairs, checked, exit_sizes = found
     hidden = _boundary(g, i, "hidden", before=True)
     if hidden is None or not isinstance(_fx.fake_value(hidden), torch.Tensor):
         return f"{where} has no hidden input to compare"
-    # Shapes as traced; rewrite() sets them to what the conds before this block leave.
-    plan = PruneBlockPlan(index=b, anchor=_stream_plan("hidden", _fx.fake_value(hidden)),
-                          residuals=[_stream_plan(_ident(label), _fx.fake_value(o)) for label, _, o in pairs])
-    return _BlockRewrite(plan, region, members, [], [], pairs, hidden, where, checked, exit_sizes)
+    return _BlockRewrite(b, region, members, [], [], pairs, hidden, where, checked, exit_sizes)
 
 
 def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
