@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
+# Two pytest-xdist workers, one per core, each taking whole files (--dist loadfile): a file's
+# module-level results (test_context_parallel's spawned ranks) are then computed once.
+# `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(VPY) bench/demo.py

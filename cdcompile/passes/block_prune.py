@@ -44,10 +44,9 @@ import torch.fx as fx
 
 from .. import guard
 from ..distributed import ulysses
-from . import _fx
-from .block_cache import (CachePlan, PruneBlockPlan, _block_nodes, _boundary, _branch, _checked_exit,
-                          _find_timestep, _getitem, _index_slot, _non_operand, _operands, _pair_exits, _region,
-                          _stream_plan, describe_sizes, size_sources, specialize_floats)
+from . import _branch, _fx
+from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _find_timestep, _getitem, _index_slot,
+                          _stream_plan, describe_sizes, size_sources)
 
 
 @dataclasses.dataclass
@@ -60,7 +59,7 @@ class _BlockRewrite:
     pairs: list[tuple[str, fx.Node, fx.Node]]  # (label, entry, exit)
     hidden: fx.Node  # the block's hidden input: the decision signal
     where: str  # "block 3 (single_transformer_blocks.1)", for messages
-    # exit -> dims equal to the entry's only at run time (block_cache._data_dependent_dims)
+    # exit -> dims equal to the entry's only at run time (_branch.pair_exits)
     checked: dict[fx.Node, list[int]] = dataclasses.field(default_factory=dict)
     # a size of an exit read after the block (a check Dynamo placed on a slice): node -> (exit, dim)
     exit_sizes: dict[fx.Node, tuple[fx.Node, int]] = dataclasses.field(default_factory=dict)
@@ -125,7 +124,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         prune_blocks=[r.plan for r in rewrites], size_sources=sources)
     # Blocks share operands (a float every block reads): specialize each node once.
-    kept, floats = specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
+    kept, floats = _branch.specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
     kept = set(kept)
     for r in rewrites:
         r.inputs = [a for a in r.inputs if a in kept]
@@ -144,13 +143,13 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
     g, i = blocks[b]
     where = f"block {b} ({g.name}.{g.blocks[i].index})"
     sources = tuple(e for s in g.streams if (e := _boundary(g, i, s.label, before=True)) is not None)
-    found = _region(nodes, order, _block_nodes(nodes, [g.blocks[i]]), where, sources)
+    found = _branch.region(nodes, order, _branch.block_nodes(nodes, [g.blocks[i]]), where, sources)
     if isinstance(found, str):
         return found
     region, members = found
     exit_label = {s.outputs[i]: s.label for s in g.streams if s.outputs[i] is not None}
-    found = _pair_exits(region, members, exit_label, lambda label: _boundary(g, i, label, before=True),
-                        where, "the block cannot be pruned")
+    found = _branch.pair_exits(region, members, exit_label, lambda label: _boundary(g, i, label, before=True),
+                               where, "the block cannot be pruned")
     if isinstance(found, str):
         return found
     pairs, checked, exit_sizes = found
@@ -163,8 +162,8 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
 def _operands_of(r: _BlockRewrite, order, fresh: set[fx.Node]) -> str | None:
     # An earlier block's exit is a cond output (a fresh tensor) even where the original was a view
     # (FLUX's single blocks slice text and image tokens out of one tensor): never replay it.
-    r.inputs, r.pulled = _operands(r.region, r.members, [e for _, e, _ in r.pairs], order, fresh)
-    bad = _non_operand(r.inputs)
+    r.inputs, r.pulled = _branch.operands(r.region, r.members, [e for _, e, _ in r.pairs], order, fresh)
+    bad = _branch.non_operand(r.inputs)
     return None if bad is None else f"{r.where} reads {bad}"
 
 
@@ -253,13 +252,15 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     res_slots = [call(_index_slot, (st[name], gs["idx"])) for name in names]
 
     pairs = r.pairs
-    compute_gm = _branch(gm, r.inputs, r.pulled, len(pairs), r.region,
-                         lambda bg, benv, res: [_checked_exit(bg, benv[o], benv[e], r.checked[o], _fx.fake_value(e))
-                                                if o in r.checked else benv[o] for _, e, o in pairs],
-                         f"ComputeBlock{b}", coef=False)
-    reuse_gm = _branch(gm, r.inputs, r.pulled, len(pairs), [],
-                       lambda bg, benv, res: [bg.call_function(torch.add, (benv[e], res[k]))
-                                              for k, (_, e, _) in enumerate(pairs)], f"ReuseBlock{b}", coef=False)
+    compute_gm = _branch.subgraph(
+        gm, r.inputs, r.pulled, len(pairs), r.region,
+        lambda bg, benv, res: [_branch.checked_exit(bg, benv[o], benv[e], r.checked[o], _fx.fake_value(e))
+                               if o in r.checked else benv[o] for _, e, o in pairs],
+        f"ComputeBlock{b}", coef=False)
+    reuse_gm = _branch.subgraph(
+        gm, r.inputs, r.pulled, len(pairs), [],
+        lambda bg, benv, res: [bg.call_function(torch.add, (benv[e], res[k])) for k, (_, e, _) in enumerate(pairs)],
+        f"ReuseBlock{b}", coef=False)
     gm.add_submodule(f"cdcompile_compute_block{b}", compute_gm)
     gm.add_submodule(f"cdcompile_reuse_block{b}", reuse_gm)
     operands = tuple(env[x] for x in r.inputs) + tuple(res_slots)
