@@ -92,6 +92,66 @@ class SequentialDiT(nn.Module):
         return self.proj_out(h)
 
 
+class PairBlock(nn.Module):
+    """A :class:`SeqBlock` that also reads a pair representation (batch, tokens, tokens, 4)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.inner = SeqBlock(dim)
+        self.from_pairs = nn.Linear(4, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, temb) + self.from_pairs(pairs).mean(2)
+
+
+class PairUpdate(nn.Module):
+    """Refreshes the pair representation from the hidden stream (an outer product)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        a = self.fc(x)
+        return pairs + torch.tanh(a[:, :, None] * a[:, None, :])
+
+
+class PairDiT(SequentialDiT):
+    """RFD4 Proteina's trunk in small: every block reads the hidden stream and a pair
+    representation that no block returns; an update module keyed by block index refreshes the
+    pairs after every ``every``-th block (not after the last), and the output reads both."""
+
+    def __init__(self, depth: int = 5, every: int = 2, seed: int = 0):
+        super().__init__(depth=depth, seed=seed)
+        dim = self.proj_in.out_features
+        self.blocks = nn.ModuleList(PairBlock(dim) for _ in range(depth))
+        self.updates = nn.ModuleDict({str(i): PairUpdate(dim) for i in range(0, depth - 1, every)})
+        self.pairs_in = nn.Linear(self.proj_in.in_features, 4)
+        self.pairs_out = nn.Linear(4, self.proj_in.in_features)
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor):
+        """(temb, hidden, pairs) entering the blocks."""
+        half = self.proj_in.out_features // 2
+        freqs = torch.exp(-9.21 * torch.arange(half, device=x.device) / half)
+        angles = timestep.reshape(-1, 1).float() * 1000 * freqs
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
+        return temb, self.proj_in(x), self.pairs_in(x[:, :, None] - x[:, None, :])
+
+    def update(self, i: int, h: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """The pairs after block ``i``."""
+        return self.updates[str(i)](h, pairs) if str(i) in self.updates else pairs
+
+    def head(self, h: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(h) + self.pairs_out(pairs).mean(2)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        temb, h, pairs = self.embed(x, timestep)
+        for i, block in enumerate(self.blocks):
+            h = block(h, temb, pairs)
+            pairs = self.update(i, h, pairs)
+        return self.head(h, pairs)
+
+
 def tiny_flux_pipeline(transformer=None, *, seed: int = 0):
     """A ``FluxPipeline`` over a tiny FLUX transformer and a tiny VAE; no text encoders.
 

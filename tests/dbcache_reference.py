@@ -171,6 +171,38 @@ def cache_blocks(cache: RefCache, blocks, h: torch.Tensor, run, step: int, slot:
     return h
 
 
+def run_pair_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
+    """cdcompile.testing.PairDiT with DBCache over its blocks. The pairs are a carried stream: its
+    value as a block ends is the one the block read, and an update after a block is glue. Updated
+    between M's blocks, the pairs leave M with a residual (M's last value minus the one F's last
+    block read), which absorbs the update between F and M as a returned stream's residual absorbs
+    glue; not updated there, M leaves them as it read them, computed on every step."""
+    c, blocks = cache.cfg, list(model.blocks)
+    n = len(blocks)
+    cached_pairs = any(str(i) in model.updates for i in range(c.Fn, n - c.Bn - 1))
+    temb, h0, p = model.embed(x, t)
+    h = h0
+    for i in range(c.Fn):
+        pf = p
+        h = blocks[i](h, temb, p)
+        p = model.update(i, h, p)
+    hf = h
+    if cache.decide(step, slot, h - h0):
+        r = cache.residuals(slot)
+        h, p = h + r["hidden"], pf + r["carried"] if cached_pairs else p
+    else:
+        for i in range(c.Fn, n - c.Bn):
+            h = blocks[i](h, temb, p)
+            if i < n - c.Bn - 1:
+                p = model.update(i, h, p)
+        cache.store(slot, {"hidden": h - hf, **({"carried": p - pf} if cached_pairs else {})})
+    p = model.update(n - c.Bn - 1, h, p)
+    for i in range(n - c.Bn, n):
+        h = blocks[i](h, temb, p)
+        p = model.update(i, h, p)
+    return model.head(h, p)
+
+
 def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
     """FluxTransformer2DModel's forward (diffusers 0.42) with DBCache over its 2-group stack.
 

@@ -122,6 +122,23 @@ def run_sequential_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
     return model.proj_out(h)
 
 
+def run_pair_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
+    """cdcompile.testing.PairDiT with DBPrune over its blocks: a pruned block adds its hidden
+    residual; the pairs, which no block returns, are updated after it all the same."""
+    temb, h, p = model.embed(x, t)
+    ref.begin(step, slot)
+    for b, block in enumerate(model.blocks):
+        if ref.prune(b, h):
+            h = h + ref.residuals(b)["hidden"]
+        else:
+            out = block(h, temb, p)
+            ref.store(b, h, {"hidden": out - h})
+            h = out
+        p = model.update(b, h, p)
+    ref.end()
+    return model.head(h, p)
+
+
 def run_flux(model, kw: dict, ref: RefPrune, step: int, slot: int = 0):
     """FluxTransformer2DModel's forward (diffusers 0.42) with DBPrune over its 2-group stack."""
     hs = model.x_embedder(kw["hidden_states"])

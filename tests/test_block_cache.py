@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import cdcompile
 from cdcompile import guard
-from cdcompile.testing import SeqBlock, SequentialDiT, flux_inputs, tiny_flux
-from dbcache_reference import RefCache, RefConfig, cache_blocks, run_flux, run_sequential_dit
+from cdcompile.testing import PairDiT, SeqBlock, SequentialDiT, flux_inputs, tiny_flux
+from dbcache_reference import RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_sequential_dit
 
 STEPS = 10
 
@@ -625,6 +625,27 @@ def test_adapters_in_some_gaps_are_glue_and_a_narrowing_side_chain_yields_to_the
     assert {g["name"]: g["blocks"] for g in r.groups} == {"enc": 5, "blocks": 4}
     assert r.cache["groups"] == ["blocks"] and "enc (5)" in r.cache["fallback"]
     assert _ref_cached(ref) and _cached_steps(m) == _ref_cached(ref)
+
+
+@pytest.mark.parametrize("cfg,depth,streams", [
+    (RefConfig(threshold=0.1, warmup=2), 5, ["carried", "hidden"]),
+    (RefConfig(Fn=2, Bn=1, threshold=0.1, warmup=2), 6, ["carried", "hidden"]),
+    (RefConfig(Fn=1, Bn=2, threshold=0.1, warmup=2), 5, ["hidden"]),  # no update between M's blocks
+], ids=["F1B0", "F2B1", "F1B2"])
+def test_a_stream_no_block_returns_updated_between_blocks_is_carried_like_the_reference(cfg, depth, streams):
+    m = PairDiT(depth=depth)  # the pairs: read by every block, refreshed after blocks 0, 2 (, 4)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t), run_pair_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-6,
+                                           msg=lambda msg: f"step {s}: {msg}")
+    (r,) = reports
+    assert [(g["name"], g["blocks"], g["streams"]) for g in r.groups] == [("blocks", depth, ["hidden", "carried"])]
+    assert r.cache["streams"] == streams
+    cached = _ref_cached(ref)
+    assert cached and len(cached) < STEPS - cfg.warmup and _cached_steps(m) == cached
 
 
 class _ContextBlock(torch.nn.Module):

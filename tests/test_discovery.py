@@ -366,6 +366,18 @@ def test_a_stream_passing_through_glue_between_blocks_is_found_and_cached():
         assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache
 
 
+def test_rfd4_proteinas_pair_representation_is_a_carried_stream_and_its_trunk_is_cached():
+    # Every trunk layer reads the pairs; an update module refreshes them after layers 0 and 2.
+    m, kw = ZOO["rfd4proteina"]()
+    r = _explain(m, **kw)
+    assert _groups(r) == [("transformer_layers", "RFD4ProteinaTrunkLayer", 4, ["hidden", "carried"])]
+    (gr,) = r.graph_reports
+    assert gr.cache["Mn"] == 3 and gr.cache["streams"] == ["hidden"]  # the pairs do not leave the trunk
+    with torch.no_grad():
+        expected = m(**kw)[0]
+    torch.testing.assert_close(r.output[0], expected)  # a first call computes every block
+
+
 class _SpaceTimeDiT(nn.Module):
     """Latte-like: spatial and temporal blocks from two ModuleLists alternate, with reshapes between."""
 

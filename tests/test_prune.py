@@ -5,8 +5,8 @@ import torch
 
 import cdcompile
 from cdcompile import guard
-from cdcompile.testing import SequentialDiT, tiny_flux
-from dbprune_reference import PruneConfig, RefPrune, run_flux, run_sequential_dit
+from cdcompile.testing import PairDiT, SequentialDiT, tiny_flux
+from dbprune_reference import PruneConfig, RefPrune, run_flux, run_pair_dit, run_sequential_dit
 
 STEPS = 10
 DEPTH = 6
@@ -149,6 +149,21 @@ def test_tiny_flux_prunes_both_streams_across_both_groups_like_the_reference():
     pruned = {b for _, _, p in ref.decisions for b in p}
     assert pruned & {1} and pruned & {2, 3, 4, 5}, "prune blocks of both groups"
     assert 0 < slot["prune_ratio"] < 5 / 6
+
+
+def test_blocks_reading_a_carried_stream_prune_like_the_reference():
+    cfg = PruneConfig(threshold=0.15, warmup=1)
+    m = PairDiT(depth=DEPTH)  # the pairs: no block returns them; updated after blocks 0, 2, 4
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options("aot_eager"))
+    ref = RefPrune(cfg, DEPTH)
+    with torch.no_grad():
+        for s, (x, t) in enumerate(_trajectory()):
+            torch.testing.assert_close(c(x, t), run_pair_dit(m, x, t, ref, s), rtol=1e-4, atol=1e-5,
+                                       msg=lambda msg: f"step {s}: {msg}")
+    (slot,) = _slots(m)
+    assert slot["pruned_blocks"] == _pruned_per_step(ref)
+    per_step = _pruned_per_step(ref)
+    assert any(0 < k < DEPTH - 1 for k in per_step), "some step must prune some prunable blocks, not all"
 
 
 def test_a_graph_compiled_for_dynamic_token_counts_prunes_every_size_like_the_reference():

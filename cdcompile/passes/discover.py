@@ -16,9 +16,13 @@ Algorithm:
    the same stream in every block. A stream may pass through *glue* between two blocks: ops
    outside any block, between them in the graph, computed from one value of block i (a control
    hint added, per-layer features spliced in); the glue is part of the stream's way from block i
-   to block i+1 (the block cache's residual absorbs it). Block 0 reads the stream's *entry* at the same consumer
-   positions; each block's stream output is the node at the producer offset. Values every block
-   reads and that are defined before the group are *side inputs* (temb, rotary tables, masks,
+   to block i+1 (the block cache's residual absorbs it). Block 0 reads the stream's *entry* at the
+   same consumer positions; each block's stream output is the node at the producer offset. A value
+   every block reads at the same positions but no block returns, which glue between blocks i and
+   i+1 may replace by one computed from what block i read there, is a *carried* stream (RFD4
+   Proteina's pair representation, refreshed after every k-th layer): its value as block i ends is
+   the one block i read, and the glue updating it lies in the gap. Values every block reads and
+   that are defined before the group are *side inputs* (temb, rotary tables, masks,
    Wan's read-only encoder states). A block output used outside the group other than by the next
    block, a value flowing between non-adjacent blocks, or blocks that do not chain at all make the
    candidate ineligible, with the reason recorded.
@@ -35,7 +39,7 @@ Algorithm:
    is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
 7. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
-   dimension wins. With two streams the other is ``encoder``.
+   dimension wins. With two streams the other is ``encoder``. A carried stream is ``carried``.
 
 Before/after: the graph is unchanged; the result is a list of :class:`BlockGroup`::
 
@@ -88,9 +92,11 @@ class Block:
 @dataclasses.dataclass
 class Stream:
     label: str
-    producer_offset: int
+    producer_offset: int | None  # None: a carried stream, which no block returns
     entry: fx.Node  # value block 0 reads
-    outputs: list[fx.Node | None]  # per block; None where dead-code-eliminated
+    # per block, the stream's value as that block ends; None where dead-code-eliminated. A carried
+    # stream's value as block i ends is the one block i read (glue after it makes the next one).
+    outputs: list[fx.Node | None]
 
     @property
     def exit(self) -> fx.Node | None:
@@ -482,12 +488,22 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     gap_lists = [{c for x in between if bounds[i][1] < position[x] < bounds[i + 1][0]
                   for c in _indexed_containers(x)} for i in range(len(blocks) - 1)]
     interleaved = set.intersection(*gap_lists) if gap_lists else set()
+
+    def gap(i):  # whether a node is glue between blocks i and i+1
+        return lambda x: (x not in owner and x.op not in ("placeholder", "get_attr")
+                          and not (_indexed_containers(x) & interleaved)
+                          and bounds[i][1] < position[x] < bounds[i + 1][0])
+
+    carried, carried_glue = _carried_streams(blocks, ins, owner, gap, position, label, rejected)
+    if carried is None:
+        return None
+    carried_keys = {k for keys, _ in carried for k in keys}
     for i in range(len(blocks) - 1):
-        prods, bridge = set(), set()
-        in_gap = lambda x: (x not in owner and x.op not in ("placeholder", "get_attr")  # noqa: E731
-                            and not (_indexed_containers(x) & interleaved)
-                            and bounds[i][1] < position[x] < bounds[i + 1][0])
+        prods, bridge = set(), set(carried_glue[i])
+        in_gap = gap(i)
         for a, key in ins[i + 1]:
+            if key in carried_keys:
+                continue
             if owner.get(a) == i:
                 src = a
             elif in_gap(a):
@@ -523,13 +539,14 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
             return None
         streams.append(Stream(f"stream{len(streams)}", off, entries.pop(),
                               [b.node_at(off) for b in blocks]))
+    streams += [Stream("carried", None, values[0], values) for _, values in carried]
 
     # Side inputs, per-block inputs and values skipping blocks.
     side_by_key: dict[tuple, set] = collections.defaultdict(set)
     per_block: list[list[fx.Node]] = [[] for _ in blocks]
     for i, block_ins in enumerate(ins):
         for a, key in block_ins:
-            if key in stream_keys and (i == 0 or (a, key) in stream_ins[i]):
+            if key in carried_keys or key in stream_keys and (i == 0 or (a, key) in stream_ins[i]):
                 continue
             if a in owner:
                 rejected.append(Rejection(label, Ineligible.SKIP_CONNECTION,
@@ -570,6 +587,61 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
                       streams=streams, side_inputs=side_inputs, per_block_inputs=per_block, glue=glue)
 
 
+def _carried_streams(blocks, ins, owner, gap, position, label, rejected):
+    """Streams no block returns: a value every block reads at the same inputs, which glue between
+    blocks i and i+1 may replace by one computed from the value block i read there (and from block
+    i's streams). RFD4 Proteina's blocks read the pair representation, which an update module
+    refreshes after every k-th block from the hidden stream. ``gap(i)``: whether a node is glue
+    between blocks i and i+1.
+
+    Returns ``([(keys, values)], glue)``: per carried stream the consumer keys it is read at and the
+    value each block reads; per gap the glue nodes that update one. ``(None, None)`` (a rejection
+    recorded) when such a value is not carried consistently."""
+    reads = [{key: a for a, key in block_ins} for block_ins in ins]  # a key is one op's argument
+
+    def update_glue(i, key, a):
+        """The glue nodes making ``a`` (read by block i+1 at ``key``) from what block i read there."""
+        prev = reads[i].get(key)
+        if prev is None or not gap(i)(a):
+            return None
+        _, via = _gap_sources(a, gap(i), lambda x: owner.get(x) == i)
+        return via if any(prev in x.all_input_nodes for x in via) else None
+
+    keys: dict[fx.Node, set] = collections.defaultdict(set)  # block 0's value -> its carried keys
+    for i in range(len(blocks) - 1):
+        for a, key in ins[i + 1]:
+            if key in reads[0] and update_glue(i, key, a) is not None:
+                keys[reads[0][key]].add(key)
+    carried, glue = [], [set() for _ in range(len(blocks) - 1)]
+    for entry, ks in keys.items():
+        values = []
+        for i in range(len(blocks)):
+            read = {reads[i][k] for k in ks if k in reads[i]}
+            if len(read) != 1:
+                detail = ", ".join(sorted(x.name for x in read)) or "none"
+                rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
+                                          f"{blocks[i].path} reads {len(read)} values ({detail}) where "
+                                          f"{blocks[0].path} reads {entry.name}, which glue between blocks updates"))
+                return None, None
+            values.append(read.pop())
+        if entry in owner or position[entry] > position[blocks[0].nodes[0]]:
+            rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
+                                      f"{entry.name}, updated between blocks, is not defined before the group"))
+            return None, None
+        for i in range(len(blocks) - 1):
+            if values[i + 1] is values[i]:
+                continue
+            via = update_glue(i, next(iter(ks)), values[i + 1])
+            if via is None or not _fx.same_meta(_fx.fake_value(values[i + 1]), _fx.fake_value(entry)):
+                rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
+                                          f"{blocks[i + 1].path} reads {values[i + 1].name} where {blocks[i].path} "
+                                          f"reads {values[i].name}: not an update of it between the two, of its shape"))
+                return None, None
+            glue[i] |= via
+        carried.append((ks, values))
+    return carried, glue
+
+
 def _indexed_containers(node: fx.Node) -> set[str]:
     """The containers of the ``<container>.<int>`` modules ``node`` runs in."""
     return {m.group(1) or "" for path, _ in _fx.module_stack(node) if (m := _INDEXED.match(path))}
@@ -595,20 +667,24 @@ def _label_streams(gm: fx.GraphModule, groups: list[BlockGroup]) -> None:
     reaches_output = _fx.ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     for gi in range(len(groups) - 1, -1, -1):
         g = groups[gi]
-        if len(g.streams) == 1:
-            g.streams[0].label = "hidden"
+        carried = [s for s in g.streams if s.producer_offset is None]
+        for k, s in enumerate(carried):
+            s.label = "carried" if len(carried) == 1 else f"carried{k}"
+        returned = [s for s in g.streams if s.producer_offset is not None]
+        if len(returned) == 1:
+            returned[0].label = "hidden"
             continue
-        live = [s for s in g.streams if s.exit is not None and s.exit in reaches_output]
+        live = [s for s in returned if s.exit is not None and s.exit in reaches_output]
         hidden = live[0] if len(live) == 1 else None
         if hidden is None:
             later_hidden = {h.entry for later in groups[gi + 1:]
                             if (h := later.stream("hidden")) is not None}
-            fed = [s for s in g.streams if s.exit in later_hidden]
+            fed = [s for s in returned if s.exit in later_hidden]
             hidden = fed[0] if len(fed) == 1 else None
         if hidden is None:
-            hidden = max(g.streams, key=lambda s: _tokens(s.entry))
+            hidden = max(returned, key=lambda s: _tokens(s.entry))
         hidden.label = "hidden"
-        others = [s for s in g.streams if s is not hidden]
+        others = [s for s in returned if s is not hidden]
         for k, s in enumerate(others):
             s.label = "encoder" if len(others) == 1 else f"encoder{k}"
 

@@ -1,9 +1,9 @@
 """GPU microbenchmark of cdcompile's Triton kernels: Sage-style attention and FP8 all-to-all quantization.
 
-    python bench/kernels.py                                   # B=1, H=24, D=128, S in 1024 4096 4608 16384
-    python bench/kernels.py --seq-lens 4096 --causal --outliers
-    python bench/kernels.py --out bench/results               # where the JSON + markdown go (default)
-    python bench/kernels.py --sweep 4608                      # + the attention kernel per tile config
+    python bench/kernel_bench.py                                   # B=1, H=24, D=128, S in 1024 4096 4608 16384
+    python bench/kernel_bench.py --seq-lens 4096 --causal --outliers
+    python bench/kernel_bench.py --out bench/results               # where the JSON + markdown go (default)
+    python bench/kernel_bench.py --sweep 4608                      # + the attention kernel per tile config
 
 Attention, per sequence length S (q, k, v of shape (B, H, S, D), bf16): median time of
 ``triton.testing.do_bench`` after its warm-up, for SDPA with the flash backend, SDPA with the cuDNN
@@ -69,11 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def require_cuda() -> None:
     if not torch.cuda.is_available():
         raise SystemExit(
-            "bench/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+            "bench/kernel_bench.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
             f"(torch {torch.__version__}). The CPU tests in tests/kernels check correctness; speed needs a GPU."
         )
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("bench/kernels.py times compiled kernels: unset TRITON_INTERPRET (it is 1)")
+        raise SystemExit("bench/kernel_bench.py times compiled kernels: unset TRITON_INTERPRET (it is 1)")
 
 
 def git_commit() -> str:
