@@ -850,13 +850,13 @@ def cosmos3omni():
 
 
 @register("rfd4proteina")
-def rfd4proteina():
+def rfd4proteina(update_pair_repr_every_n: int = 2):
     torch.manual_seed(0)
     m = _module_cls("transformer_rfd4_proteina", "RFD4ProteinaTransformer")(
         nlayers=4, token_dim=32, nheads=2, dim_cond=16, pair_repr_dim=16, latent_dim=8, t_emb_dim=16, seq_sep_dim=8,
         xt_pair_dist_dim=8, feats_seq=("xt_bb_ca", "xt_local_latents"),
         feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
-        feats_pair_cond=("time_emb_bb_ca",), update_pair_repr_every_n=2, tri_mult_c=16).eval()
+        feats_pair_cond=("time_emb_bb_ca",), update_pair_repr_every_n=update_pair_repr_every_n, tri_mult_c=16).eval()
     r = _randn()
     return m, dict(bb_ca=r(1, 12, 3), local_latents=r(1, 12, 8), bb_ca_time=_t(0.5), local_latents_time=_t(0.5),
                    padding_mask=torch.ones(1, 12, dtype=torch.bool), token_type=torch.zeros(1, 12, dtype=torch.long),

@@ -241,3 +241,30 @@ def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
         hs, enc = run(b, hs, enc)
     hs = model.norm_out(hs, temb)
     return model.proj_out(hs)
+
+
+def run_pair_units(model, x, t, cache: RefCache, step: int, slot: int = 0):
+    """cdcompile.testing.PairDiT(every=1) with DBCache over its units: unit i is block i and the
+    update after it (an interleaved pair of module lists; the last unit is a block alone), so the
+    pairs are a stream the units return, labelled ``encoder``."""
+    c, n = cache.cfg, len(model.blocks)
+    temb, h0, p = model.embed(x, t)
+
+    def unit(i, h, p):
+        h = model.blocks[i](h, temb, p)
+        return h, model.update(i, h, p)
+
+    h = h0
+    for i in range(c.Fn):
+        h, p = unit(i, h, p)
+    hf, pf = h, p
+    if cache.decide(step, slot, h - h0):
+        r = cache.residuals(slot)
+        h, p = hf + r["hidden"], pf + r["encoder"]
+    else:
+        for i in range(c.Fn, n - c.Bn):
+            h, p = unit(i, h, p)
+        cache.store(slot, {"hidden": h - hf, "encoder": p - pf})
+    for i in range(n - c.Bn, n):
+        h, p = unit(i, h, p)
+    return model.head(h, p)

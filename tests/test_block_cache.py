@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import cdcompile
 from cdcompile import guard
 from cdcompile.testing import PairDiT, SeqBlock, SequentialDiT, flux_inputs, tiny_flux
-from dbcache_reference import RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_sequential_dit
+from dbcache_reference import (RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_pair_units,
+                               run_sequential_dit)
 
 STEPS = 10
 
@@ -644,6 +645,24 @@ def test_a_stream_no_block_returns_updated_between_blocks_is_carried_like_the_re
     (r,) = reports
     assert [(g["name"], g["blocks"], g["streams"]) for g in r.groups] == [("blocks", depth, ["hidden", "carried"])]
     assert r.cache["streams"] == streams
+    cached = _ref_cached(ref)
+    assert cached and len(cached) < STEPS - cfg.warmup and _cached_steps(m) == cached
+
+
+@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.1, warmup=2), RefConfig(Fn=2, Bn=1, threshold=0.1, warmup=2)],
+                         ids=["F1B0", "F2B1"])
+def test_an_update_after_every_block_but_the_last_pairs_with_the_blocks_like_the_reference(cfg):
+    m = PairDiT(depth=5, every=1)  # updates.i after blocks.i for i < 4: units of an interleaved group
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t), run_pair_units(m, x, t, ref, s), rtol=1e-5, atol=1e-6,
+                                           msg=lambda msg: f"step {s}: {msg}")
+    (r,) = reports
+    assert [(g["name"], g["blocks"], g["streams"]) for g in r.groups] == [("blocks+updates", 5, ["hidden", "encoder"])]
+    assert sorted(r.cache["streams"]) == ["encoder", "hidden"]  # the last unit passes the pairs on to the head
     cached = _ref_cached(ref)
     assert cached and len(cached) < STEPS - cfg.warmup and _cached_steps(m) == cached
 

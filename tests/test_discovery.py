@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -366,11 +367,17 @@ def test_a_stream_passing_through_glue_between_blocks_is_found_and_cached():
         assert not torch.allclose(got, m(x, t2), atol=1e-4)  # it did cache
 
 
-def test_rfd4_proteinas_pair_representation_is_a_carried_stream_and_its_trunk_is_cached():
-    # Every trunk layer reads the pairs; an update module refreshes them after layers 0 and 2.
-    m, kw = ZOO["rfd4proteina"]()
+@pytest.mark.parametrize("every,group", [
+    (2, ("transformer_layers", "RFD4ProteinaTrunkLayer", 4, ["hidden", "carried"])),
+    (1, ("transformer_layers+pair_update_layers", "RFD4ProteinaTrunkLayer+RFD4ProteinaPairUpdate", 4,
+         ["hidden", "encoder"])),
+])
+def test_rfd4_proteinas_pair_representation_is_followed_and_its_trunk_is_cached(every, group):
+    # Every trunk layer reads the pairs, which an update module refreshes after every `every`-th
+    # layer but the last: after some layers, a carried stream; after all, an interleaved pair.
+    m, kw = ZOO["rfd4proteina"](update_pair_repr_every_n=every)
     r = _explain(m, **kw)
-    assert _groups(r) == [("transformer_layers", "RFD4ProteinaTrunkLayer", 4, ["hidden", "carried"])]
+    assert _groups(r) == [group]
     (gr,) = r.graph_reports
     assert gr.cache["Mn"] == 3 and gr.cache["streams"] == ["hidden"]  # the pairs do not leave the trunk
     with torch.no_grad():

@@ -30,6 +30,8 @@ Algorithm:
    (Latte: ``transformer_blocks.i``, then ``temporal_transformer_blocks.i``) and that do not
    chain on their own form one group ``a+b`` whose block i is ``a.i``, the ops up to ``b.i``,
    ``b.i``, and the ops after it computed from the pair (the reshape back to the stream's layout).
+   ``b`` may lack ``a``'s last index (RFD4 Proteina updating its pairs after every layer but the
+   last): the last unit is ``a``'s block alone, a subsequence of the others' signature.
 6. Lone blocks. A module list holding one block (FLUX built with one double block), not itself
    inside an indexed module, is a group of one when it chains directly to a group on the hidden
    stream, before or after it: the group's hidden entry is made of the block's outputs alone
@@ -195,9 +197,10 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
         name = f"{a}+{b}"
         idx_list = sorted(by_container[a])
         for k, idx in enumerate(idx_list):
-            lo, hi = position[members[(a, idx)][0]], position[members[(b, idx)][-1]]
+            last_of = (b, idx) if (b, idx) in classes else (a, idx)  # b may lack a's last index
+            lo, hi = position[members[(a, idx)][0]], position[members[last_of][-1]]
             members[(name, idx)] = [n for n in nodes if lo <= position[n] <= hi]
-            classes[(name, idx)] = f"{classes[(a, idx)]}+{classes[(b, idx)]}"
+            classes[(name, idx)] = f"{classes[(a, idx)]}+{classes[(b, idx_list[0])]}"
             # The glue after b.i (Latte's reshape back to the spatial layout) belongs to unit i, so
             # that a unit maps the stream's layout to itself; the last unit takes the same glue.
             end = position[members[(a, idx_list[k + 1])][0]] if k + 1 < len(idx_list) else len(position)
@@ -361,17 +364,19 @@ def _layout_sources(value: fx.Node) -> set[fx.Node]:
 
 
 def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]:
-    """Sibling containers (same parent, same indices) whose blocks alternate a.0 < b.0 < a.1 < ..."""
+    """Sibling containers whose blocks alternate a.0 < b.0 < a.1 < ...: with the same indices, or
+    with b lacking a's last (an update module after every block but the last)."""
     out = []
     names = sorted(by_container)
     for a in names:
         for b in names:
             if a == b or a.rpartition(".")[0] != b.rpartition(".")[0]:
                 continue
-            idx = sorted(by_container[a])
-            if idx != sorted(by_container[b]) or len(idx) < 2:
+            idx, idx_b = sorted(by_container[a]), sorted(by_container[b])
+            if idx_b not in (idx, idx[:-1]) or len(idx) < 2:
                 continue
-            spans = [(position[members[(c, i)][0]], position[members[(c, i)][-1]]) for i in idx for c in (a, b)]
+            spans = [(position[members[(c, i)][0]], position[members[(c, i)][-1]])
+                     for i in idx for c in (a, b) if i in idx_b or c == a]
             if all(spans[k][1] < spans[k + 1][0] for k in range(len(spans) - 1)):
                 out.append((a, b))
     return out
@@ -560,8 +565,16 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
     side_inputs = sorted(common, key=position.__getitem__)
     per_block = [sorted(set(p) - common, key=position.__getitem__) for p in per_block]
 
+    # A stream the last block does not return (its producer lies in the part of an interleaved
+    # unit the last one lacks) leaves the group as the last block read it, when read after it.
+    end = bounds[-1][1]
+    for s in streams:
+        if s.outputs[-1] is None and len(s.outputs) > 1 and s.outputs[-2] is not None \
+                and any(position[u] > end for u in s.outputs[-2].users):
+            s.outputs[-1] = s.outputs[-2]
+
     # Escaping outputs: block i's values used outside the group, except by block i+1 (streams)
-    # and, for the last block, the stream exits.
+    # and, after the last block, the stream exits.
     exits = {s.exit for s in streams}
     for i, b in enumerate(blocks):
         for n in b.nodes:
@@ -573,7 +586,7 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
                     continue
                 if i < len(blocks) - 1 and u in bridges[i] and offset_of[i][n] in producer_sets[0]:
                     continue  # glue carrying the stream on to block i+1
-                if i == len(blocks) - 1 and j is None and n in exits:
+                if j is None and n in exits and (i == len(blocks) - 1 or position[u] > end):
                     continue
                 where = blocks[j].path if j is not None else u.name
                 rejected.append(Rejection(label, Ineligible.ESCAPING_OUTPUT,
