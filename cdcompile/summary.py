@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from .runtime import cached_states
 
 
@@ -18,6 +20,7 @@ from .runtime import cached_states
 class Summary:
     requests: list[dict[str, Any]]
     graphs: list[dict[str, Any]]  # the cache each compiled graph holds (stack, F/M/B, streams)
+    note: str = ""  # with no cache: a likely reason seen on the module (blocks compiled one by one)
 
     def as_dict(self) -> dict[str, Any]:
         keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio")
@@ -28,7 +31,7 @@ class Summary:
 
     def __str__(self) -> str:
         if not self.graphs:
-            return "cdcompile.summary: no block cache in this model's compiled graphs"
+            return "cdcompile.summary: no block cache in this model's compiled graphs" + self.note
         lines = []
         for g in self.graphs:
             lines.append(f"cache over {g['groups']}: N={g['num_blocks']} F={g['Fn']} M={g['Mn']} "
@@ -58,4 +61,18 @@ def summary(model: Any) -> Summary:
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])
                     s["prune_ratio"] = sum(s["pruned_blocks"]) / max(1, calls * graph.plan.num_blocks)
             requests.append(r)
-    return Summary(requests=requests, graphs=graphs)
+    return Summary(requests=requests, graphs=graphs, note="" if graphs else _regional_note(model))
+
+
+def _regional_note(model: Any) -> str:
+    """Submodules compiled one by one (``Module.compile``, as ``compile_repeated_blocks`` does)."""
+    if not isinstance(model, torch.nn.Module):
+        return ""
+    named = [(n, m) for n, m in model.named_modules()
+             if n and getattr(m, "_compiled_call_impl", None) is not None]
+    if not named:
+        return ""
+    shown = ", ".join(n for n, _ in named[:3]) + (", ..." if len(named) > 3 else "")
+    return (f": {len(named)} of its submodules are compiled one by one ({shown}), so each graph "
+            f"holds one block and there is nothing between blocks to skip; compile the whole model, "
+            f'torch.compile(model, backend="cachedit")')

@@ -252,3 +252,43 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
         assert set(art.pruned_blocks()) == {0, 2}  # blocks 1 and 3: block 2 is never pruned
     else:
         assert art.pruned_blocks() == [0] * 12
+
+
+def test_blocks_compiled_one_by_one_warn_and_summary_says_to_compile_the_whole_model():
+    from cdcompile.testing import flux_inputs, tiny_flux
+
+    m = tiny_flux()
+    kw = flux_inputs(m)
+    with torch.no_grad():
+        ref = m(**kw)[0]
+    m.compile_repeated_blocks(backend="cachedit", options={"compiler": "eager", **OPTS})
+    with pytest.warns(UserWarning, match="FluxTransformerBlock is compiled on its own"), torch.no_grad():
+        out = m(**kw)[0]
+    torch.testing.assert_close(out, ref)
+    text = str(cdcompile.summary(m))
+    assert "6 of its submodules are compiled one by one (transformer_blocks.0," in text
+    assert 'torch.compile(model, backend="cachedit")' in text
+
+
+class _BreakingBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, temb):
+        torch._dynamo.graph_break()
+        return self.block(x, temb)
+
+
+def test_a_block_traced_alone_after_a_graph_break_gives_no_regional_hint():
+    m = SequentialDiT(depth=3)
+    m.blocks = torch.nn.ModuleList(_BreakingBlock(b) for b in m.blocks)
+    c = torch.compile(m, backend="cachedit", options={"compiler": "eager", **OPTS})
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        for x, t in _traj(3):
+            c(x, t)
+    assert not [w for w in seen if "compiled on its own" in str(w.message)]
+    assert str(cdcompile.summary(m)) == "cdcompile.summary: no block cache in this model's compiled graphs"

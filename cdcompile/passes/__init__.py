@@ -7,9 +7,11 @@ copy of Dynamo's graph, never Dynamo's) and records what it did in ``ctx.report`
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import torch.fx as fx
+from torch import nn
 
 from ..config import PASS_NAMES, CacheConfig
 from ..report import GraphReport, PassRecord
@@ -35,6 +37,40 @@ def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.report.rejected = [r.as_dict() for r in ctx.discovery.rejected]
     if not ctx.discovery.groups:
         ctx.report.not_cached.append("no repeated block group in this graph")
+        lone = _lone_block()
+        if lone is not None:
+            ctx.report.not_cached.append(lone)
+            warnings.warn(f"cachedit: {lone}", stacklevel=2)  # once per block class: same text
+
+
+def _lone_block() -> str | None:
+    """Why a graph without a group has none, when it is the forward of one block compiled on its own
+    with ``Module.compile`` (regional compilation: diffusers' ``compile_repeated_blocks`` compiles
+    each block so). A block traced alone after a graph break in the model says nothing here:
+    ``explain`` shows the breaks."""
+    try:  # the frame Dynamo is translating; private, so any failure only drops the hint
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        root = InstructionTranslator.current_tx().f_locals.get("self")
+    except Exception:
+        return None
+    if (not isinstance(root, nn.Module) or getattr(root, "_compiled_call_impl", None) is None
+            or _holds_block_list(root)):
+        return None
+    name = type(root).__name__
+    return (f"this graph is {name}.forward alone ({name} is compiled on its own, as "
+            f"compile_repeated_blocks does), and the block cache needs the stack of blocks in one "
+            f'graph: compile the whole transformer, torch.compile(transformer, backend="cachedit")')
+
+
+def _holds_block_list(module: nn.Module) -> bool:
+    """Whether ``module`` holds a ModuleList or Sequential with two composite modules of one class."""
+    for m in module.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            composite = [type(c) for c in m.children() if next(c.children(), None) is not None]
+            if len(composite) != len(set(composite)):
+                return True
+    return False
 
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], None]]] = [
