@@ -124,8 +124,9 @@ class CacheState:
         """The recorded history, oldest first (reads the device once)."""
         t = self.tensors_by_name
         total = int(t["counters"][2])
-        flags, diffs, meta = t["hist_flag"].cpu(), t["hist_diff"].cpu(), t["hist_meta"].cpu()
-        pruned = t["hist_pruned"].cpu() if "hist_pruned" in t else None
+        # detach: a call under grad mode leaves the history with an autograd edge
+        flags, diffs, meta = (t[k].detach().cpu() for k in ("hist_flag", "hist_diff", "hist_meta"))
+        pruned = t["hist_pruned"].detach().cpu() if "hist_pruned" in t else None
         out = []
         for req in range(max(1, total - guard.HISTORY + 1), total + 1):
             row = req % guard.HISTORY

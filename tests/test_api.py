@@ -292,3 +292,16 @@ def test_a_block_traced_alone_after_a_graph_break_gives_no_regional_hint():
             c(x, t)
     assert not [w for w in seen if "compiled on its own" in str(w.message)]
     assert str(cdcompile.summary(m)) == "cdcompile.summary: no block cache in this model's compiled graphs"
+
+
+def test_summary_after_calls_under_grad_mode_reads_the_history_without_warnings():
+    import warnings
+
+    m = SequentialDiT(depth=3)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "aot_eager", **OPTS})
+    for x, t in _traj(4):
+        assert c(x, t).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (req,) = cdcompile.summary(m).as_dict()["requests"]
+    assert req["slots"][0]["cached_steps"] == [2, 3]
