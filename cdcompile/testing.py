@@ -152,6 +152,46 @@ class PairDiT(SequentialDiT):
         return self.head(h, pairs)
 
 
+class SkipBlock(nn.Module):
+    """A :class:`SeqBlock` that first merges a long skip into its input (U-ViT, HunyuanDiT)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim)
+        self.inner = SeqBlock(dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.skip_linear(torch.cat([x, skip], dim=-1)), temb)
+
+
+class SkipDiT(SequentialDiT):
+    """HunyuanDiT's long skips in small: ``depth = 2k + 1`` blocks in one list; blocks 0..k-1 push
+    their outputs on a stack, block k is the middle, and blocks k+1..2k (:class:`SkipBlock`) each pop
+    one, so block ``2k - i`` reads block ``i``'s output. Discovery sees two groups in ``blocks``."""
+
+    def __init__(self, depth: int = 7, seed: int = 0):
+        if depth % 2 != 1 or depth < 5:
+            raise ValueError(f"SkipDiT: depth must be odd and >= 5 (two blocks per half), got {depth}")
+        super().__init__(depth=depth, seed=seed)
+        dim, k = self.proj_in.out_features, depth // 2
+        self.blocks = nn.ModuleList([SeqBlock(dim) for _ in range(k + 1)] + [SkipBlock(dim) for _ in range(k)])
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        half = self.proj_in.out_features // 2
+        freqs = torch.exp(-9.21 * torch.arange(half, device=x.device) / half)
+        angles = timestep.reshape(-1, 1).float() * 1000 * freqs
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype))
+        h, skips, k = self.proj_in(x), [], len(self.blocks) // 2
+        for i, block in enumerate(self.blocks):
+            if i > k:
+                h = block(h, temb, skips.pop())
+            else:
+                h = block(h, temb)
+                if i < k:
+                    skips.append(h)
+        return self.proj_out(h)
+
+
 def tiny_flux_pipeline(transformer=None, *, seed: int = 0):
     """A ``FluxPipeline`` over a tiny FLUX transformer and a tiny VAE; no text encoders.
 

@@ -232,9 +232,9 @@ def dit():
 
 
 @register("hunyuandit")
-def hunyuandit():
+def hunyuandit(num_layers: int = 6):
     m = _make("HunyuanDiT2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
-              sample_size=8, hidden_size=16, num_layers=6, cross_attention_dim=16, cross_attention_dim_t5=24,
+              sample_size=8, hidden_size=16, num_layers=num_layers, cross_attention_dim=16, cross_attention_dim_t5=24,
               pooled_projection_dim=16, text_len=7, text_len_t5=5)
     r = _randn()
     from diffusers.models.embeddings import get_2d_rotary_pos_embed

@@ -171,6 +171,36 @@ def cache_blocks(cache: RefCache, blocks, h: torch.Tensor, run, step: int, slot:
     return h
 
 
+def run_skip_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
+    """cdcompile.testing.SkipDiT with DBCache over its whole stack. Block ``j > k`` reads the output
+    of block ``n - 1 - j``; on a cached step M's blocks do not run, and M's exit reads as F's exit
+    plus the residual. A B block whose skip comes from inside M is not cacheable (the backend
+    refuses it): the reference asserts that it never needs one."""
+    temb = sequential_temb(model, x, t)
+    c, blocks = cache.cfg, list(model.blocks)
+    n, k = len(blocks), len(blocks) // 2
+    outs: dict[int, torch.Tensor] = {}
+
+    def run(i, h):
+        outs[i] = blocks[i](h, temb, outs[n - 1 - i]) if i > k else blocks[i](h, temb)
+        return outs[i]
+
+    h0 = h = model.proj_in(x)
+    for i in range(c.Fn):
+        h = run(i, h)
+    if cache.decide(step, slot, h - h0):
+        h = outs[n - c.Bn - 1] = h + cache.residuals(slot)["hidden"]
+    else:
+        hf = h
+        for i in range(c.Fn, n - c.Bn):
+            h = run(i, h)
+        cache.store(slot, {"hidden": h - hf})
+    for i in range(n - c.Bn, n):
+        assert n - 1 - i not in range(c.Fn, n - c.Bn - 1), "a B block reads a skip from inside M"
+        h = run(i, h)
+    return model.proj_out(h)
+
+
 def run_pair_dit(model, x, t, cache: RefCache, step: int, slot: int = 0):
     """cdcompile.testing.PairDiT with DBCache over its blocks. The pairs are a carried stream: its
     value as a block ends is the one the block read, and an update after a block is glue. Updated

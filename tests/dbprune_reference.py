@@ -139,6 +139,26 @@ def run_pair_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
     return model.head(h, p)
 
 
+def run_skip_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
+    """cdcompile.testing.SkipDiT with DBPrune over its blocks: a pruned block's output (its input
+    plus its residual) is also the skip a block of the second half reads."""
+    temb = sequential_temb(model, x, t)
+    blocks = list(model.blocks)
+    n, k = len(blocks), len(blocks) // 2
+    outs: dict[int, torch.Tensor] = {}
+    h = model.proj_in(x)
+    ref.begin(step, slot)
+    for b, block in enumerate(blocks):
+        if ref.prune(b, h):
+            out = h + ref.residuals(b)["hidden"]
+        else:
+            out = block(h, temb, outs[n - 1 - b]) if b > k else block(h, temb)
+            ref.store(b, h, {"hidden": out - h})
+        h = outs[b] = out
+    ref.end()
+    return model.proj_out(h)
+
+
 def run_flux(model, kw: dict, ref: RefPrune, step: int, slot: int = 0):
     """FluxTransformer2DModel's forward (diffusers 0.42) with DBPrune over its 2-group stack."""
     hs = model.x_embedder(kw["hidden_states"])

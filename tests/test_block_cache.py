@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import cdcompile
 from cdcompile import guard
-from cdcompile.testing import PairDiT, SeqBlock, SequentialDiT, flux_inputs, tiny_flux
-from dbcache_reference import (RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_pair_units,
+from cdcompile.testing import PairDiT, SeqBlock, SequentialDiT, SkipDiT, flux_inputs, tiny_flux
+from dbcache_reference import (RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_pair_units, run_skip_dit,
                                run_sequential_dit)
 
 STEPS = 10
@@ -665,6 +665,38 @@ def test_an_update_after_every_block_but_the_last_pairs_with_the_blocks_like_the
     assert sorted(r.cache["streams"]) == ["encoder", "hidden"]  # the last unit passes the pairs on to the head
     cached = _ref_cached(ref)
     assert cached and len(cached) < STEPS - cfg.warmup and _cached_steps(m) == cached
+
+
+@pytest.mark.parametrize("cfg,mn", [
+    (RefConfig(threshold=0.1, warmup=2), 6),  # every skip is read inside M
+    (RefConfig(Fn=2, Bn=1, threshold=0.1, warmup=2), 4),  # B (block 6) reads block 0's output, in F
+    (RefConfig(Fn=1, Bn=5, threshold=0.1, warmup=2), 1),  # block 5 reads M's exit (block 1): F's exit + residual
+], ids=["F1B0", "F2B1", "F1B5"])
+def test_long_skips_across_the_stack_cache_it_whole_like_the_reference(cfg, mn):
+    m = SkipDiT(depth=7)  # blocks 0..2 push their outputs, blocks 4..6 pop them
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (x, t) in enumerate(_seq_trajectory()):
+                torch.testing.assert_close(c(x, t), run_skip_dit(m, x, t, ref, s), rtol=1e-5, atol=1e-6,
+                                           msg=lambda msg: f"step {s}: {msg}")
+    (r,) = reports
+    assert [(g["name"], g["blocks"], g["block_class"]) for g in r.groups] == [
+        ("blocks[0..3]", 4, "SeqBlock"), ("blocks[4..6]", 3, "SkipBlock")]
+    assert r.cache["groups"] == ["blocks[0..3]", "blocks[4..6]"] and r.cache["Mn"] == mn
+    cached = _ref_cached(ref)
+    assert cached and len(cached) < STEPS - cfg.warmup and _cached_steps(m) == cached
+
+
+def test_a_back_block_reading_a_skip_from_inside_m_falls_back_and_names_the_value():
+    m = SkipDiT(depth=7)  # Bn=2: block 5 reads block 1's output, which a cached step would not compute
+    x, t = _seq_trajectory()[0]
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"computed in the middle blocks, is read by"):
+        report = cdcompile.explain(m, x, t, options={"Bn_compute_blocks": 2})
+    (graph,) = report.graph_reports
+    assert graph.cache["groups"] == ["blocks[0..3]"] and "has no residual across it" in graph.cache["fallback"]
+    torch.testing.assert_close(report.output, m(x, t), rtol=1e-5, atol=1e-6)
 
 
 class _ContextBlock(torch.nn.Module):

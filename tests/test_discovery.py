@@ -385,6 +385,37 @@ def test_rfd4_proteinas_pair_representation_is_followed_and_its_trunk_is_cached(
     torch.testing.assert_close(r.output[0], expected)  # a first call computes every block
 
 
+def test_hunyuandits_long_skips_leave_its_whole_stack_cached():
+    # 10 layers: 0..3 push their outputs, 4 and 5 do not, 6..9 (with a skip_linear: a second group)
+    # pop them. Every skip is written and read inside M, so a cached step runs block 0 alone.
+    m, kw = ZOO["hunyuandit"](num_layers=10)
+    r = _explain(m, **kw)
+    assert _groups(r) == [("blocks[0..5]", "HunyuanDiTBlock", 6, ["hidden"]),
+                          ("blocks[6..9]", "HunyuanDiTBlock", 4, ["hidden"])]
+    (gr,) = r.graph_reports
+    assert (gr.cache["Fn"], gr.cache["Mn"], gr.cache["Bn"]) == (1, 9, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(r.output[0], m(**kw)[0])  # a first call computes every block
+        outs = {}
+        hooks = [m.blocks[i].register_forward_hook(lambda mod, a, out, i=i: outs.__setitem__(i, out)) for i in (0, 9)]
+        m(**kw)  # eager, as the compiled first call: block 0's and block 9's outputs
+        residual = outs[9] - outs[0]
+        kw2 = dict(kw, timestep=kw["timestep"] - 20)
+        m(**kw2)  # block 0's output at the second step
+        for h in hooks:
+            h.remove()
+        last = m.blocks[9].register_forward_hook(lambda mod, a, out: outs[0] + residual)
+        expected = m(**kw2)[0]  # block 9's output is block 0's plus the residual
+        last.remove()
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+            "compiler": "eager", "residual_diff_threshold": 1.0, "max_warmup_steps": 1})
+        c(**kw)
+        got = c(**kw2)[0]
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, m(**kw2)[0], atol=1e-4)  # it did cache
+
+
 class _SpaceTimeDiT(nn.Module):
     """Latte-like: spatial and temporal blocks from two ModuleLists alternate, with reshapes between."""
 

@@ -5,8 +5,8 @@ import torch
 
 import cdcompile
 from cdcompile import guard
-from cdcompile.testing import PairDiT, SequentialDiT, tiny_flux
-from dbprune_reference import PruneConfig, RefPrune, run_flux, run_pair_dit, run_sequential_dit
+from cdcompile.testing import PairDiT, SequentialDiT, SkipDiT, tiny_flux
+from dbprune_reference import PruneConfig, RefPrune, run_flux, run_pair_dit, run_sequential_dit, run_skip_dit
 
 STEPS = 10
 DEPTH = 6
@@ -164,6 +164,21 @@ def test_blocks_reading_a_carried_stream_prune_like_the_reference():
     assert slot["pruned_blocks"] == _pruned_per_step(ref)
     per_step = _pruned_per_step(ref)
     assert any(0 < k < DEPTH - 1 for k in per_step), "some step must prune some prunable blocks, not all"
+
+
+def test_blocks_whose_outputs_are_long_skips_prune_like_the_reference():
+    cfg = PruneConfig(threshold=0.15, warmup=1)
+    m = SkipDiT(depth=7)  # a pruned block's output is also the skip a later block reads
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options("aot_eager"))
+    ref = RefPrune(cfg, 7)
+    with torch.no_grad():
+        for s, (x, t) in enumerate(_trajectory()):
+            torch.testing.assert_close(c(x, t), run_skip_dit(m, x, t, ref, s), rtol=1e-4, atol=1e-5,
+                                       msg=lambda msg: f"step {s}: {msg}")
+    (slot,) = _slots(m)
+    assert slot["pruned_blocks"] == _pruned_per_step(ref)
+    pruned = {b for _, _, p in ref.decisions for b in p}
+    assert pruned & {1, 2} and pruned & {4, 5, 6}, f"a skip writer and a skip reader must be pruned: {pruned}"
 
 
 def test_a_graph_compiled_for_dynamic_token_counts_prunes_every_size_like_the_reference():

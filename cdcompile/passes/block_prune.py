@@ -141,7 +141,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
 
 def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
     g, i = blocks[b]
-    where = f"block {b} ({g.name}.{g.blocks[i].index})"
+    where = f"block {b} ({g.blocks[i].path})"
     sources = tuple(e for s in g.streams if (e := _boundary(g, i, s.label, before=True)) is not None)
     found = _branch.region(nodes, order, _branch.block_nodes(nodes, [g.blocks[i]]), where, sources)
     if isinstance(found, str):

@@ -23,8 +23,11 @@ Algorithm:
    Proteina's pair representation, refreshed after every k-th layer): its value as block i ends is
    the one block i read, and the glue updating it lies in the gap. Values every block reads and
    that are defined before the group are *side inputs* (temb, rotary tables, masks,
-   Wan's read-only encoder states). A block output used outside the group other than by the next
-   block, a value flowing between non-adjacent blocks, or blocks that do not chain at all make the
+   Wan's read-only encoder states). A stream output of any block may also be read after the group:
+   a *long skip* (HunyuanDiT's first half hands each block's hidden state to a block of its second
+   half, a group of its own); whether a cache region may take in its writer is the block cache's
+   question. Any other block output used outside the group other than by the next block, a value
+   flowing between non-adjacent blocks of one group, or blocks that do not chain at all make the
    candidate ineligible, with the reason recorded.
 5. Interleaved siblings. Two sibling containers with the same indices whose blocks alternate
    (Latte: ``transformer_blocks.i``, then ``temporal_transformer_blocks.i``) and that do not
@@ -39,7 +42,10 @@ Algorithm:
    sibling to compare, each output read outside the block is paired with the one input of the
    same shape and dtype it is computed from, through a skip connection (an add whose one operand
    is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
-7. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
+7. Names. A group is named by its container; where one container holds several groups (a
+   signature change splits it: HunyuanDiT's blocks without, then with, a skip input), by its
+   container and first and last index, ``blocks[0..19]``.
+8. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
    dimension wins. With two streams the other is ``encoder``. A carried stream is ``carried``.
 
@@ -226,6 +232,12 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
     if lone:
         groups = sorted(groups + lone, key=lambda g: position[g.blocks[0].nodes[0]])
         _label_streams(gm, groups)
+    # One container split into groups (HunyuanDiT's blocks without, then with, a skip input): the
+    # names say which blocks each holds.
+    counts = collections.Counter(g.name for g in groups)
+    for g in groups:
+        if counts[g.name] > 1:
+            g.name = f"{g.name}[{g.blocks[0].index}..{g.blocks[-1].index}]"
     if not groups and not rejected:
         rejected.append(Rejection("<graph>", Ineligible.NO_REPEATED_BLOCKS,
                                   "no two sibling modules of the same class run in sequence"))
@@ -574,7 +586,10 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
             s.outputs[-1] = s.outputs[-2]
 
     # Escaping outputs: block i's values used outside the group, except by block i+1 (streams)
-    # and, after the last block, the stream exits.
+    # and, after the last block, the stream exits. A stream output of any block may also be read
+    # after the group: a long skip (HunyuanDiT's first half hands each block's hidden state to a
+    # block of its second half). Whether a cache region may take such a block in is the block
+    # cache's question (a value the skipped region computes and something after it reads refuses).
     exits = {s.exit for s in streams}
     for i, b in enumerate(blocks):
         for n in b.nodes:
@@ -588,6 +603,8 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
                     continue  # glue carrying the stream on to block i+1
                 if j is None and n in exits and (i == len(blocks) - 1 or position[u] > end):
                     continue
+                if j is None and position[u] > end and offset_of[i][n] in producer_sets[0]:
+                    continue  # a long skip
                 where = blocks[j].path if j is not None else u.name
                 rejected.append(Rejection(label, Ineligible.ESCAPING_OUTPUT,
                                           f"{n.name} of {b.path} is read by {where}"))
