@@ -44,7 +44,7 @@ Algorithm:
    is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
 7. Names. A group is named by its container; where one container holds several groups (a
    signature change splits it: HunyuanDiT's blocks without, then with, a skip input), by its
-   container and first and last index, ``blocks[0..19]``.
+   container and first and last index, ``blocks[0..20]``.
 8. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
    dimension wins. With two streams the other is ``encoder``. A carried stream is ``carried``.
