@@ -405,17 +405,25 @@ def test_middle_output_read_after_the_stack_compiles_without_cache_and_says_why(
                 taps.append(h)
             return self.proj_out(h + taps[2])
 
-    m = Taps(depth=5)
-    with cdcompile.backend.collect_reports() as reports:
+    m = Taps(depth=5)  # block 2's output is read after the stack: inside M at F1, inside F at F3
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.5])
+    with cdcompile.backend.collect_reports() as reports, \
+            pytest.warns(UserWarning, match="compiling without the block cache: .* computed in the middle blocks"):
         c = torch.compile(m, backend="cachedit", options={"compiler": "eager"})
-        x, t = torch.randn(1, 10, 8), torch.tensor([0.5])
         with torch.no_grad():
             torch.testing.assert_close(c(x, t), m(x, t))
     (r,) = reports
-    assert r.cache is None
-    assert any("escaping_output" == x["reason"] for x in r.rejected)
-    assert "no repeated block group in this graph" in r.not_cached
+    assert r.cache is None and [g["blocks"] for g in r.groups] == [5]
+    (reason,) = r.not_cached
+    assert "computed in the middle blocks, is read by" in reason and "cannot be skipped" in reason
     assert "no block cache" in str(cdcompile.summary(m))
+    torch._dynamo.reset()
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", options={"compiler": "eager", "Fn_compute_blocks": 3})
+        with torch.no_grad():
+            torch.testing.assert_close(c(x, t), m(x, t))
+    (r,) = reports
+    assert (r.cache["Fn"], r.cache["Mn"]) == (3, 2)
 
 
 @settings(max_examples=60)

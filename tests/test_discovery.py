@@ -296,8 +296,10 @@ def test_a_lone_text_refiner_joined_to_image_tokens_does_not_chain():
     assert r.graph_reports[0].cache["num_blocks"] == 3
 
 
-def test_middle_block_output_read_after_the_group_is_not_a_group():
-    class Escapes(nn.Module):
+def test_a_middle_blocks_output_read_after_the_group_is_a_long_skip():
+    # The group stands; whether a cache may skip the block writing it is the block cache's call
+    # (test_block_cache: test_middle_output_read_after_the_stack_...).
+    class Taps(nn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = nn.ModuleList(_MLPBlock(8) for _ in range(4))
@@ -307,12 +309,40 @@ def test_middle_block_output_read_after_the_group_is_not_a_group():
             for b in self.blocks:
                 x = b(x)
                 feats.append(x)
-            return x + feats[1]  # a middle block's output used after the group
+            return x + feats[1]
+
+    r = _explain(Taps(), torch.randn(2, 8))
+    assert [(g["name"], g["blocks"], g["streams"]) for g in r.groups] == [("blocks", 4, ["hidden"])]
+    assert [x for g in r.graph_reports for x in g.rejected] == []
+
+
+def test_a_value_inside_a_block_read_after_the_group_is_not_a_group():
+    class _Tapped(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc = nn.Linear(d, d)
+
+        def forward(self, x):
+            f = torch.tanh(self.fc(x))
+            return x + f, f
+
+    class Escapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_Tapped(8) for _ in range(4))
+
+        def forward(self, x):
+            feats = []
+            for b in self.blocks:
+                x, f = b(x)
+                feats.append(f)
+            return x + feats[1]  # block 1's inner feature, not what it passes on
 
     r = _explain(Escapes(), torch.randn(2, 8))
     assert r.groups == []
     rejected = [x for g in r.graph_reports for x in g.rejected]
     assert [x["reason"] for x in rejected] == ["escaping_output"]
+    assert "of blocks.1 is read by" in rejected[0]["detail"]
 
 
 class _HintedDiT(SequentialDiT):
