@@ -1,18 +1,28 @@
 """Per-model cache state, the callable the backend returns, and the user calls over them.
 
 One compiled graph can serve several model instances (Dynamo shares compiled code between
-instances of a class: parameters are graph inputs). :class:`CachedGraph` therefore keeps one
-:class:`CacheState` per model instance, keyed by a parameter tensor it receives. It appends that
-state (plus a reset flag) to the graph's inputs; the graph itself advances the clock, decides and
-writes the state (cdcompile.guard). Host-side work per call is a dict lookup: no device sync.
+instances of a class: parameters are graph inputs), and one model instance can run several graphs
+(one per resolution with ``dynamic=False``, one per text length, a graph recompiled with symbolic
+sizes). A model instance, identified by a parameter tensor the graph receives, therefore owns its
+:class:`CacheState` objects, one per state *layout*: the state tensors' names, shapes, dtypes and
+devices, and the cache options they serve. Every graph whose state has that layout reads and
+writes the same state. :class:`CachedGraph` appends it (plus a reset flag) to the graph's inputs;
+the graph itself advances the clock, decides and writes the state (cdcompile.guard). Host-side
+work per call is two dict lookups: no device sync.
 
-A call that lands in another graph of the same model than the previous call (a new shape, dtype
-or device made Dynamo compile another graph) starts a new request there, so no residual of
-another shape or dtype is ever reused.
+So calls whose graphs differ only in what the state does not hold share a request: true CFG whose
+negative prompt is shorter than the prompt (two graphs, one per text length) keeps slot 0 for the
+prompt and slot 1 for the negative prompt, as one graph would; Dynamo's recompile with symbolic
+sizes carries on the request it interrupts. Where the layout differs (the residual of the text
+stream has the text length), each branch has its own state and counts its own steps. A call whose
+cached hidden stream has another shape, dtype or device than the model's previous call (a new
+resolution, ``model.half()``) starts a new request in the state it lands in: no residual of
+another shape or dtype is ever reused, and a stale request never continues.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -23,9 +33,12 @@ import torch
 
 from . import guard
 
-_graphs: "weakref.WeakSet[CachedGraph]" = weakref.WeakSet()
-_graph_index = itertools.count()  # creation order: summaries list graphs oldest first
-_last_graph: dict[int, "weakref.ref[CachedGraph]"] = {}  # id(key parameter) -> graph called last
+_graph_index = itertools.count()  # creation order
+# id(key parameter) -> (key ref, {layout: state}, least recently used first)
+_model_states: dict[int, tuple[weakref.ref, collections.OrderedDict]] = {}
+MAX_STATES = 8  # layouts kept per model instance (resolutions, text lengths), least recently used out
+_last_call: dict[int, tuple["weakref.ref[CacheState]", tuple]] = {}  # id(key parameter) -> (state, signature)
+_use_clock = itertools.count()  # call order: summaries list the state used last at the end
 _steps_hint: dict[int, int] = {}  # id(parameter) -> num_inference_steps given to new_request
 
 
@@ -36,6 +49,14 @@ class CacheState:
     tensors_by_name: dict[str, torch.Tensor]
     reset_pending: bool = True
     sizes: tuple[int, ...] = ()  # the dynamic sizes it was allocated for (plan.size_sources)
+    signature: tuple = ()  # the cached hidden stream's (shape, dtype, device) at those sizes
+    last_used: int = -1  # _use_clock at its last call
+    graph: Any = None  # weakref to the CachedGraph that ran it last
+
+    def layout(self, plan) -> tuple:
+        """What a graph must share to use this state: the plan's fingerprint and the tensors' metadata."""
+        return (plan.fingerprint, tuple((name, tuple(t.shape), t.dtype, t.device)
+                                        for name, t in self.tensors_by_name.items()))
 
     mask_spec: Any = None
     mask_steps: int | None = None  # step count the mask tensor was built for
@@ -86,6 +107,7 @@ class CacheState:
         if plan.prune_blocks is not None:
             t["hist_pruned"] = torch.zeros((guard.HISTORY, s, guard.MAX_STEPS), dtype=torch.int16, device=dev)
         state = cls(t, mask_spec=plan.mask_spec)
+        state.signature = (tuple(map(size, plan.anchor.shape)), plan.anchor.dtype, plan.anchor.device)
         if plan.mask_spec is not None:
             t["mask"] = torch.ones(guard.MAX_STEPS, dtype=torch.int8, device=dev)
             if not isinstance(plan.mask_spec, str) or plan.num_inference_steps is not None:
@@ -104,14 +126,6 @@ class CacheState:
         mask[: len(bits)] = torch.tensor(bits, dtype=torch.int8)
         self.tensors_by_name["mask"].copy_(mask)
         self.mask_steps = steps
-
-    def carry_on(self, old: "CacheState") -> None:
-        """Continue ``old``'s request count, history and steps mask (their shapes never depend on the
-        model's sizes); the anchor and residuals stay fresh, and the reset flag starts a request."""
-        for name, t in self.tensors_by_name.items():
-            if name == "counters" or name == "mask" or name.startswith("hist_"):
-                t.copy_(old.tensors_by_name[name])
-        self.mask_steps = old.mask_steps
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.tensors_by_name.values())
@@ -154,45 +168,56 @@ class CachedGraph:
         self.compiled = compiled
         self.plan = plan
         self.report = report
-        self._states: dict[int, tuple[weakref.ref, CacheState]] = {}
-        self._spare = first_state
+        self._layouts: dict[tuple, tuple] = {}  # call sizes -> state layout
+        self._spare = first_state  # the backend's first static state (None with dynamic sizes)
         self.index = next(_graph_index)
-        _graphs.add(self)
 
     def state_for(self, key: torch.Tensor, args: tuple = ()) -> CacheState:
-        """The state of the model instance ``key`` identifies, for the sizes of ``args``.
-
-        A graph with dynamic sizes keeps one state per instance: a call with other sizes replaces it
-        with a fresh one (a new request, as a new static graph would start), which carries on the
-        request count, the history and the steps mask, so ``summary`` still lists earlier requests.
-        """
+        """The state of the model instance ``key`` identifies, for the sizes of ``args``."""
         sizes = self.plan.sizes_of(args)
-        entry = self._states.get(id(key))
-        old = entry[1] if entry is not None and entry[0]() is key else None
-        if old is not None and old.sizes == sizes:
-            return old
-        # the backend's spare is the first static state (None with dynamic sizes)
-        state, self._spare = (self._spare or self.plan.allocate(args)), None
+        fresh = None
+        layout = self._layouts.get(sizes)
+        if layout is None:  # first call at these sizes: allocate once to learn the layout
+            fresh, self._spare = (self._spare or self.plan.allocate(args)), None
+            layout = self._layouts[sizes] = fresh.layout(self.plan)
+        entry = _model_states.get(id(key))
+        if entry is None or entry[0]() is not key:
+            entry = _model_states[id(key)] = (weakref.ref(key), collections.OrderedDict())
+            weakref.finalize(key, _forget, id(key))  # the states go with the model
+        states = entry[1]
+        state = states.get(layout)
+        if state is not None and state.graph is not None and state.graph() is None:
+            state = None  # the graphs that ran it were dropped (torch._dynamo.reset()): start afresh
+        if state is not None:
+            states.move_to_end(layout)
+            return state
+        state = fresh or self.plan.allocate(args)
         state.sizes = sizes
-        if old is not None:
-            state.carry_on(old)
         if self.plan.mask_spec is not None and state.mask_steps is None:
             state.set_steps(_steps_hint.get(id(key), self.plan.num_inference_steps))
-        self._states[id(key)] = (weakref.ref(key), state)
+        states[layout] = state
+        states.move_to_end(layout)
+        while len(states) > MAX_STATES:
+            states.popitem(last=False)
         return state
 
     def __call__(self, *args: Any) -> Any:
         key = args[self.plan.key_input]
         state = self.state_for(key, args)
-        last = _last_graph.get(id(key))
-        if last is None or last() is not self:
-            state.new_request()
-            _last_graph[id(key)] = weakref.ref(self)
-        out = self.compiled(*args, *state.tensors())
-        return out
+        last = _last_call.get(id(key))
+        if last is None or last[0]() is not state:
+            if last is None or last[1] != state.signature:
+                state.new_request()  # a new hidden shape, dtype or device: never continue a request
+            _last_call[id(key)] = (weakref.ref(state), state.signature)
+        if state.graph is None or state.graph() is not self:
+            state.graph = weakref.ref(self)
+        state.last_used = next(_use_clock)
+        return self.compiled(*args, *state.tensors())
 
-    def states_of(self, param_ids: set[int]) -> list[CacheState]:
-        return [st for k, (ref, st) in self._states.items() if k in param_ids and ref() is not None]
+
+def _forget(key_id: int) -> None:
+    _model_states.pop(key_id, None)
+    _last_call.pop(key_id, None)
 
 
 def _params(model: Any) -> set[int]:
@@ -208,8 +233,17 @@ def _params(model: Any) -> set[int]:
 
 
 def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:
-    ids = _params(model)
-    return [(g, st) for g in sorted(_graphs, key=lambda g: g.index) for st in g.states_of(ids)]
+    """Every (graph that ran it last, state) of ``model``, the state called last at the end."""
+    pairs = []
+    for pid in _params(model):
+        entry = _model_states.get(pid)
+        if entry is None or entry[0]() is None:
+            continue
+        for st in entry[1].values():
+            graph = st.graph() if st.graph is not None else None
+            if graph is not None:  # a state whose graphs were dropped (torch._dynamo.reset()) is gone
+                pairs.append((graph, st))
+    return sorted(pairs, key=lambda p: p[1].last_used)
 
 
 def new_request(model: Any, num_inference_steps: int | None = None) -> None:

@@ -18,13 +18,17 @@ from .runtime import cached_states
 
 @dataclasses.dataclass
 class Summary:
+    # oldest first, grouped by the state that ran them (the state called last at the end); each
+    # names its graph (an index into ``graphs``), the cached hidden stream's shape and dtype, and in
+    # a graph with symbolic sizes the call sizes its state serves ({} for static shapes)
     requests: list[dict[str, Any]]
     graphs: list[dict[str, Any]]  # the cache each compiled graph holds (stack, F/M/B, streams)
     note: str = ""  # with no cache: a likely reason seen on the module (blocks compiled one by one)
 
     def as_dict(self) -> dict[str, Any]:
         keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio")
-        return {"requests": [{"steps": r["steps"],
+        return {"requests": [{"steps": r["steps"], "graph": r["graph"], "hidden": r["hidden"],
+                              "sizes": r["sizes"],
                               "slots": [{k: s[k] for k in keep if k in s} for s in r["slots"]]}
                              for r in self.requests],
                 "graphs": self.graphs}
@@ -33,17 +37,26 @@ class Summary:
         if not self.graphs:
             return "cdcompile.summary: no block cache in this model's compiled graphs" + self.note
         lines = []
-        for g in self.graphs:
-            lines.append(f"cache over {g['groups']}: N={g['num_blocks']} F={g['Fn']} M={g['Mn']} "
-                         f"B={g['Bn']}, streams {g['streams']}")
+        for i, g in enumerate(self.graphs):
+            lines.append(f"{f'graph {i}: ' if len(self.graphs) > 1 else ''}cache over {g['groups']}: "
+                         f"N={g['num_blocks']} F={g['Fn']} M={g['Mn']} B={g['Bn']}, streams {g['streams']}"
+                         + (f", state per call size of {', '.join(g['dynamic_sizes'])}" if g.get("dynamic_sizes") else ""))
             if g.get("cache_type") == "dbprune":
                 lines.append(f"  dbprune: prunable blocks {g['prunable_blocks']}"
                              f"{', dynamic threshold' if g['dynamic_threshold'] else ''}")
-        lines.append(f"{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6}  cached steps")
+        # several states (one per graph, or per call size of a symbolic graph): say which ran each request
+        def state(r):
+            sizes = " ".join(f"{k}={v}" for k, v in r["sizes"].items())
+            return f"{r['graph']:>5} {r['hidden']:>18} {sizes:>10} "
+
+        where = len({state(r) for r in self.requests}) > 1
+        head = f"{'graph':>5} {'hidden':>18} {'sizes':>10} " if where else ""
+        lines.append(f"{head}{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6}  cached steps")
         for r in self.requests:
             for k, s in enumerate(r["slots"]):
                 cached = s["cached_steps"]
-                lines.append(f"{r['request']:>7} {k:>4} {r['steps']:>5} {len(cached):>6}  {cached}")
+                at = state(r) if where else ""
+                lines.append(f"{at}{r['request']:>7} {k:>4} {r['steps']:>5} {len(cached):>6}  {cached}")
                 if "pruned_blocks" in s:
                     lines.append(f"{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
                                  f"blocks pruned per step {s['pruned_blocks']}")
@@ -52,10 +65,16 @@ class Summary:
 
 def summary(model: Any) -> Summary:
     """Cache statistics of ``model`` (the module, or what ``torch.compile`` returned)."""
-    requests, graphs = [], []
+    requests, graphs, index = [], [], {}
     for graph, state in cached_states(model):
-        graphs.append(dict(graph.report.cache))
+        if graph not in index:
+            index[graph] = len(graphs)
+            graphs.append(dict(graph.report.cache))
+        shape, dtype, _ = state.signature
+        hidden = "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
         for r in state.requests():
+            r["graph"], r["hidden"] = index[graph], hidden
+            r["sizes"] = {str(sym): v for sym, v in zip(graph.plan.size_sources, state.sizes)}
             for s in r["slots"]:
                 if "pruned_blocks" in s:  # DBPrune: blocks pruned over blocks run, this slot's calls
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])

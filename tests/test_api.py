@@ -177,6 +177,35 @@ def test_enable_on_a_two_expert_pipeline_without_caching_equals_the_pipeline():
     torch.testing.assert_close(_wan22_run(pipe), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_enable_caches_both_cfg_branches_when_the_negative_prompt_is_shorter():
+    # The uncond calls have 4 text tokens, the cond calls 7: enable() compiles with dynamic=False, so
+    # each step calls two graphs in turn. They share the model's state (no state tensor has the
+    # text length): slot 0 for the prompt, slot 1 for the negative prompt, each cached after warm-up.
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from torch._dynamo.utils import counters
+
+    from cdcompile.testing import tiny_wan
+
+    counters.clear()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = torch.Generator().manual_seed(0)
+    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 4, 16, generator=g))
+
+    def run():
+        with torch.no_grad():
+            return pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=6, guidance_scale=3.0,
+                        output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    outs = [run(), run()]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 2
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [6, 6]
+    assert all([s["cached_steps"] for s in r["slots"]] == [[2, 3, 4, 5]] * 2 for r in reqs)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"transformer_options": {"transformer_3": {}}}, r"transformer_3.*\['transformer', 'transformer_2'\]"),
     ({"transformer_options": {"transformer_2": 0.2}}, r"transformer_options\['transformer_2'\] must be a dict"),

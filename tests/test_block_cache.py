@@ -349,6 +349,49 @@ def test_cfg_alternating_calls_equal_two_separately_cached_models():
     assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
 
 
+@pytest.mark.parametrize("dynamic,bn", [(False, 0), (None, 0), (False, 1), (True, 1), (None, 1)])
+def test_cfg_calls_whose_text_lengths_differ_each_cache_like_the_reference(dynamic, bn):
+    # A negative prompt with fewer text tokens than the prompt (Qwen-Image's true CFG): the cond and
+    # uncond calls of every step land in two graphs (dynamic=False), in two call sizes of one symbolic
+    # graph (True), or first in a static graph and then in the symbolic one Dynamo recompiles at the
+    # first uncond call (None). With Bn=0 the state holds no text-length tensor: every graph shares
+    # one state, prompt in slot 0 and negative prompt in slot 1. With Bn=1 the encoder residual has
+    # the text length: each branch has a state of its own. Before, every switch of graph or size
+    # started a request, so no step was ever cached.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cfg = RefConfig(Fn=1, Bn=bn, threshold=0.35, warmup=2)
+    m = tiny_flux(num_layers=2, num_single_layers=3)
+    g = torch.Generator().manual_seed(5)
+    cond = flux_inputs(m, tokens=16, text_tokens=8, seed=1)
+    uncond = dict(cond, encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3))
+    d = torch.randn(cond["hidden_states"].shape, generator=g)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=dynamic, options=_opts(cfg, "aot_eager"))
+    refs = [RefCache(cfg), RefCache(cfg)]
+    with torch.no_grad():
+        for s in range(STEPS):
+            step = dict(hidden_states=cond["hidden_states"] + 0.01 * s * d, timestep=torch.full((1,), 1 - s / STEPS))
+            for k, kw in enumerate((cond, uncond)):
+                kw = dict(kw, **step)
+                torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, refs[k], s), rtol=1e-4, atol=1e-4,
+                                           msg=lambda x: f"step {s}, {'un' * k}cond: {x}")
+    assert counters["stats"]["unique_graphs"] == (1 if dynamic else 2)
+    summary = cdcompile.summary(m)
+    want = [_ref_cached(ref) for ref in refs]
+    assert all(0 < len(w) < STEPS for w in want), "the trajectory must exercise both branches"
+    reqs = summary.as_dict()["requests"]
+    if bn == 0:
+        (req,) = reqs
+        assert req["steps"] == STEPS and [s["cached_steps"] for s in req["slots"]] == want
+    else:
+        assert [r["steps"] for r in reqs] == [STEPS, STEPS]
+        assert sorted(r["slots"][0]["cached_steps"] for r in reqs) == sorted(want)
+        if dynamic:
+            assert sorted(sum(r["sizes"].values()) for r in reqs) == [5, 8]
+        assert "1x16x32 float32" in str(summary)  # the table says which state ran each request
+
+
 def test_new_request_resets_even_when_timesteps_do_not_rise():
     m = SequentialDiT(depth=4)
     c = torch.compile(m, backend="cachedit", fullgraph=True,

@@ -82,6 +82,9 @@ class CachePlan:
     num_inference_steps: int | None = None
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
     num_blocks: int = 0  # N, the stack's blocks
+    # What the graph does with its state (options, stack, F/M/B, timestep input): graphs of one model
+    # with equal fingerprints and state tensors share one state (runtime.CacheState.layout)
+    fingerprint: str = ""
 
     @property
     def history(self) -> int:
@@ -184,7 +187,9 @@ def run(gm: fx.GraphModule, ctx) -> None:
     report.cache["groups"] = [g.name for g in stack]
     report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value,
                         size_asserts=cfg.size_asserts)
-    ctx.cache_plan.num_blocks = n
+    plan = ctx.cache_plan
+    plan.num_blocks = n
+    plan.fingerprint = repr((cfg, report.cache["groups"], fn, bn, report.cache["streams"], plan.timestep_input))
 
 
 def _try(gm, ctx, stack, blocks, fn, bn) -> str | None:
