@@ -49,7 +49,7 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
     if t is None:
         t = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)
     else:
-        t = t.reshape(-1)[0].to(torch.float32)
+        t = t.amax().to(torch.float32)  # per-token timesteps: the noisiest token's
     new_req = reset | (t > last)
     same = (t == last) & ~new_req
     step = torch.where(new_req, 0, torch.where(same, counters[0], counters[0] + 1))

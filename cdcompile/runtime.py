@@ -34,7 +34,8 @@ import torch
 from . import guard
 
 _graph_index = itertools.count()  # creation order
-# id(key parameter) -> (key ref, {layout: state}, least recently used first)
+_layout_ids: dict[tuple, int] = {}  # CacheState.layout -> a small int the per-call lookups hash
+# id(key parameter) -> (key ref, {layout id: state}, least recently used first)
 _model_states: dict[int, tuple[weakref.ref, collections.OrderedDict]] = {}
 MAX_STATES = 8  # layouts kept per model instance (resolutions, text lengths), least recently used out
 _last_call: dict[int, tuple["weakref.ref[CacheState]", tuple]] = {}  # id(key parameter) -> (state, signature)
@@ -168,7 +169,7 @@ class CachedGraph:
         self.compiled = compiled
         self.plan = plan
         self.report = report
-        self._layouts: dict[tuple, tuple] = {}  # call sizes -> state layout
+        self._layouts: dict[tuple, int] = {}  # call sizes -> state layout id
         self._spare = first_state  # the backend's first static state (None with dynamic sizes)
         self.index = next(_graph_index)
 
@@ -179,7 +180,7 @@ class CachedGraph:
         layout = self._layouts.get(sizes)
         if layout is None:  # first call at these sizes: allocate once to learn the layout
             fresh, self._spare = (self._spare or self.plan.allocate(args)), None
-            layout = self._layouts[sizes] = fresh.layout(self.plan)
+            layout = self._layouts[sizes] = _layout_ids.setdefault(fresh.layout(self.plan), len(_layout_ids))
         entry = _model_states.get(id(key))
         if entry is None or entry[0]() is not key:
             entry = _model_states[id(key)] = (weakref.ref(key), collections.OrderedDict())

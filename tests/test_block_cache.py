@@ -349,6 +349,64 @@ def test_cfg_alternating_calls_equal_two_separately_cached_models():
     assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
 
 
+def _wan_call(x, t, text, first_frame_at_zero):
+    # Wan 2.2 TI2V (expand_timesteps): one timestep per token, the conditioning frame's tokens at 0
+    ts = torch.full((1, 32), t)
+    if first_frame_at_zero:
+        ts[:, :16] = 0
+    return dict(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)
+
+
+@pytest.mark.parametrize("first_frame_at_zero", [False, True], ids=["t2v", "i2v"])
+def test_per_token_timesteps_give_steps_requests_and_cfg_slots(first_frame_at_zero):
+    # Before, a (batch, tokens) timestep was not a timestep input: every call was a step of one
+    # endless request, so the uncond call of a step was cached with the cond call's residual.
+    from cdcompile.testing import tiny_wan
+
+    opts = {"compiler": "eager", "residual_diff_threshold": 0.3, "max_warmup_steps": 2}
+    m = tiny_wan()
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
+    texts = [torch.randn(1, 7, 16, generator=g) for _ in range(2)]
+    steps = 6
+    calls = [[_wan_call(x + 0.03 * s * d, 1000 * (1 - s / steps), text, first_frame_at_zero) for s in range(steps)]
+             for text in texts]
+    both = torch.compile(m, backend="cachedit", fullgraph=True, options=opts)
+    with torch.no_grad():
+        got = [[both(**calls[k][s])[0] for k in range(2)] for _ in range(2) for s in range(steps)]
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [(r["steps"], len(r["slots"])) for r in reqs] == [(steps, 2), (steps, 2)]
+    assert reqs[0]["slots"] == reqs[1]["slots"]
+    for k in range(2):
+        torch._dynamo.reset()
+        single = type(m).from_config(m.config).eval()
+        single.load_state_dict(m.state_dict())
+        c = torch.compile(single, backend="cachedit", fullgraph=True, options=opts)
+        with torch.no_grad():
+            want = [c(**kw)[0] for kw in calls[k]]
+        for s, w in enumerate(want):
+            torch.testing.assert_close(got[s][k], w, rtol=1e-5, atol=1e-6)
+        assert reqs[0]["slots"][k]["cached_steps"] == _cached_steps(single)
+    assert 0 < len(reqs[0]["slots"][1]["cached_steps"]) < steps
+
+
+def test_an_integer_timestep_starts_requests_by_itself():
+    # DPM-Solver and DDIM give int64 timesteps (PixArt's and CogVideoX's pipelines pass them on):
+    # two identical requests back to back, no new_request, decide alike.
+    from cdcompile.zoo import ZOO
+
+    m, kw = ZOO["pixart"]()
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+    with torch.no_grad():
+        for _ in range(2):
+            for t in (999, 800, 600, 400, 200):
+                c(**dict(kw, timestep=torch.tensor([t])))
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [5, 5]
+    assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4]] * 2
+
+
 @pytest.mark.parametrize("dynamic,bn", [(False, 0), (None, 0), (False, 1), (True, 1), (None, 1)])
 def test_cfg_calls_whose_text_lengths_differ_each_cache_like_the_reference(dynamic, bn):
     # A negative prompt with fewer text tokens than the prompt (Qwen-Image's true CFG): the cond and

@@ -21,8 +21,8 @@ Algorithm (reference/algorithms.md §1, §5):
    with DBPrune.)
 3. Guard. ``R = HF - H0`` (the hidden stream after F minus the stack's hidden input) is compared
    with the slot's anchor by :func:`cdcompile.guard.decide`; the step/slot/request clock comes from
-   the timestep input (:func:`cdcompile.guard.tick`), found structurally: a scalar-per-sample
-   float input that feeds a sinusoidal embedding (``sin``/``cos``).
+   the timestep input (:func:`cdcompile.guard.tick`), found structurally: a number input per
+   sample (or per token) that feeds a sinusoidal embedding (``sin``/``cos``).
 4. Branch. ``torch.ops.higher_order.cond(cache, cache_branch, compute_branch, operands)``: the
    compute branch is M copied into a subgraph; the cache branch returns ``entry + residual`` per
    stream. Both return contiguous tensors that alias nothing.
@@ -350,33 +350,49 @@ def describe_sizes(nodes: list[fx.Node], sources: dict[Any, tuple[int, int]]) ->
 def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx.Node | None:
     """The user input carrying the diffusion timestep, found structurally.
 
-    Candidates are float inputs with at most one value per sample (ndim <= 1) from which a
-    ``sin``/``cos`` (a sinusoidal embedding) is computed before the first block. When several
-    qualify (FLUX-dev's guidance is embedded the same way), a name containing "timestep" wins,
-    then the first by input order.
+    Candidates are float or integer inputs (DDIM and DPM-Solver timesteps are int64) from which a
+    ``sin``/``cos`` (a sinusoidal embedding) is computed before the first block: one value per
+    sample (ndim <= 1), or one per token or frame (Wan 2.2 TI2V's per-token timesteps, whose
+    conditioning frame is at 0) when the sinusoid then feeds a matrix product before the first
+    block, as a timestep embedding's MLP does and a rotary table (position ids) does not. When
+    several qualify (FLUX-dev's guidance is embedded the same way), a name containing "timestep"
+    wins, then one value per sample, then the first by input order. The clock reads the largest
+    value (:func:`cdcompile.guard.tick`).
     """
     order = {n: k for k, n in enumerate(nodes)}
+
+    def early_users(n):
+        return [u for u in n.users if order.get(u, math.inf) < stop]
+
+    def reaches(starts, names) -> list[fx.Node]:
+        seen, todo, hits = set(starts), list(starts), []
+        while todo:
+            n = todo.pop()
+            if _fx.target_name(n) in names:
+                hits.append(n)
+                continue
+            for u in early_users(n):
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        return hits
+
     found = []
-    for p in nodes:
+    for k, p in enumerate(nodes):
         if p.op != "placeholder" or p in weights:
             continue
         v = _fx.fake_value(p)
-        if not isinstance(v, torch.Tensor) or v.ndim > 1 or not v.dtype.is_floating_point:
+        if not isinstance(v, torch.Tensor) or v.dtype == torch.bool or v.is_complex():
             continue
-        seen, todo = set(), [p]
-        while todo:
-            n = todo.pop()
-            if _fx.target_name(n) in ("sin", "cos", ".sin", ".cos"):
-                found.append(p)
-                break
-            for u in n.users:
-                if u not in seen and order.get(u, math.inf) < stop:
-                    seen.add(u)
-                    todo.append(u)
-    if not found:
-        return None
-    named = [p for p in found if "timestep" in p.name]
-    return (named or found)[0]
+        sinusoids = reaches([p], _SINUSOID)
+        if not sinusoids or (v.ndim > 1 and not reaches(sinusoids, _MATMUL)):
+            continue
+        found.append(((0 if "timestep" in p.name else 1), v.ndim > 1, k, p))
+    return min(found)[-1] if found else None
+
+
+_SINUSOID = ("sin", "cos", ".sin", ".cos")
+_MATMUL = ("linear", "addmm", "mm", "matmul", "bmm", ".matmul")
 
 
 def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked=None, exit_sizes=None) -> None:
