@@ -178,24 +178,27 @@ def test_enable_on_a_two_expert_pipeline_without_caching_equals_the_pipeline():
 
 
 def test_enable_caches_both_cfg_branches_when_the_negative_prompt_is_shorter():
-    # The uncond calls have 4 text tokens, the cond calls 7: enable() compiles with dynamic=False, so
-    # each step calls two graphs in turn. They share the model's state (no state tensor has the
-    # text length): slot 0 for the prompt, slot 1 for the negative prompt, each cached after warm-up.
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    # Qwen-Image's true CFG: the prompt has 9 text tokens, the negative prompt 4. enable() compiles
+    # with dynamic=False, so each step calls two graphs in turn. They share the model's state (no
+    # state tensor has the text length): slot 0 for the prompt, slot 1 for the negative prompt, each
+    # cached after its warm-up, in every request. Before, each switch started a request.
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
     from torch._dynamo.utils import counters
 
-    from cdcompile.testing import tiny_wan
+    from cdcompile.zoo import ZOO
 
     counters.clear()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=ZOO["qwenimage"]()[0])
     g = torch.Generator().manual_seed(0)
-    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 4, 16, generator=g))
+    prompt = dict(prompt_embeds=torch.randn(1, 9, 32, generator=g), prompt_embeds_mask=torch.ones(1, 9, dtype=torch.long),
+                  negative_prompt_embeds=torch.randn(1, 4, 32, generator=g),
+                  negative_prompt_embeds_mask=torch.ones(1, 4, dtype=torch.long))
 
     def run():
         with torch.no_grad():
-            return pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=6, guidance_scale=3.0,
-                        output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+            return pipe(**prompt, true_cfg_scale=4.0, height=64, width=64, num_inference_steps=6, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).images
 
     cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
     outs = [run(), run()]
@@ -291,7 +294,7 @@ def test_blocks_compiled_one_by_one_warn_and_summary_says_to_compile_the_whole_m
     with torch.no_grad():
         ref = m(**kw)[0]
     m.compile_repeated_blocks(backend="cachedit", options={"compiler": "eager", **OPTS})
-    with pytest.warns(UserWarning, match="FluxTransformerBlock is compiled on its own"), torch.no_grad():
+    with pytest.warns(UserWarning, match=r"Flux(Single)?TransformerBlock is compiled on its own"), torch.no_grad():
         out = m(**kw)[0]
     torch.testing.assert_close(out, ref)
     text = str(cdcompile.summary(m))
