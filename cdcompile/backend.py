@@ -54,11 +54,13 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def build(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CacheConfig) -> tuple[fx.GraphModule, PassContext]:
+def build(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CacheConfig,
+          borrowed_timestep: torch.Tensor | None = None) -> tuple[fx.GraphModule, PassContext]:
     """Copy ``gm`` and run the passes; returns the rewritten copy and the pass context."""
     gm2 = copy_graph_module(gm)
     report = GraphReport(graph_index=next(_graph_counter), num_nodes=len(gm.graph.nodes))
-    ctx = PassContext(cfg=cfg, example_inputs=list(example_inputs), report=report)
+    ctx = PassContext(cfg=cfg, example_inputs=list(example_inputs), report=report,
+                      borrowed_timestep=borrowed_timestep)
     run_passes(gm2, ctx)
     gm2.graph.lint()
     gm2.recompile()
@@ -71,23 +73,33 @@ def build(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CacheConfig) -
 def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
              mode: str | None = None) -> Callable:
     """Dynamo backend entry point (registered as ``"cachedit"``)."""
-    cfg = CacheConfig.from_options(options)
-    gm2, ctx = build(gm, example_inputs, cfg)
-    plan = ctx.cache_plan
-    inputs = list(example_inputs)
-    if plan is not None:
-        from .runtime import CachedGraph
+    from . import runtime
+    from .passes.block_cache import timestep_position
 
+    cfg = CacheConfig.from_options(options)
+    inputs = list(example_inputs)
+    fake = torch._guards.detect_fake_mode(inputs)
+    published = runtime.published_timestep()
+    borrowed = None
+    if published is not None:  # what the runtime would pass for it: its largest value, (1,) float32
+        with fake or contextlib.nullcontext():
+            borrowed = torch.zeros(1, dtype=torch.float32, device=published.device)
+    gm2, ctx = build(gm, example_inputs, cfg, borrowed)
+    plan = ctx.cache_plan
+    if plan is not None:
+        extra = [borrowed] if plan.timestep_source == "borrowed" else []
         if plan.size_sources:  # dynamic sizes: the state's example inputs share Dynamo's symbols
             state = None
-            with torch._guards.detect_fake_mode(inputs):
+            with fake:
                 example = plan.allocate().tensors()
         else:
             state = plan.allocate()
             example = state.tensors()
-        compiled = compile_inner(gm2, inputs + example, cfg.compiler, mode, cfg.size_asserts)
-        return CachedGraph(compiled, plan, ctx.report, first_state=state)
-    return compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)
+        compiled = compile_inner(gm2, inputs + extra + example, cfg.compiler, mode, cfg.size_asserts)
+        return runtime.CachedGraph(compiled, plan, ctx.report, first_state=state)
+    compiled = compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)
+    index = timestep_position(gm, inputs)
+    return compiled if index is None else runtime.TimestepPublisher(compiled, index)
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compiler,

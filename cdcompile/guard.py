@@ -43,13 +43,16 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
 
     A new timestep value starts a step; a larger one (or ``reset``, or the first call) starts a
     request; calls sharing a timestep are CFG slots 0, 1, ... Without a timestep input (``t`` is
-    None) every call is a new step and only ``reset`` starts a request.
+    None, or NaN) every call is a new step and only ``reset`` starts a request.
     """
     last = clock[0]
+    counted = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)  # a step per call
     if t is None:
-        t = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)
+        t = counted
     else:
         t = t.amax().to(torch.float32)  # per-token timesteps: the noisiest token's
+        # NaN: a timestep borrowed from an earlier graph that this call did not run (runtime.py)
+        t = torch.where(torch.isnan(t), counted, t)
     new_req = reset | (t > last)
     same = (t == last) & ~new_req
     step = torch.where(new_req, 0, torch.where(same, counters[0], counters[0] + 1))

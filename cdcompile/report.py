@@ -59,6 +59,13 @@ class GraphReport:
             lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
                          f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}"
                          f"{f', {ops} branch operands' if ops is not None else ''}")
+            lines.append("  block cache clock: " + {
+                "own": f"steps, requests and CFG slots from the timestep input {c.get('timestep_input')}",
+                "borrowed": "steps, requests and CFG slots from the timestep an earlier graph of the call "
+                            "reads (this graph has none: the timestep is embedded before a graph break)",
+            }.get(c.get("timestep_source"), "no timestep input, so every call is a step, only new_request(model) "
+                                             "or enable(pipe) starts a request, and two calls per step (separate "
+                                             "CFG) share one slot"))
             if c.get("dynamic_sizes"):
                 lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
             if c.get("specialized_floats"):

@@ -26,6 +26,8 @@ import collections
 import dataclasses
 import itertools
 import math
+import os
+import sys
 import weakref
 from typing import Any, Callable
 
@@ -33,7 +35,6 @@ import torch
 
 from . import guard
 
-_graph_index = itertools.count()  # creation order
 _layout_ids: dict[tuple, int] = {}  # CacheState.layout -> a small int the per-call lookups hash
 # id(key parameter) -> (key ref, {layout id: state}, least recently used first)
 _model_states: dict[int, tuple[weakref.ref, collections.OrderedDict]] = {}
@@ -41,6 +42,50 @@ MAX_STATES = 8  # layouts kept per model instance (resolutions, text lengths), l
 _last_call: dict[int, tuple["weakref.ref[CacheState]", tuple]] = {}  # id(key parameter) -> (state, signature)
 _use_clock = itertools.count()  # call order: summaries list the state used last at the end
 _steps_hint: dict[int, int] = {}  # id(parameter) -> num_inference_steps given to new_request
+# The timestep input of the last graph called that has one, with the model code frame that called
+# it: a graph that caches but lost its timestep to an earlier graph break of the same call reads it
+# (CachePlan.timestep_source == "borrowed") while that frame is still on its own call stack.
+_published: list[Any] = [None, 0, None]  # tensor, id(frame), frame's code
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _caller_frame():
+    """The model code that called a compiled graph (past torch's wrappers and this module)."""
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename.startswith(_TORCH_DIR) or f.f_code.co_filename == __file__):
+        f = f.f_back
+    return f
+
+
+def publish_timestep(t: torch.Tensor) -> None:
+    f = _caller_frame()
+    _published[:] = [t, id(f), f.f_code if f is not None else None]
+
+
+def published_timestep() -> torch.Tensor | None:
+    """The timestep published by an earlier graph of the call running now (its frame is on the
+    stack), else None: a stale one from another call or model is never read."""
+    t, frame_id, code = _published
+    if t is None:
+        return None
+    f = sys._getframe(1)
+    while f is not None:
+        if id(f) == frame_id and f.f_code is code:
+            return t
+        f = f.f_back
+    return None
+
+
+class TimestepPublisher:
+    """A graph without the block cache whose input ``index`` is a timestep: each call publishes it
+    (a reference, no device work) for a graph after a break of the same call."""
+
+    def __init__(self, compiled: Callable, index: int):
+        self.compiled, self.index = compiled, index
+
+    def __call__(self, *args: Any) -> Any:
+        publish_timestep(args[self.index])
+        return self.compiled(*args)
 
 
 @dataclasses.dataclass
@@ -171,7 +216,6 @@ class CachedGraph:
         self.report = report
         self._layouts: dict[tuple, int] = {}  # call sizes -> state layout id
         self._spare = first_state  # the backend's first static state (None with dynamic sizes)
-        self.index = next(_graph_index)
 
     def state_for(self, key: torch.Tensor, args: tuple = ()) -> CacheState:
         """The state of the model instance ``key`` identifies, for the sizes of ``args``."""
@@ -213,6 +257,13 @@ class CachedGraph:
         if state.graph is None or state.graph() is not self:
             state.graph = weakref.ref(self)
         state.last_used = next(_use_clock)
+        source = self.plan.timestep_source
+        if source == "own":
+            publish_timestep(args[self.plan.timestep_index])
+        elif source == "borrowed":  # the clock reads the largest value: pass just that
+            t = published_timestep()  # none this call: NaN, and the clock counts the call as a step
+            t = torch.full((1,), math.nan) if t is None else t.detach().amax().to(torch.float32).reshape(1)
+            return self.compiled(*args, t.to(state.tensors_by_name["clock"].device), *state.tensors())
         return self.compiled(*args, *state.tensors())
 
 

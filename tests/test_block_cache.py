@@ -12,7 +12,7 @@ import cdcompile
 from cdcompile import guard
 from cdcompile.testing import PairDiT, SeqBlock, SequentialDiT, SkipDiT, flux_inputs, tiny_flux
 from dbcache_reference import (RefCache, RefConfig, cache_blocks, run_flux, run_pair_dit, run_pair_units, run_skip_dit,
-                               run_sequential_dit)
+                               run_sequential_dit, sequential_temb)
 
 STEPS = 10
 
@@ -448,6 +448,76 @@ def test_cfg_calls_whose_text_lengths_differ_each_cache_like_the_reference(dynam
         if dynamic:
             assert sorted(sum(r["sizes"].values()) for r in reqs) == [5, 8]
         assert "1x16x32 float32" in str(summary)  # the table says which state ran each request
+
+
+class _BreakBeforeBlocks(SequentialDiT):
+    """The timestep is embedded, then the graph breaks (Lumina 2's ``.item()``): the graph holding
+    the blocks has no timestep input of its own."""
+
+    def forward(self, x, timestep):
+        temb = sequential_temb(self, x, timestep)
+        torch._dynamo.graph_break()
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+class _NoTimestep(SequentialDiT):
+    def forward(self, x, temb):
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+def test_a_timestep_embedded_before_a_graph_break_gives_steps_requests_and_cfg_slots():
+    # The graph before the break publishes its timestep input on each call; the graph holding the
+    # blocks reads it, so separate CFG calls are slots of one step, as the reference has them.
+    # Before, every call was a step of one request and the uncond call used the cond's anchor.
+    cfg = RefConfig(threshold=0.2, warmup=2)
+    m = _BreakBeforeBlocks(depth=5)
+    traj = _seq_trajectory()
+    offset = torch.randn(traj[0][0].shape, generator=torch.Generator().manual_seed(7))
+    c = torch.compile(m, backend="cachedit", options=_opts(cfg))
+    with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+        for _ in range(2):  # a second request: the timestep rises, nothing else marks it
+            refs = [RefCache(cfg), RefCache(cfg)]
+            for s, (x, t) in enumerate(traj):
+                for k, xk in enumerate((x, x + offset)):
+                    torch.testing.assert_close(c(xk, t), run_sequential_dit(m, xk, t, refs[k], s),
+                                               rtol=1e-5, atol=1e-6, msg=lambda e: f"step {s} slot {k}: {e}")
+    (cache,) = [r.cache for r in reports if r.cache]
+    assert cache["timestep_source"] == "borrowed"
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [STEPS, STEPS]
+    assert [s["cached_steps"] for s in reqs[1]["slots"]] == [_ref_cached(ref) for ref in refs]
+    assert all(0 < len(_ref_cached(ref)) < STEPS for ref in refs)
+
+    # A model with no timestep at all, called next, reads none of it: a step per call
+    other = _NoTimestep(depth=4)
+    c2 = torch.compile(other, backend="cachedit",
+                       options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+    temb = torch.randn(2, 32)
+    with cdcompile.backend.collect_reports() as reports, torch.no_grad():
+        for x, _ in traj[:5]:
+            c(x, traj[0][1])  # the first model publishes between the second's calls
+            c2(x, temb)
+    assert [r.cache["timestep_source"] for r in reports if r.cache] == [None]
+    assert [(r["steps"], r["slots"][0]["cached_steps"]) for r in cdcompile.summary(other).as_dict()["requests"]] == [
+        (5, [2, 3, 4])]
+
+
+def test_a_nan_timestep_counts_a_step_as_no_timestep_does():
+    # What the runtime passes for a borrowed timestep that no earlier graph of the call published
+    def run(ts):
+        clock, counters, reset = torch.full((1,), -torch.inf), torch.zeros(3, dtype=torch.int64), torch.tensor(True)
+        return [tuple(int(v) for v in guard.tick(t, clock, counters, reset)) for t in ts]
+
+    nan = torch.tensor([torch.nan])
+    assert run([nan] * 4) == run([None] * 4) == [(0, 0, 1), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+    # the clock stays a number: a timestep after them starts a request (step 0, new_request)
+    assert run([nan, nan, torch.tensor([0.5])]) == [(0, 0, 1), (1, 0, 0), (0, 0, 1)]
 
 
 def test_new_request_resets_even_when_timesteps_do_not_rise():

@@ -28,6 +28,9 @@ class PassContext:
     cache_plan: Any = None
     # Set by context_parallel when ulysses_degree > 1 (context_parallel.ContextParallelRecord).
     context_parallel: Any = None
+    # The example of a timestep an earlier graph of the call published, for a graph that caches
+    # but has no timestep input (the backend sets it; export, one graph, never does).
+    borrowed_timestep: Any = None
 
 
 def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:

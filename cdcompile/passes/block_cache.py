@@ -75,6 +75,11 @@ class CachePlan:
     key_input: int  # index of a weight input identifying the model instance
     timestep_input: str | None
     state_names: list[str]
+    # Where the clock reads the timestep: "own" (timestep_index, an input of this graph; the
+    # runtime publishes it for later graphs of the call), "borrowed" (the timestep an earlier
+    # graph of the same call published, appended by the runtime as one more input) or None.
+    timestep_source: str | None = None
+    timestep_index: int | None = None
     order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
     calibrator: str | None = None  # None, "taylorseer" or "foca"
     form: str = calibrators.TAYLOR  # TaylorSeer's form (cdcompile.calibrators)
@@ -284,12 +289,12 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
     if key_input is None:
         return "no parameter among the graph inputs to tell model instances apart"
-    timestep = _find_timestep(nodes, weights, order[g0.blocks[0].nodes[0]])
+    timestep, clock = clock_input(gm, nodes, weights, order[g0.blocks[0].nodes[0]], ctx)
 
     plan = CachePlan(
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
         residuals=[_stream_plan(label, v) for (label, _, _), v in zip(pairs, shaped)],
-        key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
+        key_input=key_input, **clock,
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
@@ -298,7 +303,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
-                    "timestep_input": plan.timestep_input, "slots": plan.slots,
+                    "timestep_input": plan.timestep_input, "timestep_source": plan.timestep_source,
+                    "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
     if checked:
@@ -347,7 +353,8 @@ def describe_sizes(nodes: list[fx.Node], sources: dict[Any, tuple[int, int]]) ->
     return [f"{sym} = {placeholders[k].name}.shape[{d}]" for sym, (k, d) in sources.items()]
 
 
-def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx.Node | None:
+def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int, *,
+                   strict: bool = False) -> fx.Node | None:
     """The user input carrying the diffusion timestep, found structurally.
 
     Candidates are float or integer inputs (DDIM and DPM-Solver timesteps are int64) from which a
@@ -357,7 +364,8 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx
     block, as a timestep embedding's MLP does and a rotary table (position ids) does not. When
     several qualify (FLUX-dev's guidance is embedded the same way), a name containing "timestep"
     wins, then one value per sample, then the first by input order. The clock reads the largest
-    value (:func:`cdcompile.guard.tick`).
+    value (:func:`cdcompile.guard.tick`). ``strict`` asks for the matrix product whatever the
+    shape (a graph without blocks, searched to its end).
     """
     order = {n: k for k, n in enumerate(nodes)}
 
@@ -385,10 +393,37 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int) -> fx
         if not isinstance(v, torch.Tensor) or v.dtype == torch.bool or v.is_complex():
             continue
         sinusoids = reaches([p], _SINUSOID)
-        if not sinusoids or (v.ndim > 1 and not reaches(sinusoids, _MATMUL)):
+        if not sinusoids or ((v.ndim > 1 or strict) and not reaches(sinusoids, _MATMUL)):
             continue
         found.append(((0 if "timestep" in p.name else 1), v.ndim > 1, k, p))
     return min(found)[-1] if found else None
+
+
+def timestep_position(gm: fx.GraphModule, example_inputs) -> int | None:
+    """The input position of the timestep of a graph with no block cache (``None`` if none): the
+    runtime publishes it on each call for a later graph of the same call that caches but lost
+    its timestep input to a graph break (Lumina 2 embeds it before its ``.item()`` break)."""
+    nodes = list(gm.graph.nodes)
+    t = _find_timestep(nodes, _fx.weight_placeholders(gm, example_inputs), len(nodes), strict=True)
+    return None if t is None else [n for n in nodes if n.op == "placeholder"].index(t)
+
+
+def clock_input(gm: fx.GraphModule, nodes: list[fx.Node], weights: set[fx.Node], stop: int,
+                ctx) -> tuple[fx.Node | None, dict]:
+    """The node the guard's clock reads, and the plan fields saying where it comes from: this
+    graph's timestep input, else a new last placeholder for the timestep an earlier graph of the
+    call published (``ctx.borrowed_timestep``: its example value), else None (every call a step)."""
+    t = _find_timestep(nodes, weights, stop)
+    if t is not None:
+        index = [n for n in nodes if n.op == "placeholder"].index(t)
+        return t, dict(timestep_input=t.name, timestep_source="own", timestep_index=index)
+    if ctx.borrowed_timestep is None:
+        return None, dict(timestep_input=None)
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        t = gm.graph.placeholder("cdcompile_timestep")
+    t.meta["val"] = t.meta["example_value"] = ctx.borrowed_timestep
+    return t, dict(timestep_input="published by an earlier graph of the call", timestep_source="borrowed")
 
 
 _SINUSOID = ("sin", "cos", ".sin", ".cos")

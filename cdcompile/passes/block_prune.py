@@ -45,8 +45,8 @@ import torch.fx as fx
 from .. import guard
 from ..distributed import ulysses
 from . import _branch, _fx
-from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _find_timestep, _getitem, _index_slot,
-                          _stream_plan, describe_sizes, size_sources)
+from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _stream_plan,
+                          clock_input, describe_sizes, size_sources)
 
 
 @dataclasses.dataclass
@@ -116,11 +116,11 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
     if key_input is None:
         return "no parameter among the graph inputs to tell model instances apart"
-    timestep = _find_timestep(nodes, weights, order[stack[0].blocks[0].nodes[0]])
+    timestep, clock = clock_input(gm, nodes, weights, order[stack[0].blocks[0].nodes[0]], ctx)
 
     plan = CachePlan(
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
-        residuals=[], key_input=key_input, timestep_input=timestep.name if timestep is not None else None,
+        residuals=[], key_input=key_input, **clock,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         prune_blocks=[r.plan for r in rewrites], size_sources=sources)
     # Blocks share operands (a float every block reads): specialize each node once.
@@ -131,7 +131,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     _emit(gm, rewrites, timestep, plan, cfg)
     ctx.cache_plan = plan
     report.cache = {"streams": sorted({label for r in rewrites for label, _, _ in r.pairs}),
-                    "timestep_input": plan.timestep_input, "slots": plan.slots,
+                    "timestep_input": plan.timestep_input, "timestep_source": plan.timestep_source,
+                    "slots": plan.slots,
                     "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
