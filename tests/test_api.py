@@ -209,6 +209,27 @@ def test_enable_caches_both_cfg_branches_when_the_negative_prompt_is_shorter():
     assert all([s["cached_steps"] for s in r["slots"]] == [[2, 3, 4, 5]] * 2 for r in reqs)
 
 
+def test_enable_keeps_cfg_slots_apart_under_per_token_timesteps():
+    # Wan 2.2 TI2V's pipeline (expand_timesteps=True) passes a (batch, tokens) timestep; the prompt
+    # and negative prompt calls of a step are slots 0 and 1. Before, no timestep input was found:
+    # each call was a step (12 a request) and the negative prompt's calls used the prompt's anchor.
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from cdcompile.testing import tiny_wan
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=True)
+    g = torch.Generator().manual_seed(0)
+    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    with torch.no_grad():
+        for _ in range(2):
+            pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=6, guidance_scale=3.0,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [(r["steps"], [s["cached_steps"] for s in r["slots"]]) for r in reqs] == [(6, [[2, 3, 4, 5]] * 2)] * 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"transformer_options": {"transformer_3": {}}}, r"transformer_3.*\['transformer', 'transformer_2'\]"),
     ({"transformer_options": {"transformer_2": 0.2}}, r"transformer_options\['transformer_2'\] must be a dict"),
