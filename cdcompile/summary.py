@@ -58,7 +58,7 @@ class Summary:
                 at = state(r) if where else ""
                 lines.append(f"{at}{r['request']:>7} {k:>4} {r['steps']:>5} {len(cached):>6}  {cached}")
                 if "pruned_blocks" in s:
-                    lines.append(f"{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
+                    lines.append(f"{'':>{len(at)}}{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
                                  f"blocks pruned per step {s['pruned_blocks']}")
         return "\n".join(lines)
 
