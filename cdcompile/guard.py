@@ -38,21 +38,19 @@ MAX_STEPS = 1000  # steps per request recorded in the history (later steps share
 
 
 def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
-         reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         reset: torch.Tensor, *, borrowed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advance the step/slot clock from the timestep input; returns (step, slot, new_request).
 
     A new timestep value starts a step; a larger one (or ``reset``, or the first call) starts a
     request; calls sharing a timestep are CFG slots 0, 1, ... Without a timestep input (``t`` is
-    None, or NaN) every call is a new step and only ``reset`` starts a request.
+    None, or NaN when ``borrowed``) every call is a new step and only ``reset`` starts a request.
     """
     last = clock[0]
-    counted = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)  # a step per call
-    if t is None:
-        t = counted
-    else:
+    if t is not None:
         t = t.amax().to(torch.float32)  # per-token timesteps: the noisiest token's
-        # NaN: a timestep borrowed from an earlier graph that this call did not run (runtime.py)
-        t = torch.where(torch.isnan(t), counted, t)
+    if t is None or borrowed:  # a step per call; a borrowed NaN: its publisher did not run this call
+        step_t = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)
+        t = step_t if t is None else torch.where(torch.isnan(t), step_t, t)
     new_req = reset | (t > last)
     same = (t == last) & ~new_req
     step = torch.where(new_req, 0, torch.where(same, counters[0], counters[0] + 1))

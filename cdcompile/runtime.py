@@ -94,7 +94,7 @@ class CacheState:
 
     tensors_by_name: dict[str, torch.Tensor]
     reset_pending: bool = True
-    sizes: tuple[int, ...] = ()  # the dynamic sizes it was allocated for (plan.size_sources)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # symbol -> value it was allocated for
     signature: tuple = ()  # the cached hidden stream's (shape, dtype, device) at those sizes
     last_used: int = -1  # _use_clock at its last call
     graph: Any = None  # weakref to the CachedGraph that ran it last
@@ -237,7 +237,7 @@ class CachedGraph:
             states.move_to_end(layout)
             return state
         state = fresh or self.plan.allocate(args)
-        state.sizes = sizes
+        state.sizes = {str(sym): v for sym, v in zip(self.plan.size_sources, sizes)}
         if self.plan.mask_spec is not None and state.mask_steps is None:
             state.set_steps(_steps_hint.get(id(key), self.plan.num_inference_steps))
         states[layout] = state

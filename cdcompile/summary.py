@@ -74,7 +74,7 @@ def summary(model: Any) -> Summary:
         hidden = "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
         for r in state.requests():
             r["graph"], r["hidden"] = index[graph], hidden
-            r["sizes"] = {str(sym): v for sym, v in zip(graph.plan.size_sources, state.sizes)}
+            r["sizes"] = dict(state.sizes)
             for s in r["slots"]:
                 if "pruned_blocks" in s:  # DBPrune: blocks pruned over blocks run, this slot's calls
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])

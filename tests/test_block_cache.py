@@ -512,7 +512,7 @@ def test_a_nan_timestep_counts_a_step_as_no_timestep_does():
     # What the runtime passes for a borrowed timestep that no earlier graph of the call published
     def run(ts):
         clock, counters, reset = torch.full((1,), -torch.inf), torch.zeros(3, dtype=torch.int64), torch.tensor(True)
-        return [tuple(int(v) for v in guard.tick(t, clock, counters, reset)) for t in ts]
+        return [tuple(int(v) for v in guard.tick(t, clock, counters, reset, borrowed=True)) for t in ts]
 
     nan = torch.tensor([torch.nan])
     assert run([nan] * 4) == run([None] * 4) == [(0, 0, 1), (1, 0, 0), (2, 0, 0), (3, 0, 0)]

@@ -490,7 +490,8 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checke
 def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     call = g.call_function
     t = env[timestep] if timestep is not None else None
-    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]))
+    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]),
+                dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     r = call(torch.sub, (env[hf], env[h0]))
     dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(

@@ -227,7 +227,8 @@ def _emit(gm, rewrites: list[_BlockRewrite], timestep, plan, cfg) -> None:
 def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
     call = g.call_function
     t = env[timestep] if timestep is not None else None
-    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]))
+    tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]),
+                dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     gate = call(guard.prune_gate, (st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(
         threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
