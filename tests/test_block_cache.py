@@ -407,6 +407,32 @@ def test_an_integer_timestep_starts_requests_by_itself():
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4]] * 2
 
 
+@pytest.mark.parametrize("prune", [False, True])
+def test_a_timestep_embedded_inside_every_block_starts_requests_by_itself(prune):
+    # DiT-XL (DiTTransformer2DModel) embeds its timestep in each block's AdaLayerNormZero, so no
+    # sinusoid runs before the first block: the clock finds the input whose sinusoid feeds a matrix
+    # product within the first block. Before, every call was a step of one request: the second
+    # request went on from the first one's step 5 and cached from its first call.
+    from cdcompile.zoo import ZOO
+
+    m, kw = ZOO["dit"]()
+    options = {"compiler": "eager", "max_warmup_steps": 2, "residual_diff_threshold": 1e9,
+               "cache_type": "dbprune" if prune else "dbcache"}
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=options)
+    with torch.no_grad():
+        for _ in range(2):
+            for t in (999, 800, 600, 400, 200):
+                c(**dict(kw, timestep=torch.tensor([t])))
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [5, 5]
+    if prune:  # blocks 1 and 2 of 3 (F1) pruned on every step after the warmup
+        assert [r["slots"][0]["pruned_blocks"] for r in reqs] == [[0, 0, 2, 2, 2]] * 2
+    else:
+        assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4]] * 2
+    explained = str(cdcompile.explain(m, options=options, **kw))
+    assert "clock: steps, requests and CFG slots from the timestep input l_timestep_" in explained, explained
+
+
 @pytest.mark.parametrize("dynamic,bn", [(False, 0), (None, 0), (False, 1), (True, 1), (None, 1)])
 def test_cfg_calls_whose_text_lengths_differ_each_cache_like_the_reference(dynamic, bn):
     # A negative prompt with fewer text tokens than the prompt (Qwen-Image's true CFG): the cond and

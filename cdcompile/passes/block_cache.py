@@ -289,7 +289,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
     if key_input is None:
         return "no parameter among the graph inputs to tell model instances apart"
-    timestep, clock = clock_input(gm, nodes, weights, order[g0.blocks[0].nodes[0]], ctx)
+    timestep, clock = clock_input(gm, nodes, weights, order[g0.blocks[0].nodes[0]], ctx,
+                                  order[g0.blocks[0].nodes[-1]] + 1)
 
     plan = CachePlan(
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", hv),
@@ -409,11 +410,18 @@ def timestep_position(gm: fx.GraphModule, example_inputs) -> int | None:
 
 
 def clock_input(gm: fx.GraphModule, nodes: list[fx.Node], weights: set[fx.Node], stop: int,
-                ctx) -> tuple[fx.Node | None, dict]:
+                ctx, first_block_end: int | None = None) -> tuple[fx.Node | None, dict]:
     """The node the guard's clock reads, and the plan fields saying where it comes from: this
     graph's timestep input, else a new last placeholder for the timestep an earlier graph of the
-    call published (``ctx.borrowed_timestep``: its example value), else None (every call a step)."""
+    call published (``ctx.borrowed_timestep``: its example value), else None (every call a step).
+
+    A model that embeds its timestep inside every block (DiT-XL's AdaLayerNormZero, the class
+    conditioned DiTs) has no sinusoid before its first block: then an input whose sinusoid feeds a
+    matrix product within the first block (``first_block_end``: the index after its last node)
+    qualifies, the strict test, as a timestep MLP passes it and a rotary table does not."""
     t = _find_timestep(nodes, weights, stop)
+    if t is None and first_block_end is not None:
+        t = _find_timestep(nodes, weights, first_block_end, strict=True)
     if t is not None:
         index = [n for n in nodes if n.op == "placeholder"].index(t)
         return t, dict(timestep_input=t.name, timestep_source="own", timestep_index=index)

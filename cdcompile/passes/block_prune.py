@@ -116,7 +116,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     key_input = next((k for k, p in enumerate(placeholders) if p in weights), None)
     if key_input is None:
         return "no parameter among the graph inputs to tell model instances apart"
-    timestep, clock = clock_input(gm, nodes, weights, order[stack[0].blocks[0].nodes[0]], ctx)
+    first = stack[0].blocks[0].nodes
+    timestep, clock = clock_input(gm, nodes, weights, order[first[0]], ctx, order[first[-1]] + 1)
 
     plan = CachePlan(
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
