@@ -41,6 +41,7 @@ _model_states: dict[int, tuple[weakref.ref, collections.OrderedDict]] = {}
 MAX_STATES = 8  # layouts kept per model instance (resolutions, text lengths), least recently used out
 _last_call: dict[int, tuple["weakref.ref[CacheState]", tuple]] = {}  # id(key parameter) -> (state, signature)
 _use_clock = itertools.count()  # call order: summaries list the state used last at the end
+_graph_clock = itertools.count()  # creation order: summaries number the graphs in it
 _steps_hint: dict[int, int] = {}  # id(parameter) -> num_inference_steps given to new_request
 # The timestep input of the last graph called that has one, with the model code frame that called
 # it: a graph that caches but lost its timestep to an earlier graph break of the same call reads it
@@ -98,6 +99,7 @@ class CacheState:
     signature: tuple = ()  # the cached hidden stream's (shape, dtype, device) at those sizes
     last_used: int = -1  # _use_clock at its last call
     graph: Any = None  # weakref to the CachedGraph that ran it last
+    ran_in: list = dataclasses.field(default_factory=list)  # weakrefs to every CachedGraph that ran it
 
     def layout(self, plan) -> tuple:
         """What a graph must share to use this state: the plan's fingerprint and the tensors' metadata."""
@@ -214,6 +216,7 @@ class CachedGraph:
         self.compiled = compiled
         self.plan = plan
         self.report = report
+        self.created = next(_graph_clock)
         self._layouts: dict[tuple, int] = {}  # call sizes -> state layout id
         self._spare = first_state  # the backend's first static state (None with dynamic sizes)
 
@@ -256,6 +259,8 @@ class CachedGraph:
             _last_call[id(key)] = (weakref.ref(state), state.signature)
         if state.graph is None or state.graph() is not self:
             state.graph = weakref.ref(self)
+            if all(g() is not self for g in state.ran_in):
+                state.ran_in.append(state.graph)
         state.last_used = next(_use_clock)
         source = self.plan.timestep_source
         if source == "own":

@@ -19,10 +19,12 @@ from .runtime import cached_states
 @dataclasses.dataclass
 class Summary:
     # oldest first, grouped by the state that ran them (the state called last at the end); each
-    # names its graph (an index into ``graphs``), the cached hidden stream's shape and dtype, and in
-    # a graph with symbolic sizes the call sizes its state serves ({} for static shapes)
+    # names the graph that ran its state last (an index into ``graphs``), the cached hidden
+    # stream's shape and dtype, and in a graph with symbolic sizes the call sizes its state serves
+    # ({} for static shapes)
     requests: list[dict[str, Any]]
-    graphs: list[dict[str, Any]]  # the cache each compiled graph holds (stack, F/M/B, streams)
+    # the cache each graph that ran a state holds (stack, F/M/B, streams), in compile order
+    graphs: list[dict[str, Any]]
     note: str = ""  # with no cache: a likely reason seen on the module (blocks compiled one by one)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,15 +67,18 @@ class Summary:
 
 def summary(model: Any) -> Summary:
     """Cache statistics of ``model`` (the module, or what ``torch.compile`` returned)."""
-    requests, graphs, index = [], [], {}
-    for graph, state in cached_states(model):
-        if graph not in index:
-            index[graph] = len(graphs)
-            graphs.append(dict(graph.report.cache))
+    pairs = cached_states(model)
+    # every graph that ran a state of the model, numbered in the order they were compiled
+    ran = {id(g): g for _, st in pairs for ref in st.ran_in if (g := ref()) is not None}
+    ordered = sorted(ran.values(), key=lambda g: g.created)
+    index = {id(g): k for k, g in enumerate(ordered)}
+    graphs = [dict(g.report.cache) for g in ordered]
+    requests = []
+    for graph, state in pairs:
         shape, dtype, _ = state.signature
         hidden = "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
         for r in state.requests():
-            r["graph"], r["hidden"] = index[graph], hidden
+            r["graph"], r["hidden"] = index[id(graph)], hidden
             r["sizes"] = dict(state.sizes)
             for s in r["slots"]:
                 if "pruned_blocks" in s:  # DBPrune: blocks pruned over blocks run, this slot's calls

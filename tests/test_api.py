@@ -36,6 +36,33 @@ def test_summary_as_dict_has_the_documented_shape_and_is_json():
     assert "N=4 F=1 M=3 B=0" in text and "[2, 3, 4, 5]" in text
 
 
+def test_summary_numbers_graphs_in_compile_order_whichever_state_ran_last():
+    # 10 tokens, then 12 (a second static graph), then 10 again. Graphs were numbered in the order
+    # of their states' last use, so the 10-token graph was graph 0, then graph 1 after the third
+    # request: one index meant two graphs across summaries.
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=False,
+                      options={"compiler": "eager", **OPTS})
+
+    def request(tokens):
+        with torch.no_grad():
+            for x, t in _traj(4):
+                c(x[:, :1].expand(1, tokens, 8).contiguous(), t)
+
+    def graph_of(summary, tokens):
+        return {r["graph"] for r in summary.as_dict()["requests"] if r["hidden"].startswith(f"1x{tokens}x")}
+
+    request(10)
+    request(12)
+    first = cdcompile.summary(m)
+    assert graph_of(first, 10) == {0} and graph_of(first, 12) == {1}
+    request(10)
+    again = cdcompile.summary(m)
+    assert graph_of(again, 10) == {0} and graph_of(again, 12) == {1}
+    assert [r["hidden"][:5] for r in again.as_dict()["requests"]] == ["1x12x", "1x10x", "1x10x"]  # last used last
+    assert len(again.graphs) == 2 and "graph 0:" in str(again) and "graph 1:" in str(again)
+
+
 def test_summary_keeps_a_bounded_history_of_requests():
     from cdcompile import guard
 

@@ -37,6 +37,8 @@ def test_zoo_model_has_a_block_group_and_backend_matches_eager(name):
     assert report.graph_breaks == 0, report.break_reasons
     assert any(g["blocks"] >= 2 for g in report.groups), str(report)
     assert "hidden" in report.groups[-1]["streams"]
+    # every one of them has a timestep input the clock reads (steps, requests and CFG slots)
+    assert [r.cache["timestep_source"] for r in report.graph_reports if r.cache] == ["own"]
     assert expected and len(got) == len(expected)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
