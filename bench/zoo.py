@@ -180,7 +180,9 @@ def _cache_cell(row: dict) -> str:
     """F/M/B and cached streams when the block cache went in, else the first reason it did not."""
     c = row.get("cache")
     if c:
-        return f"yes: F{c['Fn']} M{c['Mn']} B{c['Bn']} [{','.join(c['streams'])}]"
+        clock = {"own": "timestep input", "borrowed": "timestep of an earlier graph"}.get(
+            c.get("timestep_source"), "no timestep")
+        return f"yes: F{c['Fn']} M{c['Mn']} B{c['Bn']} [{','.join(c['streams'])}], clock: {clock}"
     reasons = [w for w in row.get("not_cached") or [] if w != "no repeated block group in this graph"]
     return "no" + (f": {reasons[0]}" if reasons else "") if row.get("groups") else ""
 
@@ -197,7 +199,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"`{meta['git_commit'][:12]}`{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}{dyn}. "
         f"Backend options `{json.dumps(meta['options'])}`; ok = outputs allclose to eager "
         f"(rtol = atol = {RTOL:g}) and at least one block group found. The last column: whether "
-        f"`cdcompile.explain` (default options, block cache on) put the cache into the graph.",
+        f"`cdcompile.explain` (default options, block cache on) put the cache into the graph, and what "
+        f"its clock (steps, requests, CFG slots) reads.",
         "",
         "**" + _totals_line(rows) + "**",
         "",
