@@ -390,19 +390,23 @@ def test_per_token_timesteps_give_steps_requests_and_cfg_slots(first_frame_at_ze
     assert 0 < len(reqs[0]["slots"][1]["cached_steps"]) < steps
 
 
-def test_an_integer_timestep_starts_requests_by_itself():
-    # DPM-Solver and DDIM give int64 timesteps (PixArt's and CogVideoX's pipelines pass them on):
-    # two identical requests back to back, no new_request, decide alike.
+def _two_requests_of_five_steps(name: str, **options) -> tuple[torch.nn.Module, dict, list[dict]]:
+    """Zoo model ``name`` run twice over timesteps 999 .. 200, no new_request; its requests."""
     from cdcompile.zoo import ZOO
 
-    m, kw = ZOO["pixart"]()
-    c = torch.compile(m, backend="cachedit", fullgraph=True,
-                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+    m, kw = ZOO[name]()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **options})
     with torch.no_grad():
         for _ in range(2):
             for t in (999, 800, 600, 400, 200):
                 c(**dict(kw, timestep=torch.tensor([t])))
-    reqs = cdcompile.summary(m).as_dict()["requests"]
+    return m, kw, cdcompile.summary(m).as_dict()["requests"]
+
+
+def test_an_integer_timestep_starts_requests_by_itself():
+    # DPM-Solver and DDIM give int64 timesteps (PixArt's and CogVideoX's pipelines pass them on):
+    # two identical requests back to back, no new_request, decide alike.
+    _, _, reqs = _two_requests_of_five_steps("pixart", residual_diff_threshold=1e9, max_warmup_steps=2)
     assert [r["steps"] for r in reqs] == [5, 5]
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4]] * 2
 
@@ -413,17 +417,8 @@ def test_a_timestep_embedded_inside_every_block_starts_requests_by_itself(prune)
     # sinusoid runs before the first block: the clock finds the input whose sinusoid feeds a matrix
     # product within the first block. Before, every call was a step of one request: the second
     # request went on from the first one's step 5 and cached from its first call.
-    from cdcompile.zoo import ZOO
-
-    m, kw = ZOO["dit"]()
-    options = {"compiler": "eager", "max_warmup_steps": 2, "residual_diff_threshold": 1e9,
-               "cache_type": "dbprune" if prune else "dbcache"}
-    c = torch.compile(m, backend="cachedit", fullgraph=True, options=options)
-    with torch.no_grad():
-        for _ in range(2):
-            for t in (999, 800, 600, 400, 200):
-                c(**dict(kw, timestep=torch.tensor([t])))
-    reqs = cdcompile.summary(m).as_dict()["requests"]
+    options = {"max_warmup_steps": 2, "residual_diff_threshold": 1e9, "cache_type": "dbprune" if prune else "dbcache"}
+    m, kw, reqs = _two_requests_of_five_steps("dit", **options)
     assert [r["steps"] for r in reqs] == [5, 5]
     if prune:  # blocks 1 and 2 of 3 (F1) pruned on every step after the warmup
         assert [r["slots"][0]["pruned_blocks"] for r in reqs] == [[0, 0, 2, 2, 2]] * 2
