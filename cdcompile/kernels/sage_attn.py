@@ -61,6 +61,11 @@ from ._triton import BACKENDS, cast_out, fp32_rounding, tl, tl_dtype, to_e4m3, t
 BLOCK_M = 128
 BLOCK_N = 64
 NUM_STAGES = 3  # software pipelining depth of the key loop; untuned, changes speed only
+# Warps of the attention kernel, every head dim. With BLOCK_M = 128, 4 warps hold 128 query rows'
+# scores and accumulator in 128 threads: compiled for sm_90a (bench/kernel_aot.py, no GPU needed),
+# that took 255 registers and spilled at head dim 64 (odd lengths, causal) and at 128 under the GPU
+# machine's Triton 3.6; 8 warps compile without spills everywhere (bench/results/kernels_aot_sm90*.md).
+NUM_WARPS = 8
 QUANT_BLOCK_S = 64  # tokens per program of the V quantization kernel; untuned
 
 HEAD_DIMS = (32, 64, 128)  # the INT8 tensor-core dot takes K >= 32
@@ -291,11 +296,11 @@ def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
 
 
 def _attend(
-    quantized, out_dtype, is_causal, block_m, block_n, num_warps=None, num_stages=NUM_STAGES, round_in_fp32=None
+    quantized, out_dtype, is_causal, block_m, block_n, num_warps=NUM_WARPS, num_stages=NUM_STAGES, round_in_fp32=None
 ):
     """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``.
 
-    ``num_warps`` (default: 8 for head dim 128, else 4), ``num_stages`` and ``round_in_fp32`` (default:
+    ``num_warps`` (default ``NUM_WARPS``), ``num_stages`` and ``round_in_fp32`` (default:
     ``_triton.fp32_rounding()``) change speed, not results, on a GPU; bench/kernels.py sweeps them.
     """
     q8, q_scale, k8, k_scale, v8, v_scale = quantized
@@ -307,7 +312,7 @@ def _attend(
         IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(out_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
         EVEN_N=n % block_n == 0, FP32_ROUNDING=fp32_rounding() if round_in_fp32 is None else round_in_fp32,
-        num_warps=(8 if d == 128 else 4) if num_warps is None else num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
