@@ -1,18 +1,19 @@
-"""Compile cdcompile's Triton kernels for an H100 (sm_90a) on a machine without a GPU.
+"""Compile cdcompile's Triton kernels for NVIDIA GPUs (H100 first) on a machine without a GPU.
 
-    python bench/kernel_aot.py                      # every launch bench/gpu_checks.sh makes, + the tile sweep
-    python bench/kernel_aot.py --quick              # the launchers' shipped tiles only (tests/kernels use this)
-    python bench/kernel_aot.py --out bench/results/kernels_aot_sm90   # where the JSON + markdown go
+    python bench/kernel_aot.py                      # every GPU the kernels claim; on sm_90 + the tile sweep
+    python bench/kernel_aot.py --quick --capability 90   # the launchers' shipped tiles only (the CPU test)
+    python bench/kernel_aot.py --out bench/results/kernels_aot   # where the JSON + markdown go
 
 The real launchers (``cdcompile.kernels.sage_attn`` and ``fp8_quant``) run on CPU tensors while
-Triton's active driver is one that names an sm_90 target and launches nothing. Triton then does what
+Triton's active driver is one that names a CUDA target and launches nothing. Triton then does what
 it does at a first launch on the GPU: it specializes the arguments (16-byte alignment, sizes divisible
 by 16, strides of 1), compiles through its NVIDIA backend to a cubin with the ptxas it bundles, and
-refuses a kernel whose shared memory exceeds the device's (given here: H100 SXM, 227 KiB per block).
-Per compiled kernel the table gives registers per thread and spill bytes (``ptxas -v`` on the PTX),
-shared memory, and how its ``tl.dot`` products were lowered: ``wgmma`` (Hopper's warp-group MMA, what
-these kernels are written for) or ``mma`` (the pre-Hopper instruction). Nothing runs and nothing is
-timed: speed and accuracy on the device are bench/kernel_bench.py's.
+refuses a kernel whose shared memory exceeds the device's (``DEVICES``). Per compiled kernel the
+table gives registers per thread and spill bytes (``ptxas -v`` on the PTX), shared memory, and how
+its ``tl.dot`` products were lowered: ``wgmma`` (Hopper's warp-group MMA), ``tcgen05`` (Blackwell's
+tensor-memory MMA) or ``mma`` (the warp-level instruction of Ampere and Ada). The kernels need compute
+capability 8.9 or newer (``_triton.MIN_CUDA_CAPABILITY``), so 8.9, 9.0, 10.0 and 12.0 are compiled.
+Nothing runs and nothing is timed: speed and accuracy on the device are bench/kernel_bench.py's.
 
 Needs TRITON_INTERPRET unset or 0 (the interpreter would compile nothing); exits 1 when a kernel
 fails to compile or a shipped tile spills registers, 0 otherwise.
@@ -40,9 +41,14 @@ from triton.backends.nvidia import compiler as nv  # noqa: E402
 
 from cdcompile.kernels import fp8_quant, sage_attn  # noqa: E402
 
-# H100 SXM (compute capability 9.0): the shared memory one block may opt into, 227 KiB (CUDA
-# programming guide, "Technical Specifications per Compute Capability"), and threads per block.
-H100 = dict(capability=90, max_shared_mem=232448, max_threads=1024, multiprocessor_count=132)
+# Shared memory one block may opt into per compute capability (CUDA programming guide, "Technical
+# Specifications per Compute Capability"): 99 KiB on 8.9 and 12.0, 227 KiB on 9.0 and 10.0.
+DEVICES = {
+    89: dict(name="Ada (L4, L40S, RTX 4090)", max_shared_mem=101376),
+    90: dict(name="Hopper (H100, H200)", max_shared_mem=232448),
+    100: dict(name="Blackwell (B200)", max_shared_mem=232448),
+    120: dict(name="Blackwell (RTX 5090)", max_shared_mem=101376),
+}
 
 KERNELS = {f.fn.__name__: f for f in (sage_attn._quantize_int8_kernel, sage_attn._quantize_v_kernel,
                                        sage_attn._sage_attention_kernel, fp8_quant._quantize_pack_kernel,
@@ -53,8 +59,10 @@ class DryRunDriver:
     """The part of Triton's driver interface that compiling and launching use: a fixed CUDA target,
     device 0, stream 0, and a launcher that does nothing. Set with ``triton.runtime.driver.set_active``."""
 
-    def __init__(self, capability: int, max_shared_mem: int, max_threads: int, multiprocessor_count: int):
+    def __init__(self, capability: int, max_shared_mem: int, max_threads: int = 1024, multiprocessor_count: int = 132,
+                 device: int = 0):
         self.target = GPUTarget("cuda", capability, 32)
+        self.device = device
         self.utils = self._Utils(max_shared_mem, max_threads, multiprocessor_count)
 
     class _Utils:
@@ -75,7 +83,7 @@ class DryRunDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def set_current_device(self, device):
         pass
@@ -131,14 +139,19 @@ def describe(name: str, k, capability: int) -> dict:
             consts[arg] = str(v) if not isinstance(v, (bool, int, float)) else v
     ttgir = k.asm["ttgir"]
     md = k.metadata
-    return dict(kernel=name, constexprs=consts, num_warps=md.num_warps, num_stages=md.num_stages,
-                shared_bytes=md.shared, wgmma=len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
-                mma=len(re.findall(r"= tt\.dot ", ttgir)), **ptxas_usage(k.asm["ptx"], capability))
+    # dot ops left in the final TTGIR (a pipelined loop may hold a product more than once)
+    dots = {kind: len(re.findall(pattern, ttgir)) for kind, pattern in DOT_KINDS.items()}
+    return dict(capability=capability, kernel=name, constexprs=consts, num_warps=md.num_warps,
+                num_stages=md.num_stages, shared_bytes=md.shared, dots={k: v for k, v in dots.items() if v},
+                **ptxas_usage(k.asm["ptx"], capability))
 
 
-def launches(quick: bool):
+DOT_KINDS = {"wgmma": r"ttng\.warp_group_dot ", "tcgen05": r"ttng\.tc_gen5_mma ", "mma": r"= tt\.dot "}
+
+
+def launches(quick: bool, sweep: bool):
     """(label, shipped, thunk) for every launch to compile: the launchers with their own tiles
-    (shipped=True), then, unless ``quick``, the attention tiles bench/kernel_bench.py --sweep times."""
+    (shipped=True), then, with ``sweep``, the attention tiles bench/kernel_bench.py --sweep times."""
     g = torch.Generator().manual_seed(0)
 
     def qkv(s, d, dtype, heads=24):
@@ -167,7 +180,7 @@ def launches(quick: bool):
             fp8_quant._dequantize_triton(vals, scales, b, n if other == "seq" else s, heads, world, other, x.dtype)
 
         yield f"fp8 all-to-all quantize + dequantize, split={split} D={d} {str(dtype)[6:]} W={world}", True, quant
-    if quick:
+    if not sweep:
         return
     from kernel_bench import SWEEP_CONFIGS
 
@@ -182,28 +195,32 @@ def launches(quick: bool):
                    f"{' fp32 rounding' if rounding else ''}", False, attend)
 
 
-def run(quick: bool, device: dict) -> list[dict]:
+def run(capabilities: list[int], quick: bool) -> list[dict]:
+    """Compile every launch for each capability; sm_90 also gets the tile sweep unless ``quick``."""
     from triton.runtime import driver
 
-    driver.set_active(DryRunDriver(**device))
     rows, seen = [], set(compiled())
     try:
-        for label, shipped, thunk in launches(quick):
-            t0 = time.perf_counter()
-            try:
-                thunk()
-                error = None
-            except Exception as e:  # a compile error or OutOfResources: reported, the others go on
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            now = compiled()
-            new = [now[i] for i in now if i not in seen]
-            seen.update(now)
-            secs = time.perf_counter() - t0
-            if error:
-                rows.append(dict(launch=label, shipped=shipped, error=error, seconds=secs))
-            for name, k in new:
-                rows.append(dict(launch=label, shipped=shipped, seconds=secs, **describe(name, k, device["capability"])))
-            print(f"{secs:5.1f} s  {label}: {len(new)} kernel(s) compiled{'; ' + error if error else ''}", flush=True)
+        for cap in capabilities:
+            # the dry-run device's number is its capability, so Triton keeps a kernel cache per target
+            driver.set_active(DryRunDriver(cap, DEVICES[cap]["max_shared_mem"], device=cap))
+            for label, shipped, thunk in launches(quick, sweep=cap == 90 and not quick):
+                t0 = time.perf_counter()
+                try:
+                    thunk()
+                    error = None
+                except Exception as e:  # a compile error or OutOfResources: reported, the others go on
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                now = compiled()
+                new = [now[i] for i in now if i not in seen]
+                seen.update(now)
+                secs = time.perf_counter() - t0
+                if error:
+                    rows.append(dict(capability=cap, launch=label, shipped=shipped, error=error, seconds=secs))
+                for name, k in new:
+                    rows.append(dict(launch=label, shipped=shipped, seconds=secs, **describe(name, k, cap)))
+                print(f"{secs:5.1f} s  sm_{cap} {label}: {len(new)} kernel(s) compiled"
+                      f"{'; ' + error if error else ''}", flush=True)
     finally:
         try:
             driver.reset_active()
@@ -216,36 +233,41 @@ def problems(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append(f"{r['launch']}: {r['error']}")
+            out.append(f"sm_{r['capability']} {r['launch']}: {r['error']}")
         elif r["shipped"] and (r["spill_store_bytes"] or r["spill_load_bytes"]):
-            out.append(f"{r['launch']}: {r['kernel']} spills {r['spill_store_bytes']} bytes per thread")
+            out.append(f"sm_{r['capability']} {r['launch']}: {r['kernel']} spills {r['spill_store_bytes']} bytes "
+                       f"per thread")
     return out
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
+    caps = sorted({r["capability"] for r in rows})
     lines = [
-        "# cdcompile Triton kernels compiled for sm_90a without a GPU (bench/kernel_aot.py)",
+        "# cdcompile Triton kernels compiled for NVIDIA GPUs without a GPU (bench/kernel_aot.py)",
         "",
         f"{meta['date']}; triton {meta['triton']}, torch {meta['torch']}; commit `{meta['git_commit'][:12]}`"
-        f"{' + uncommitted changes' if meta['git_dirty'] else ''}; target: compute capability "
-        f"{meta['device']['capability']}, {meta['device']['max_shared_mem']} bytes of shared memory per block.",
+        f"{' + uncommitted changes' if meta['git_dirty'] else ''}. Targets: "
+        + "; ".join(f"sm_{c} {DEVICES[c]['name']}, {DEVICES[c]['max_shared_mem'] // 1024} KiB shared memory per block"
+                    for c in caps) + ".",
         "",
         "Each launch ran the real launcher on CPU tensors with Triton's driver replaced by one that compiles "
         "for the target and launches nothing (see the script's docstring). Registers and spills per thread "
-        "from `ptxas -v`; dots: how each `tl.dot` was lowered (wgmma: Hopper warp-group MMA). Compile times "
-        "include the launcher's CPU work. Nothing was run or timed on a GPU.",
+        "from `ptxas -v`; dots: the MMA ops each kernel's `tl.dot` products became (wgmma: Hopper's warp-group "
+        "MMA; tcgen05: Blackwell's; mma: the warp-level one; a software-pipelined loop may hold one product "
+        "more than once). Seconds include the launcher's CPU work. Nothing was run or timed on a GPU.",
         "",
-        "| launch | kernel | constexprs | warps | stages | registers | spill bytes (st/ld) | shared KiB | dots | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| target | launch | kernel | constexprs | warps | stages | registers | spill bytes (st/ld) | shared KiB "
+        "| dots | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cap = f"sm_{r['capability']}"
         if "error" in r:
-            lines.append(f"| {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  | {r['seconds']:.1f} |")
+            lines.append(f"| {cap} | {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  | {r['seconds']:.1f} |")
             continue
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
-        dots = ", ".join(x for x in (f"{r['wgmma']} wgmma" if r["wgmma"] else "", f"{r['mma']} mma" if r["mma"] else "")
-                         if x) or "-"
-        lines.append(f"| {r['launch']}{'' if r['shipped'] else ' (sweep)'} | `{r['kernel']}` | {consts} | "
+        dots = ", ".join(f"{n} {kind}" for kind, n in r["dots"].items()) or "-"
+        lines.append(f"| {cap} | {r['launch']}{'' if r['shipped'] else ' (sweep)'} | `{r['kernel']}` | {consts} | "
                      f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_store_bytes']}/"
                      f"{r['spill_load_bytes']} | {r['shared_bytes'] / 1024:.1f} | {dots} | {r['seconds']:.1f} |")
     bad = problems(rows)
@@ -265,23 +287,25 @@ def metadata() -> dict:
 
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 triton=triton.__version__, torch=torch.__version__, git_commit=git("rev-parse", "HEAD") or "unknown",
-                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")), device=H100)
+                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")), devices=DEVICES)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the launchers' shipped tiles only")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: bench/results/kernels_aot_sm90, "
-                                               "none with --quick)")
+    p.add_argument("--capability", type=int, nargs="+", default=sorted(DEVICES), choices=sorted(DEVICES),
+                   help="compute capabilities to compile for (89 Ada, 90 Hopper, 100 and 120 Blackwell)")
+    p.add_argument("--quick", action="store_true", help="the launchers' shipped tiles only (no sweep)")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: bench/results/kernels_aot; "
+                                               "nothing with --quick or --json)")
     p.add_argument("--json", default=None, help="write the rows as JSON here (and nothing else)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = run(args.quick, H100)
+    rows = run(args.capability, args.quick)
     meta = metadata()
     table = to_markdown(meta, rows)
     print(table)
     out = args.out or (None if args.quick or args.json else os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "kernels_aot_sm90"))
+        os.path.dirname(os.path.abspath(__file__)), "results", "kernels_aot"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
