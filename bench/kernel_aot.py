@@ -43,12 +43,25 @@ from cdcompile.kernels import fp8_quant, sage_attn  # noqa: E402
 
 # Shared memory one block may opt into per compute capability (CUDA programming guide, "Technical
 # Specifications per Compute Capability"): 99 KiB on 8.9 and 12.0, 227 KiB on 9.0 and 10.0.
+# Per SM: shared memory, resident warps and blocks (the same tables; every one has 64K registers).
 DEVICES = {
-    89: dict(name="Ada (L4, L40S, RTX 4090)", max_shared_mem=101376),
-    90: dict(name="Hopper (H100, H200)", max_shared_mem=232448),
-    100: dict(name="Blackwell (B200)", max_shared_mem=232448),
-    120: dict(name="Blackwell (RTX 5090)", max_shared_mem=101376),
+    89: dict(name="Ada (L4, L40S, RTX 4090)", max_shared_mem=101376, sm_shared=102400, sm_warps=48, sm_blocks=24),
+    90: dict(name="Hopper (H100, H200)", max_shared_mem=232448, sm_shared=233472, sm_warps=64, sm_blocks=32),
+    100: dict(name="Blackwell (B200)", max_shared_mem=232448, sm_shared=233472, sm_warps=64, sm_blocks=32),
+    120: dict(name="Blackwell (RTX 5090)", max_shared_mem=101376, sm_shared=102400, sm_warps=48, sm_blocks=24),
 }
+
+
+def resident_warps(capability: int, registers: int, shared: int, num_warps: int) -> int:
+    """Warps of one kernel resident on an SM at once, by the CUDA occupancy rules: registers are
+    allocated per warp in units of 256 (8 per thread), shared memory per block plus 1 KiB the system
+    reserves. A model of the hardware limits, not a measurement."""
+    dev = DEVICES[capability]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps if per_warp else dev["sm_blocks"]
+    by_shared = dev["sm_shared"] // (shared + 1024)
+    blocks = min(by_regs, by_shared, dev["sm_warps"] // num_warps, dev["sm_blocks"])
+    return blocks * num_warps
 
 KERNELS = {f.fn.__name__: f for f in (sage_attn._quantize_int8_kernel, sage_attn._quantize_v_kernel,
                                        sage_attn._sage_attention_kernel, fp8_quant._quantize_pack_kernel,
@@ -141,9 +154,10 @@ def describe(name: str, k, capability: int) -> dict:
     md = k.metadata
     # dot ops left in the final TTGIR (a pipelined loop may hold a product more than once)
     dots = {kind: len(re.findall(pattern, ttgir)) for kind, pattern in DOT_KINDS.items()}
+    usage = ptxas_usage(k.asm["ptx"], capability)
     return dict(capability=capability, kernel=name, constexprs=consts, num_warps=md.num_warps,
                 num_stages=md.num_stages, shared_bytes=md.shared, dots={k: v for k, v in dots.items() if v},
-                **ptxas_usage(k.asm["ptx"], capability))
+                resident_warps=resident_warps(capability, usage["registers"], md.shared, md.num_warps), **usage)
 
 
 DOT_KINDS = {"wgmma": r"ttng\.warp_group_dot ", "tcgen05": r"ttng\.tc_gen5_mma ", "mma": r"= tt\.dot "}
@@ -254,22 +268,25 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "for the target and launches nothing (see the script's docstring). Registers and spills per thread "
         "from `ptxas -v`; dots: the MMA ops each kernel's `tl.dot` products became (wgmma: Hopper's warp-group "
         "MMA; tcgen05: Blackwell's; mma: the warp-level one; a software-pipelined loop may hold one product "
-        "more than once). Seconds include the launcher's CPU work. Nothing was run or timed on a GPU.",
+        "more than once). Warps/SM: warps of the kernel resident on one SM at once, computed from its registers "
+        "and shared memory by the CUDA occupancy rules (a model, not a measurement). Seconds include the "
+        "launcher's CPU work. Nothing was run or timed on a GPU.",
         "",
         "| target | launch | kernel | constexprs | warps | stages | registers | spill bytes (st/ld) | shared KiB "
-        "| dots | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| warps/SM | dots | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cap = f"sm_{r['capability']}"
         if "error" in r:
-            lines.append(f"| {cap} | {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  | {r['seconds']:.1f} |")
+            lines.append(f"| {cap} | {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  |  | {r['seconds']:.1f} |")
             continue
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         dots = ", ".join(f"{n} {kind}" for kind, n in r["dots"].items()) or "-"
         lines.append(f"| {cap} | {r['launch']}{'' if r['shipped'] else ' (sweep)'} | `{r['kernel']}` | {consts} | "
                      f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_store_bytes']}/"
-                     f"{r['spill_load_bytes']} | {r['shared_bytes'] / 1024:.1f} | {dots} | {r['seconds']:.1f} |")
+                     f"{r['spill_load_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['resident_warps']} | {dots} | "
+                     f"{r['seconds']:.1f} |")
     bad = problems(rows)
     lines += ["", f"**Problems: {len(bad)}**" + ("".join(f"\n- {b}" for b in bad) if bad else
                                                  " (every kernel compiled; no shipped tile spills)"), ""]
