@@ -317,14 +317,16 @@ class CacheConfig:
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
     # bool is an int subclass; an int option given True/False is almost surely a mistake.
     if isinstance(value, bool) and types is not bool:
-        _bad(name, value, f"a {_type_names(types)}, not a bool")
+        _bad(name, value, f"{_type_names(types)}, not a bool")
     if not isinstance(value, types):
-        _bad(name, value, f"a {_type_names(types)}")
+        _bad(name, value, _type_names(types))
 
 
 def _type_names(types: type | tuple[type, ...]) -> str:
+    """``an int or float``: the accepted types with their article."""
     types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(t.__name__ for t in types)
+    names = " or ".join(t.__name__ for t in types)
+    return ("an " if names[0] in "aeiou" else "a ") + names
 
 
 def _bad(name: str, value: Any, rule: str) -> None:

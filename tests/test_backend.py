@@ -45,10 +45,10 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     ("Bn_compute_blocks", -1, ">= 0"),
     ("warmup_interval", 0, ">= 1"),
     ("max_cached_steps", -2, "-1"),
-    ("residual_diff_threshold", "high", "float"),
+    ("residual_diff_threshold", "high", "expected an int or float"),
     ("Fn_compute_blocks", True, "not a bool"),
     ("disable_passes", ["no_such_pass"], "discover_blocks"),
-    ("size_asserts", "off", "bool"),
+    ("size_asserts", "off", "expected a bool"),
 ])
 def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):
     with pytest.raises(ValueError) as info:
