@@ -177,6 +177,14 @@ def launches(quick: bool, sweep: bool):
         q, k, v = qkv(s, d, dtype)
         yield (f"sage_attention S={s} D={d} {str(dtype)[6:]}{' causal' if causal else ''}", True,
                lambda q=q, k=k, v=v, c=causal: sage_attn._sage_attention_triton(q, k, v, None, c))
+    for s, d, additive in [(4608, 128, False), (1000, 64, True)] if not quick else [(4608, 128, False)]:
+        q, k, v = qkv(s, d, torch.bfloat16)
+        # text padding as joint attention passes it: (b, 1, 1, n) bool, or a bias over (b, h, m, n)
+        mask = torch.arange(s)[None, None, None, :] < s - 77
+        if additive:
+            mask = torch.zeros(1, 24, s, s, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+        yield (f"sage_attention S={s} D={d} bfloat16, {'additive' if additive else 'bool'} attn_mask", True,
+               lambda q=q, k=k, v=v, mask=mask: sage_attn._sage_attention_triton(q, k, v, None, False, attn_mask=mask))
     q, k, v = qkv(1024, 128, torch.bfloat16)
     yield ("sage_attention per-block QK scales, S=1024 D=128", True,
            lambda: sage_attn._sage_attention_triton(q, k, v, None, False, qk_per_token=False))

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import cdcompile  # noqa: E402
+from cdcompile.passes import _fx  # noqa: E402
 from cdcompile.zoo import ZOO  # noqa: E402
 
 RTOL = ATOL = 1e-4
@@ -96,7 +97,16 @@ def run_one(name: str, options: dict = OPTIONS, calls: int = 1) -> dict:
             row["not_cached"] = [w for gr in report.graph_reports for w in gr.not_cached]
             stage = "compile"
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend="cachedit", options=options)
+            row["sdpa"], row["sdpa_masked"] = 0, 0
+
+            def backend(gm, example_inputs):  # counts SDPA calls (the FP8 attention's candidates), then compiles
+                for n in gm.graph.nodes:
+                    if n.op == "call_function" and _fx.target_name(n) == "scaled_dot_product_attention":
+                        row["sdpa"] += 1
+                        row["sdpa_masked"] += _fx.sdpa_args(n).get("attn_mask") is not None
+                return cdcompile.cachedit(gm, example_inputs, options=options)
+
+            compiled = torch.compile(model, backend=backend)
             outs = [compiled(**kwargs) for _ in range(calls)]
         stage = "compare"
         diffs = [compare(eager, out) for out in outs]
@@ -134,13 +144,15 @@ def totals(rows: list[dict]) -> dict:
     return {"models": len(rows), "ok": sum(r["ok"] for r in rows),
             "with_groups": sum(bool(r["groups"]) for r in rows),
             "cached": sum(bool(r.get("cached")) for r in rows),
+            "attn_mask": sum(bool(r.get("sdpa_masked")) for r in rows),
             "failed": sum(r["error"] is not None for r in rows)}
 
 
 def _totals_line(rows: list[dict]) -> str:
     t = totals(rows)
     return (f"{t['models']} models: {t['ok']} ok, {t['with_groups']} with groups, "
-            f"{t['cached']} with the block cache in the graph, {t['failed']} failed")
+            f"{t['cached']} with the block cache in the graph, {t['failed']} failed; "
+            f"{t['attn_mask']} pass an attn_mask to SDPA")
 
 
 def text_table(rows: list[dict]) -> str:
@@ -189,7 +201,7 @@ def _cache_cell(row: dict) -> str:
 
 def markdown_table(rows: list[dict], meta: dict) -> str:
     head = ["model", "class", "graphs", "breaks", "groups (name xblocks [streams])", "max_abs_diff", "ok", "error",
-            "why no group", "block cache (default options)"]
+            "why no group", "block cache (default options)", "SDPA calls (with attn_mask)"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     dyn = " with Dynamo capturing data-dependent ops" if meta.get("capture_dynamic") else ""
     lines = [
@@ -200,7 +212,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"Backend options `{json.dumps(meta['options'])}`; ok = outputs allclose to eager "
         f"(rtol = atol = {RTOL:g}) and at least one block group found. The last column: whether "
         f"`cdcompile.explain` (default options, block cache on) put the cache into the graph, and what "
-        f"its clock (steps, requests, CFG slots) reads.",
+        f"its clock (steps, requests, CFG slots) reads. SDPA calls: those of the compiled graphs, and how many "
+        f"pass an `attn_mask` (`fp8_attention=True` takes both kinds).",
         "",
         "**" + _totals_line(rows) + "**",
         "",
@@ -209,7 +222,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         c = _cells(r)
-        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], c[6], _why_not(r), _cache_cell(r)]
+        sdpa = f"{r['sdpa']} ({r['sdpa_masked']})" if r.get("sdpa") is not None else "-"
+        vals = [c[0], r["class"] or "-", c[1], c[2], c[3], c[4], c[5], c[6], _why_not(r), _cache_cell(r), sdpa]
         lines.append("| " + " | ".join(esc(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 

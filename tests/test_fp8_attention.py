@@ -78,12 +78,18 @@ class _Attention(nn.Module):
         b, s, _ = x.shape
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril() if self.masked else None
+        mask = None
+        if self.masked == "bool":  # (s, s): broadcast over batch and heads
+            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        elif self.masked == "additive":  # (b, 1, 1, s) key padding with a bias: the last 3 keys are padding
+            bias = torch.linspace(-2.0, 0.0, s, device=x.device)
+            keys = torch.arange(s, device=x.device)
+            mask = torch.where(keys < s - 3, bias, float("-inf")).expand(b, 1, 1, s)
         gqa = self.kv_heads != self.heads
-        if self.emulate and not self.masked and self.head_dim in (32, 64, 128):
+        if self.emulate and self.head_dim in (32, 64, 128):
             if gqa:
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-            o = sage_attention_ref(q, k, v, scale=self.scale, is_causal=self.causal)
+            o = sage_attention_ref(q, k, v, scale=self.scale, is_causal=self.causal, attn_mask=mask)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal, scale=self.scale,
                                                enable_gqa=gqa)
@@ -95,9 +101,9 @@ class _MixedAttentions(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList([
-            _Attention(256, 4, masked=True),            # kept: attn_mask
+            _Attention(256, 4, masked="bool"),          # a bool attn_mask, passed on
             _Attention(128, 8),                         # kept: head_dim 16
-            _Attention(256, 4, kv_heads=2),             # grouped-query: K, V heads repeated
+            _Attention(256, 4, kv_heads=2, masked="additive"),  # grouped-query (K, V heads repeated), additive mask
             _Attention(128, 2, causal=True, scale=0.3),  # is_causal and scale passed on
         ])
 
@@ -118,9 +124,9 @@ def test_each_sdpa_call_is_replaced_or_kept_with_its_reason():
         want = model(x)
     (report,) = reports
     record = report.fp8_attention
-    assert record.replaced == 2
-    assert record.kept == {"attn_mask (the kernel has no mask)": 1, "head_dim 16 (the kernel takes 32, 64, 128)": 1}
-    assert "2 of 4 SDPA calls" in str(record) and "1 kept: head_dim 16" in str(record)
+    assert record.replaced == 3
+    assert record.kept == {"head_dim 16 (the kernel takes 32, 64, 128)": 1}
+    assert "3 of 4 SDPA calls" in str(record) and "1 kept: head_dim 16" in str(record)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -184,4 +190,36 @@ def test_an_exported_package_carries_the_fp8_attention(tmp_path):
         got = cdcompile.load(path)(**kw)[0]
         plain = model(**kw)[0]
         torch.testing.assert_close(got, _emulated(model, kw), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5), "the artifact ran plain SDPA"
+
+
+class _MaskedStack(nn.Module):
+    """Three blocks whose attention takes an additive key-padding mask, after a timestep embedding."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(1, 256)
+        self.blocks = nn.ModuleList([_Attention(256, 4, masked="additive") for _ in range(3)])
+
+    def forward(self, x, timestep):
+        x = x + self.embed(torch.sin(timestep)[:, None])[:, None]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.slow
+def test_an_exported_package_carries_the_masked_fp8_attention(tmp_path):
+    model = _MaskedStack().eval()
+    x, t = torch.randn(2, 37, 256), torch.tensor([0.5, 0.5])
+    opts = {"fp8_attention": True, "residual_diff_threshold": 0.0}
+    path = _run_quietly(cdcompile.export, model, (x, t), {}, str(tmp_path / "masked_fp8.pt2"), options=opts)
+    with torch.no_grad():
+        got = cdcompile.load(path)(x, t)[0]
+        plain = model(x, t)
+        for block in model.blocks:
+            block.emulate = True  # the kernel's reference, given the same mask
+        want = model(x, t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5), "the artifact ran plain SDPA"

@@ -24,12 +24,14 @@ same top-left aligned causal mask when m != n), in five steps (algorithms.md sec
    query scales, so the kernel uses exp2.
 3. Quantize V per channel to FP8 e4m3 (scale = max over tokens of |v| / 448, per (b, h, channel)).
 4. Per tile of BLOCK_N keys: s = (q8 . k8) * k_scale * q_scale (the INT8 dot is exact in int32),
-   masked entries -inf, running max m, p = exp2(s - m) in fp32, then p8 = e4m3(p * 448) (p <= 1,
+   masked entries -inf (causal, the tail, and a bool ``attn_mask``'s False; an additive mask is
+   added times log2(e)), running max m (a row with no unmasked key yet subtracts 0), p = exp2(s - m) in fp32, then p8 = e4m3(p * 448) (p <= 1,
    so 448 uses e4m3's whole range), l = l * exp2(m_old - m) + sum(p8) and
    acc = acc * exp2(m_old - m) + p8 . v8, both in fp32. The FP8 product of each tile starts from
    zero and is added to acc outside the tensor core (two-level accumulation), because Hopper's FP8
    MMA accumulates with fewer bits than fp32.
-5. out = acc * v_scale / l, rounded to the input dtype. The row sum is taken over the quantized
+5. out = acc * v_scale / l, rounded to the input dtype (0 where every key of the row is masked,
+   as SDPA gives). The row sum is taken over the quantized
    p8, so the weights that multiply V are exactly the ones normalised: the output is a convex
    combination of the quantized V rows, and P's rounding cannot leak V's channel means into it
    (measured: +2-3 dB SNR when V has a per-channel mean, no change when it has none).
@@ -114,10 +116,12 @@ def sage_attention_ref(
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     qk_per_token: bool = True,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain-torch emulation of the kernel's arithmetic (steps 1-5 of the module docstring)."""
     b, h, m, d = q_bhmd.shape
     n = k_bhnd.shape[2]
+    mask = None if attn_mask is None else torch.broadcast_to(attn_mask, (b, h, m, n))
     sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
     k_mean, v_scale = _k_mean_and_v_scale(k_bhnd, v_bhnd)
     q8, q_scale = _quantize_int8_ref(q_bhmd.float(), block_m, qk_per_token, sm_scale * LOG2E)
@@ -135,14 +139,29 @@ def sage_attention_ref(
         if is_causal:
             s = s.masked_fill(cols[None, :] > rows, -math.inf)
         m_new = torch.maximum(m_i, s.amax(dim=-1))
-        alpha = torch.exp2(m_i - m_new)
-        p = torch.exp2(s - m_new[..., None])
+        m_use = m_new
+        if mask is not None:
+            s = _apply_mask(s, mask[..., cols])
+            m_new = torch.maximum(m_i, s.amax(dim=-1))
+            m_use = torch.where(m_new == -math.inf, 0.0, m_new)  # a row with no key yet: p = 0, not NaN
+        alpha = torch.exp2(m_i - m_use)
+        p = torch.exp2(s - m_use[..., None])
         p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn).float()
         l_i = l_i * alpha + p8.sum(dim=-1)
         acc = acc * alpha[..., None] + p8 @ v8[:, :, cols].float()
         m_i = m_new
+    if mask is not None:  # a query row whose keys are all masked has acc = 0: zeros, as SDPA gives
+        l_i = torch.where(l_i > 0, l_i, 1.0)
     out = acc * v_scale[:, :, None, :] / l_i[..., None]
     return out.to(q_bhmd.dtype)
+
+
+def _apply_mask(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``attn_mask`` on a tile of base-2 scores: a bool mask keeps True, an additive one is in
+    natural-log units, so it is scaled by log2(e) in fp32 as the kernel does."""
+    if mask.dtype == torch.bool:
+        return s.masked_fill(~mask, -math.inf)
+    return s + mask.float() * torch.tensor(LOG2E, dtype=torch.float32)
 
 
 @triton.jit
@@ -206,10 +225,11 @@ def _quantize_v_kernel(
 @triton.jit
 def _sage_attention_kernel(
     q8_ptr, q_scale_ptr, k8_ptr, k_scale_ptr, v8_ptr, v_scale_ptr, out_ptr,
-    M, N, N_PAD,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    M, N, N_PAD, H,
     IS_CAUSAL: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    EVEN_N: tl.constexpr, FP32_ROUNDING: tl.constexpr,
+    EVEN_N: tl.constexpr, FP32_ROUNDING: tl.constexpr, MASK: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one (b, h). q8, k8: contiguous (b, h, s, d); v8: (b, h, d, N_PAD).
     # EVEN_N: N is a multiple of BLOCK_N, so no key tile needs a mask (the loads and the -inf select
@@ -224,6 +244,9 @@ def _sage_attention_kernel(
     q_scale = tl.load(q_scale_ptr + pid_bh * M + rows, mask=rows < M, other=0.0)  # has sm_scale * log2(e)
     k_base = k8_ptr + pid_bh * N * HEAD_D
     v_base = v8_ptr + pid_bh * HEAD_D * N_PAD
+    # MASK: 0 none, 1 bool (uint8, nonzero attends), 2 additive (natural-log units); its strides are
+    # those of the mask broadcast to (b, h, m, n), zero along broadcast dims
+    mask_rows = mask_ptr + (pid_bh // H) * stride_mb + (pid_bh % H) * stride_mh + rows.to(tl.int64)[:, None] * stride_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -245,9 +268,19 @@ def _sage_attention_kernel(
             s = tl.where((cols[None, :] <= rows[:, None]) & (cols < N)[None, :], s, float("-inf"))
         elif not EVEN_N:
             s = tl.where((cols < N)[None, :], s, float("-inf"))
+        if MASK != 0:
+            mv = tl.load(mask_rows + cols.to(tl.int64)[None, :] * stride_mn, mask=q_live & (cols < N)[None, :], other=0)
+            if MASK == 1:
+                s = tl.where(mv != 0, s, float("-inf"))
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634  # log2(e)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if MASK != 0:  # a row with no unmasked key yet: subtract 0, so p = 0 rather than NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         p8 = to_e4m3(p * 448.0, FP32_ROUNDING)
         l_i = l_i * alpha + tl.sum(p8.to(tl.float32), axis=1)
         if EVEN_N:
@@ -260,6 +293,8 @@ def _sage_attention_kernel(
         m_i = m_new
 
     v_scale = tl.load(v_scale_ptr + pid_bh * HEAD_D + dims)
+    if MASK != 0:  # every key of the row masked: acc = 0, so zeros, as SDPA gives
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc * v_scale[None, :] / l_i[:, None]
     dst = out_ptr + pid_bh * M * HEAD_D + rows[:, None] * HEAD_D + dims[None, :]
     tl.store(dst, cast_out(out, OUT_DTYPE, FP32_ROUNDING), mask=q_live)
@@ -296,7 +331,8 @@ def _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
 
 
 def _attend(
-    quantized, out_dtype, is_causal, block_m, block_n, num_warps=NUM_WARPS, num_stages=NUM_STAGES, round_in_fp32=None
+    quantized, out_dtype, is_causal, block_m, block_n, num_warps=NUM_WARPS, num_stages=NUM_STAGES, round_in_fp32=None,
+    attn_mask=None,
 ):
     """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``.
 
@@ -307,25 +343,33 @@ def _attend(
     b, h, m, d = q8.shape
     n, n_pad = k8.shape[2], v8.shape[3]
     out = torch.empty((b, h, m, d), dtype=out_dtype, device=q8.device)
+    if attn_mask is None:
+        mask, mask_kind = q8, 0  # any pointer: MASK=0 never reads it
+        strides = (0, 0, 0, 0)
+    else:
+        mask = torch.broadcast_to(attn_mask, (b, h, m, n))  # a view: broadcast dims get stride 0
+        mask, mask_kind = (mask.view(torch.uint8), 1) if mask.dtype == torch.bool else (mask, 2)
+        strides = mask.stride()
     _sage_attention_kernel[(triton.cdiv(m, block_m), b * h)](
-        q8, q_scale, k8, k_scale, v8, v_scale, out, m, n, n_pad,
+        q8, q_scale, k8, k_scale, v8, v_scale, out, mask, *strides, m, n, n_pad, h,
         IS_CAUSAL=is_causal, OUT_DTYPE=tl_dtype(out_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=d,
         EVEN_N=n % block_n == 0, FP32_ROUNDING=fp32_rounding() if round_in_fp32 is None else round_in_fp32,
+        MASK=mask_kind,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def _sage_attention_triton(
-    q_bhmd, k_bhnd, v_bhnd, scale, is_causal, block_m=BLOCK_M, block_n=BLOCK_N, qk_per_token=True
+    q_bhmd, k_bhnd, v_bhnd, scale, is_causal, block_m=BLOCK_M, block_n=BLOCK_N, qk_per_token=True, attn_mask=None
 ):
     """The Triton path: quantize, then attend (no validation; ``sage_attention`` validates)."""
     quantized = _quantize_qkv(q_bhmd, k_bhnd, v_bhnd, scale, block_m, block_n, qk_per_token)
-    return _attend(quantized, q_bhmd.dtype, is_causal, block_m, block_n)
+    return _attend(quantized, q_bhmd.dtype, is_causal, block_m, block_n, attn_mask=attn_mask)
 
 
-def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend) -> None:
+def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask=None) -> None:
     named = (("q", q_bhmd), ("k", k_bhnd), ("v", v_bhnd))
     for name, t in named:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -351,24 +395,46 @@ def _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend) -> None:
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if attn_mask is not None:
+        _check_mask(attn_mask, q_bhmd, k_bhnd, is_causal)
+
+
+def _check_mask(mask, q_bhmd, k_bhnd, is_causal) -> None:
+    """SDPA's rules: bool or floating, broadcastable to (b, h, m, n), not together with is_causal."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attn_mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool (True attends) or floating (added to the scores), got {mask.dtype}")
+    if mask.device != q_bhmd.device:
+        raise ValueError(f"attn_mask must be on q's device {q_bhmd.device}, got {mask.device}")
+    full = (q_bhmd.shape[0], q_bhmd.shape[1], q_bhmd.shape[2], k_bhnd.shape[2])
+    if mask.dim() > 4 or any(x != 1 and x != y for x, y in zip(reversed(mask.shape), reversed(full))):
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, "
+                         f"q tokens, k tokens) = {tuple(full)}")
+    if is_causal:
+        raise ValueError("attn_mask and is_causal=True together: give one (as scaled_dot_product_attention requires)")
 
 
 def sage_attention(
     q_bhmd: torch.Tensor,
     k_bhnd: torch.Tensor,
     v_bhnd: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
     *,
     scale: Optional[float] = None,
     is_causal: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, scale=..., is_causal=...)`` with INT8/FP8 math.
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=..., is_causal=...)`` with
+    INT8/FP8 math.
 
+    ``attn_mask`` as SDPA takes it: bool (True attends) or floating (added to the scores),
+    broadcastable to (b, h, m, n); a query row with every key masked gives zeros, as SDPA does.
     ``backend``: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch"; see ``_triton``.
     Returns a contiguous (b, h, m, d) tensor of q's dtype. Raises ValueError on bad inputs.
     """
-    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
-    return torch.ops.cdcompile.sage_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask)
+    return torch.ops.cdcompile.sage_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask)
 
 
 @torch.library.custom_op("cdcompile::sage_attention", mutates_args=())
@@ -379,14 +445,15 @@ def _sage_attention_op(
     scale: Optional[float],
     is_causal: bool,
     backend: str,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask)
     if use_triton(q_bhmd.device, backend):
-        return _sage_attention_triton(q_bhmd, k_bhnd, v_bhnd, scale, is_causal)
-    return sage_attention_ref(q_bhmd, k_bhnd, v_bhnd, scale=scale, is_causal=is_causal).contiguous()
+        return _sage_attention_triton(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, attn_mask=attn_mask)
+    return sage_attention_ref(q_bhmd, k_bhnd, v_bhnd, scale=scale, is_causal=is_causal, attn_mask=attn_mask).contiguous()
 
 
 @_sage_attention_op.register_fake
-def _(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend):
-    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend)
+def _(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask=None):
+    _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask)
     return torch.empty_like(q_bhmd, memory_format=torch.contiguous_format)

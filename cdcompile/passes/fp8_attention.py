@@ -7,9 +7,11 @@ cdcompile/kernels/sage_attn.py). The op runs the Triton kernel on CUDA GPUs of c
 8.9 or newer and its plain-torch reference elsewhere; the reference emulates the kernel's
 arithmetic and is slow, so compiling for such a device warns once.
 
-A call is kept as SDPA, and the report says why, when it has an ``attn_mask``, a nonzero
-``dropout_p``, a head dim other than 32, 64 or 128, inputs that are not 4-d (batch, heads, tokens,
-head dim), a dtype other than bf16, fp16 or fp32, or a ``scale`` computed in the graph.
+An ``attn_mask`` goes to the kernel as SDPA takes it (bool or additive, any shape that broadcasts
+to (batch, heads, q tokens, k tokens); the text padding masks of Qwen-Image, HunyuanVideo, LTX,
+...). A call is kept as SDPA, and the report says why, when its mask is of another kind, it has a
+nonzero ``dropout_p``, a head dim other than 32, 64 or 128, inputs that are not 4-d (batch, heads,
+tokens, head dim), a dtype other than bf16, fp16 or fp32, or a ``scale`` computed in the graph.
 Grouped-query attention (``enable_gqa=True`` with fewer K/V heads) gets its K and V heads
 repeated first, as SDPA repeats them.
 
@@ -61,8 +63,11 @@ def _why_not(args: dict[str, Any]) -> str | None:
                for name in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "no recorded query/key/value tensors"
-    if args.get("attn_mask") is not None:
-        return "attn_mask (the kernel has no mask)"
+    mask = args.get("attn_mask")
+    if mask is not None:
+        why = _mask_why_not(mask, q, k)
+        if why:
+            return why
     if args.get("dropout_p", 0.0) != 0.0:
         return "dropout_p > 0"
     scale, causal = args.get("scale"), args.get("is_causal", False)
@@ -78,6 +83,20 @@ def _why_not(args: dict[str, Any]) -> str | None:
         return "broadcast batch or mismatched key/value shapes"
     if k.shape[1] != q.shape[1] and not (args.get("enable_gqa") and q.shape[1] % k.shape[1] == 0):
         return f"{q.shape[1]} query heads over {k.shape[1]} key/value heads"
+    return None
+
+
+def _mask_why_not(mask: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this ``attn_mask``, or None: it takes SDPA's bool or additive masks
+    that broadcast to (b, h, m, n)."""
+    t = _fx.fake_value(mask) if isinstance(mask, fx.Node) else None
+    if not isinstance(t, torch.Tensor):
+        return "attn_mask that is not a tensor of the graph"
+    if t.dtype != torch.bool and not t.is_floating_point():
+        return f"attn_mask of dtype {t.dtype}"
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if t.dim() > 4 or not all(_same(x, 1) or _same(x, y) for x, y in zip(reversed(t.shape), reversed(full))):
+        return "attn_mask that does not broadcast to (batch, heads, q tokens, k tokens)"
     return None
 
 
@@ -133,7 +152,7 @@ def run(gm: fx.GraphModule, ctx) -> None:
             with gm.graph.inserting_before(n):
                 k, v = (_new(gm, n, torch.repeat_interleave, (t, groups), {"dim": 1}) for t in (k, v))
         n.target = op
-        n.args = (q, k, v, args.get("scale"), args.get("is_causal", False), "auto")
+        n.args = (q, k, v, args.get("scale"), args.get("is_causal", False), "auto", args.get("attn_mask"))
         n.kwargs = {}
         n.meta["cdcompile_pass"] = PASS
         _set_fake(n)

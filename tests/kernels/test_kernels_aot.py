@@ -67,6 +67,7 @@ def test_attention_dots_use_each_gpus_tensor_core_instruction(compiled):
     for cap in CAPABILITIES:
         mine = [r for r in rows if r["capability"] == cap]
         assert {r["constexprs"]["HEAD_D"] for r in mine} >= {64, 128}, cap
+        assert {r["constexprs"]["MASK"] for r in mine} >= {0, 1}, cap  # without and with a bool attn_mask
     for r in rows:
         assert (r["num_warps"], r["num_stages"]) == (sage_attn.NUM_WARPS, sage_attn.NUM_STAGES)
         assert (r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"]) == (sage_attn.BLOCK_M, sage_attn.BLOCK_N)

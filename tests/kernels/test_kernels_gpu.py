@@ -76,6 +76,29 @@ def test_gpu_kernel_matches_reference_and_fp32_sdpa(b, h, m, n, d, is_causal, dt
     assert_quality(out, truth, min_cos=0.999, min_snr_db=25.0, what="kernel vs fp32 SDPA")
 
 
+@pytest.mark.parametrize("additive", [False, True])
+def test_gpu_masked_kernel_matches_reference_and_fp32_sdpa(additive):
+    """Text padding as joint attention passes it: (b, 1, 1, n), each sample's last keys masked,
+    bool or as an additive bias; one sample also has a query row with every key masked (zeros)."""
+    b, h, m, n, d = 2, 8, 4608, 4608, 128
+    q, k, v = _attention_inputs(b, h, m, n, d, torch.bfloat16, True, seed=3)
+    valid = torch.tensor([n - 100, n - 999], device="cuda")
+    mask = (torch.arange(n, device="cuda")[None, :] < valid[:, None])[:, None, None, :].expand(b, 1, m, n).clone()
+    mask[1, :, 7] = False
+    if additive:
+        mask = torch.zeros(mask.shape, device="cuda", dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+    out = sage_attention(q, k, v, mask)
+    ref = sage_attention_ref(q, k, v, attn_mask=mask)
+    assert_quality(out, ref, min_cos=0.99995, min_snr_db=45.0, what="masked kernel vs reference")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the backend whose fully masked rows are zeros on every device
+        truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                               attn_mask=mask if mask.dtype == torch.bool else mask.float())
+    assert_quality(out, truth, min_cos=0.999, min_snr_db=25.0, what="masked kernel vs fp32 SDPA")
+    assert torch.equal(out[1, :, 7], torch.zeros_like(out[1, :, 7]))
+
+
 @pytest.mark.parametrize("n", [4096, 4097])
 def test_gpu_hardware_fp8_cast_of_p_gives_the_bits_of_fp32_rounding(n):
     # On a GPU the kernel casts P * 448 to e4m3 and the output to bf16 with the hardware; the

@@ -141,3 +141,72 @@ def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
     q = torch.randn(1, 1, 8, 64)
     with pytest.raises(ValueError, match="backend='triton' cannot run here.*cpu"):
         sage_attention(q, q, q, backend="triton")
+
+
+def _mask(kind, b, h, m, n, dtype, seed):
+    """SDPA masks of the kinds DiTs pass. ``padding``: bool (b, 1, 1, n), each sample's last keys
+    padding (text padding of joint attention). ``rows``: bool (1, h, m, n) at random, with query
+    row 3 masked whole. ``additive``: (b, h, m, n) biases in the input dtype, -inf on some keys.
+    ``square``: float (m, n), broadcast over batch and heads."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "padding":
+        valid = torch.tensor([n - 7 * (i + 1) for i in range(b)])
+        return (torch.arange(n)[None, :] < valid[:, None])[:, None, None, :]
+    if kind == "rows":
+        mask = torch.rand(1, h, m, n, generator=g) < 0.6
+        mask[:, :, 3] = False
+        return mask
+    if kind == "additive":
+        mask = 2.0 * torch.randn(b, h, m, n, generator=g)
+        mask[..., : n // 5] = float("-inf")
+        return mask.to(dtype)
+    return torch.randn(m, n, generator=g).to(dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "kind,b,h,m,n,d,dtype,block_m,block_n",
+    [
+        ("padding", 2, 2, 77, 90, 64, torch.bfloat16, 32, 32),
+        ("rows", 1, 2, 50, 77, 128, torch.float16, 16, 32),
+        ("additive", 2, 1, 70, 64, 32, torch.float32, 32, 32),  # whole key tiles: the unmasked-tail loop
+        ("square", 1, 3, 40, 100, 64, torch.bfloat16, 16, 64),
+    ],
+)
+def test_triton_kernel_applies_sdpa_masks_like_the_reference(kind, b, h, m, n, d, dtype, block_m, block_n):
+    q, k, v = _inputs("outliers", b, h, m, n, d, dtype, seed=m * n)
+    mask = _mask(kind, b, h, m, n, dtype, seed=n)
+    got = _sage_attention_triton(q, k, v, None, False, block_m, block_n, True, attn_mask=mask)
+    ref = sage_attention_ref(q, k, v, block_m=block_m, block_n=block_n, attn_mask=mask)
+    assert_quality(got, ref, **KERNEL_VS_REF, what=f"{kind} mask: kernel vs reference")
+    truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                           attn_mask=mask if mask.dtype == torch.bool else mask.float())
+    assert_quality(got, truth, **VS_SDPA, what=f"{kind} mask: kernel vs fp32 SDPA")
+    if kind == "rows":  # a query row with no key: zeros, as SDPA gives (not NaN)
+        assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3])) and torch.equal(truth[:, :, 3], got[:, :, 3].float())
+
+
+@pytest.mark.parametrize("kind", ["padding", "rows", "additive", "square"])
+def test_masked_reference_meets_accuracy_bar_against_fp32_sdpa(kind):
+    b, h, m, n, d, dtype = 2, 2, 1000, 1000, 128, torch.bfloat16
+    q, k, v = _inputs("outliers", b, h, m, n, d, dtype, seed=5)
+    mask = _mask(kind, b, h, m, n, dtype, seed=6)
+    out = sage_attention(q, k, v, mask)  # positional, as SDPA takes it
+    truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                           attn_mask=mask if mask.dtype == torch.bool else mask.float())
+    assert_quality(out, truth, **VS_SDPA, what=f"{kind} mask vs fp32 SDPA")
+    plain = sage_attention(q, k, v)
+    assert not torch.equal(out, plain), "the mask changed nothing"
+
+
+def test_rejects_bad_masks_naming_the_values():
+    q = torch.randn(2, 3, 5, 64)
+    k = torch.randn(2, 3, 7, 64)
+    with pytest.raises(ValueError, match="attn_mask must be bool .* got torch.int64"):
+        sage_attention(q, k, k, torch.ones(5, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(5, 5\) does not broadcast .* \(2, 3, 5, 7\)"):
+        sage_attention(q, k, k, torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask and is_causal=True"):
+        sage_attention(q, k, k, torch.ones(5, 7, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="attn_mask must be on q's device"):
+        sage_attention(q, k, k, torch.ones(5, 7, dtype=torch.bool, device="meta"))
