@@ -171,9 +171,10 @@ def launches(quick: bool, sweep: bool):
     def qkv(s, d, dtype, heads=24):
         return [torch.randn(1, heads, s, d, generator=g).to(dtype) for _ in range(3)]
 
-    for s, d, dtype, causal in ([(4608, 128, torch.bfloat16, False), (4097, 128, torch.float16, True),
-                                 (1000, 64, torch.bfloat16, False), (77, 32, torch.float32, False)]
-                                if not quick else [(4608, 128, torch.bfloat16, False), (1000, 64, torch.float16, True)]):
+    shapes = ([(4608, 128, torch.bfloat16, False), (1000, 64, torch.float16, True)] if quick else
+              [(4608, 128, torch.bfloat16, False), (4097, 128, torch.float16, True),
+               (1000, 64, torch.bfloat16, False), (77, 32, torch.float32, False)])
+    for s, d, dtype, causal in shapes:
         q, k, v = qkv(s, d, dtype)
         yield (f"sage_attention S={s} D={d} {str(dtype)[6:]}{' causal' if causal else ''}", True,
                lambda q=q, k=k, v=v, c=causal: sage_attn._sage_attention_triton(q, k, v, None, c))
@@ -184,12 +185,15 @@ def launches(quick: bool, sweep: bool):
         if additive:
             mask = torch.zeros(1, 24, s, s, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
         yield (f"sage_attention S={s} D={d} bfloat16, {'additive' if additive else 'bool'} attn_mask", True,
-               lambda q=q, k=k, v=v, mask=mask: sage_attn._sage_attention_triton(q, k, v, None, False, attn_mask=mask))
+               lambda q=q, k=k, v=v, mask=mask: sage_attn._sage_attention_triton(q, k, v, None, False,
+                                                                                 attn_mask=mask))
     q, k, v = qkv(1024, 128, torch.bfloat16)
     yield ("sage_attention per-block QK scales, S=1024 D=128", True,
            lambda: sage_attn._sage_attention_triton(q, k, v, None, False, qk_per_token=False))
-    for split, dtype, d, world in ((("heads", torch.bfloat16, 128, 8), ("seq", torch.bfloat16, 128, 8))
-                                   + (() if quick else (("heads", torch.float32, 64, 3), ("seq", torch.float16, 96, 3)))):
+    splits = (("heads", torch.bfloat16, 128, 8), ("seq", torch.bfloat16, 128, 8))
+    if not quick:
+        splits += (("heads", torch.float32, 64, 3), ("seq", torch.float16, 96, 3))
+    for split, dtype, d, world in splits:
         x = torch.randn(1, 4608 // world if split == "heads" else 4608, 24, d, generator=g).to(dtype)
 
         def quant(x=x, split=split, world=world):
@@ -287,7 +291,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         cap = f"sm_{r['capability']}"
         if "error" in r:
-            lines.append(f"| {cap} | {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  |  | {r['seconds']:.1f} |")
+            lines.append(f"| {cap} | {r['launch']} | **failed** | {r['error']} |  |  |  |  |  |  |  | "
+                         f"{r['seconds']:.1f} |")
             continue
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         dots = ", ".join(f"{n} {kind}" for kind, n in r["dots"].items()) or "-"

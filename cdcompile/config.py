@@ -112,8 +112,9 @@ class CacheConfig:
 
     FP8 attention (algorithms.md §7; cdcompile/passes/fp8_attention.py):
     fp8_attention: compute every SDPA call that the kernel can (no dropout, head dim 32, 64 or 128;
-        its bool or additive ``attn_mask`` goes along) with ``cdcompile::sage_attention``: INT8 Q K^T and FP8 P V, Triton on GPUs of
-        compute capability 8.9+, a slow plain-torch emulation elsewhere. ``explain`` lists the
+        its bool or additive ``attn_mask`` goes along) with ``cdcompile::sage_attention``: INT8
+        Q K^T and FP8 P V, Triton on GPUs of compute capability 8.9+, a slow plain-torch
+        emulation elsewhere. ``explain`` lists the
         calls kept as SDPA, with why.
     """
 

@@ -25,15 +25,16 @@ same top-left aligned causal mask when m != n), in five steps (algorithms.md sec
 3. Quantize V per channel to FP8 e4m3 (scale = max over tokens of |v| / 448, per (b, h, channel)).
 4. Per tile of BLOCK_N keys: s = (q8 . k8) * k_scale * q_scale (the INT8 dot is exact in int32),
    masked entries -inf (causal, the tail, and a bool ``attn_mask``'s False; an additive mask is
-   added times log2(e)), running max m (a row with no unmasked key yet subtracts 0), p = exp2(s - m) in fp32, then p8 = e4m3(p * 448) (p <= 1,
-   so 448 uses e4m3's whole range), l = l * exp2(m_old - m) + sum(p8) and
+   added times log2(e)), running max m (a row with no unmasked key yet subtracts 0 instead),
+   p = exp2(s - m) in fp32, then p8 = e4m3(p * 448) (p <= 1, so 448 uses e4m3's whole range),
+   l = l * exp2(m_old - m) + sum(p8) and
    acc = acc * exp2(m_old - m) + p8 . v8, both in fp32. The FP8 product of each tile starts from
    zero and is added to acc outside the tensor core (two-level accumulation), because Hopper's FP8
    MMA accumulates with fewer bits than fp32.
 5. out = acc * v_scale / l, rounded to the input dtype (0 where every key of the row is masked,
-   as SDPA gives). The row sum is taken over the quantized
-   p8, so the weights that multiply V are exactly the ones normalised: the output is a convex
-   combination of the quantized V rows, and P's rounding cannot leak V's channel means into it
+   as SDPA gives). The row sum is taken over the quantized p8, so the weights that multiply V are
+   exactly the ones normalised: the output is a convex combination of the quantized V rows, and
+   P's rounding cannot leak V's channel means into it
    (measured: +2-3 dB SNR when V has a per-channel mean, no change when it has none).
 
 ``sage_attention_ref`` is the executable spec: the same quantization and the same tile-by-tile
@@ -66,7 +67,7 @@ NUM_STAGES = 3  # software pipelining depth of the key loop; untuned, changes sp
 # Warps of the attention kernel, every head dim. With BLOCK_M = 128, 4 warps hold 128 query rows'
 # scores and accumulator in 128 threads: compiled for sm_90a (bench/kernel_aot.py, no GPU needed),
 # that took 255 registers and spilled at head dim 64 (odd lengths, causal) and at 128 under the GPU
-# machine's Triton 3.6; 8 warps compile without spills everywhere (bench/results/kernels_aot_sm90*.md).
+# machine's Triton 3.6; 8 warps compile without spills everywhere (bench/results/kernels_aot*.md).
 NUM_WARPS = 8
 QUANT_BLOCK_S = 64  # tokens per program of the V quantization kernel; untuned
 
@@ -138,12 +139,12 @@ def sage_attention_ref(
         s = (q8f @ k8[:, :, cols].float().transpose(-1, -2)) * k_scale[:, :, None, cols] * q_scale[..., None]
         if is_causal:
             s = s.masked_fill(cols[None, :] > rows, -math.inf)
-        m_new = torch.maximum(m_i, s.amax(dim=-1))
-        m_use = m_new
         if mask is not None:
             s = _apply_mask(s, mask[..., cols])
-            m_new = torch.maximum(m_i, s.amax(dim=-1))
-            m_use = torch.where(m_new == -math.inf, 0.0, m_new)  # a row with no key yet: p = 0, not NaN
+        m_new = torch.maximum(m_i, s.amax(dim=-1))
+        m_use = m_new
+        if mask is not None:  # a row with no unmasked key yet: subtract 0, so p = 0 rather than NaN
+            m_use = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp2(m_i - m_use)
         p = torch.exp2(s - m_use[..., None])
         p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn).float()
@@ -246,7 +247,8 @@ def _sage_attention_kernel(
     v_base = v8_ptr + pid_bh * HEAD_D * N_PAD
     # MASK: 0 none, 1 bool (uint8, nonzero attends), 2 additive (natural-log units); its strides are
     # those of the mask broadcast to (b, h, m, n), zero along broadcast dims
-    mask_rows = mask_ptr + (pid_bh // H) * stride_mb + (pid_bh % H) * stride_mh + rows.to(tl.int64)[:, None] * stride_mm
+    mask_rows = (mask_ptr + (pid_bh // H) * stride_mb + (pid_bh % H) * stride_mh
+                 + rows.to(tl.int64)[:, None] * stride_mm)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -269,7 +271,8 @@ def _sage_attention_kernel(
         elif not EVEN_N:
             s = tl.where((cols < N)[None, :], s, float("-inf"))
         if MASK != 0:
-            mv = tl.load(mask_rows + cols.to(tl.int64)[None, :] * stride_mn, mask=q_live & (cols < N)[None, :], other=0)
+            mv = tl.load(mask_rows + cols.to(tl.int64)[None, :] * stride_mn, mask=q_live & (cols < N)[None, :],
+                         other=0)
             if MASK == 1:
                 s = tl.where(mv != 0, s, float("-inf"))
             else:
@@ -337,7 +340,7 @@ def _attend(
     """Steps 4-5: the attention kernel over the outputs of ``_quantize_qkv``.
 
     ``num_warps`` (default ``NUM_WARPS``), ``num_stages`` and ``round_in_fp32`` (default:
-    ``_triton.fp32_rounding()``) change speed, not results, on a GPU; bench/kernels.py sweeps them.
+    ``_triton.fp32_rounding()``) change speed, not results, on a GPU; bench/kernel_bench.py sweeps them.
     """
     q8, q_scale, k8, k_scale, v8, v_scale = quantized
     b, h, m, d = q8.shape
@@ -450,7 +453,8 @@ def _sage_attention_op(
     _check_attention(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, backend, attn_mask)
     if use_triton(q_bhmd.device, backend):
         return _sage_attention_triton(q_bhmd, k_bhnd, v_bhnd, scale, is_causal, attn_mask=attn_mask)
-    return sage_attention_ref(q_bhmd, k_bhnd, v_bhnd, scale=scale, is_causal=is_causal, attn_mask=attn_mask).contiguous()
+    out = sage_attention_ref(q_bhmd, k_bhnd, v_bhnd, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
+    return out.contiguous()
 
 
 @_sage_attention_op.register_fake
