@@ -6,7 +6,10 @@ export:
 2. An ``nn.Module`` wraps the rewritten graph: the model's parameters as parameters, the cache
    state as buffers; its inputs are the model's tensor inputs plus a ``reset`` flag; it returns
    the graph's outputs and what this call did (reused the cache; blocks pruned).
-3. ``torch.export`` + ``run_decompositions`` + ``aoti_compile_and_package`` write the ``.pt2``; the
+3. ``torch.export`` + ``run_decompositions`` + ``aoti_compile_and_package`` write the ``.pt2``
+   (a Python number written into a tensor inside a cond branch, ``x[:, a:] = 1.0``, is first made
+   a ``torch.full`` node: export cannot functionalize a tensor constant created in a branch,
+   pytorch/pytorch#180354); the
    input layout (which argument is which) is stored beside the AOTI files in the same archive.
    Every option goes in (calibrators, masks, ``cache_type="dbprune"``): the state is whatever
    the plan allocates.
@@ -19,6 +22,7 @@ cache across calls, detects requests from the timestep like the compiled model, 
 from __future__ import annotations
 
 import json
+import operator
 import zipfile
 from typing import Any
 
@@ -57,6 +61,7 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     ctx = captured["ctx"]
     if ctx.cache_plan is None:
         raise ValueError(f"cdcompile.export: no block cache could be inserted: {ctx.report.not_cached}")
+    _scalars_as_full(captured["gm"])
     wrapper, spec, user = _wrap(model, captured["gm"], captured["inputs"], ctx.cache_plan, args, kwargs)
     reset = torch.ones((), dtype=torch.bool, device=ctx.cache_plan.anchor.device)
     with torch.no_grad():
@@ -70,6 +75,41 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     with zipfile.ZipFile(out, "a") as z:
         z.writestr(_root(z) + _SPEC, json.dumps(spec))
     return out
+
+
+def _scalars_as_full(gm: torch.fx.GraphModule) -> None:
+    """In the cond branches of ``gm``: ``x[i] = 1.0`` becomes ``x[i] = torch.full((), 1.0, ...)``, and
+    ``torch.tensor(1.0, ...)`` a ``torch.full``. Traced by torch.export, a Python number written into a
+    tensor becomes a tensor constant of the branch, which ``run_decompositions`` and AOTInductor then
+    fail to functionalize ("Attempting to use FunctionalTensor on its own", pytorch/pytorch#180354);
+    a ``full`` is an op, not a constant. Same values, so the artifact computes what the model does."""
+    from .passes import _fx
+
+    for name, sub in gm.named_modules():
+        if not name or not isinstance(sub, torch.fx.GraphModule):
+            continue
+        changed = False
+        for n in list(sub.graph.nodes):
+            if n.op != "call_function":
+                continue
+            if n.target is operator.setitem and isinstance(n.args[2], (bool, int, float)):
+                like = _fx.fake_value(n.args[0])
+                if not isinstance(like, torch.Tensor):
+                    continue
+                with sub.graph.inserting_before(n):
+                    full = sub.graph.call_function(torch.full, ((), n.args[2]),
+                                                   {"dtype": like.dtype, "device": like.device})
+                n.args = (n.args[0], n.args[1], full)
+                changed = True
+            elif n.target is torch.tensor and len(n.args) == 1 and isinstance(n.args[0], (bool, int, float)):
+                out = _fx.fake_value(n)
+                if not isinstance(out, torch.Tensor):
+                    continue
+                n.target, n.args = torch.full, ((), n.args[0])
+                n.kwargs = {"dtype": out.dtype, "device": out.device}
+                changed = True
+        if changed:
+            sub.recompile()
 
 
 def _root(z: zipfile.ZipFile) -> str:

@@ -334,6 +334,54 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
         assert art.pruned_blocks() == [0] * 12
 
 
+class _ConstantBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, h):
+        y = self.lin(h)
+        gate = torch.zeros_like(y)
+        gate[:, -3:] = 1.0  # a Python number written into a slice
+        return h + y * gate * torch.tensor(0.5, device=h.device) + 0.1 * y
+
+
+class _ConstantsInBlocks(torch.nn.Module):
+    """Blocks that write a Python number into a slice and multiply by ``torch.tensor(0.5)``: traced
+    by torch.export, both are tensor constants inside the cond's compute branch."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(1, 8)
+        self.blocks = torch.nn.ModuleList([_ConstantBlock() for _ in range(depth)])
+
+    def forward(self, x, timestep):
+        h = x + self.embed(torch.sin(timestep)[:, None])[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+@pytest.mark.slow
+def test_export_of_blocks_that_create_tensor_constants(tmp_path):
+    """torch.export cannot functionalize a tensor constant created inside a cond branch
+    (pytorch/pytorch#180354: "Attempting to use FunctionalTensor on its own"); export writes such
+    numbers as ``torch.full`` ops first, and the artifact computes what the compiled model does."""
+    m = _ConstantsInBlocks().eval()
+    opts = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}
+    traj = _traj(6)
+    path = cdcompile.export(m, traj[0], {}, str(tmp_path / "constants.pt2"), options=opts)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
+    art = cdcompile.load(path)
+    with torch.no_grad():
+        for x, t in traj:
+            torch.testing.assert_close(art(x, t)[0], c(x, t), rtol=1e-5, atol=1e-5)
+    (req,) = cdcompile.summary(m).as_dict()["requests"]
+    cached = req["slots"][0]["cached_steps"]
+    assert cached and art.decisions() == [s in cached for s in range(6)]
+
+
 def test_blocks_compiled_one_by_one_warn_and_summary_says_to_compile_the_whole_model():
     from cdcompile.testing import flux_inputs, tiny_flux
 
