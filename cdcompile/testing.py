@@ -92,6 +92,24 @@ class SequentialDiT(nn.Module):
         return self.proj_out(h)
 
 
+class BlockStack(nn.Module):
+    """The smallest model with a clock and a block group around blocks a test writes: ``x`` plus a
+    linear embedding of ``sin(timestep)``, then ``depth`` blocks made by ``make_block()``, each
+    called as ``block(h)``."""
+
+    def __init__(self, make_block, depth: int, dim: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(1, dim)
+        self.blocks = nn.ModuleList(make_block() for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h = x + self.embed(torch.sin(timestep)[:, None])[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
 class PairBlock(nn.Module):
     """A :class:`SeqBlock` that also reads a pair representation (batch, tokens, tokens, 4)."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cdcompile
-from cdcompile.testing import SequentialDiT, flux_prompt, tiny_flux_pipeline, tiny_wan22_pipeline
+from cdcompile.testing import BlockStack, SequentialDiT, flux_prompt, tiny_flux_pipeline, tiny_wan22_pipeline
 
 OPTS = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
 
@@ -346,29 +346,12 @@ class _ConstantBlock(torch.nn.Module):
         return h + y * gate * torch.tensor(0.5, device=h.device) + 0.1 * y
 
 
-class _ConstantsInBlocks(torch.nn.Module):
-    """Blocks that write a Python number into a slice and multiply by ``torch.tensor(0.5)``: traced
-    by torch.export, both are tensor constants inside the cond's compute branch."""
-
-    def __init__(self, depth=4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Linear(1, 8)
-        self.blocks = torch.nn.ModuleList([_ConstantBlock() for _ in range(depth)])
-
-    def forward(self, x, timestep):
-        h = x + self.embed(torch.sin(timestep)[:, None])[:, None]
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
 @pytest.mark.slow
 def test_export_of_blocks_that_create_tensor_constants(tmp_path):
     """torch.export cannot functionalize a tensor constant created inside a cond branch
     (pytorch/pytorch#180354: "Attempting to use FunctionalTensor on its own"); export writes such
     numbers as ``torch.full`` ops first, and the artifact computes what the compiled model does."""
-    m = _ConstantsInBlocks().eval()
+    m = BlockStack(_ConstantBlock, depth=4, dim=8).eval()  # both constants inside the compute branch
     opts = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}
     traj = _traj(6)
     path = cdcompile.export(m, traj[0], {}, str(tmp_path / "constants.pt2"), options=opts)

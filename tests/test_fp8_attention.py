@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import cdcompile
 from cdcompile.backend import collect_reports
 from cdcompile.kernels import sage_attention_ref
-from cdcompile.testing import flux_inputs, tiny_flux
+from cdcompile.testing import BlockStack, flux_inputs, tiny_flux
 
 
 def _compile(model, **options):
@@ -193,25 +193,10 @@ def test_an_exported_package_carries_the_fp8_attention(tmp_path):
     assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5), "the artifact ran plain SDPA"
 
 
-class _MaskedStack(nn.Module):
-    """Three blocks whose attention takes an additive key-padding mask, after a timestep embedding."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Linear(1, 256)
-        self.blocks = nn.ModuleList([_Attention(256, 4, masked="additive") for _ in range(3)])
-
-    def forward(self, x, timestep):
-        x = x + self.embed(torch.sin(timestep)[:, None])[:, None]
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 @pytest.mark.slow
 def test_an_exported_package_carries_the_masked_fp8_attention(tmp_path):
-    model = _MaskedStack().eval()
+    # three blocks whose attention takes an additive key-padding mask
+    model = BlockStack(lambda: _Attention(256, 4, masked="additive"), depth=3, dim=256).eval()
     x, t = torch.randn(2, 37, 256), torch.tensor([0.5, 0.5])
     opts = {"fp8_attention": True, "residual_diff_threshold": 0.0}
     path = _run_quietly(cdcompile.export, model, (x, t), {}, str(tmp_path / "masked_fp8.pt2"), options=opts)

@@ -87,16 +87,17 @@ def _why_not(args: dict[str, Any]) -> str | None:
 
 
 def _mask_why_not(mask: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """Why the kernel cannot take this ``attn_mask``, or None: it takes SDPA's bool or additive masks
-    that broadcast to (b, h, m, n)."""
+    """Why the kernel cannot take this ``attn_mask``, or None: the op's own check (SDPA's bool or
+    additive masks that broadcast to (b, h, m, n)), which its fake implementation runs anyway."""
+    from ..kernels.sage_attn import _check_mask
+
     t = _fx.fake_value(mask) if isinstance(mask, fx.Node) else None
     if not isinstance(t, torch.Tensor):
         return "attn_mask that is not a tensor of the graph"
-    if t.dtype != torch.bool and not t.is_floating_point():
-        return f"attn_mask of dtype {t.dtype}"
-    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if t.dim() > 4 or not all(_same(x, 1) or _same(x, y) for x, y in zip(reversed(t.shape), reversed(full))):
-        return "attn_mask that does not broadcast to (batch, heads, q tokens, k tokens)"
+    try:
+        _check_mask(t, q, k, is_causal=False)
+    except ValueError as e:
+        return str(e)
     return None
 
 
