@@ -70,7 +70,8 @@ KERNELS = {f.fn.__name__: f for f in (sage_attn._quantize_int8_kernel, sage_attn
 
 class DryRunDriver:
     """The part of Triton's driver interface that compiling and launching use: a fixed CUDA target,
-    device 0, stream 0, and a launcher that does nothing. Set with ``triton.runtime.driver.set_active``."""
+    a device number (``run`` gives each target its own, so Triton keeps a kernel cache per target),
+    stream 0, and a launcher that does nothing. Set with ``triton.runtime.driver.set_active``."""
 
     def __init__(self, capability: int, max_shared_mem: int, max_threads: int = 1024, multiprocessor_count: int = 132,
                  device: int = 0):
@@ -89,23 +90,14 @@ class DryRunDriver:
         def load_binary(self, name, kernel, shared, device):  # module, function, regs, spills, max threads
             return None, None, 0, 0, self.props["max_threads"]
 
-    def is_active(self):
-        return True
-
     def get_current_target(self):
         return self.target
 
     def get_current_device(self):
         return self.device
 
-    def set_current_device(self, device):
-        pass
-
     def get_current_stream(self, device=None):
         return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
     def launcher_cls(self, src, metadata):
         return lambda *args, **kwargs: None
