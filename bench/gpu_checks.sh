@@ -11,7 +11,8 @@
 # the stages before it). Here: tar -xzf <files_at>/gpu_results.tar.gz, then copy what belongs into
 # bench/results/. Stages, cheapest first:
 #   1. GPU kernel tests (compiled Triton, not the interpreter)                  issue 4
-#   2. bench/kernel_bench.py: Sage attention and FP8 quantization tables, and   issue 4
+#   2. bench/kernel_bench.py: Sage attention (also masked, S=4608) and FP8      issue 4
+#      quantization tables, and
 #      the attention kernel's tile/warp/stage sweep at S=4608 (--sweep)
 #   3. bench/gpu_rates.py: GEMM and SDPA rates for bench/cp.py's model          issue 7
 #   4. bench/speed.py --device cuda: FLUX.1-dev shape, 3 rounds                 issue 3
@@ -58,7 +59,7 @@ stage() {  # stage NAME SECONDS CMD...
 # it finished. -rs lists any skipped test with its reason: a skip here means a check did not run.
 DEADLINE=${GPU_CHECKS_DEADLINE:-575}
 stage kernel_tests 75 python3 -m pytest -q -rs -p no:cacheprovider tests/kernels/test_kernels_gpu.py
-stage kernels 130 python3 bench/kernel_bench.py --rep-ms 200 --warmup-ms 50 --sweep 4608 --out "$RES"
+stage kernels 140 python3 bench/kernel_bench.py --rep-ms 200 --warmup-ms 50 --sweep 4608 --out "$RES"
 stage gpu_rates 30 python3 bench/gpu_rates.py --json "$RES/gpu_rates.json"
 stage speed $((DEADLINE - SECONDS)) python3 bench/speed.py --device cuda --repeats 3 --out "$RES/speed_cuda"
 ls -la "$RES" "$OUT"

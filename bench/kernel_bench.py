@@ -8,7 +8,10 @@
 Attention, per sequence length S (q, k, v of shape (B, H, S, D), bf16): median time of
 ``triton.testing.do_bench`` after its warm-up, for SDPA with the flash backend, SDPA with the cuDNN
 backend, ``cdcompile.kernels.sage_attention`` end to end (quantization included), its attention kernel
-alone, and the per-block-QK variant. Throughput counts 4*B*H*S*S*D flops (half that with --causal)
+alone, its quantization step alone (Q, K to INT8, V to FP8; the rest of "total" is the kernel), and
+the per-block-QK variant. At --mask-seq-lens (default 4608) the same with a key-padding mask, bool
+(B, 1, 1, S) with the last eighth of the keys masked as text padding leaves them: SDPA's efficient
+and cuDNN backends (flash takes no mask) and ``sage_attention`` with the mask. Throughput counts 4*B*H*S*S*D flops (half that with --causal)
 and is put against the bf16 peak measured here with a large bf16 matmul (not a datasheet figure).
 Accuracy: cosine and SNR against fp32 SDPA on the same inputs.
 
@@ -37,6 +40,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DEFAULT_SEQ_LENS = (1024, 4096, 4608, 16384)
+# where the timed inputs live; tests/kernels/test_kernel_bench.py runs the bench's code paths on the
+# CPU under the Triton interpreter (with a stub timer) so that a GPU run does not find their bugs
+DEVICE = "cuda"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
     p.add_argument("--causal", action="store_true", help="causal attention (flops counted as half)")
     p.add_argument("--outliers", action="store_true", help="outlier channels in Q, K and a token-mean in K")
+    p.add_argument(
+        "--mask-seq-lens", type=int, nargs="*", default=[4608],
+        help="lengths at which attention is also timed with a key-padding mask (none: skip)",
+    )
     p.add_argument("--world-size", type=int, default=8, help="ranks of the quantized all-to-all")
     p.add_argument("--warmup-ms", type=int, default=100, help="do_bench warm-up budget")
     p.add_argument("--rep-ms", type=int, default=500, help="do_bench measuring budget (median reported)")
@@ -61,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sweep is not None and not args.sweep:
         args.sweep = [4608]
-    if min(args.seq_lens) < 1 or args.batch < 1 or args.heads < 1 or args.world_size < 1:
+    if min(args.seq_lens + args.mask_seq_lens) < 1 or args.batch < 1 or args.heads < 1 or args.world_size < 1:
         p.error("--seq-lens, --batch, --heads and --world-size must be positive")
     return args
 
@@ -115,14 +125,14 @@ def cosine_snr(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def attention_inputs(args, s):
-    g = torch.Generator(device="cuda").manual_seed(s)
+    g = torch.Generator(device=DEVICE).manual_seed(s)
     shape = (args.batch, args.heads, s, args.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", generator=g) for _ in range(3))
+    q, k, v = (torch.randn(shape, device=DEVICE, generator=g) for _ in range(3))
     if args.outliers:
-        channels = torch.randperm(args.head_dim, device="cuda", generator=g)[:4]
+        channels = torch.randperm(args.head_dim, device=DEVICE, generator=g)[:4]
         q[..., channels] *= 5.0
         k[..., channels] *= 5.0
-        k += 2.0 * torch.randn(args.batch, args.heads, 1, args.head_dim, device="cuda", generator=g)
+        k += 2.0 * torch.randn(args.batch, args.heads, 1, args.head_dim, device=DEVICE, generator=g)
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 
@@ -133,29 +143,40 @@ def bench_attention(args, peak_tflops) -> list[dict]:
     from cdcompile.kernels import sage_attn
 
     rows = []
-    for s in args.seq_lens:
+    for s in sorted(set(args.seq_lens) | set(args.mask_seq_lens)):
         q, k, v = attention_inputs(args, s)
         truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=args.causal)
         flops = 4 * args.batch * args.heads * s * s * args.head_dim * (0.5 if args.causal else 1.0)
 
-        def sdpa_with(backend):
+        def sdpa_with(backend, mask=None):
             def run():
                 with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=args.causal)
 
             return run
 
         bm, bn = sage_attn.BLOCK_M, sage_attn.BLOCK_N
         quantized = sage_attn._quantize_qkv(q, k, v, None, bm, bn, True)
-        impls = {
-            "sdpa flash (bf16)": sdpa_with(SDPBackend.FLASH_ATTENTION),
-            "sdpa cudnn (bf16)": sdpa_with(SDPBackend.CUDNN_ATTENTION),
-            "sage (total)": lambda: sage_attention(q, k, v, is_causal=args.causal, backend="triton"),
-            "sage kernel only": lambda: sage_attn._attend(quantized, q.dtype, args.causal, bm, bn),
-            "sage per-block QK (total)": lambda: sage_attn._sage_attention_triton(
-                q, k, v, None, args.causal, bm, bn, qk_per_token=False
-            ),
-        }
+        impls, truths = {}, {}
+        if s in args.seq_lens:
+            impls = {
+                "sdpa flash (bf16)": sdpa_with(SDPBackend.FLASH_ATTENTION),
+                "sdpa cudnn (bf16)": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+                "sage (total)": lambda: sage_attention(q, k, v, is_causal=args.causal, backend="triton"),
+                "sage kernel only": lambda: sage_attn._attend(quantized, q.dtype, args.causal, bm, bn),
+                "sage quantization only": lambda: sage_attn._quantize_qkv(q, k, v, None, bm, bn, True),
+                "sage per-block QK (total)": lambda: sage_attn._sage_attention_triton(
+                    q, k, v, None, args.causal, bm, bn, qk_per_token=False
+                ),
+            }
+        if s in args.mask_seq_lens and not args.causal:  # SDPA takes a mask or is_causal, not both
+            mask = padding_mask(args, s)
+            truths["mask"] = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+            impls.update({
+                "sdpa efficient (bf16, mask)": sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask),
+                "sdpa cudnn (bf16, mask)": sdpa_with(SDPBackend.CUDNN_ATTENTION, mask),
+                "sage (total, mask)": lambda: sage_attention(q, k, v, mask, backend="triton"),
+            })
         flash_ms = None
         for name, fn in impls.items():
             row = {"seq_len": s, "impl": name}
@@ -166,22 +187,25 @@ def bench_attention(args, peak_tflops) -> list[dict]:
                 row.update(error=str(exc).splitlines()[0][:200])
                 rows.append(row)
                 continue
-            cos, snr = cosine_snr(out, truth)
-            tflops = flops / (ms * 1e-3) / 1e12
             if name.startswith("sdpa flash"):
                 flash_ms = ms
-            row.update(
-                ms=ms,
-                tflops=tflops,
-                pct_bf16_peak=100 * tflops / peak_tflops,
-                speedup_vs_flash=(flash_ms / ms) if flash_ms else None,
-                cosine=cos,
-                snr_db=snr,
-            )
+            row.update(ms=ms, speedup_vs_flash=(flash_ms / ms) if flash_ms else None)
+            if "quantization" not in name:  # its outputs are the quantized operands, not attention
+                tflops = flops / (ms * 1e-3) / 1e12
+                cos, snr = cosine_snr(out, truths["mask"] if "mask" in name else truth)
+                row.update(tflops=tflops, pct_bf16_peak=100 * tflops / peak_tflops, cosine=cos, snr_db=snr)
             rows.append(row)
-        del q, k, v, truth, quantized
-        torch.cuda.empty_cache()
+        del q, k, v, truth, truths, quantized
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return rows
+
+
+def padding_mask(args, s):
+    """Key padding as a text encoder's mask leaves it: (B, 1, 1, S) bool, the last eighth of keys False."""
+    mask = torch.ones(args.batch, 1, 1, s, dtype=torch.bool, device=DEVICE)
+    mask[..., s - s // 8:] = False
+    return mask
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for --sweep; the first is the launchers' default. Each
@@ -229,7 +253,8 @@ def bench_sweep(args, peak_tflops) -> list[dict]:
                 rows.append(row)
             del quantized
         del q, k, v, truth
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -239,7 +264,7 @@ def bench_quant(args, copy_gbps) -> list[dict]:
     rows = []
     w, h, d, b = args.world_size, args.heads, args.head_dim, args.batch
     for s in args.seq_lens:
-        x = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16)
         values, scales = quantize_fp8_a2a(x, world_size=w, split="heads", backend="triton")
         # dequantize as the receiving rank would: the rows of all ranks for one head chunk
         hc = -(-h // w)
@@ -285,6 +310,14 @@ def to_markdown(meta, attention, quant, sweep=()) -> str:
         "",
     ]
     if attention:
+        if any("mask" in r["impl"] for r in attention):
+            lines += [
+                "Rows marked mask: a key-padding mask, bool (B, 1, 1, S) with the last eighth of the keys "
+                "masked, against fp32 SDPA with the same mask; their flops count every key. x flash: "
+                "against unmasked flash at the same S. The quantization row (Q, K to INT8, V to FP8) is "
+                "part of sage (total).",
+                "",
+            ]
         lines += [
             "| S | implementation | ms | TFLOP/s | % bf16 peak | x flash | cosine | SNR dB |",
             "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -294,8 +327,9 @@ def to_markdown(meta, attention, quant, sweep=()) -> str:
                 lines.append(f"| {r['seq_len']} | {r['impl']} | unavailable: {r['error']} | | | | | |")
                 continue
             lines.append(
-                f"| {r['seq_len']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['pct_bf16_peak']:.0f} | "
-                f"{_fmt(r['speedup_vs_flash'], '.2f')} | {r['cosine']:.5f} | {r['snr_db']:.1f} |"
+                f"| {r['seq_len']} | {r['impl']} | {r['ms']:.3f} | {_fmt(r.get('tflops'), '.0f')} | "
+                f"{_fmt(r.get('pct_bf16_peak'), '.0f')} | {_fmt(r['speedup_vs_flash'], '.2f')} | "
+                f"{_fmt(r.get('cosine'), '.5f')} | {_fmt(r.get('snr_db'), '.1f')} |"
             )
         lines.append("")
     if sweep:
