@@ -704,6 +704,29 @@ def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branc
     _assert_wrapped_blocks_cached_as_the_reference(_ScopedBlock, "aot_eager")
 
 
+class _DeadValuesBlock(torch.nn.Module):
+    """A SeqBlock that first computes values from its side input and never reads them (a default
+    the modulation then overwrites): Dynamo keeps such dead ops in the graph."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x, temb):
+        gate = torch.ones_like(temb)[:, None]
+        shift, scale = torch.zeros_like(temb).chunk(2, dim=-1)
+        _ = temb * 2.0 + 1.0
+        gate = shift = scale = None
+        return self.inner(x, temb) if gate is None and shift is None and scale is None else x
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_dead_pure_ops_on_side_inputs_between_the_blocks_stay_before_the_cond(compiler):
+    # these refused the cache as "side-effecting op ones_like" until the region told a pure op
+    # that makes tensors from a state toggle (tests/fuzz_dit.py found it)
+    _assert_wrapped_blocks_cached_as_the_reference(_DeadValuesBlock, compiler)
+
+
 class _MaskedBlock(torch.nn.Module):
     """A SeqBlock whose output is smoothed over a band of neighbouring tokens, the band built with
     ``torch.vmap`` from positions only (as ``create_block_mask`` builds a flex_attention mask)."""
@@ -1188,3 +1211,31 @@ def test_one_symbolic_graph_decides_and_outputs_as_one_static_graph_per_size(ext
     key = lambda slots: [s.get("cached_steps", s.get("pruned_blocks")) for s in slots]  # noqa: E731
     assert sorted(map(key, dyn_slots)) == sorted(map(key, static_slots))
     assert any(key(s)[0] and any(key(s)[0]) for s in dyn_slots), "some step must be cached or pruned"
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_text_stream_the_first_group_refines_and_the_next_only_reads_is_cached_across_both(compiler):
+    # Double blocks update image and text tokens; the next group attends to the text but returns only
+    # the image stream, and its last block (B) reads the text. M spans both groups, so the text leaves
+    # M as the first group's last output: it is cached as a stream. (Refused before as "read other
+    # than through the streams"; tests/fuzz_dit.py found it.)
+    from fuzz_dit import DiTSpec, GroupSpec, RandomDiT, run_reference, trajectory
+
+    def group(updates):
+        return GroupSpec(depth=3, norm="layer", attn="sdpa", mlp="gelu", modulation="adaln", inplace=False,
+                         updates_encoder=updates, returns="tuple_he" if updates else "h", call="kw")
+
+    spec = DiTSpec(seed=7, width=16, heads=2, two_streams=True, img_tokens=12, txt_tokens=4, batch=2, rope=True,
+                   mask=False, groups=[group(True), group(False)], glue=False, same_class=False, cfg=False)
+    m = RandomDiT(spec).eval()
+    cfg = RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (kw,) in enumerate(trajectory(spec, STEPS)):
+                torch.testing.assert_close(c(**kw), run_reference(m, kw, ref, s), rtol=1e-4, atol=1e-5)
+    (r,) = reports
+    assert r.cache is not None, r.not_cached
+    assert r.cache["Mn"] == 4 and sorted(r.cache["streams"]) == ["encoder", "hidden"]
+    assert 0 < len(_ref_cached(ref)) < STEPS - 2 and _cached_steps(m) == _ref_cached(ref)

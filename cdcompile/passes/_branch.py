@@ -61,15 +61,18 @@ def region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], 
     # A context a block opens and closes around region ops only (``with torch.amp.autocast(...)``
     # in an attention processor: _enter_autocast .. _exit_autocast) moves into the branch whole.
     balanced = _take_scopes(nodes[lo:hi + 1], order, m_nodes, region)
-    # A call whose result nobody reads is there for its side effect (Dynamo drops dead pure ops):
-    # e.g. the functorch nesting calls vmap leaves around a block. Moving such calls into a branch
-    # that may not run, or leaving half of a pair outside it, would unbalance them.
-    # (An in-place op on a tensor the region computed is fine: it moves with the region; a dead
-    # view or cast, or Dynamo's idempotent lazy_load_decompositions, has no effect to unbalance.)
+    # A call whose result nobody reads may be there for its side effect: e.g. the functorch nesting
+    # calls vmap leaves around a block. Moving such calls into a branch that may not run, or leaving
+    # half of a pair outside it, would unbalance them. Dynamo keeps dead computations too (a
+    # variable a block computes and then overwrites, ``ones = torch.ones_like(temb)``): a pure op
+    # that makes tensors has nothing to unbalance and stays before the cond, as it would run in
+    # eager. (An in-place op on a tensor the region computed is fine: it moves with the region; a
+    # dead view or cast, or Dynamo's idempotent lazy_load_decompositions, has no effect either.)
     effects = [n for n in nodes[lo:hi + 1] if n.op in ("call_function", "call_method") and not n.users
                and n not in balanced
                and _fx.target_name(n) not in _NO_EFFECT and _fx.target_name(n) not in _VIEW_OPS
-               and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))]
+               and (n not in m_nodes or not any(a in m_nodes for a in n.all_input_nodes))
+               and not _pure_tensor_op(n)]
     if effects:
         name = _fx.target_name(effects[0])
         if name.startswith("_vmap_"):
@@ -243,6 +246,24 @@ _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "per
 # decompositions, and asserts on symbolic sizes that do not read the region (they hold whether or
 # not it runs).
 _NO_EFFECT = {"lazy_load_decompositions"} | _fx.SIZE_CHECKS
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _pure_tensor_op(n: fx.Node) -> bool:
+    """A call that only makes tensors from its arguments: FX does not call it impure, it writes into
+    none of them, and what Dynamo recorded for it is a tensor or a tuple of tensors (a state
+    toggle such as ``_set_grad_enabled`` or ``_vmap_increment_nesting`` records None or an int)."""
+    name = _fx.target_name(n)
+    if (n.is_impure() or _fx.writes_in_place(n) or n.target in _IN_PLACE_OPERATORS
+            or (name.endswith("_") and not name.endswith("__"))):  # torch.relu_, x.add_
+        return False
+    value = _fx.fake_value(n)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return len(values) > 0 and all(isinstance(v, torch.Tensor) for v in values)
 
 
 def is_view(n: fx.Node) -> bool:

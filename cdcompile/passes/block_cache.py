@@ -266,6 +266,15 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         return found
     region, m_nodes = found
     exit_label = {s.outputs[i_x]: s.label for s in gx.streams if s.outputs[i_x] is not None}
+    # M spans groups, and a stream of the group it starts in is one a later group reads without
+    # returning it (text tokens the first group refines and the next only attends to): the stream
+    # leaves M as its last value inside that group, and is cached like the others (the later
+    # groups carry it unchanged, so entry + residual is what the B blocks and the glue read).
+    if gm_first is not gx:
+        last = max(i for g, i in blocks[fn:len(blocks) - bn] if g is gm_first)
+        for s in gm_first.streams:
+            if s.label not in exit_label.values() and s.outputs[last] is not None:
+                exit_label[s.outputs[last]] = s.label
     found = _branch.pair_exits(region, m_nodes, exit_label, lambda label: _boundary(gm_first, i_m, label, before=True),
                                "the middle blocks", "the middle blocks cannot be skipped")
     if isinstance(found, str):

@@ -1,0 +1,340 @@
+"""Random DiT-shaped models for the tests: one seed, one model, and its eager DBCache reference.
+
+cdcompile has no per-model code, so the models a user brings are the ones its passes have never
+seen. ``random_dit(seed)`` draws the choices a DiT's author makes: one stream or two (image and text
+tokens, joint attention), one or two block groups of different classes, adaLN modulation or an
+added timestep or none, LayerNorm or RMSNorm (by hand or ``nn.RMSNorm``), SDPA or attention written
+out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place residual add on a
+fresh tensor, a LayerNorm between the groups, one block class for both groups, classifier-free
+guidance (two calls per step at one timestep), and how a block is called (by position or keyword) and what it returns (a tuple in
+either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
+DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dbcache_reference import RefCache, RefConfig
+
+
+@dataclasses.dataclass
+class GroupSpec:
+    depth: int
+    norm: str  # "layer", "rms" (by hand), "rms_module" (nn.RMSNorm)
+    attn: str  # "sdpa", "manual"
+    mlp: str  # "gelu", "swiglu"
+    modulation: str  # "adaln", "add", "none"
+    inplace: bool  # the MLP's residual add is in place (on a fresh tensor)
+    updates_encoder: bool  # two streams: the block returns the text stream updated
+    returns: str  # "tuple_he", "tuple_eh", "dict" (two streams and updates_encoder), else "h"
+    call: str  # "pos", "kw"
+
+
+@dataclasses.dataclass
+class DiTSpec:
+    seed: int
+    width: int
+    heads: int
+    two_streams: bool
+    img_tokens: int
+    txt_tokens: int
+    batch: int
+    rope: bool
+    mask: bool
+    groups: list[GroupSpec]
+    glue: bool  # two groups: a LayerNorm on the image stream between them (not a block)
+    same_class: bool  # two groups: both ModuleLists hold one block class
+    cfg: bool  # each step calls the model twice at one timestep (conditional, unconditional)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.depth for g in self.groups)
+
+
+def draw_spec(seed: int) -> DiTSpec:
+    r = random.Random(seed)
+    two = r.random() < 0.6
+    groups = []
+    for gi in range(r.choice((1, 1, 2))):
+        updates = two and (gi == 0 or r.random() < 0.5)
+        returns = r.choice(("tuple_he", "tuple_eh", "dict")) if updates else "h"
+        groups.append(GroupSpec(
+            depth=r.randint(2, 5), norm=r.choice(("layer", "rms", "rms_module")), attn=r.choice(("sdpa", "manual")),
+            mlp=r.choice(("gelu", "swiglu")), modulation=r.choice(("adaln", "adaln", "add", "none")),
+            inplace=r.random() < 0.3, updates_encoder=updates, returns=returns, call=r.choice(("pos", "kw"))))
+    img = r.randint(6, 20)
+    return DiTSpec(seed=seed, width=r.choice((16, 32)), heads=2, two_streams=two, img_tokens=img,
+                   txt_tokens=r.randint(2, min(5, img - 1)), batch=r.randint(1, 2), rope=r.random() < 0.5,
+                   mask=two and r.random() < 0.4, groups=groups, glue=len(groups) == 2 and r.random() < 0.4,
+                   same_class=len(groups) == 2 and r.random() < 0.25, cfg=r.random() < 0.3)
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(kind: str, d: int) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+    return _RMSNorm(d) if kind == "rms" else nn.RMSNorm(d, eps=1e-6)
+
+
+def _rotate(x, cos, sin):  # x (B, H, S, D); cos, sin (S, D): rotate pairs of channels
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class _Block(nn.Module):
+    def __init__(self, spec: DiTSpec, g: GroupSpec):
+        super().__init__()
+        d, self.spec, self.g = spec.width, spec, g
+        self.norm1, self.norm2 = _norm(g.norm, d), _norm(g.norm, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        hidden = 2 * d
+        self.mlp_in = nn.Linear(d, 2 * hidden if g.mlp == "swiglu" else hidden)
+        self.mlp_out = nn.Linear(hidden, d)
+        if g.modulation == "adaln":
+            self.mod = nn.Linear(d, 6 * d)
+        elif g.modulation == "add":
+            self.mod = nn.Linear(d, d)
+        if spec.two_streams:
+            self.norm_e = _norm(g.norm, d)
+            self.qkv_e = nn.Linear(d, 3 * d)
+            if g.updates_encoder:
+                self.out_e = nn.Linear(d, d)
+                self.mlp_e = nn.Linear(d, d)
+
+    def _mlp(self, x):
+        y = self.mlp_in(x)
+        if self.g.mlp == "swiglu":
+            a, b = y.chunk(2, dim=-1)
+            y = F.silu(a) * b
+        else:
+            y = F.gelu(y, approximate="tanh")
+        return self.mlp_out(y)
+
+    def _attend(self, q, k, v, mask):
+        if self.g.attn == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+    def forward(self, hidden_states, encoder_hidden_states=None, temb=None, rotary=None, mask=None):
+        h, enc, g, heads = hidden_states, encoder_hidden_states, self.g, self.spec.heads
+        ones = torch.ones_like(temb)[:, None]
+        shift1 = scale1 = shift2 = scale2 = torch.zeros_like(temb)[:, None]
+        gate1 = gate2 = ones
+        if g.modulation == "adaln":
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(F.silu(temb))[:, None].chunk(6, dim=-1)
+        elif g.modulation == "add":
+            h = h + self.mod(temb)[:, None]
+        x = self.norm1(h) * (1 + scale1) + shift1
+        q, k, v = self.qkv(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, H, S, D)
+        n_txt = 0
+        if enc is not None:
+            qe, ke, ve = self.qkv_e(self.norm_e(enc)).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+            n_txt = enc.shape[1]
+            q, k, v = torch.cat([qe, q], dim=2), torch.cat([ke, k], dim=2), torch.cat([ve, v], dim=2)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        o = self._attend(q, k, v, mask).transpose(1, 2).flatten(2)  # (B, S, width)
+        h = h + gate1 * self.out(o[:, n_txt:])
+        y = self._mlp(self.norm2(h) * (1 + scale2) + shift2)
+        if g.inplace:
+            h = h + 0.0 * y  # a fresh tensor, then an in-place add on it
+            h += gate2 * y
+        else:
+            h = h + gate2 * y
+        if enc is None or not g.updates_encoder:
+            return h
+        enc = enc + self.out_e(o[:, :n_txt])
+        enc = enc + self.mlp_e(F.gelu(self.norm_e(enc)))
+        if g.returns == "tuple_eh":
+            return enc, h
+        if g.returns == "dict":
+            return {"hidden_states": h, "encoder_hidden_states": enc}
+        return h, enc
+
+
+class RandomDiT(nn.Module):
+    """Built from a ``DiTSpec``: one ModuleList per group, each of its own block class."""
+
+    def __init__(self, spec: DiTSpec):
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        d = spec.width
+        self.spec = spec
+        self.x_in = nn.Linear(4, d)
+        self.t_in = nn.Sequential(nn.Linear(16, d), nn.SiLU(), nn.Linear(d, d))
+        if spec.two_streams:
+            self.e_in = nn.Linear(6, d)
+        classes = [type(f"FuzzBlock{chr(65 + gi)}", (_Block,), {}) for gi in range(len(spec.groups))]
+        if spec.same_class:
+            classes = [classes[0]] * len(classes)
+        self.groups = nn.ModuleList(nn.ModuleList(cls(spec, g) for _ in range(g.depth))
+                                    for cls, g in zip(classes, spec.groups))
+        if spec.glue:
+            self.glue = nn.LayerNorm(d)
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mod_out = nn.Linear(d, 2 * d)
+        self.x_out = nn.Linear(d, 4)
+
+    def prologue(self, x, t, enc_in=None, enc_mask=None):
+        h = self.x_in(x)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8, dtype=x.dtype) / 8)
+        angles = t.reshape(-1, 1).to(x.dtype) * 1000 * freqs
+        temb = self.t_in(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        enc = self.e_in(enc_in) if self.spec.two_streams else None
+        tokens = h.shape[1] + (enc.shape[1] if enc is not None else 0)
+        rotary = mask = None
+        if self.spec.rope:
+            half = self.spec.width // self.spec.heads // 2
+            pos = torch.arange(tokens, dtype=x.dtype)[:, None] * torch.exp(-torch.arange(half, dtype=x.dtype))
+            rotary = (pos.cos().repeat_interleave(2, -1), pos.sin().repeat_interleave(2, -1))
+        if enc_mask is not None:
+            mask = torch.cat([enc_mask, torch.ones(h.shape[:2], dtype=torch.bool)], dim=1)[:, None, None, :]
+        return h, enc, dict(temb=temb, rotary=rotary, mask=mask)
+
+    def call_block(self, gi, block, h, enc, ctx):
+        """One block, called as its group's spec says; returns (h, enc) whatever the block returns."""
+        g = self.spec.groups[gi]
+        if g.call == "pos":
+            out = block(h, enc, ctx["temb"], ctx["rotary"], ctx["mask"])
+        else:
+            out = block(hidden_states=h, encoder_hidden_states=enc, temb=ctx["temb"], rotary=ctx["rotary"],
+                        mask=ctx["mask"])
+        if isinstance(out, dict):
+            return out["hidden_states"], out["encoder_hidden_states"]
+        if isinstance(out, tuple):
+            return (out[1], out[0]) if g.returns == "tuple_eh" else out
+        return out, enc
+
+    def epilogue(self, h, ctx):
+        shift, scale = self.mod_out(F.silu(ctx["temb"]))[:, None].chunk(2, dim=-1)
+        return self.x_out(self.norm_out(h) * (1 + scale) + shift)
+
+    def forward(self, x, t, enc_in=None, enc_mask=None):
+        h, enc, ctx = self.prologue(x, t, enc_in, enc_mask)
+        for item in self.stack():
+            h, enc = self.run_item(item, h, enc, ctx)
+        return self.epilogue(h, ctx)
+
+    def stack(self) -> list[tuple[int, nn.Module | None]]:
+        """The blocks in order as (group, block), with (-1, None) for the glue between groups."""
+        out = []
+        for gi, blocks in enumerate(self.groups):
+            if gi > 0 and self.spec.glue:
+                out.append((-1, None))
+            out += [(gi, b) for b in blocks]
+        return out
+
+    def run_item(self, item, h, enc, ctx):
+        gi, block = item
+        return (self.glue(h), enc) if block is None else self.call_block(gi, block, h, enc, ctx)
+
+
+def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
+    """A request's inputs, per step the calls of that step (two with ``cfg``: conditional and
+    unconditional text at one timestep): latents moving a little each step, the timestep falling
+    from 1."""
+    g = torch.Generator().manual_seed(spec.seed)
+    x0 = torch.randn(spec.batch, spec.img_tokens, 4, generator=g)
+    dx = torch.randn(spec.batch, spec.img_tokens, 4, generator=g)
+    texts = [{} for _ in range(2 if spec.cfg else 1)]
+    for k, text in enumerate(texts):
+        if spec.two_streams:
+            text["enc_in"] = torch.randn(spec.batch, spec.txt_tokens, 6, generator=g)
+        if spec.mask:
+            m = torch.ones(spec.batch, spec.txt_tokens, dtype=torch.bool)
+            m[-1, -1 - k:] = False  # padding: the last sample's last text token(s)
+            text["enc_mask"] = m
+    if spec.cfg and not spec.two_streams:  # no text: the second call's latents differ instead
+        texts[1]["shift"] = 0.5
+    calls = []
+    for s in range(steps):
+        t = torch.full((spec.batch,), 1.0 - s / steps)
+        step = []
+        for text in texts:
+            text = dict(text)
+            x = x0 + 0.03 * s * dx + text.pop("shift", 0.0)
+            step.append(dict(x=x, t=t, **text))
+        calls.append(step)
+    return calls
+
+
+def run_reference(model: RandomDiT, inputs: dict, cache: RefCache, step: int, slot: int = 0) -> torch.Tensor:
+    """``model``'s forward with DBCache over its whole stack (every group), one residual per stream.
+
+    F is the first ``Fn`` blocks and B the last ``Bn``; M is everything between them, glue
+    included, except glue right after F's last block or right before B's first: that glue runs on
+    every step (it reads F's output or feeds B's input, outside the skipped blocks)."""
+    c = cache.cfg
+    h, enc, ctx = model.prologue(**inputs)
+    stack = model.stack()
+    at = [k for k, (_, b) in enumerate(stack) if b is not None]  # positions of the blocks
+    f_end = at[c.Fn - 1] + 1
+    m_first, m_last = at[c.Fn], at[len(at) - c.Bn - 1]
+    h0 = h
+    for item in stack[:f_end]:
+        h, enc = model.run_item(item, h, enc, ctx)
+    hf_decide = h
+    for item in stack[f_end:m_first]:  # glue between F and M
+        h, enc = model.run_item(item, h, enc, ctx)
+    if cache.decide(step, slot, hf_decide - h0):
+        res = cache.residuals(slot)
+        h = h + res["hidden"]
+        if enc is not None:
+            enc = enc + res["encoder"]
+    else:
+        hf, ef = h, enc
+        for item in stack[m_first:m_last + 1]:
+            h, enc = model.run_item(item, h, enc, ctx)
+        cache.store(slot, {"hidden": h - hf, **({"encoder": enc - ef} if enc is not None else {})})
+    for item in stack[m_last + 1:]:  # glue between M and B, then B
+        h, enc = model.run_item(item, h, enc, ctx)
+    return model.epilogue(h, ctx)
+
+
+def draw_cache_config(spec: DiTSpec) -> RefConfig:
+    """F, B, warmup and the limits for ``spec``'s stack, with a threshold that caches every step
+    the limits allow (the outputs then test the cached residuals of every stream)."""
+    r = random.Random(spec.seed + 1000)
+    n = spec.num_blocks
+    fn = r.randint(1, min(2, n - 1))
+    bn = r.randint(0, min(1, n - fn - 1))
+    return RefConfig(Fn=fn, Bn=bn, threshold=1e6, warmup=r.randint(0, 3), max_cached=r.choice((-1, -1, 3)),
+                     max_continuous=r.choice((-1, -1, 2)))
+
+
+def features(spec: DiTSpec) -> set[str]:
+    """What a seed's model exercises, to check that a set of seeds covers every choice."""
+    cfg = draw_cache_config(spec)
+    out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope") if getattr(spec, k)}
+    if len(spec.groups) == 2:
+        out.add("two_groups")
+        # the first group refines the text stream, the second only reads it, and a B block reads it
+        if (spec.two_streams and not spec.groups[1].updates_encoder and cfg.Bn > 0
+                and cfg.Fn < spec.groups[0].depth):
+            out.add("text_read_after_m_by_a_later_group")
+    for g in spec.groups:
+        out |= {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
+                f"returns={g.returns}", f"call={g.call}"} | ({"inplace"} if g.inplace else set())
+    return out
