@@ -40,7 +40,7 @@ class CacheType(str, enum.Enum):
 
 # Names of the passes in ``cdcompile.passes.PASSES``; kept here so the config can validate
 # ``disable_passes`` without importing the passes.
-PASS_NAMES = ("discover_blocks", "context_parallel", "fp8_attention", "block_cache")
+PASS_NAMES = ("matmul_attention", "discover_blocks", "context_parallel", "fp8_attention", "block_cache")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -39,6 +39,8 @@ class GraphReport:
     context_parallel: Any = None
     # What fp8_attention did (passes.fp8_attention.Fp8AttentionRecord); None when off.
     fp8_attention: Any = None
+    # Attention written as matmuls that became SDPA calls (with context parallelism or FP8 attention)
+    matmul_attention: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -93,6 +95,8 @@ class GraphReport:
                     lines.append(f"  context parallel: left {cp.unsharded_groups} unsharded ({cp.reason})")
             else:
                 lines.append(f"  context parallel: not applied ({cp.reason})")
+        if self.matmul_attention:
+            lines.append(f"  attention written as matmuls -> scaled_dot_product_attention: {self.matmul_attention}")
         if self.fp8_attention is not None:
             lines.append(f"  fp8 attention: {self.fp8_attention}")
         for p in self.passes:

@@ -338,3 +338,30 @@ def features(spec: DiTSpec) -> set[str]:
         out |= {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
                 f"returns={g.returns}", f"call={g.call}"} | ({"inplace"} if g.inplace else set())
     return out
+
+
+def run_prune_reference(model: RandomDiT, inputs: dict, ref, step: int, slot: int = 0) -> torch.Tensor:
+    """``model``'s forward with DBPrune (dbprune_reference.RefPrune) over its whole stack: a pruned
+    block adds its residual per stream it returns; the glue between groups always runs."""
+    h, enc, ctx = model.prologue(**inputs)
+    ref.begin(step, slot)
+    b = 0
+    for item in model.stack():
+        if item[1] is None:
+            h, enc = model.run_item(item, h, enc, ctx)
+            continue
+        if ref.prune(b, h):
+            res = ref.residuals(b)
+            h = h + res["hidden"]
+            if "encoder" in res:
+                enc = enc + res["encoder"]
+        else:
+            h_out, enc_out = model.run_item(item, h, enc, ctx)
+            res = {"hidden": h_out - h}
+            if enc is not None and enc_out is not enc:
+                res["encoder"] = enc_out - enc
+            ref.store(b, h, res)
+            h, enc = h_out, enc_out
+        b += 1
+    ref.end()
+    return model.epilogue(h, ctx)

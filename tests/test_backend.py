@@ -160,7 +160,8 @@ def test_model_without_blocks_compiles_unchanged_and_says_why():
     assert report.cache is None
     assert any("no repeated block group" in r for r in report.not_cached)
     assert [(p.name, p.ops_before, p.ops_after) for p in report.passes] == [
-        ("discover_blocks", 3, 3), ("context_parallel", 3, 3), ("fp8_attention", 3, 3), ("block_cache", 3, 3)]
+        ("matmul_attention", 3, 3), ("discover_blocks", 3, 3), ("context_parallel", 3, 3), ("fp8_attention", 3, 3),
+        ("block_cache", 3, 3)]
 
 
 def test_disable_passes_skips_a_pass_by_name():
@@ -171,5 +172,6 @@ def test_disable_passes_skips_a_pass_by_name():
             torch.randn(1, 10, 8), torch.tensor([0.5]))
     (report,) = reports
     assert [(p.name, p.skipped) for p in report.passes] == [
-        ("discover_blocks", False), ("context_parallel", False), ("fp8_attention", False), ("block_cache", True)]
+        ("matmul_attention", False), ("discover_blocks", False), ("context_parallel", False), ("fp8_attention", False),
+        ("block_cache", True)]
     assert report.cache is None

@@ -627,6 +627,39 @@ def _scn_cache(rank, world, layers=(2, 4), **extra):
     return dict(single=runs[1], cp=runs[world])
 
 
+FUZZ_SEEDS = {2: (0, 4), 3: (3, 10)}  # tests/fuzz_dit.py: attention written as matmuls, masks, rope, joint
+
+
+def _scn_fuzz(rank, world):
+    """Random DiTs (tests/fuzz_dit.py) under CP with the block cache: outputs and cached steps
+    against the eager DBCache reference of one process, per seed."""
+    import cdcompile
+    from dbcache_reference import RefCache
+    from fuzz_dit import RandomDiT, draw_cache_config, draw_spec, run_reference, trajectory
+
+    out = {}
+    for seed in FUZZ_SEEDS[world]:
+        spec = draw_spec(seed)
+        m = RandomDiT(spec).eval()
+        cfg = draw_cache_config(spec)
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=dict(
+            compiler="eager", ulysses_degree=world, Fn_compute_blocks=cfg.Fn, Bn_compute_blocks=cfg.Bn,
+            residual_diff_threshold=cfg.threshold, max_warmup_steps=cfg.warmup, max_cached_steps=cfg.max_cached,
+            max_continuous_cached_steps=cfg.max_continuous))
+        ref, worst = RefCache(cfg), 0.0
+        calls = trajectory(spec, 6)
+        with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
+            for k, step in enumerate(calls):
+                for slot, kw in enumerate(step):
+                    worst = max(worst, float((c(**kw) - run_reference(m, kw, ref, k, slot)).abs().max()))
+        got = cdcompile.summary(m).as_dict()["requests"][-1]["slots"]
+        out[seed] = dict(diff=worst, cached=[s["cached_steps"] for s in got],
+                         want=[[s for s, sl, hit in ref.decisions if hit and sl == j] for j in range(len(calls[0]))],
+                         cp=reports[0].context_parallel.as_dict(), matmuls=reports[0].matmul_attention)
+    return out
+
+
 def _scn_cache_lone(rank, world):
     """As _scn_cache with one double block, a group of one that holds F, and DBPrune over M."""
     return dict(cache=_scn_cache(rank, world, layers=(1, 3)),
@@ -739,9 +772,9 @@ SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
                "degree_mismatch", "cache_lone",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
-               "cosmos3omni", "flex"]),
+               "cosmos3omni", "flex", "fuzz"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
-               "token_conv", "sana", "sanavideo", "latte", "wananimate", "cache_sana", "flex"]),
+               "token_conv", "sana", "sanavideo", "latte", "wananimate", "cache_sana", "flex", "fuzz"]),
     "w2-inductor": (2, ["inductor"]),
 }
 
@@ -981,6 +1014,23 @@ def test_cached_steps_are_identical_on_every_rank_and_to_one_process(world):
         for s, d in single["diffs"].items():
             assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_random_dits_shard_and_cache_like_the_one_process_reference(world):
+    # tests/fuzz_dit.py's models: one or two streams, attention as SDPA or written as matmuls (the
+    # matmul_attention pass makes it SDPA), key-padding masks, rotary tables over the joint tokens,
+    # 2 heads (not divisible by 3 ranks), odd token counts, CFG slots
+    ranks = _results(f"w{world}")
+    matmuls = 0
+    for seed in FUZZ_SEEDS[world]:
+        for r in ranks:
+            got = r["fuzz"][seed]
+            assert got["cp"]["applied"] and not got["cp"]["unsharded_groups"], (seed, got["cp"])
+            assert got["diff"] < 1e-4, (seed, got["diff"])
+            assert got["cached"] == got["want"] and any(got["want"]), (seed, got)
+        matmuls += ranks[0]["fuzz"][seed]["matmuls"]
+    assert matmuls > 0, "no seed wrote its attention as matmuls"
 
 
 def test_a_lone_first_block_keeps_the_decisions_of_one_process_under_cp_with_cache_and_prune():

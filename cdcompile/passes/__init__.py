@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import PASS_NAMES, CacheConfig
 from ..report import GraphReport, PassRecord
-from . import block_cache, context_parallel, discover, fp8_attention
+from . import block_cache, context_parallel, discover, fp8_attention, matmul_attention
 
 
 @dataclasses.dataclass
@@ -77,6 +77,7 @@ def _holds_block_list(module: nn.Module) -> bool:
 
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], None]]] = [
+    ("matmul_attention", matmul_attention.run),
     ("discover_blocks", _discover),
     ("context_parallel", context_parallel.run),
     ("fp8_attention", fp8_attention.run),
