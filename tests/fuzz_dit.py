@@ -6,7 +6,8 @@ tokens, joint attention), one or two block groups of different classes, adaLN mo
 added timestep or none, LayerNorm or RMSNorm (by hand or ``nn.RMSNorm``), SDPA or attention written
 out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place residual add on a
 fresh tensor, a LayerNorm between the groups, one block class for both groups, classifier-free
-guidance (two calls per step at one timestep), and how a block is called (by position or keyword) and what it returns (a tuple in
+guidance (two calls per step at one timestep), a calibrator (TaylorSeer of order 1 or 2 in
+either form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
 either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
 DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
 """
@@ -320,14 +321,36 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     n = spec.num_blocks
     fn = r.randint(1, min(2, n - 1))
     bn = r.randint(0, min(1, n - fn - 1))
-    return RefConfig(Fn=fn, Bn=bn, threshold=1e6, warmup=r.randint(0, 3), max_cached=r.choice((-1, -1, 3)),
-                     max_continuous=r.choice((-1, -1, 2)))
+    cfg = RefConfig(Fn=fn, Bn=bn, threshold=1e6, warmup=r.randint(0, 3), max_cached=r.choice((-1, -1, 3)),
+                    max_continuous=r.choice((-1, -1, 2)))
+    calibrator = r.choice((None, None, "taylorseer", "foca"))  # drawn last: the draws above stay
+    if calibrator == "taylorseer":
+        cfg.calibrator, cfg.order, cfg.form = calibrator, r.choice((1, 2)), r.choice(("taylor", "newton"))
+    elif calibrator == "foca":
+        cfg.calibrator = calibrator
+    return cfg
+
+
+def cache_options(cfg: RefConfig, compiler: str) -> dict:
+    """The backend's options for the reference's configuration."""
+    opts = {"compiler": compiler, "Fn_compute_blocks": cfg.Fn, "Bn_compute_blocks": cfg.Bn,
+            "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+            "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous}
+    if cfg.calibrator == "taylorseer":
+        opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
+    elif cfg.calibrator == "foca":
+        opts.update(calibrator="foca")
+    return opts
 
 
 def features(spec: DiTSpec) -> set[str]:
     """What a seed's model exercises, to check that a set of seeds covers every choice."""
     cfg = draw_cache_config(spec)
     out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope") if getattr(spec, k)}
+    if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
+        out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
+    else:
+        out.add(f"calibrator={cfg.calibrator}")
     if len(spec.groups) == 2:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it

@@ -635,7 +635,7 @@ def _scn_fuzz(rank, world):
     against the eager DBCache reference of one process, per seed."""
     import cdcompile
     from dbcache_reference import RefCache
-    from fuzz_dit import RandomDiT, draw_cache_config, draw_spec, run_reference, trajectory
+    from fuzz_dit import RandomDiT, cache_options, draw_cache_config, draw_spec, run_reference, trajectory
 
     out = {}
     for seed in FUZZ_SEEDS[world]:
@@ -643,10 +643,8 @@ def _scn_fuzz(rank, world):
         m = RandomDiT(spec).eval()
         cfg = draw_cache_config(spec)
         torch._dynamo.reset()
-        c = torch.compile(m, backend="cachedit", fullgraph=True, options=dict(
-            compiler="eager", ulysses_degree=world, Fn_compute_blocks=cfg.Fn, Bn_compute_blocks=cfg.Bn,
-            residual_diff_threshold=cfg.threshold, max_warmup_steps=cfg.warmup, max_cached_steps=cfg.max_cached,
-            max_continuous_cached_steps=cfg.max_continuous))
+        c = torch.compile(m, backend="cachedit", fullgraph=True,
+                          options={**cache_options(cfg, "eager"), "ulysses_degree": world})
         ref, worst = RefCache(cfg), 0.0
         calls = trajectory(spec, 6)
         with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
