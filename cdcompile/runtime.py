@@ -127,7 +127,11 @@ class CacheState:
         s = plan.slots + 1  # + the overflow slot
 
         def size(d):
-            return int(d.node.expr.xreplace(sizes)) if isinstance(d, torch.SymInt) and sizes is not None else d
+            if not isinstance(d, torch.SymInt):
+                return d
+            if not d.node.expr.free_symbols:  # a size Dynamo specialized, still wrapped as a SymInt
+                return int(d.node.expr)
+            return int(d.node.expr.xreplace(sizes)) if sizes is not None else d
 
         def zeros(shape, dtype):
             return torch.zeros((s, *map(size, shape)), dtype=dtype, device=dev)
