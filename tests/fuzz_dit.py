@@ -5,7 +5,8 @@ seen. ``random_dit(seed)`` draws the choices a DiT's author makes: one stream or
 tokens, joint attention), one or two block groups of different classes, adaLN modulation or an
 added timestep or none, LayerNorm or RMSNorm (by hand or ``nn.RMSNorm``), SDPA or attention written
 out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place residual add on a
-fresh tensor, a LayerNorm between the groups, one block class for both groups, classifier-free
+fresh tensor, cross-attention to the text instead of joint attention (per group), a LayerNorm
+between the groups, one block class for both groups, classifier-free
 guidance (two calls per step at one timestep), a calibrator (TaylorSeer of order 1 or 2 in
 either form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
 either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
@@ -36,6 +37,9 @@ class GroupSpec:
     updates_encoder: bool  # two streams: the block returns the text stream updated
     returns: str  # "tuple_he", "tuple_eh", "dict" (two streams and updates_encoder), else "h"
     call: str  # "pos", "kw"
+    # two streams: self-attention over the image tokens, then cross-attention to the text, which
+    # the block reads and does not return (PixArt, Wan, Sana); else joint attention
+    cross: bool = False
 
 
 @dataclasses.dataclass
@@ -71,10 +75,14 @@ def draw_spec(seed: int) -> DiTSpec:
             mlp=r.choice(("gelu", "swiglu")), modulation=r.choice(("adaln", "adaln", "add", "none")),
             inplace=r.random() < 0.3, updates_encoder=updates, returns=returns, call=r.choice(("pos", "kw"))))
     img = r.randint(6, 20)
-    return DiTSpec(seed=seed, width=r.choice((16, 32)), heads=2, two_streams=two, img_tokens=img,
+    spec = DiTSpec(seed=seed, width=r.choice((16, 32)), heads=2, two_streams=two, img_tokens=img,
                    txt_tokens=r.randint(2, min(5, img - 1)), batch=r.randint(1, 2), rope=r.random() < 0.5,
                    mask=two and r.random() < 0.4, groups=groups, glue=len(groups) == 2 and r.random() < 0.4,
                    same_class=len(groups) == 2 and r.random() < 0.25, cfg=r.random() < 0.3)
+    for g in groups:  # drawn last, so that the draws above stay what they were before this choice
+        if two and r.random() < 0.35:
+            g.cross, g.updates_encoder, g.returns = True, False, "h"
+    return spec
 
 
 class _RMSNorm(nn.Module):
@@ -113,7 +121,10 @@ class _Block(nn.Module):
             self.mod = nn.Linear(d, 6 * d)
         elif g.modulation == "add":
             self.mod = nn.Linear(d, d)
-        if spec.two_streams:
+        if spec.two_streams and g.cross:
+            self.norm_c = _norm(g.norm, d)
+            self.q_c, self.kv_c, self.out_c = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        elif spec.two_streams:
             self.norm_e = _norm(g.norm, d)
             self.qkv_e = nn.Linear(d, 3 * d)
             if g.updates_encoder:
@@ -149,15 +160,19 @@ class _Block(nn.Module):
         x = self.norm1(h) * (1 + scale1) + shift1
         q, k, v = self.qkv(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, H, S, D)
         n_txt = 0
-        if enc is not None:
+        if enc is not None and not g.cross:
             qe, ke, ve = self.qkv_e(self.norm_e(enc)).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
             n_txt = enc.shape[1]
             q, k, v = torch.cat([qe, q], dim=2), torch.cat([ke, k], dim=2), torch.cat([ve, v], dim=2)
         if rotary is not None:
             cos, sin = rotary
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        o = self._attend(q, k, v, mask).transpose(1, 2).flatten(2)  # (B, S, width)
+        o = self._attend(q, k, v, None if g.cross else mask).transpose(1, 2).flatten(2)  # (B, S, width)
         h = h + gate1 * self.out(o[:, n_txt:])
+        if g.cross:  # queries from the image, keys and values from the text, the text mask
+            qc = self.q_c(self.norm_c(h)).unflatten(-1, (heads, -1)).transpose(1, 2)
+            kc, vc = self.kv_c(enc).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)
+            h = h + self.out_c(self._attend(qc, kc, vc, mask).transpose(1, 2).flatten(2))
         y = self._mlp(self.norm2(h) * (1 + scale2) + shift2)
         if g.inplace:
             h = h + 0.0 * y  # a fresh tensor, then an in-place add on it
@@ -205,23 +220,25 @@ class RandomDiT(nn.Module):
         temb = self.t_in(torch.cat([angles.cos(), angles.sin()], dim=-1))
         enc = self.e_in(enc_in) if self.spec.two_streams else None
         tokens = h.shape[1] + (enc.shape[1] if enc is not None else 0)
-        rotary = mask = None
-        if self.spec.rope:
+        ctx = dict(temb=temb, rotary=None, mask=None, rotary_img=None, mask_txt=None)
+        if self.spec.rope:  # over the joint tokens, and over the image tokens alone (cross groups)
             half = self.spec.width // self.spec.heads // 2
             pos = torch.arange(tokens, dtype=x.dtype)[:, None] * torch.exp(-torch.arange(half, dtype=x.dtype))
-            rotary = (pos.cos().repeat_interleave(2, -1), pos.sin().repeat_interleave(2, -1))
+            ctx["rotary"] = (pos.cos().repeat_interleave(2, -1), pos.sin().repeat_interleave(2, -1))
+            ctx["rotary_img"] = tuple(r[:h.shape[1]] for r in ctx["rotary"])
         if enc_mask is not None:
-            mask = torch.cat([enc_mask, torch.ones(h.shape[:2], dtype=torch.bool)], dim=1)[:, None, None, :]
-        return h, enc, dict(temb=temb, rotary=rotary, mask=mask)
+            ctx["mask"] = torch.cat([enc_mask, torch.ones(h.shape[:2], dtype=torch.bool)], dim=1)[:, None, None, :]
+            ctx["mask_txt"] = enc_mask[:, None, None, :]
+        return h, enc, ctx
 
     def call_block(self, gi, block, h, enc, ctx):
         """One block, called as its group's spec says; returns (h, enc) whatever the block returns."""
         g = self.spec.groups[gi]
+        rotary, mask = (ctx["rotary_img"], ctx["mask_txt"]) if g.cross else (ctx["rotary"], ctx["mask"])
         if g.call == "pos":
-            out = block(h, enc, ctx["temb"], ctx["rotary"], ctx["mask"])
+            out = block(h, enc, ctx["temb"], rotary, mask)
         else:
-            out = block(hidden_states=h, encoder_hidden_states=enc, temb=ctx["temb"], rotary=ctx["rotary"],
-                        mask=ctx["mask"])
+            out = block(hidden_states=h, encoder_hidden_states=enc, temb=ctx["temb"], rotary=rotary, mask=mask)
         if isinstance(out, dict):
             return out["hidden_states"], out["encoder_hidden_states"]
         if isinstance(out, tuple):
@@ -355,10 +372,14 @@ def features(spec: DiTSpec) -> set[str]:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it
         if (spec.two_streams and not spec.groups[1].updates_encoder and cfg.Bn > 0
-                and cfg.Fn < spec.groups[0].depth):
+                and cfg.Fn < spec.groups[0].depth and spec.groups[0].updates_encoder):
             out.add("text_read_after_m_by_a_later_group")
+        # the reverse: the first group only reads the text, the next updates it, M spans both
+        if (spec.two_streams and not spec.groups[0].updates_encoder and spec.groups[1].updates_encoder
+                and cfg.Fn < spec.groups[0].depth and cfg.Bn < spec.groups[1].depth):
+            out.add("text_updated_in_m_by_a_later_group")
     for g in spec.groups:
-        out |= {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
+        out |= ({"cross_attention"} if g.cross else set()) | {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
                 f"returns={g.returns}", f"call={g.call}"} | ({"inplace"} if g.inplace else set())
     return out
 

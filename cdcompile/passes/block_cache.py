@@ -275,8 +275,22 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         for s in gm_first.streams:
             if s.label not in exit_label.values() and s.outputs[last] is not None:
                 exit_label[s.outputs[last]] = s.label
-    found = _branch.pair_exits(region, m_nodes, exit_label, lambda label: _boundary(gm_first, i_m, label, before=True),
-                               "the middle blocks", "the middle blocks cannot be skipped")
+
+    def entry_of(label: str) -> fx.Node | None:
+        e = _boundary(gm_first, i_m, label, before=True)
+        if e is not None:
+            return e
+        # ... and the reverse: a stream of a later group of M that the group M starts in only reads
+        # (text the first group attends to across, the next updates) enters M as it was before M
+        # (or as context parallelism shards it at that group, from that value: not from M)
+        for g, _ in blocks[fn:len(blocks) - bn]:
+            s = g.stream(label)
+            if s is not None and s.entry not in m_nodes:
+                return s.entry
+        return None
+
+    found = _branch.pair_exits(region, m_nodes, exit_label, entry_of, "the middle blocks",
+                               "the middle blocks cannot be skipped")
     if isinstance(found, str):
         return found
     pairs, checked, exit_sizes = found
