@@ -1220,43 +1220,15 @@ def _group(updates, cross=False):
                      updates_encoder=updates, returns="tuple_he" if updates else "h", call="kw", cross=cross)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
-def test_a_text_stream_the_first_group_refines_and_the_next_only_reads_is_cached_across_both(compiler):
-    # Double blocks update image and text tokens; the next group attends to the text but returns only
-    # the image stream, and its last block (B) reads the text. M spans both groups, so the text leaves
-    # M as the first group's last output: it is cached as a stream. (Refused before as "read other
-    # than through the streams"; tests/fuzz_dit.py found it.)
+def _assert_two_text_groups_cached_across_both(groups, mask, cfg, compiler):
+    """A fuzz_dit model with two groups of 3 blocks over image and text tokens, F1 B1: the block
+    cache spans both groups (M = 4, no fallback), caches both streams, and its outputs and cached
+    steps equal the eager reference's."""
     from fuzz_dit import DiTSpec, RandomDiT, run_reference, trajectory
 
     spec = DiTSpec(seed=7, width=16, heads=2, two_streams=True, img_tokens=12, txt_tokens=4, batch=2, rope=True,
-                   mask=False, groups=[_group(True), _group(False)], glue=False, same_class=False, cfg=False)
+                   mask=mask, groups=groups, glue=False, same_class=False, cfg=False)
     m = RandomDiT(spec).eval()
-    cfg = RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2)
-    with cdcompile.backend.collect_reports() as reports:
-        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
-        ref = RefCache(cfg)
-        with torch.no_grad():
-            for s, (kw,) in enumerate(trajectory(spec, STEPS)):
-                torch.testing.assert_close(c(**kw), run_reference(m, kw, ref, s), rtol=1e-4, atol=1e-5)
-    (r,) = reports
-    assert r.cache is not None, r.not_cached
-    assert r.cache["Mn"] == 4 and sorted(r.cache["streams"]) == ["encoder", "hidden"]
-    assert 0 < len(_ref_cached(ref)) < STEPS - 2 and _cached_steps(m) == _ref_cached(ref)
-
-
-@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
-def test_a_text_stream_the_first_group_only_reads_and_the_next_refines_is_cached_across_both(compiler):
-    # The reverse: the first group cross-attends to the text (a side input: no block of it returns
-    # the text), the next updates it in joint attention. M spans both groups, so the text's residual
-    # is taken from its value before M. (Before, the pass fell back to caching the first group
-    # alone; tests/fuzz_dit.py found it.)
-    from fuzz_dit import DiTSpec, RandomDiT, run_reference, trajectory
-
-    spec = DiTSpec(seed=3, width=16, heads=2, two_streams=True, img_tokens=12, txt_tokens=4, batch=2, rope=True,
-                   mask=True, groups=[_group(False, cross=True), _group(True)], glue=False, same_class=False,
-                   cfg=False)
-    m = RandomDiT(spec).eval()
-    cfg = RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2, max_continuous=2)
     with cdcompile.backend.collect_reports() as reports:
         c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
         ref = RefCache(cfg)
@@ -1267,3 +1239,24 @@ def test_a_text_stream_the_first_group_only_reads_and_the_next_refines_is_cached
     assert r.cache is not None and "fallback" not in r.cache, (r.not_cached, r.cache)
     assert r.cache["Mn"] == 4 and sorted(r.cache["streams"]) == ["encoder", "hidden"]
     assert 0 < len(_ref_cached(ref)) < STEPS - 2 and _cached_steps(m) == _ref_cached(ref)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_text_stream_the_first_group_refines_and_the_next_only_reads_is_cached_across_both(compiler):
+    # Double blocks update image and text tokens; the next group attends to the text but returns only
+    # the image stream, and its last block (B) reads the text. M spans both groups, so the text leaves
+    # M as the first group's last output: it is cached as a stream. (Refused before as "read other
+    # than through the streams"; tests/fuzz_dit.py found it.)
+    _assert_two_text_groups_cached_across_both([_group(True), _group(False)], False,
+                                               RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2), compiler)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_text_stream_the_first_group_only_reads_and_the_next_refines_is_cached_across_both(compiler):
+    # The reverse: the first group cross-attends to the text (a side input: no block of it returns
+    # the text), the next updates it in joint attention. M spans both groups, so the text's residual
+    # is taken from its value before M. (Before, the pass fell back to caching the first group
+    # alone; tests/fuzz_dit.py found it.)
+    _assert_two_text_groups_cached_across_both(
+        [_group(False, cross=True), _group(True)], True,
+        RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2, max_continuous=2), compiler)
