@@ -11,9 +11,9 @@ backend, ``cdcompile.kernels.sage_attention`` end to end (quantization included)
 alone, its quantization step alone (Q, K to INT8, V to FP8; the rest of "total" is the kernel), and
 the per-block-QK variant. At --mask-seq-lens (default 4608) the same with a key-padding mask, bool
 (B, 1, 1, S) with the last eighth of the keys masked as text padding leaves them: SDPA's efficient
-and cuDNN backends (flash takes no mask) and ``sage_attention`` with the mask. Throughput counts 4*B*H*S*S*D flops (half that with --causal)
-and is put against the bf16 peak measured here with a large bf16 matmul (not a datasheet figure).
-Accuracy: cosine and SNR against fp32 SDPA on the same inputs.
+and cuDNN backends (flash takes no mask) and ``sage_attention`` with the mask. Throughput counts
+4*B*H*S*S*D flops (half that with --causal) and is put against the bf16 peak measured here with a
+large bf16 matmul (not a datasheet figure). Accuracy: cosine and SNR against fp32 SDPA on the same inputs.
 
 Quantization, per S: ``quantize_fp8_a2a`` of x (B, S, H, D) bf16 for --world-size ranks (split
 "heads") and ``dequantize_fp8_a2a`` of the result, in GB/s (bytes read + written) and as a share of
@@ -157,7 +157,7 @@ def bench_attention(args, peak_tflops) -> list[dict]:
 
         bm, bn = sage_attn.BLOCK_M, sage_attn.BLOCK_N
         quantized = sage_attn._quantize_qkv(q, k, v, None, bm, bn, True)
-        impls, truths = {}, {}
+        impls, masked_truth = {}, None
         if s in args.seq_lens:
             impls = {
                 "sdpa flash (bf16)": sdpa_with(SDPBackend.FLASH_ATTENTION),
@@ -171,7 +171,7 @@ def bench_attention(args, peak_tflops) -> list[dict]:
             }
         if s in args.mask_seq_lens and not args.causal:  # SDPA takes a mask or is_causal, not both
             mask = padding_mask(args, s)
-            truths["mask"] = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+            masked_truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
             impls.update({
                 "sdpa efficient (bf16, mask)": sdpa_with(SDPBackend.EFFICIENT_ATTENTION, mask),
                 "sdpa cudnn (bf16, mask)": sdpa_with(SDPBackend.CUDNN_ATTENTION, mask),
@@ -192,10 +192,10 @@ def bench_attention(args, peak_tflops) -> list[dict]:
             row.update(ms=ms, speedup_vs_flash=(flash_ms / ms) if flash_ms else None)
             if "quantization" not in name:  # its outputs are the quantized operands, not attention
                 tflops = flops / (ms * 1e-3) / 1e12
-                cos, snr = cosine_snr(out, truths["mask"] if "mask" in name else truth)
+                cos, snr = cosine_snr(out, masked_truth if "mask" in name else truth)
                 row.update(tflops=tflops, pct_bf16_peak=100 * tflops / peak_tflops, cosine=cos, snr_db=snr)
             rows.append(row)
-        del q, k, v, truth, truths, quantized
+        del q, k, v, truth, masked_truth, quantized
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return rows

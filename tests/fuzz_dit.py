@@ -379,8 +379,9 @@ def features(spec: DiTSpec) -> set[str]:
                 and cfg.Fn < spec.groups[0].depth and cfg.Bn < spec.groups[1].depth):
             out.add("text_updated_in_m_by_a_later_group")
     for g in spec.groups:
-        out |= ({"cross_attention"} if g.cross else set()) | {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
-                f"returns={g.returns}", f"call={g.call}"} | ({"inplace"} if g.inplace else set())
+        out |= {f"norm={g.norm}", f"attn={g.attn}", f"mlp={g.mlp}", f"modulation={g.modulation}",
+                f"returns={g.returns}", f"call={g.call}"}
+        out |= {name for name, on in (("cross_attention", g.cross), ("inplace", g.inplace)) if on}
     return out
 
 

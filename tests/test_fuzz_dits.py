@@ -12,6 +12,7 @@ Seeds 0-129 passed when this file was written; before that, such models found tw
 test_block_cache.py: dead pure ops on side inputs, and a text stream read by a later group).
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -48,22 +49,32 @@ def _check(seed, compiler):
         for step in calls:
             for kw in step:
                 torch.testing.assert_close(plain(**kw), model(**kw), rtol=1e-5, atol=1e-6)
+    _cached_requests(seed, (0, 0), compiler)
 
-        cfg = draw_cache_config(spec)
-        torch._dynamo.reset()
-        cached = torch.compile(model, backend="cachedit", fullgraph=True, options=cache_options(cfg, compiler))
-        ref = RefCache(cfg)
-        for request in range(2):
+
+def _cached_requests(seed, extra_tokens, compiler):
+    """One model with the seed's cache configuration, a request at each image token count
+    ``img_tokens + e`` (a new count makes Dynamo compile again, with symbolic sizes or specialized
+    ones): every output and the cached steps of every slot equal the reference's."""
+    spec = draw_spec(seed)
+    model = RandomDiT(spec).eval()
+    cfg = draw_cache_config(spec)
+    torch._dynamo.reset()
+    cached = torch.compile(model, backend="cachedit", fullgraph=True, options=cache_options(cfg, compiler))
+    ref = RefCache(cfg)
+    with torch.no_grad():
+        for request, e in enumerate(extra_tokens):
+            calls = trajectory(dataclasses.replace(spec, img_tokens=spec.img_tokens + e), STEPS)
             ref.new_request()
             ref.decisions.clear()
             for k, step in enumerate(calls):
                 for slot, kw in enumerate(step):
                     torch.testing.assert_close(cached(**kw), run_reference(model, kw, ref, k, slot), rtol=1e-4,
-                                               atol=1e-5, msg=lambda m: f"request {request} step {k} slot {slot} "
-                                               f"{cfg}: {m}")
-            got = cdcompile.summary(model).as_dict()["requests"][-1]["slots"]
+                                               atol=1e-5, msg=lambda m: f"request {request} (+{e} tokens) step {k} "
+                                               f"slot {slot} {cfg}: {m}")
+            got = cdcompile.summary(model).as_dict()["requests"][-1]["slots"]  # the state called last
             want = [[s for s, sl, c in ref.decisions if c and sl == j] for j in range(len(calls[0]))]
-            assert [s["cached_steps"] for s in got] == want, (cfg, str(cdcompile.summary(model)))
+            assert [s["cached_steps"] for s in got] == want, (cfg, e, str(cdcompile.summary(model)))
             assert any(want), "the limits left nothing cached: this seed tests no residual"
     torch._dynamo.reset()
 
@@ -78,37 +89,11 @@ def test_seed_under_aot_eager(seed):
     _check(seed, "aot_eager")
 
 
-def _requests_at(seed, extra_tokens):
-    """One model, a request at each image token count ``img_tokens + e``: Dynamo compiles again at
-    the second count (with symbolic sizes, or specialized ones where the model fixes them)."""
-    import dataclasses
-
-    spec = draw_spec(seed)
-    model = RandomDiT(spec).eval()
-    cfg = draw_cache_config(spec)
-    torch._dynamo.reset()
-    cached = torch.compile(model, backend="cachedit", fullgraph=True, options=cache_options(cfg, "eager"))
-    ref = RefCache(cfg)
-    with torch.no_grad():
-        for e in extra_tokens:
-            calls = trajectory(dataclasses.replace(spec, img_tokens=spec.img_tokens + e), STEPS)
-            ref.new_request()
-            ref.decisions.clear()
-            for k, step in enumerate(calls):
-                for slot, kw in enumerate(step):
-                    torch.testing.assert_close(cached(**kw), run_reference(model, kw, ref, k, slot), rtol=1e-4,
-                                               atol=1e-5, msg=lambda m: f"+{e} tokens, step {k} slot {slot}: {m}")
-            got = cdcompile.summary(model).as_dict()["requests"][-1]["slots"]  # the state called last
-            want = [[s for s, sl, c in ref.decisions if c and sl == j] for j in range(len(calls[0]))]
-            assert [s["cached_steps"] for s in got] == want, (e, str(cdcompile.summary(model)))
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("seed", _seeds([12, 0]))
 def test_seed_caches_like_the_reference_at_other_token_counts(seed):
     # seed 12's recompiled graph holds the stream's sizes as SymInts of constant value: allocating
     # the state for them failed ("SymIntArrayRef expected to contain only concrete integers")
-    _requests_at(seed, (0, 3, 0, 5))
+    _cached_requests(seed, (0, 3, 0, 5), "eager")
 
 
 def test_the_seeds_exercise_every_choice_of_the_generator():

@@ -248,18 +248,11 @@ _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "per
 _NO_EFFECT = {"lazy_load_decompositions"} | _fx.SIZE_CHECKS
 
 
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-                       operator.irshift, operator.imatmul, operator.setitem}
-
-
 def _pure_tensor_op(n: fx.Node) -> bool:
     """A call that only makes tensors from its arguments: FX does not call it impure, it writes into
     none of them, and what Dynamo recorded for it is a tensor or a tuple of tensors (a state
     toggle such as ``_set_grad_enabled`` or ``_vmap_increment_nesting`` records None or an int)."""
-    name = _fx.target_name(n)
-    if (n.is_impure() or _fx.writes_in_place(n) or n.target in _IN_PLACE_OPERATORS
-            or (name.endswith("_") and not name.endswith("__"))):  # torch.relu_, x.add_
+    if n.is_impure() or _fx.writes_in_place(n):
         return False
     value = _fx.fake_value(n)
     values = value if isinstance(value, (tuple, list)) else (value,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
 import re
 from typing import Iterable
 
@@ -144,12 +145,48 @@ def is_shape_bookkeeping(n: fx.Node) -> bool:
             or isinstance(fake_value(n), (torch.SymInt, torch.SymFloat, torch.SymBool)))
 
 
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                                 operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                                 operator.ilshift, operator.irshift, operator.imatmul})
+
+
 def writes_in_place(n: fx.Node) -> bool:
-    """Whether ``n`` writes into its first argument (``x[i] = y``, ``copy_``, ``x.add_(...)``)."""
+    """Whether ``n`` writes into its first argument (``x[i] = y``, ``copy_``, ``x.add_(...)``,
+    ``torch.relu_(x)``, ``x += y``)."""
     name = target_name(n)
     if isinstance(n.target, torch._ops.OpOverload):  # aten ops, e.g. from lower_scope
         return n.target._schema.is_mutable
-    return name in ("setitem", "copy_") or (n.op == "call_method" and name.endswith("_") and not name.endswith("__"))
+    return (name in ("setitem", "copy_") or n.target in _IN_PLACE_OPERATORS
+            or (n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")))
+
+
+# What a node made by a pass keeps of the node it stands for: module path and source line (for
+# discovery and messages).
+PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def set_fake(n: fx.Node) -> None:
+    """Record the node's fake output, computed from its inputs' fake values in their fake mode."""
+    def fake(a):
+        return fake_value(a) if isinstance(a, fx.Node) else a
+
+    args = [fake(a) for a in n.args]
+    mode = next(t.fake_mode for t in args if isinstance(t, torch._subclasses.FakeTensor))
+    with mode:
+        out = n.target(*args, **{k: fake(a) for k, a in n.kwargs.items()})
+    n.meta["example_value"] = out
+    if "val" in n.meta:
+        n.meta["val"] = out
+
+
+def call_like(graph: fx.Graph, like: fx.Node, fn, args, kwargs: dict | None, pass_name: str) -> fx.Node:
+    """A new ``fn(*args, **kwargs)`` node at the graph's insertion point, with ``like``'s provenance,
+    tagged with ``pass_name`` (``meta["cdcompile_pass"]``), and its fake value."""
+    node = graph.call_function(fn, args, kwargs or {})
+    node.meta.update({k: like.meta[k] for k in PROVENANCE if k in like.meta})
+    node.meta["cdcompile_pass"] = pass_name
+    set_fake(node)
+    return node
 
 
 def lower_scope(gm: fx.GraphModule, span: list[fx.Node]) -> list[fx.Node]:
@@ -188,7 +225,7 @@ def lower_scope(gm: fx.GraphModule, span: list[fx.Node]) -> list[fx.Node]:
     if not all(isinstance(t, fx.Node) for t in result):
         raise NotImplementedError("a traced scope output is a constant")
 
-    keep = {k: span[0].meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in span[0].meta}
+    keep = {k: span[0].meta[k] for k in PROVENANCE if k in span[0].meta}
     new: list[fx.Node] = []
     values: dict[fx.Node, fx.Node] = {}
     with gm.graph.inserting_before(span[0]):

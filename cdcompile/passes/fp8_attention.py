@@ -151,37 +151,16 @@ def run(gm: fx.GraphModule, ctx) -> None:
         groups = _fx.fake_value(q).shape[1] // _fx.fake_value(k).shape[1]
         if groups > 1:  # grouped-query attention: query head i reads key/value head i // groups
             with gm.graph.inserting_before(n):
-                k, v = (_new(gm, n, torch.repeat_interleave, (t, groups), {"dim": 1}) for t in (k, v))
+                k, v = (_fx.call_like(gm.graph, n, torch.repeat_interleave, (t, groups), {"dim": 1}, PASS)
+                        for t in (k, v))
         n.target = op
         n.args = (q, k, v, args.get("scale"), args.get("is_causal", False), "auto", args.get("attn_mask"))
         n.kwargs = {}
         n.meta["cdcompile_pass"] = PASS
-        _set_fake(n)
+        _fx.set_fake(n)
         record.replaced += 1
     if record.replaced == 0:
         warnings.warn(f"cachedit: fp8_attention=True changed nothing in this graph: {record}", stacklevel=2)
     elif not kernel and not _interpreting():
         warnings.warn(f"cachedit: fp8_attention runs {record.runs}", stacklevel=2)
     log.info("cachedit: fp8 attention: %s", record)
-
-
-def _new(gm: fx.GraphModule, like: fx.Node, fn, args, kwargs) -> fx.Node:
-    node = gm.graph.call_function(fn, args, kwargs)
-    node.meta.update({k: like.meta[k] for k in ("nn_module_stack", "stack_trace") if k in like.meta})
-    node.meta["cdcompile_pass"] = PASS
-    _set_fake(node)
-    return node
-
-
-def _set_fake(n: fx.Node) -> None:
-    """Record the node's fake output, computed from its inputs' fake values in their fake mode."""
-    def fake(a):
-        return _fx.fake_value(a) if isinstance(a, fx.Node) else a
-
-    args = [fake(a) for a in n.args]
-    mode = next(t.fake_mode for t in args if isinstance(t, torch._subclasses.FakeTensor))
-    with mode:
-        out = n.target(*args, **{k: fake(a) for k, a in n.kwargs.items()})
-    n.meta["example_value"] = out
-    if "val" in n.meta:
-        n.meta["val"] = out

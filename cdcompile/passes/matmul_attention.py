@@ -22,7 +22,8 @@ It becomes ``F.scaled_dot_product_attention(a, b.transpose(-2, -1), v, attn_mask
 (a ``masked_fill`` mask is negated: SDPA's boolean mask marks the keys that attend). A cast, a
 softmax in another dtype or anything else in the chain leaves the pattern as it is. The result
 equals the written-out chain up to floating-point rounding (SDPA's kernels order the sums
-differently); a query row with every key masked gives zeros instead of NaN.
+differently); a query row whose ``masked_fill`` drops every key gives zeros (SDPA's rule for a
+boolean mask) instead of NaN.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from . import _fx
 
+PASS = "matmul_attention"
 _MATMUL = {"matmul", ".matmul"}  # target_name of torch.matmul / operator.matmul and Tensor.matmul
 _MUL = {"mul", ".mul"}
 _DIV = {"truediv", "div", ".div"}
@@ -80,7 +82,7 @@ def _shape(n) -> tuple | None:
 def _softmax_dim(n: fx.Node):
     """The dim of a softmax with no dtype argument (``F.softmax(x, dim, _stacklevel, dtype)``,
     ``torch.softmax(x, dim, dtype)``, ``x.softmax(dim, dtype)``), else None."""
-    dtype_at = 3 if _fx.target_name(n) == "softmax" and n.op == "call_function" and len(n.args) > 3 else 2
+    dtype_at = 3 if n.target is F.softmax else 2
     if n.kwargs.get("dtype") is not None or (len(n.args) > dtype_at and n.args[dtype_at] is not None):
         return None
     return n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
@@ -168,29 +170,11 @@ def _depends_on(x: fx.Node, on: fx.Node) -> bool:
 def _rewrite(gm, a, b, v, mask, negate, scale, last, chain) -> None:
     g = gm.graph
     with g.inserting_before(last):
-        k = _call(g, last, torch.transpose, (b, -2, -1))
+        k = _fx.call_like(g, last, torch.transpose, (b, -2, -1), None, PASS)
         if mask is not None and negate:
-            mask = _call(g, last, torch.logical_not, (mask,))
-        out = _call(g, last, F.scaled_dot_product_attention, (a, k, v),
-                    {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": float(scale)})
+            mask = _fx.call_like(g, last, torch.logical_not, (mask,), None, PASS)
+        out = _fx.call_like(g, last, F.scaled_dot_product_attention, (a, k, v),
+                            {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": float(scale)}, PASS)
     last.replace_all_uses_with(out)
     for n in [last, *chain]:  # each read only by the one before it: none is read any more
         g.erase_node(n)
-
-
-def _call(g: fx.Graph, like: fx.Node, fn, args, kwargs=None) -> fx.Node:
-    node = g.call_function(fn, args, kwargs or {})
-    node.meta.update({key: like.meta[key] for key in ("nn_module_stack", "stack_trace", "source_fn_stack")
-                      if key in like.meta})
-    node.meta["cdcompile_pass"] = "matmul_attention"
-
-    def fake(x):
-        return _fx.fake_value(x) if isinstance(x, fx.Node) else x
-
-    fargs = [fake(x) for x in node.args]
-    mode = next(t.fake_mode for t in fargs if isinstance(t, torch._subclasses.FakeTensor))
-    with mode:
-        value = fn(*fargs, **{key: fake(x) for key, x in node.kwargs.items()})
-    node.meta["example_value"] = value
-    return node
-

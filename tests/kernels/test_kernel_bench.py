@@ -21,7 +21,8 @@ pytestmark = pytest.mark.interpreter
 @pytest.fixture
 def bench(monkeypatch):
     # loaded from its file under a private name (tests/test_bench_names.py: no bench name is importable)
-    spec = importlib.util.spec_from_file_location("_bench_kernel_bench_cpu", os.path.join(ROOT, "bench", "kernel_bench.py"))
+    path = os.path.join(ROOT, "bench", "kernel_bench.py")
+    spec = importlib.util.spec_from_file_location("_bench_kernel_bench_cpu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "DEVICE", "cpu")
