@@ -237,6 +237,10 @@ def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
     """FluxTransformer2DModel's forward (diffusers 0.42) with DBCache over its 2-group stack.
 
     Double blocks return (encoder, hidden); single blocks take and return the two streams too.
+    ControlNet residuals (``controlnet_block_samples``, ``controlnet_single_block_samples``), which
+    FLUX adds to the hidden stream after each block, belong to the block they follow, except F's
+    last: the residual is taken from F's last block output, so that add is part of M (a cached
+    step does not run it); the add after M's last block runs on every step, as B does.
     """
     c = cache.cfg
     hs = model.x_embedder(kw["hidden_states"])
@@ -246,29 +250,42 @@ def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
     rope = model.pos_embed(torch.cat((kw["txt_ids"], kw["img_ids"]), dim=0))
     stack = [(b, "double") for b in model.transformer_blocks] + [
         (b, "single") for b in model.single_transformer_blocks]
-    n = len(stack)
+    n, n_double = len(stack), len(model.transformer_blocks)
 
     def run(block, h, e):
         e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
         return h, e
 
+    def control(k, h):  # the ControlNet residual after stack block k, as FLUX's loops add it
+        samples, i, size = kw.get("controlnet_block_samples"), k, n_double
+        if k >= n_double:
+            samples, i, size = kw.get("controlnet_single_block_samples"), k - n_double, n - n_double
+        return h if samples is None else h + samples[i // math.ceil(size / len(samples))]
+
     h0 = hs
-    for b, _ in stack[:c.Fn]:
-        hs, enc = run(b, hs, enc)
+    for k in range(c.Fn):
+        hs, enc = run(stack[k][0], hs, enc)
+        if k < c.Fn - 1:
+            hs = control(k, hs)
     if cache.decide(step, slot, hs - h0):
         hs = hs + cache.residuals(slot)["hidden"]
         if "encoder" in cache.residuals(slot):
             enc = enc + cache.residuals(slot)["encoder"]
     else:
         hf, ef = hs, enc
-        for b, _ in stack[c.Fn:n - c.Bn]:
-            hs, enc = run(b, hs, enc)
+        hs = control(c.Fn - 1, hs)
+        for k in range(c.Fn, n - c.Bn):
+            hs, enc = run(stack[k][0], hs, enc)
+            if k < n - c.Bn - 1:
+                hs = control(k, hs)
         res = {"hidden": hs - hf}
         if c.Bn > 0:  # with Bn = 0 the encoder stream leaves M unused (dead in the graph)
             res["encoder"] = enc - ef
         cache.store(slot, res)
-    for b, _ in stack[n - c.Bn:]:
-        hs, enc = run(b, hs, enc)
+    hs = control(n - c.Bn - 1, hs)
+    for k in range(n - c.Bn, n):
+        hs, enc = run(stack[k][0], hs, enc)
+        hs = control(k, hs)
     hs = model.norm_out(hs, temb)
     return model.proj_out(hs)
 

@@ -1,16 +1,17 @@
 """Random DiT-shaped models for the tests: one seed, one model, and its eager DBCache reference.
 
 cdcompile has no per-model code, so the models a user brings are the ones its passes have never
-seen. ``random_dit(seed)`` draws the choices a DiT's author makes: one stream or two (image and text
+seen. ``draw_spec(seed)`` draws the choices a DiT's author makes: one stream or two (image and text
 tokens, joint attention), one or two block groups of different classes, adaLN modulation or an
 added timestep or none, LayerNorm or RMSNorm (by hand or ``nn.RMSNorm``), SDPA or attention written
 out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place residual add on a
 fresh tensor, cross-attention to the text instead of joint attention (per group), a LayerNorm
-between the groups, one block class for both groups, classifier-free
-guidance (two calls per step at one timestep), a calibrator (TaylorSeer of order 1 or 2 in
-either form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
-either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
-DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
+between the groups or the text and image tokens joined there into one stream for the second group
+(FLUX.2's single blocks), one block class for both groups, classifier-free guidance (two calls per
+step at one timestep), a calibrator (TaylorSeer of order 1 or 2 in either form, FoCa) and how a
+block is called (by position or keyword) and what it returns (a tuple in either order, the image
+stream alone, or a dict). ``run_reference`` runs the same model with the DBCache of
+reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class GroupSpec:
     # two streams: self-attention over the image tokens, then cross-attention to the text, which
     # the block reads and does not return (PixArt, Wan, Sana); else joint attention
     cross: bool = False
+    # the second group's blocks run on one stream, the text and image tokens joined between the
+    # groups (FLUX.2, Chroma, AuraFlow, BFL's FLUX); the image tokens are split off after the stack
+    joined: bool = False
 
 
 @dataclasses.dataclass
@@ -57,6 +61,7 @@ class DiTSpec:
     glue: bool  # two groups: a LayerNorm on the image stream between them (not a block)
     same_class: bool  # two groups: both ModuleLists hold one block class
     cfg: bool  # each step calls the model twice at one timestep (conditional, unconditional)
+    join: bool = False  # two streams, two groups: the glue joins them for the second (GroupSpec.joined)
 
     @property
     def num_blocks(self) -> int:
@@ -82,6 +87,9 @@ def draw_spec(seed: int) -> DiTSpec:
     for g in groups:  # drawn last, so that the draws above stay what they were before this choice
         if two and r.random() < 0.35:
             g.cross, g.updates_encoder, g.returns = True, False, "h"
+    if len(groups) == 2 and groups[0].updates_encoder and not groups[0].cross and r.random() < 0.4:  # drawn after
+        spec.join, spec.glue = True, False
+        groups[1].joined, groups[1].cross, groups[1].updates_encoder, groups[1].returns = True, False, False, "h"
     return spec
 
 
@@ -124,7 +132,7 @@ class _Block(nn.Module):
         if spec.two_streams and g.cross:
             self.norm_c = _norm(g.norm, d)
             self.q_c, self.kv_c, self.out_c = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-        elif spec.two_streams:
+        elif spec.two_streams and not g.joined:
             self.norm_e = _norm(g.norm, d)
             self.qkv_e = nn.Linear(d, 3 * d)
             if g.updates_encoder:
@@ -207,7 +215,7 @@ class RandomDiT(nn.Module):
             classes = [classes[0]] * len(classes)
         self.groups = nn.ModuleList(nn.ModuleList(cls(spec, g) for _ in range(g.depth))
                                     for cls, g in zip(classes, spec.groups))
-        if spec.glue:
+        if spec.glue and not spec.join:
             self.glue = nn.LayerNorm(d)
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mod_out = nn.Linear(d, 2 * d)
@@ -220,7 +228,8 @@ class RandomDiT(nn.Module):
         temb = self.t_in(torch.cat([angles.cos(), angles.sin()], dim=-1))
         enc = self.e_in(enc_in) if self.spec.two_streams else None
         tokens = h.shape[1] + (enc.shape[1] if enc is not None else 0)
-        ctx = dict(temb=temb, rotary=None, mask=None, rotary_img=None, mask_txt=None)
+        ctx = dict(temb=temb, rotary=None, mask=None, rotary_img=None, mask_txt=None,
+                   n_txt=enc.shape[1] if enc is not None else 0)
         if self.spec.rope:  # over the joint tokens, and over the image tokens alone (cross groups)
             half = self.spec.width // self.spec.heads // 2
             pos = torch.arange(tokens, dtype=x.dtype)[:, None] * torch.exp(-torch.arange(half, dtype=x.dtype))
@@ -246,6 +255,8 @@ class RandomDiT(nn.Module):
         return out, enc
 
     def epilogue(self, h, ctx):
+        if self.spec.join:  # the image tokens of the joined stream
+            h = h[:, ctx["n_txt"]:]
         shift, scale = self.mod_out(F.silu(ctx["temb"]))[:, None].chunk(2, dim=-1)
         return self.x_out(self.norm_out(h) * (1 + scale) + shift)
 
@@ -259,14 +270,22 @@ class RandomDiT(nn.Module):
         """The blocks in order as (group, block), with (-1, None) for the glue between groups."""
         out = []
         for gi, blocks in enumerate(self.groups):
-            if gi > 0 and self.spec.glue:
+            if gi > 0 and (self.spec.glue or self.spec.join):
                 out.append((-1, None))
             out += [(gi, b) for b in blocks]
         return out
 
     def run_item(self, item, h, enc, ctx):
         gi, block = item
-        return (self.glue(h), enc) if block is None else self.call_block(gi, block, h, enc, ctx)
+        if block is not None:
+            return self.call_block(gi, block, h, enc, ctx)
+        return (torch.cat([enc, h], dim=1), None) if self.spec.join else (self.glue(h), enc)
+
+    def joined(self, items, h, enc):
+        """(h, enc) as the join among ``items`` (stack items) makes them: one stream, text first."""
+        if self.spec.join and (-1, None) in items:
+            return torch.cat([enc, h], dim=1), None
+        return h, enc
 
 
 def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
@@ -282,7 +301,7 @@ def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
             text["enc_in"] = torch.randn(spec.batch, spec.txt_tokens, 6, generator=g)
         if spec.mask:
             m = torch.ones(spec.batch, spec.txt_tokens, dtype=torch.bool)
-            m[-1, -1 - k:] = False  # padding: the last sample's last text token(s)
+            m[-1, max(1, spec.txt_tokens - 1 - k):] = False  # padding: the last sample's last text token(s), not all
             text["enc_mask"] = m
     if spec.cfg and not spec.two_streams:  # no text: the second call's latents differ instead
         texts[1]["shift"] = 0.5
@@ -316,13 +335,13 @@ def run_reference(model: RandomDiT, inputs: dict, cache: RefCache, step: int, sl
     hf_decide = h
     for item in stack[f_end:m_first]:  # glue between F and M
         h, enc = model.run_item(item, h, enc, ctx)
+    # a join of the streams inside M: the residual is the joined stream's, against F's streams joined
+    hf, ef = model.joined(stack[m_first:m_last + 1], h, enc)
     if cache.decide(step, slot, hf_decide - h0):
         res = cache.residuals(slot)
-        h = h + res["hidden"]
-        if enc is not None:
-            enc = enc + res["encoder"]
+        h = hf + res["hidden"]
+        enc = ef + res["encoder"] if ef is not None else None
     else:
-        hf, ef = h, enc
         for item in stack[m_first:m_last + 1]:
             h, enc = model.run_item(item, h, enc, ctx)
         cache.store(slot, {"hidden": h - hf, **({"encoder": enc - ef} if enc is not None else {})})
@@ -363,7 +382,7 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
 def features(spec: DiTSpec) -> set[str]:
     """What a seed's model exercises, to check that a set of seeds covers every choice."""
     cfg = draw_cache_config(spec)
-    out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope") if getattr(spec, k)}
+    out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope", "join") if getattr(spec, k)}
     if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:

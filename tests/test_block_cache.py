@@ -149,6 +149,32 @@ def test_tiny_flux_decisions_and_outputs_equal_the_reference(double, single, cfg
     assert report.cache["num_blocks"] == double + single
 
 
+@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.35, warmup=2), RefConfig(Fn=2, Bn=1, threshold=0.3, warmup=1)],
+                         ids=["F1B0", "F2B1"])
+def test_flux_with_controlnet_residuals_between_its_blocks_caches_like_the_reference(cfg):
+    # FLUX's ControlNet pipelines pass residuals that FLUX adds after its blocks, picked with
+    # int(np.ceil(len(blocks) / len(samples))): Dynamo leaves that as dead number ops between the
+    # blocks (torch.sym_int(2.0), wrapped_item(wrapped_ceil(2.0))). Before, the pass took them for
+    # side effects and compiled without the cache.
+    m = tiny_flux(num_layers=4, num_single_layers=3)
+    g = torch.Generator().manual_seed(5)
+    control = dict(controlnet_block_samples=[0.3 * torch.randn(1, 64, 32, generator=g) for _ in range(2)],
+                   controlnet_single_block_samples=[0.3 * torch.randn(1, 64, 32, generator=g) for _ in range(2)])
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+                got = c(**kw, **control)[0]
+                torch.testing.assert_close(got, run_flux(m, {**kw, **control}, ref, s), rtol=1e-4, atol=1e-4,
+                                           msg=lambda x: f"step {s}: {x}")
+                assert not torch.allclose(got, m(**kw)[0], rtol=1e-3, atol=1e-3)  # the samples count
+    (r,) = reports
+    assert r.cache is not None and r.cache["num_blocks"] == 7, r.not_cached
+    cached = _ref_cached(ref)
+    assert 0 < len(cached) < STEPS and _cached_steps(m) == cached
+
+
 def test_dynamic_true_finds_both_groups_and_caches_with_its_float_inputs_specialized():
     # dynamic=True (specialize_float off) makes each module's float attributes graph inputs read
     # with .item(); diffusers' attention dispatch reads one such float in block 0 for every block.
@@ -426,6 +452,49 @@ def test_a_timestep_embedded_inside_every_block_starts_requests_by_itself(prune)
         assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4]] * 2
     explained = str(cdcompile.explain(m, options=options, **kw))
     assert "clock: steps, requests and CFG slots from the timestep input l_timestep_" in explained, explained
+
+
+class _GuidedDiT(torch.nn.Module):
+    """A fuzz_dit model with a guidance input embedded as the timestep is, before it (FLUX-dev's and
+    HunyuanVideo's guidance embedding), and a timestep named ``t``."""
+
+    def __init__(self):
+        from fuzz_dit import RandomDiT, draw_spec
+
+        super().__init__()
+        self.dit = RandomDiT(draw_spec(6))
+        self.g_in = torch.nn.Linear(16, self.dit.spec.width)
+
+    def forward(self, x, guidance, t):
+        freqs = torch.exp(-torch.arange(8, dtype=x.dtype))
+        g = self.g_in(torch.cat([(guidance[:, None] * freqs).cos(), (guidance[:, None] * freqs).sin()], dim=-1))
+        h, enc, ctx = self.dit.prologue(x, t)
+        ctx["temb"] = ctx["temb"] + g
+        for item in self.dit.stack():
+            h, enc = self.dit.run_item(item, h, enc, ctx)
+        return self.dit.epilogue(h, ctx)
+
+
+def test_a_guidance_input_embedded_like_the_timestep_is_not_read_as_the_clock():
+    # Read as the timestep, the guidance scale (the same at every call) made every call one more CFG
+    # slot of one step, and nothing was cached. Dynamo orders the inputs by first use, so the
+    # guidance came first.
+    from fuzz_dit import trajectory
+
+    m = _GuidedDiT().eval()
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+    calls = [step[0] for step in trajectory(m.dit.spec, 5)]
+    with torch.no_grad():
+        for _ in range(2):
+            for kw in calls:
+                c(kw["x"], torch.full_like(kw["t"], 3.5), kw["t"])
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [5, 5]
+    assert [[s["cached_steps"] for s in r["slots"]] for r in reqs] == [[[2, 3, 4]]] * 2
+    with torch.no_grad():
+        explained = str(cdcompile.explain(m, calls[0]["x"], torch.full_like(calls[0]["t"], 3.5), calls[0]["t"]))
+    assert "from the timestep input l_t_" in explained, explained
 
 
 @pytest.mark.parametrize("dynamic,bn", [(False, 0), (None, 0), (False, 1), (True, 1), (None, 1)])
@@ -1213,21 +1282,23 @@ def test_one_symbolic_graph_decides_and_outputs_as_one_static_graph_per_size(ext
     assert any(key(s)[0] and any(key(s)[0]) for s in dyn_slots), "some step must be cached or pruned"
 
 
-def _group(updates, cross=False):
+def _group(updates, cross=False, joined=False):
     from fuzz_dit import GroupSpec
 
     return GroupSpec(depth=3, norm="layer", attn="sdpa", mlp="gelu", modulation="adaln", inplace=False,
-                     updates_encoder=updates, returns="tuple_he" if updates else "h", call="kw", cross=cross)
+                     updates_encoder=updates, returns="tuple_he" if updates else "h", call="kw", cross=cross,
+                     joined=joined)
 
 
-def _assert_two_text_groups_cached_across_both(groups, mask, cfg, compiler):
+def _assert_two_text_groups_cached_across_both(groups, mask, cfg, compiler, join=False,
+                                               streams=("encoder", "hidden")):
     """A fuzz_dit model with two groups of 3 blocks over image and text tokens, F1 B1: the block
-    cache spans both groups (M = 4, no fallback), caches both streams, and its outputs and cached
+    cache spans both groups (M = 4, no fallback), caches ``streams``, and its outputs and cached
     steps equal the eager reference's."""
     from fuzz_dit import DiTSpec, RandomDiT, run_reference, trajectory
 
     spec = DiTSpec(seed=7, width=16, heads=2, two_streams=True, img_tokens=12, txt_tokens=4, batch=2, rope=True,
-                   mask=mask, groups=groups, glue=False, same_class=False, cfg=False)
+                   mask=mask, groups=groups, glue=False, same_class=False, cfg=False, join=join)
     m = RandomDiT(spec).eval()
     with cdcompile.backend.collect_reports() as reports:
         c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
@@ -1237,7 +1308,7 @@ def _assert_two_text_groups_cached_across_both(groups, mask, cfg, compiler):
                 torch.testing.assert_close(c(**kw), run_reference(m, kw, ref, s), rtol=1e-4, atol=1e-5)
     (r,) = reports
     assert r.cache is not None and "fallback" not in r.cache, (r.not_cached, r.cache)
-    assert r.cache["Mn"] == 4 and sorted(r.cache["streams"]) == ["encoder", "hidden"]
+    assert r.cache["Mn"] == 4 and sorted(r.cache["streams"]) == list(streams)
     assert 0 < len(_ref_cached(ref)) < STEPS - 2 and _cached_steps(m) == _ref_cached(ref)
 
 
@@ -1249,6 +1320,18 @@ def test_a_text_stream_the_first_group_refines_and_the_next_only_reads_is_cached
     # than through the streams"; tests/fuzz_dit.py found it.)
     _assert_two_text_groups_cached_across_both([_group(True), _group(False)], False,
                                                RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2), compiler)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_text_and_image_tokens_joined_between_the_groups_are_cached_across_both(compiler):
+    # Double blocks over image and text tokens, then torch.cat([text, image], dim=1) and single
+    # blocks over the one stream (FLUX.2, Chroma, AuraFlow, BFL's FLUX); the image tokens are split
+    # off after the stack. M spans the join: the joined stream's residual is taken against the join
+    # replayed on F's outputs, cat([EF, HF]). (Before, the pass fell back to the single blocks
+    # alone, so F held every double block; tests/fuzz_dit.py's join draws test it further.)
+    _assert_two_text_groups_cached_across_both(
+        [_group(True), _group(False, joined=True)], True, RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2),
+        compiler, join=True, streams=("hidden",))
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])

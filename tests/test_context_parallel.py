@@ -627,7 +627,9 @@ def _scn_cache(rank, world, layers=(2, 4), **extra):
     return dict(single=runs[1], cp=runs[world])
 
 
-FUZZ_SEEDS = {2: (0, 4), 3: (3, 10)}  # tests/fuzz_dit.py: attention written as matmuls, masks, rope, joint
+# tests/fuzz_dit.py: attention written as matmuls, masks, rope, joint attention; 11: text and image
+# tokens joined between the groups
+FUZZ_SEEDS = {2: (0, 4), 3: (3, 10, 11)}
 
 
 def _scn_fuzz(rank, world):

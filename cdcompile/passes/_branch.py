@@ -245,16 +245,25 @@ _VIEW_OPS = {"getitem", "view", ".view", "reshape", ".reshape", ".permute", "per
 # Dead calls that may stay outside a branch (besides _VIEW_OPS): Dynamo's lazy loading of
 # decompositions, and asserts on symbolic sizes that do not read the region (they hold whether or
 # not it runs).
-_NO_EFFECT = {"lazy_load_decompositions"} | _fx.SIZE_CHECKS
+# Number helpers Dynamo leaves behind, dead, on constants (``int(np.ceil(...))`` in FLUX's
+# ControlNet loop gives ``torch.sym_int(2.0)``): they only convert or compare numbers.
+_SYM_NUMBERS = {"sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum"}
+_NO_EFFECT = {"lazy_load_decompositions"} | _fx.SIZE_CHECKS | _SYM_NUMBERS
 
 
 def _pure_tensor_op(n: fx.Node) -> bool:
-    """A call that only makes tensors from its arguments: FX does not call it impure, it writes into
-    none of them, and what Dynamo recorded for it is a tensor or a tuple of tensors (a state
-    toggle such as ``_set_grad_enabled`` or ``_vmap_increment_nesting`` records None or an int)."""
+    """A call that only makes tensors from its arguments, or reads a number from a tensor: FX does
+    not call it impure, it writes into none of them, and what Dynamo recorded for it is a tensor or
+    a tuple of tensors, or a number read from tensor arguments (``int(np.ceil(n / k))`` in FLUX's
+    ControlNet loop becomes ``wrapped_item(wrapped_ceil(...))``, dead once Dynamo has specialized
+    the value). A state toggle such as ``_set_grad_enabled`` or ``_vmap_increment_nesting`` records
+    None or an int read from no tensor."""
     if n.is_impure() or _fx.writes_in_place(n):
         return False
     value = _fx.fake_value(n)
+    if isinstance(value, (int, float, bool)):
+        inputs = n.all_input_nodes
+        return bool(inputs) and all(isinstance(_fx.fake_value(a), torch.Tensor) for a in inputs)
     values = value if isinstance(value, (tuple, list)) else (value,)
     return len(values) > 0 and all(isinstance(v, torch.Tensor) for v in values)
 
@@ -387,7 +396,7 @@ def _bind_symbol(n: fx.Node, path) -> fx.Node | None:
 
 def pair_exits(region: list[fx.Node], members: set[fx.Node], exit_label: dict[fx.Node, str], entry_of,
               what: str, consequence: str):
-    """Pair each value ``region`` leaves with the entry of its stream (``entry_of(label)``).
+    """Pair each value ``region`` leaves with the entry of its stream (``entry_of(label, exit)``).
 
     Returns ``(pairs, checked, exit_sizes)`` or why not: ``pairs`` = [(label, entry, exit)];
     ``checked`` = exit -> dims equal to the entry's only at run time (:func:`_data_dependent_dims`);
@@ -404,7 +413,7 @@ def pair_exits(region: list[fx.Node], members: set[fx.Node], exit_label: dict[fx
         if label is None:
             users = ", ".join(u.name for u in out.users if u not in members)
             return f"{out.name}, computed in {what}, is read by {users} other than through the streams; {consequence}"
-        entry = entry_of(label)
+        entry = entry_of(label, out)
         ev, xv = _fx.fake_value(entry) if entry is not None else None, _fx.fake_value(out)
         dims = _data_dependent_dims(ev, xv) if entry is not None and not _fx.same_meta(ev, xv) else []
         if entry is None or dims is None:

@@ -166,14 +166,13 @@ PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 def set_fake(n: fx.Node) -> None:
-    """Record the node's fake output, computed from its inputs' fake values in their fake mode."""
-    def fake(a):
-        return fake_value(a) if isinstance(a, fx.Node) else a
-
-    args = [fake(a) for a in n.args]
-    mode = next(t.fake_mode for t in args if isinstance(t, torch._subclasses.FakeTensor))
-    with mode:
-        out = n.target(*args, **{k: fake(a) for k, a in n.kwargs.items()})
+    """Record the node's fake output (a function or method call), computed from its inputs' fake
+    values in their fake mode."""
+    args = fx.node.map_arg(n.args, fake_value)
+    kwargs = fx.node.map_arg(n.kwargs, fake_value)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch._subclasses.FakeTensor)]
+    with leaves[0].fake_mode:
+        out = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
     n.meta["example_value"] = out
     if "val" in n.meta:
         n.meta["val"] = out

@@ -5,7 +5,8 @@ Algorithm (reference/algorithms.md §1, §5):
    computed from the previous group's hidden exit) form one stack of N blocks; the longest chain
    wins (FLUX: 19 double + 38 single = 57). One decision covers the whole stack. When it has no
    residual across it, its largest group alone, then the other chains, largest first, are tried
-   (Bria FIBO; Wan-Animate, whose 5-block motion encoder narrows its stream); the report says so.
+   (Krea 2, whose text-only blocks feed its transformer blocks; Wan-Animate, whose 5-block motion
+   encoder narrows its stream); the report says so.
 2. Split. F = the first ``Fn_compute_blocks`` blocks, B = the last ``Bn_compute_blocks``, M = the
    rest. The M region is M's block nodes plus the nodes between them that depend on them, and
    whole scopes opened and closed around them (``torch.autocast``). A ``torch.vmap`` scope inside
@@ -15,6 +16,9 @@ Algorithm (reference/algorithms.md §1, §5):
    the region whole refuses the cache with a reason.
    M's outputs must be stream values at M's exit, each with an M-entry stream of the same label
    and shape (the residual ``exit - entry``); anything else leaving M makes the graph uncacheable.
+   Where glue between two groups of M gives a stream a new form (text and image tokens joined for
+   single-stream blocks: FLUX.2, Chroma, AuraFlow), that glue is replayed before the cond on the
+   earlier group's entries, and the result is the joined stream's entry (``cat(EF, HF)``).
    An exit length that is a fresh unbacked size (a block slicing its joint sequence at a
    data-dependent length) is checked equal to the entry's in the compute branch (``torch._check``).
    (The region, its operands, its exits and the branch subgraphs: ``passes/_branch.py``, shared
@@ -166,9 +170,10 @@ def run(gm: fx.GraphModule, ctx) -> None:
         return
     reason = _try(gm, ctx, stack, blocks, fn, bn)
     fallback = None
-    # A chain of groups whose streams change form between them (Bria FIBO's single blocks carry text
-    # and image tokens in one stream) may not have a residual across the whole chain; then the
-    # largest single group of the chain that can be cached is, with F and B counted inside it.
+    # A chain of groups whose streams change form between them other than by a join the pass can
+    # replay (Krea 2 joins image tokens to its text-only blocks' output; see _replayed_entry) has
+    # no residual across the whole chain; then the largest single group of the chain that can be
+    # cached is, with F and B counted inside it.
     # Failing that, the next chains (a model may hold a smaller stack of its own, e.g. Wan-Animate's
     # motion encoder, whose stream does not keep its form), largest first.
     singles = sorted(stack, key=lambda g: -g.num_blocks) if len(stack) > 1 else []
@@ -205,9 +210,10 @@ def _try(gm, ctx, stack, blocks, fn, bn) -> str | None:
         reason = block_prune.rewrite(gm, ctx, stack, blocks, fn, bn)
     else:
         reason = _rewrite(gm, ctx, stack, blocks, fn, bn)
-    if reason is not None:  # symbol operands made for this attempt (_bind_symbol) go again
-        for n in [m for m in gm.graph.nodes if "cdcompile_symbol" in m.meta and not m.users]:
-            gm.graph.erase_node(n)
+    if reason is not None:  # symbol operands and replayed entries made for this attempt go again
+        for n in reversed([m for m in gm.graph.nodes if "cdcompile_symbol" in m.meta or "cdcompile_replay" in m.meta]):
+            if not n.users:
+                gm.graph.erase_node(n)
     return reason
 
 
@@ -276,24 +282,44 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
             if s.label not in exit_label.values() and s.outputs[last] is not None:
                 exit_label[s.outputs[last]] = s.label
 
-    def entry_of(label: str) -> fx.Node | None:
+    m_blocks = blocks[fn:len(blocks) - bn]
+    m_groups: list[BlockGroup] = []  # M's groups in order, and the last block of each in M
+    last_in: list[int] = []
+    for g, i in m_blocks:
+        if not m_groups or m_groups[-1] is not g:
+            m_groups.append(g)
+            last_in.append(i)
+        last_in[-1] = i
+
+    def plain_entry(label: str) -> fx.Node | None:
         e = _boundary(gm_first, i_m, label, before=True)
         if e is not None:
             return e
         # ... and the reverse: a stream of a later group of M that the group M starts in only reads
         # (text the first group attends to across, the next updates) enters M as it was before M
         # (or as context parallelism shards it at that group, from that value: not from M)
-        for g, _ in blocks[fn:len(blocks) - bn]:
+        for g, _ in m_blocks:
             s = g.stream(label)
             if s is not None and s.entry not in m_nodes:
                 return s.entry
         return None
+
+    def entry_of(label: str, out: fx.Node) -> fx.Node | None:
+        e = plain_entry(label)
+        if e is not None and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(out)):
+            return e
+        # A stream whose form glue between two groups of M changed (FLUX.2, Chroma, AuraFlow and
+        # BFL's own FLUX join text and image tokens for the single blocks) enters M as that glue
+        # makes it from the previous group's entries.
+        return _replayed_entry(graph, order, m_groups, last_in, middle, m_nodes, label, out, entry_of) or e
 
     found = _branch.pair_exits(region, m_nodes, exit_label, entry_of, "the middle blocks",
                                "the middle blocks cannot be skipped")
     if isinstance(found, str):
         return found
     pairs, checked, exit_sizes = found
+    nodes = list(graph.nodes)  # with the replayed entries
+    order = {n: k for k, n in enumerate(nodes)}
     inputs, pulled = _branch.operands(region, m_nodes, [e for _, e, _ in pairs], order)
     bad = _branch.non_operand(inputs)
     if bad is not None:
@@ -337,6 +363,80 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
             for label, e, o in pairs for d in checked.get(o, [])]
     return None
 
+
+
+def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[BlockGroup], last_in: list[int],
+                    middle: set[fx.Node], m_nodes: set[fx.Node], label: str, out: fx.Node, entry_of) -> fx.Node | None:
+    """The entry of stream ``label`` leaving M as ``out``, when glue between two groups of M gave the
+    stream a new form: the later group's stream is computed, between the groups, from the earlier
+    group's outputs (``torch.cat([text, image], dim=1)`` before single-stream blocks). That glue is
+    replayed, before the cond, on the earlier group's entries to M (``entry_of`` of its streams),
+    so that ``entry + residual`` has the exit's form.
+
+    None (no residual: the caller falls back to a smaller stack) if ``out`` belongs to no such
+    group, or the glue reads other values computed in M, has an effect, is written in place
+    (Lumina 2 joins its streams by ``joint[i, :n] = text[i, :n]`` into ``new_zeros``), or joins in
+    tokens from outside the earlier group's streams. Krea 2 joins image tokens to the text its
+    text-only blocks refined: a stack starting there would decide from the text, the same at every
+    step. (A value from outside joined along the feature dim, Bria FIBO's text layer, is fine.)"""
+    k = next((k for k, g in enumerate(m_groups) if (s := g.stream(label)) is not None and out in s.outputs), 0)
+    if k == 0:
+        return None
+    target = m_groups[k].stream(label).entry
+    if target is None or target not in m_nodes:
+        return None
+    prev = m_groups[k - 1]
+    subst = {}
+    for s in prev.streams:
+        o = s.outputs[last_in[k - 1]]
+        if o is not None and (e := entry_of(s.label, o)) is not None:
+            subst[o] = e
+    glue, todo = set(), [target]
+    while todo:
+        n = todo.pop()
+        if n in subst or n in glue or n not in m_nodes:
+            continue
+        if n in middle or n.op not in ("call_function", "call_method") or _fx.writes_in_place(n) or n.is_impure():
+            return None
+        glue.add(n)
+        todo.extend(n.all_input_nodes)
+    if any(_joins_outside_tokens(n, subst.keys() | glue) or _written_in_place(n) for n in glue):
+        return None
+    env = dict(subst)
+    with graph.inserting_before(target):
+        for n in sorted(glue, key=order.__getitem__):
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+            env[n].meta.update(cdcompile_pass="block_cache", cdcompile_replay=True)
+            _fx.set_fake(env[n])
+    return env[target]
+
+
+def _written_in_place(n: fx.Node) -> bool:
+    """Whether a call writes into ``n`` or into a view of it."""
+    todo, seen = [n], set()
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if _fx.writes_in_place(u) and u.args and u.args[0] is v:
+                return True
+            if _branch.is_view(u):
+                todo.append(u)
+    return False
+
+
+def _joins_outside_tokens(n: fx.Node, inside) -> bool:
+    """Whether ``n`` concatenates, along a dim other than the last (the tokens, not the features),
+    a tensor that is not in ``inside``."""
+    if _fx.target_name(n) not in ("cat", "concat", "concatenate", "cat.default") or not n.args:
+        return False
+    parts, dim = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
+    v = _fx.fake_value(n)
+    if not isinstance(v, torch.Tensor) or not isinstance(dim, int) or dim % v.ndim == v.ndim - 1:
+        return False
+    return any(isinstance(p, fx.Node) and p not in inside for p in parts)
 
 
 def _stream_plan(label: str, v: torch.Tensor) -> StreamPlan:
@@ -386,8 +486,10 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int, *,
     sample (ndim <= 1), or one per token or frame (Wan 2.2 TI2V's per-token timesteps, whose
     conditioning frame is at 0) when the sinusoid then feeds a matrix product before the first
     block, as a timestep embedding's MLP does and a rotary table (position ids) does not. When
-    several qualify (FLUX-dev's guidance is embedded the same way), a name containing "timestep"
-    wins, then one value per sample, then the first by input order. The clock reads the largest
+    several qualify (FLUX-dev's and HunyuanVideo's guidance is embedded the same way), a name
+    containing "timestep" wins and one containing "guidance" loses (a guidance scale is the same at
+    every call: read as the timestep, every call would be one more CFG slot of one step), then one
+    value per sample, then the first by input order (Dynamo's: the order of first use). The clock reads the largest
     value (:func:`cdcompile.guard.tick`). ``strict`` asks for the matrix product whatever the
     shape (a graph without blocks, searched to its end).
     """
@@ -419,7 +521,7 @@ def _find_timestep(nodes: list[fx.Node], weights: set[fx.Node], stop: int, *,
         sinusoids = reaches([p], _SINUSOID)
         if not sinusoids or ((v.ndim > 1 or strict) and not reaches(sinusoids, _MATMUL)):
             continue
-        found.append(((0 if "timestep" in p.name else 1), v.ndim > 1, k, p))
+        found.append((0 if "timestep" in p.name else 2 if "guidance" in p.name else 1, v.ndim > 1, k, p))
     return min(found)[-1] if found else None
 
 

@@ -150,7 +150,7 @@ def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
         return found
     region, members = found
     exit_label = {s.outputs[i]: s.label for s in g.streams if s.outputs[i] is not None}
-    found = _branch.pair_exits(region, members, exit_label, lambda label: _boundary(g, i, label, before=True),
+    found = _branch.pair_exits(region, members, exit_label, lambda label, _: _boundary(g, i, label, before=True),
                                where, "the block cannot be pruned")
     if isinstance(found, str):
         return found
