@@ -61,8 +61,10 @@ def test_every_zoo_builder_builds_an_eval_fp32_model_with_inputs():
     assert len(classes) == len(ZOO)  # one builder per diffusers class
 
 
-@pytest.mark.parametrize("name, group", [("krea2", "transformer_blocks"), ("zimage", "layers"), ("lumina2", "layers")])
-def test_tokens_joined_from_outside_the_first_group_leave_the_stack_at_the_join_and_say_so(name, group):
+@pytest.mark.parametrize("name, group, why", [("krea2", "transformer_blocks", "joins in tokens that are no stream"),
+                                               ("zimage", "layers", "joins in tokens that are no stream"),
+                                               ("lumina2", "layers", "is written in place")])
+def test_tokens_joined_from_outside_the_first_group_leave_the_stack_at_the_join_and_say_so(name, group, why):
     # Krea 2's text-only fusion blocks feed its transformer blocks, joined with the image tokens:
     # a stack starting at the text blocks would decide from the text, the same at every step.
     # Z-Image joins its noise refiner's image tokens with text its context refiner made; Lumina 2
@@ -73,6 +75,7 @@ def test_tokens_joined_from_outside_the_first_group_leave_the_stack_at_the_join_
         report = cdcompile.explain(model, **kwargs)
     (graph,) = [g for g in report.graph_reports if g.cache]
     assert graph.cache["groups"] == [group] and "has no residual across it" in graph.cache["fallback"]
+    assert "is not replayed on the entries: " in graph.cache["fallback"] and why in graph.cache["fallback"]
     with torch.no_grad():
         for a, b in zip(_tensors(report.output), _tensors(model(**kwargs))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -35,20 +35,8 @@ class Why(str, enum.Enum):
 
 class Refused(Exception):
     def __init__(self, why: Why, node: fx.Node | None, detail: str):
-        super().__init__(f"{why.value}: {detail}" + (f" (node {node.name}{_source(node)})" if node is not None else ""))
+        super().__init__(f"{why.value}: {detail}" + (f" (node {node.name}{_fx.source(node)})" if node is not None else ""))
         self.why, self.node, self.detail = why, node, detail
-
-
-def _source(node: fx.Node) -> str:
-    """Where in the model's code ``node`` comes from: `` at file.py:123``, or nothing."""
-    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip().startswith("File ")]
-    if not lines:
-        return ""
-    try:  # 'File "/path/to/model.py", line 123, in forward'
-        path, line = lines[-1].split('"')[1], lines[-1].split("line ")[1].split(",")[0]
-    except IndexError:
-        return ""
-    return f" at {path.rsplit('/', 1)[-1]}:{line}"
 
 
 @dataclasses.dataclass(frozen=True)

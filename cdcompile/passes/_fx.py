@@ -104,6 +104,18 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def source(node: fx.Node) -> str:
+    """Where in the model's code ``node`` comes from: `` at file.py:123``, or nothing."""
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip().startswith("File ")]
+    if not lines:
+        return ""
+    try:  # 'File "/path/to/model.py", line 123, in forward'
+        path, line = lines[-1].split('"')[1], lines[-1].split("line ")[1].split(",")[0]
+    except IndexError:
+        return ""
+    return f" at {path.rsplit('/', 1)[-1]}:{line}"
+
+
 def fake_value(node: fx.Node):
     """The FakeTensor (or other value) Dynamo recorded for a node, if any."""
     return node.meta.get("example_value", node.meta.get("val"))

@@ -304,19 +304,25 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                 return s.entry
         return None
 
+    not_replayed: list[str] = []
+
     def entry_of(label: str, out: fx.Node) -> fx.Node | None:
         e = plain_entry(label)
         if e is not None and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(out)):
             return e
-        # A stream whose form glue between two groups of M changed (FLUX.2, Chroma, AuraFlow and
-        # BFL's own FLUX join text and image tokens for the single blocks) enters M as that glue
-        # makes it from the previous group's entries.
-        return _replayed_entry(graph, order, m_groups, last_in, middle, m_nodes, label, out, entry_of) or e
+        # A stream whose form glue between two groups of M changed (FLUX.2, Chroma, AuraFlow join
+        # text and image tokens for the single blocks) enters M as that glue makes it from the
+        # previous group's entries.
+        replayed = _replayed_entry(graph, order, m_groups, last_in, middle, m_nodes, label, out, entry_of)
+        if isinstance(replayed, str):
+            not_replayed.append(replayed)
+            return e
+        return replayed if replayed is not None else e
 
     found = _branch.pair_exits(region, m_nodes, exit_label, entry_of, "the middle blocks",
                                "the middle blocks cannot be skipped")
     if isinstance(found, str):
-        return found
+        return found + "".join(f"; {why}" for why in dict.fromkeys(not_replayed))
     pairs, checked, exit_sizes = found
     nodes = list(graph.nodes)  # with the replayed entries
     order = {n: k for k, n in enumerate(nodes)}
@@ -366,19 +372,21 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
 
 
 def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[BlockGroup], last_in: list[int],
-                    middle: set[fx.Node], m_nodes: set[fx.Node], label: str, out: fx.Node, entry_of) -> fx.Node | None:
+                    middle: set[fx.Node], m_nodes: set[fx.Node], label: str, out: fx.Node,
+                    entry_of) -> fx.Node | str | None:
     """The entry of stream ``label`` leaving M as ``out``, when glue between two groups of M gave the
     stream a new form: the later group's stream is computed, between the groups, from the earlier
     group's outputs (``torch.cat([text, image], dim=1)`` before single-stream blocks). That glue is
     replayed, before the cond, on the earlier group's entries to M (``entry_of`` of its streams),
     so that ``entry + residual`` has the exit's form.
 
-    None (no residual: the caller falls back to a smaller stack) if ``out`` belongs to no such
-    group, or the glue reads other values computed in M, has an effect, is written in place
-    (Lumina 2 joins its streams by ``joint[i, :n] = text[i, :n]`` into ``new_zeros``), or joins in
-    tokens from outside the earlier group's streams. Krea 2 joins image tokens to the text its
-    text-only blocks refined: a stack starting there would decide from the text, the same at every
-    step. (A value from outside joined along the feature dim, Bria FIBO's text layer, is fine.)"""
+    None if ``out`` belongs to no later group of M whose stream entry M computes; why not (then the
+    caller falls back to a smaller stack) if the glue reads other values computed in M, has an
+    effect, is written in place (Lumina 2 joins its streams by ``joint[i, :n] = text[i, :n]`` into
+    ``new_zeros``), or joins in tokens from outside the earlier group's streams. Krea 2 joins image
+    tokens to the text its text-only blocks refined: a stack starting there would decide from the
+    text, the same at every step. (A value from outside joined along the feature dim, Bria FIBO's
+    text layer, is fine.)"""
     k = next((k for k, g in enumerate(m_groups) if (s := g.stream(label)) is not None and out in s.outputs), 0)
     if k == 0:
         return None
@@ -386,10 +394,11 @@ def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[B
     if target is None or target not in m_nodes:
         return None
     prev = m_groups[k - 1]
+    what = f"the glue from {prev.name} to {m_groups[k].name} is not replayed on the entries"
     subst = {}
     for s in prev.streams:
         o = s.outputs[last_in[k - 1]]
-        if o is not None and (e := entry_of(s.label, o)) is not None:
+        if o is not None and isinstance(e := entry_of(s.label, o), fx.Node):
             subst[o] = e
     glue, todo = set(), [target]
     while todo:
@@ -397,11 +406,15 @@ def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[B
         if n in subst or n in glue or n not in m_nodes:
             continue
         if n in middle or n.op not in ("call_function", "call_method") or _fx.writes_in_place(n) or n.is_impure():
-            return None
+            return f"{what}: it reads {n.name}{_fx.source(n)}, computed in the middle blocks"
         glue.add(n)
         todo.extend(n.all_input_nodes)
-    if any(_joins_outside_tokens(n, subst.keys() | glue) or _written_in_place(n) for n in glue):
-        return None
+    for n in sorted(glue, key=order.__getitem__):
+        if _written_in_place(n):
+            return f"{what}: {n.name}{_fx.source(n)} is written in place"
+        if _joins_outside_tokens(n, subst.keys() | glue):
+            return (f"{what}: {n.name}{_fx.source(n)} joins in tokens that are no stream of {prev.name}, "
+                    f"and a decision there would not see them")
     env = dict(subst)
     with graph.inserting_before(target):
         for n in sorted(glue, key=order.__getitem__):
