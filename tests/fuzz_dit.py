@@ -8,10 +8,10 @@ out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place re
 fresh tensor, cross-attention to the text instead of joint attention (per group), a LayerNorm
 between the groups or the text and image tokens joined there into one stream for the second group
 (FLUX.2's single blocks), one block class for both groups, classifier-free guidance (two calls per
-step at one timestep), a calibrator (TaylorSeer of order 1 or 2 in either form, FoCa) and how a
-block is called (by position or keyword) and what it returns (a tuple in either order, the image
-stream alone, or a dict). ``run_reference`` runs the same model with the DBCache of
-reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
+step at one timestep), float32 or bfloat16, a calibrator (TaylorSeer of order 1 or 2 in either
+form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
+either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
+DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class DiTSpec:
     same_class: bool  # two groups: both ModuleLists hold one block class
     cfg: bool  # each step calls the model twice at one timestep (conditional, unconditional)
     join: bool = False  # two streams, two groups: the glue joins them for the second (GroupSpec.joined)
+    dtype: str = "float32"  # of the weights and the inputs: "float32" or "bfloat16"
 
     @property
     def num_blocks(self) -> int:
@@ -90,6 +91,8 @@ def draw_spec(seed: int) -> DiTSpec:
     if len(groups) == 2 and groups[0].updates_encoder and not groups[0].cross and r.random() < 0.4:  # drawn after
         spec.join, spec.glue = True, False
         groups[1].joined, groups[1].cross, groups[1].updates_encoder, groups[1].returns = True, False, False, "h"
+    if r.random() < 0.2:  # drawn after
+        spec.dtype = "bfloat16"
     return spec
 
 
@@ -220,6 +223,7 @@ class RandomDiT(nn.Module):
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mod_out = nn.Linear(d, 2 * d)
         self.x_out = nn.Linear(d, 4)
+        self.to(getattr(torch, spec.dtype))
 
     def prologue(self, x, t, enc_in=None, enc_mask=None):
         h = self.x_in(x)
@@ -305,14 +309,17 @@ def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
             text["enc_mask"] = m
     if spec.cfg and not spec.two_streams:  # no text: the second call's latents differ instead
         texts[1]["shift"] = 0.5
+    dtype = getattr(torch, spec.dtype)
     calls = []
     for s in range(steps):
-        t = torch.full((spec.batch,), 1.0 - s / steps)
+        t = torch.full((spec.batch,), 1.0 - s / steps, dtype=dtype)
         step = []
         for text in texts:
             text = dict(text)
             x = x0 + 0.03 * s * dx + text.pop("shift", 0.0)
-            step.append(dict(x=x, t=t, **text))
+            if "enc_in" in text:
+                text["enc_in"] = text["enc_in"].to(dtype)
+            step.append(dict(x=x.to(dtype), t=t, **text))
         calls.append(step)
     return calls
 
@@ -383,6 +390,7 @@ def features(spec: DiTSpec) -> set[str]:
     """What a seed's model exercises, to check that a set of seeds covers every choice."""
     cfg = draw_cache_config(spec)
     out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope", "join") if getattr(spec, k)}
+    out.add(spec.dtype)
     if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:

@@ -1334,6 +1334,63 @@ def test_text_and_image_tokens_joined_between_the_groups_are_cached_across_both(
         compiler, join=True, streams=("hidden",))
 
 
+class _ThreeGroups(torch.nn.Module):
+    """Two groups of two-stream blocks (two classes), then the streams joined (text first) for a
+    third group of single-stream blocks; ``run`` with a ``RefCache`` is its DBCache reference, F1 B0."""
+
+    def __init__(self):
+        from fuzz_dit import DiTSpec, RandomDiT
+
+        super().__init__()
+        groups = [_group(True), _group(True), _group(False, joined=True)]
+        self.spec = DiTSpec(seed=3, width=16, heads=2, two_streams=True, img_tokens=10, txt_tokens=4, batch=1,
+                            rope=False, mask=False, groups=groups, glue=False, same_class=False, cfg=False)
+        self.dit = RandomDiT(self.spec)
+
+    def run(self, x, t, enc_in, cache=None, step=0):
+        h, enc, ctx = self.dit.prologue(x, t, enc_in)
+        blocks = [(gi, b) for gi, group in enumerate(self.dit.groups) for b in group]
+
+        def block(k, h, enc):
+            gi, b = blocks[k]
+            if gi == 2 and enc is not None:
+                h, enc = torch.cat([enc, h], dim=1), None
+            return self.dit.call_block(gi, b, h, enc, ctx)
+
+        h0 = h
+        h, enc = block(0, h, enc)
+        if cache is not None and cache.decide(step, 0, h - h0):
+            h = torch.cat([enc, h], dim=1) + cache.residuals(0)["hidden"]
+        else:
+            hf, ef = h, enc
+            for k in range(1, len(blocks)):
+                h, enc = block(k, h, enc)
+            if cache is not None:
+                cache.store(0, {"hidden": h - torch.cat([ef, hf], dim=1)})
+        return self.dit.x_out(self.dit.norm_out(h[:, self.spec.txt_tokens:]))
+
+    def forward(self, x, t, enc_in):
+        return self.run(x, t, enc_in)
+
+
+def test_a_join_before_the_third_group_is_replayed_through_the_second():
+    # The join's entry is made from the second group's entries to M, which are the first group's
+    # (F's outputs): the replay asks for them in turn.
+    from fuzz_dit import trajectory
+
+    m = _ThreeGroups().eval()
+    cfg = RefConfig(Fn=1, Bn=0, threshold=0.3, warmup=2, max_continuous=2)
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, (kw,) in enumerate(trajectory(m.spec, STEPS)):
+                torch.testing.assert_close(c(**kw), m.run(**kw, cache=ref, step=s), rtol=1e-4, atol=1e-5)
+    (r,) = reports
+    assert r.cache["Mn"] == 8 and "fallback" not in r.cache, r.cache
+    assert 0 < len(_ref_cached(ref)) < STEPS - 2 and _cached_steps(m) == _ref_cached(ref)
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_a_text_stream_the_first_group_only_reads_and_the_next_refines_is_cached_across_both(compiler):
     # The reverse: the first group cross-attends to the text (a side input: no block of it returns
