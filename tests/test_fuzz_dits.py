@@ -37,9 +37,11 @@ def _seeds(default):
 
 
 def _tolerance(spec, fp32: dict) -> dict:
-    """``fp32`` for a float32 model; for a bfloat16 one, bfloat16's: the calibrators keep their
-    differences in the stream's dtype, where the reference keeps float64 (1-ulp differences)."""
-    return fp32 if spec.dtype == "float32" else dict(rtol=1.6e-2, atol=1e-2)
+    """``fp32`` for a float32 model; for a bfloat16 one rtol 2^-6 and atol 2^-8 (bfloat16's spacing
+    just below 1; the outputs are of order 1): the calibrators keep their differences in the
+    stream's dtype, where the reference keeps float64, so outputs may differ by an ulp (seeds 168
+    and 182: up to 2e-3)."""
+    return fp32 if spec.dtype == "float32" else dict(rtol=1.6e-2, atol=4e-3)
 
 
 def _check(seed, compiler):

@@ -409,7 +409,8 @@ def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[B
             return f"{what}: it reads {n.name}{_fx.source(n)}, computed in the middle blocks"
         glue.add(n)
         todo.extend(n.all_input_nodes)
-    for n in sorted(glue, key=order.__getitem__):
+    ordered = sorted(glue, key=order.__getitem__)
+    for n in ordered:
         if _written_in_place(n):
             return f"{what}: {n.name}{_fx.source(n)} is written in place"
         if _joins_outside_tokens(n, subst.keys() | glue):
@@ -417,7 +418,7 @@ def _replayed_entry(graph: fx.Graph, order: dict[fx.Node, int], m_groups: list[B
                     f"and a decision there would not see them")
     env = dict(subst)
     with graph.inserting_before(target):
-        for n in sorted(glue, key=order.__getitem__):
+        for n in ordered:
             env[n] = graph.node_copy(n, lambda a: env.get(a, a))
             env[n].meta.update(cdcompile_pass="block_cache", cdcompile_replay=True)
             _fx.set_fake(env[n])
