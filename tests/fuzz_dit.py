@@ -8,7 +8,8 @@ out, rotary embeddings, a key-padding mask, a GELU or SwiGLU MLP, an in-place re
 fresh tensor, cross-attention to the text instead of joint attention (per group), a LayerNorm
 between the groups or the text and image tokens joined there into one stream for the second group
 (FLUX.2's single blocks), one block class for both groups, classifier-free guidance (two calls per
-step at one timestep), float32 or bfloat16, a calibrator (TaylorSeer of order 1 or 2 in either
+step at one timestep), float32 or bfloat16, blocks kept in a ModuleList, a ModuleDict or as
+attributes, a calibrator (TaylorSeer of order 1 or 2 in either
 form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
 either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
 DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
@@ -63,6 +64,9 @@ class DiTSpec:
     cfg: bool  # each step calls the model twice at one timestep (conditional, unconditional)
     join: bool = False  # two streams, two groups: the glue joins them for the second (GroupSpec.joined)
     dtype: str = "float32"  # of the weights and the inputs: "float32" or "bfloat16"
+    # where a group keeps its blocks: "list" (an nn.ModuleList), "dict" (an nn.ModuleDict whose
+    # names do not sort in the order the blocks run), "attrs" (attributes of a plain module)
+    storage: str = "list"
 
     @property
     def num_blocks(self) -> int:
@@ -93,7 +97,35 @@ def draw_spec(seed: int) -> DiTSpec:
         groups[1].joined, groups[1].cross, groups[1].updates_encoder, groups[1].returns = True, False, False, "h"
     if r.random() < 0.2:  # drawn after
         spec.dtype = "bfloat16"
+    spec.storage = r.choice(("list", "list", "dict", "attrs"))  # drawn after
     return spec
+
+
+class _Named(nn.Module):
+    """Blocks kept as attributes (``layer_z``, ``layer_y``, ...), never called itself."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        for k, b in enumerate(blocks):
+            setattr(self, _block_name(k), b)
+
+    def __iter__(self):
+        return iter(self.children())
+
+
+def _block_name(k: int) -> str:
+    return f"layer_{chr(ord('z') - k)}"  # runs z, y, x, ...: not sorted
+
+
+def _store(blocks: list[nn.Module], storage: str) -> nn.Module:
+    if storage == "dict":
+        return nn.ModuleDict({_block_name(k): b for k, b in enumerate(blocks)})
+    return _Named(blocks) if storage == "attrs" else nn.ModuleList(blocks)
+
+
+def blocks_of(container: nn.Module) -> list[nn.Module]:
+    """A group's blocks in the order they run, however ``DiTSpec.storage`` keeps them."""
+    return list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
 
 
 class _RMSNorm(nn.Module):
@@ -216,7 +248,7 @@ class RandomDiT(nn.Module):
         classes = [type(f"FuzzBlock{chr(65 + gi)}", (_Block,), {}) for gi in range(len(spec.groups))]
         if spec.same_class:
             classes = [classes[0]] * len(classes)
-        self.groups = nn.ModuleList(nn.ModuleList(cls(spec, g) for _ in range(g.depth))
+        self.groups = nn.ModuleList(_store([cls(spec, g) for _ in range(g.depth)], spec.storage)
                                     for cls, g in zip(classes, spec.groups))
         if spec.glue and not spec.join:
             self.glue = nn.LayerNorm(d)
@@ -276,7 +308,7 @@ class RandomDiT(nn.Module):
         for gi, blocks in enumerate(self.groups):
             if gi > 0 and (self.spec.glue or self.spec.join):
                 out.append((-1, None))
-            out += [(gi, b) for b in blocks]
+            out += [(gi, b) for b in blocks_of(blocks)]
         return out
 
     def run_item(self, item, h, enc, ctx):
@@ -390,7 +422,7 @@ def features(spec: DiTSpec) -> set[str]:
     """What a seed's model exercises, to check that a set of seeds covers every choice."""
     cfg = draw_cache_config(spec)
     out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope", "join") if getattr(spec, k)}
-    out.add(spec.dtype)
+    out |= {spec.dtype, f"storage={spec.storage}"}
     if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:

@@ -524,3 +524,177 @@ def test_explain_counts_branch_operands_and_points_at_the_per_call_checks_when_t
     with torch.no_grad():  # the asserts already dropped: no advice
         done = cdcompile.explain(SequentialDiT(depth=24), x, t, options={"size_asserts": False})
     assert "branch operands" in str(done) and "per-call work" not in str(done)
+
+
+class _NamedBlocksDiT(SequentialDiT):
+    """SequentialDiT with its blocks kept under names: in an ``nn.ModuleDict`` whose keys do not sort
+    in the order the blocks run, or as attributes of the model. ``order`` is the order they run in."""
+
+    def __init__(self, kind: str, depth: int = 5):
+        super().__init__(depth=depth)
+        blocks = list(self.blocks)
+        del self.blocks
+        self.names = ["in_", "down", "mid", "up", "out", "tail"][:depth]
+        if kind == "dict":
+            self.blocks = nn.ModuleDict(dict(zip(self.names, blocks)))
+        else:
+            for name, b in zip(self.names, blocks):
+                setattr(self, f"{name}_block", b)
+        self.kind = kind
+
+    def ordered(self):
+        if self.kind == "dict":
+            return list(self.blocks.values())
+        return [getattr(self, f"{name}_block") for name in self.names]
+
+    def forward(self, x, timestep):
+        half = self.proj_in.out_features // 2
+        angles = timestep.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        h = self.proj_in(x)
+        for block in self.ordered():
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("kind,name,first", [("dict", "blocks", "blocks.in_"), ("attr", "<root>", "in__block")])
+def test_blocks_kept_under_names_are_found_in_the_order_they_run_and_cached(kind, name, first):
+    from dbcache_reference import RefCache, RefConfig, cache_blocks, sequential_temb
+
+    m = _NamedBlocksDiT(kind).eval()
+    x, t = torch.randn(2, 10, 8), torch.tensor([0.9, 0.9])
+    r = _explain(m, x, t)
+    assert _groups(r) == [(name, "SeqBlock", 5, ["hidden"])]
+    assert r.graph_reports[0].cache["num_blocks"] == 5
+    # the path of each block is its name, in the order the blocks run (not sorted: "down" < "in_")
+    torch._dynamo.reset()
+    gm_paths = []
+
+    def record(gm, example_inputs):
+        from cdcompile.passes.discover import find_block_groups
+        gm_paths.append([b.path for b in find_block_groups(gm, example_inputs).groups[0].blocks])
+        return gm
+
+    torch.compile(m, backend=record)(x, t)
+    prefix = "blocks." if kind == "dict" else ""
+    suffix = "" if kind == "dict" else "_block"
+    assert gm_paths == [[f"{prefix}{n}{suffix}" for n in m.names]] and gm_paths[0][0] == first
+
+    cfg = RefConfig(threshold=0.3, warmup=2)
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup})
+    ref = RefCache(cfg)
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(2, 10, 8, generator=g)
+    with torch.no_grad():
+        for s in range(8):
+            xs, ts = x + 0.02 * s * d, torch.full((2,), 1.0 - s / 8)
+            temb = sequential_temb(m, xs, ts)
+            expected = m.proj_out(cache_blocks(ref, m.ordered(), m.proj_in(xs), lambda b, h: b(h, temb), s))
+            torch.testing.assert_close(c(xs, ts), expected, rtol=1e-4, atol=1e-5)
+    cached = cdcompile.summary(c).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+    assert cached == [s for s, _, hit in ref.decisions if hit] and cached  # it did cache
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+class _NamedPartsDiT(SequentialDiT):
+    """Two attentions of one class under names, as a block's ``attn1`` and ``attn2``: with their
+    residuals added outside them (``outside``), or run one into the other with none."""
+
+    def __init__(self, outside: bool):
+        super().__init__(depth=2)
+        dim = self.proj_in.out_features
+        self.attn1, self.attn2 = _Attention(dim), _Attention(dim)
+        self.outside = outside
+
+    def forward(self, x, timestep):
+        h = self.proj_in(x) + timestep[:, None, None]
+        if self.outside:
+            h = h + self.attn1(h)
+            h = h + self.attn2(torch.nn.functional.layer_norm(h, h.shape[-1:]))
+        else:
+            h = self.attn2(torch.nn.functional.gelu(self.attn1(h)))
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("outside,detail", [
+    (True, "no block reads what the previous one returns; each reads h as glue between them updates it"),
+    (False, "attn1 passes linear_2 on, which adds nothing to what it read (no skip connection)"),
+])
+def test_named_parts_of_a_block_are_no_group_and_explain_says_why(outside, detail):
+    r = _explain(_NamedPartsDiT(outside).eval(), torch.randn(2, 10, 8), torch.tensor([0.5, 0.5]))
+    assert r.groups == []
+    rejected = r.graph_reports[0].rejected
+    assert [(x["name"], x["reason"]) for x in rejected] == [("attn1..attn2", "not_chained")]
+    assert detail in rejected[0]["detail"]
+
+
+def test_sibling_modules_of_one_class_outside_the_blocks_add_nothing_to_a_model_with_groups():
+    # FLUX's guidance and timestep embedders are siblings of one class (TimestepEmbedding), neither a
+    # block: they leave the groups and the explanation as they were.
+    from diffusers import FluxTransformer2DModel
+
+    from cdcompile.testing import flux_inputs
+
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                               pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True).eval()
+    r = _explain(m, **flux_inputs(m), guidance=torch.full((1,), 3.5))
+    assert [g["name"] for g in r.groups] == ["transformer_blocks", "single_transformer_blocks"]
+    assert r.graph_reports[0].rejected == []
+
+
+class _OrderedDiT(SequentialDiT):
+    """SequentialDiT running its ModuleList in another order than its indices."""
+
+    def __init__(self, order: list[int]):
+        super().__init__(depth=5)
+        self.order = order
+
+    def forward(self, x, timestep):
+        half = self.proj_in.out_features // 2
+        angles = timestep.reshape(-1, 1).float() * 1000 * torch.exp(-9.21 * torch.arange(half) / half)
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        h = self.proj_in(x)
+        for i in self.order:
+            h = self.blocks[i](h, temb)
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("order", [[4, 3, 2, 1, 0], [0, 1, 3, 4]], ids=["reversed", "skipping_a_layer"])
+def test_numbered_blocks_run_out_of_index_order_are_one_group_in_the_order_they_run(order):
+    from dbcache_reference import RefCache, RefConfig, cache_blocks, sequential_temb
+
+    m = _OrderedDiT(order).eval()
+    x = torch.randn(2, 10, 8)
+    r = _explain(m, x, torch.tensor([0.9, 0.9]))
+    assert _groups(r) == [("blocks", "SeqBlock", len(order), ["hidden"])]
+
+    cfg = RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2)
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "eager", "Bn_compute_blocks": 1, "residual_diff_threshold": cfg.threshold,
+        "max_warmup_steps": cfg.warmup})
+    ref = RefCache(cfg)
+    d = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(1))
+    blocks = [m.blocks[i] for i in order]
+    with torch.no_grad():
+        for s in range(8):
+            xs, ts = x + 0.02 * s * d, torch.full((2,), 1.0 - s / 8)
+            temb = sequential_temb(m, xs, ts)
+            expected = m.proj_out(cache_blocks(ref, blocks, m.proj_in(xs), lambda b, h: b(h, temb), s))
+            torch.testing.assert_close(c(xs, ts), expected, rtol=1e-4, atol=1e-5)
+    cached = cdcompile.summary(c).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+    assert cached == [s for s, _, hit in ref.decisions if hit] and cached

@@ -4,7 +4,8 @@ Algorithm:
 1. Membership. Every non-placeholder node's ``nn_module_stack`` is normalised
    (``transformer_blocks.0.attn``); each stack entry whose last path component is an integer makes
    the node a member of block ``(container, index)``, e.g. ``("transformer_blocks", 0)``.
-2. Candidates. Per container, consecutive indices whose modules share a class form a run. Each
+2. Candidates. Per container, modules that run one after another (in any index order: a
+   reversed loop, or one that skips a layer) and share a class form a run. Each
    block's op signature is the sequence of what its nodes compute (``linear``, ``.chunk``, ...).
    The majority signature is the group's; a block matches if its signature equals it or is a
    subsequence of it (Dynamo dead-code-eliminates a last block's unused output, so the last
@@ -42,10 +43,15 @@ Algorithm:
    sibling to compare, each output read outside the block is paired with the one input of the
    same shape and dtype it is computed from, through a skip connection (an add whose one operand
    is that input moved by layout ops only). A lone Linear or norm has no skip: not a block.
-7. Names. A group is named by its container; where one container holds several groups (a
+7. Blocks under names. Where no numbered group holds or lies inside them, sibling modules of one
+   class kept under names (an ``nn.ModuleDict``, or attributes ``self.block0``, ``self.block1``)
+   that hold modules of their own are numbered in the order they run and analysed as above; each
+   must add what it computes to its entry (a skip connection), which tells blocks from the parts
+   of one (``attn1``, ``attn2``). See :func:`_named_groups`.
+8. Names. A group is named by its container; where one container holds several groups (a
    signature change splits it: HunyuanDiT's blocks without, then with, a skip input), by its
    container and first and last index, ``blocks[0..20]``.
-8. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
+9. Labels. The stream whose exit reaches the graph output is ``hidden``; where several do, a
    stream feeding a later group's hidden entry inherits its label; else the longest token
    dimension wins. With two streams the other is ``encoder``. A carried stream is ``carried``.
 
@@ -188,7 +194,8 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
     for container in sorted(by_container, key=lambda c: (c.count(".") if c else -1, c)):
         if any(_inside(container, p) for p in accepted_paths):
             continue
-        for run in _same_class_runs(container, sorted(by_container[container]), classes):
+        ran = sorted(by_container[container], key=lambda i: position[members[(container, i)][0]])
+        for run in _same_class_runs(container, ran, classes):
             for sub in _signature_runs(container, run, members, rejected):
                 group = _analyse(container, sub, members, classes, weights, position, rejected)
                 if group is not None:
@@ -226,6 +233,8 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
                 if group is not None:
                     groups[:] = [g for g in groups if not any(_inside(g.name, p) for p in paths)]
                     groups.append(group)
+    named, named_rejected = _named_groups(nodes, groups, weights, position)
+    groups += named
     groups.sort(key=lambda g: position[g.blocks[0].nodes[0]])
     _label_streams(gm, groups)
     lone = _lone_blocks(by_container, members, classes, groups, weights, position)
@@ -238,10 +247,105 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
     for g in groups:
         if counts[g.name] > 1:
             g.name = f"{g.name}[{g.blocks[0].index}..{g.blocks[-1].index}]"
+    if not groups:  # why blocks kept under names are no group, said only where nothing was found
+        rejected += named_rejected
     if not groups and not rejected:
         rejected.append(Rejection("<graph>", Ineligible.NO_REPEATED_BLOCKS,
                                   "no two sibling modules of the same class run in sequence"))
     return Discovery(groups, rejected)
+
+
+def _named_groups(nodes, groups, weights, position) -> tuple[list[BlockGroup], list[Rejection]]:
+    """Blocks kept under names, not numbers: an ``nn.ModuleDict`` (``blocks.layer_a``) or attributes
+    (``self.block0``, ``self.block1``). Sibling modules of one class, each holding modules of its
+    own, run one after another: their order is the order they run in, and a run of them is
+    analysed like a module list. Names also tell apart parts of one block (``attn1``, ``attn2``),
+    so a block under a name must be a residual function of each stream it passes on (an add of
+    its entry, moved by layout ops only, to something it computes, as a lone block must): an
+    attention module whose residual is added outside it is no block. Modules inside a numbered
+    module that ran (a block, or a part of one), or holding or inside a group found already, are
+    not considered; a numbered container that never runs itself (``groups.0``, a ModuleDict in a
+    ModuleList) is no block.
+
+    Returns the groups and, separately, why the other candidates are none (said only where the
+    graph has no group at all: elsewhere two sibling embedders of one class are no news)."""
+    members: dict[tuple[str, str], list[fx.Node]] = collections.defaultdict(list)
+    classes: dict[tuple[str, str], str] = {}
+    paths: set[str] = set()
+    for n in nodes:
+        if _fx.is_shape_bookkeeping(n):
+            continue
+        for path, cls in _fx.module_stack(n):
+            paths.add(path)
+    numbered = {p for p in paths if _INDEXED.match(p)}  # numbered modules that ran: blocks, or parts
+
+    def in_numbered(path: str) -> bool:
+        parts = path.split(".")
+        return any(".".join(parts[:k]) in numbered for k in range(1, len(parts) + 1))
+
+    holders = {p.rpartition(".")[0] for p in paths}  # modules that hold a module that ran
+    for n in nodes:
+        if _fx.is_shape_bookkeeping(n):
+            continue
+        for path, cls in _fx.module_stack(n):
+            if not path or in_numbered(path):
+                continue
+            parent, _, child = path.rpartition(".")
+            if not members[(parent, child)] or members[(parent, child)][-1] is not n:
+                members[(parent, child)].append(n)
+            classes.setdefault((parent, child), _fx.class_name(cls))
+    taken = [b.path for g in groups for b in g.blocks]
+
+    def candidate(key):
+        path = f"{key[0]}.{key[1]}" if key[0] else key[1]
+        return path in holders and not any(_inside(path, p) or _inside(p, path) for p in taken)
+
+    by_parent: dict[str, list[str]] = collections.defaultdict(list)
+    for parent, child in members:
+        if candidate((parent, child)):
+            by_parent[parent].append(child)
+    found: list[BlockGroup] = []
+    rejected: list[Rejection] = []
+    for parent in sorted(by_parent, key=lambda c: (c.count(".") if c else -1, c)):
+        children = sorted(by_parent[parent], key=lambda c: position[members[(parent, c)][0]])
+        if len(children) < 2 or any(_inside(parent, b.path) for g in found for b in g.blocks):
+            continue
+        ordinal = {(parent, k): members[(parent, c)] for k, c in enumerate(children)}
+        kinds = {(parent, k): classes[(parent, c)] for k, c in enumerate(children)}
+        block_paths = {(parent, k): f"{parent}.{c}" if parent else c for k, c in enumerate(children)}
+        for run in _same_class_runs(parent, list(range(len(children))), kinds):
+            for sub in _signature_runs(parent, run, ordinal, rejected, paths=block_paths):
+                group = _analyse(parent, sub, ordinal, kinds, weights, position, rejected, block_paths)
+                if group is None:
+                    continue
+                not_residual = _not_residual(group, weights)
+                if not_residual is not None:
+                    label = f"{group.blocks[0].path}..{group.blocks[-1].path.rpartition('.')[2]}"
+                    rejected.append(Rejection(label, Ineligible.NOT_CHAINED, not_residual))
+                    continue
+                found.append(group)
+    return found, rejected
+
+
+def _not_residual(group: BlockGroup, weights) -> str | None:
+    """Why a block of ``group`` is not a residual function of a stream it passes on, or None."""
+    for i, b in enumerate(group.blocks):
+        block = set(b.nodes)
+        inputs = _external_inputs(b.nodes, weights)
+        for s in group.streams:
+            out = s.outputs[i]
+            if s.producer_offset is None or out is None:
+                continue
+            path, todo = {out}, [out]
+            while todo:  # what ``out`` is computed from inside the block
+                for a in todo.pop().all_input_nodes:
+                    if a in block and a not in path:
+                        path.add(a)
+                        todo.append(a)
+            if not any(_skips(a, out, path, block) for a in inputs):
+                return (f"{b.path} passes {out.name} on, which adds nothing to what it read "
+                        "(no skip connection): a part of a block, not a block")
+    return None
 
 
 def _lone_blocks(by_container, members, classes, groups, weights, position) -> list[BlockGroup]:
@@ -399,9 +503,10 @@ def _inside(container: str, block_path: str) -> bool:
 
 
 def _same_class_runs(container, indices, classes):
+    """Runs of ``indices`` (in the order the modules run) whose modules share a class."""
     runs, cur = [], [indices[0]]
     for idx in indices[1:]:
-        if idx == cur[-1] + 1 and classes[(container, idx)] == classes[(container, cur[-1])]:
+        if classes[(container, idx)] == classes[(container, cur[-1])]:
             cur.append(idx)
         else:
             runs.append(cur)
@@ -429,7 +534,7 @@ def _align(sig: tuple, major: tuple) -> list[int] | None:
     return out
 
 
-def _signature_runs(container, run, members, rejected, out=None):
+def _signature_runs(container, run, members, rejected, out=None, paths=None):
     """Split a same-class run into sub-runs whose blocks share one op signature.
 
     The majority signature claims the blocks that match it; consecutive blocks that do not are
@@ -444,10 +549,10 @@ def _signature_runs(container, run, members, rejected, out=None):
 
     def flush_misfit():
         if len(misfit) >= 2:
-            _signature_runs(container, list(misfit), members, rejected, out)
+            _signature_runs(container, list(misfit), members, rejected, out, paths)
         for idx in misfit[:1] if len(misfit) == 1 else []:
             rejected.append(Rejection(
-                f"{container}.{idx}", Ineligible.SIGNATURE_MISMATCH,
+                _block_path(container, idx, paths), Ineligible.SIGNATURE_MISMATCH,
                 f"{len(sigs[idx])} ops differ from the {len(major)}-op signature of its siblings"))
         misfit.clear()
 
@@ -480,11 +585,18 @@ def _inputs(block_nodes: set[fx.Node], ns: list[fx.Node], offsets: list[int]):
     return out
 
 
-def _analyse(container, sub, members, classes, weights, position, rejected) -> BlockGroup | None:
+def _block_path(container: str, idx: int, paths: dict | None = None) -> str:
+    if paths is not None:
+        return paths[(container, idx)]
+    return f"{container}.{idx}" if container else str(idx)
+
+
+def _analyse(container, sub, members, classes, weights, position, rejected, paths=None) -> BlockGroup | None:
     name = container or "<root>"
-    blocks = [Block(idx, f"{container}.{idx}" if container else str(idx),
-                    members[(container, idx)], offsets) for idx, offsets in sub]
-    label = f"{name}[{blocks[0].index}..{blocks[-1].index}]"
+    blocks = [Block(idx, _block_path(container, idx, paths), members[(container, idx)], offsets)
+              for idx, offsets in sub]
+    label = (f"{name}[{blocks[0].index}..{blocks[-1].index}]" if paths is None
+             else f"{blocks[0].path}..{blocks[-1].path.rpartition('.')[2]}")
     sets = [set(b.nodes) for b in blocks]
     owner = {n: i for i, s in enumerate(sets) for n in s}
     ins = [_inputs(sets[i], b.nodes, b.offsets) for i, b in enumerate(blocks)]
@@ -538,8 +650,11 @@ def _analyse(container, sub, members, classes, weights, position, rejected) -> B
         producer_sets.append(prods)
         bridges.append(bridge)
     if not producer_sets or not producer_sets[0]:
-        rejected.append(Rejection(label, Ineligible.NOT_CHAINED,
-                                  "no value flows from one block to the next"))
+        detail = "no value flows from one block to the next"
+        if carried:  # every block reads a value glue updates from what the previous one read
+            detail = (f"no block reads what the previous one returns; each reads {carried[0][1][0].name} "
+                      "as glue between them updates it (a residual added outside the blocks?)")
+        rejected.append(Rejection(label, Ineligible.NOT_CHAINED, detail))
         return None
     if any(p != producer_sets[0] for p in producer_sets):
         rejected.append(Rejection(label, Ineligible.INCONSISTENT_STREAMS,
