@@ -25,6 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .config import CacheConfig, Compiler
 from .passes import PassContext, run_passes
+from .passes._branch import flatten_subclass_operands
 from .report import GraphReport
 
 log = logging.getLogger("cdcompile")
@@ -62,6 +63,7 @@ def build(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CacheConfig,
     ctx = PassContext(cfg=cfg, example_inputs=list(example_inputs), report=report,
                       borrowed_timestep=borrowed_timestep)
     run_passes(gm2, ctx)
+    flatten_subclass_operands(gm2)
     gm2.graph.lint()
     gm2.recompile()
     for sink in _report_sinks:

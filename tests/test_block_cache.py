@@ -1400,3 +1400,29 @@ def test_a_text_stream_the_first_group_only_reads_and_the_next_refines_is_cached
     _assert_two_text_groups_cached_across_both(
         [_group(False, cross=True), _group(True)], True,
         RefConfig(Fn=1, Bn=1, threshold=0.3, warmup=2, max_continuous=2), compiler)
+
+
+@pytest.mark.parametrize("config,compiler,subclass", [
+    ("Int8WeightOnlyConfig", "eager", "Int8Tensor"),
+    ("Int8WeightOnlyConfig", "aot_eager", "Int8Tensor"),
+    ("Int8DynamicActivationInt8WeightConfig", "aot_eager", "Int8Tensor"),
+    ("Float8WeightOnlyConfig", "aot_eager", "Float8Tensor"),
+])
+def test_a_torchao_quantized_flux_caches_like_the_reference(config, compiler, subclass):
+    # torchao's quantized weights are tensor subclasses, and torch.cond has no rule for them ("There
+    # was no rule registered for HOP cond and subclass Int8Tensor"): the cond takes their inner
+    # tensors, and each branch builds the weights again.
+    import torchao.quantization
+
+    m = tiny_flux(num_layers=2, num_single_layers=3)
+    torchao.quantization.quantize_(m, getattr(torchao.quantization, config)())
+    assert type(m.transformer_blocks[1].attn.to_q.weight).__name__ == subclass
+    cfg = RefConfig(threshold=0.35, warmup=2)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, compiler))
+    ref = RefCache(cfg)
+    with torch.no_grad():
+        for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+            torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4,
+                                       msg=lambda x: f"step {s}: {x}")
+    cached = _ref_cached(ref)
+    assert 0 < len(cached) < STEPS and _cached_steps(m) == cached

@@ -483,3 +483,96 @@ def subgraph(gm, inputs, pulled, n_res, body, outputs, class_name, coef=True) ->
                    if is_view(o) else g.call_method("contiguous", (o,)) for o in outs))
     g.eliminate_dead_code()
     return fx.GraphModule(gm, g, class_name=class_name)
+
+
+def flatten_subclass_operands(gm: fx.GraphModule) -> int:
+    """Pass every tensor-subclass operand of a ``torch.cond`` (torchao's quantized weights, ...) as
+    its inner tensors, and rebuild it at the top of each branch; returns how many.
+
+    torch.cond dispatches on the subclasses of its operands and has no rule for these ("There was
+    no rule registered for HOP cond and subclass ..."). A traceable wrapper subclass
+    (``__tensor_flatten__`` / ``__tensor_unflatten__``, as AOTAutograd requires) splits into plain
+    tensors outside the cond, and the branch builds it again from them, so its ops run inside the
+    branch as they run outside it: AOTAutograd traces them into ops on the inner tensors."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    count = 0
+    for cond in list(gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)):
+        pred, true_fn, false_fn, ops = cond.args
+        values = [_fx.fake_value(op) if isinstance(op, fx.Node) else None for op in ops]
+        if not any(is_traceable_wrapper_subclass(v) for v in values):
+            continue
+        new_ops, layout = [], []  # per operand: None (passed as is) or (rebuild, number of leaves)
+        with gm.graph.inserting_before(cond):
+            for op, v in zip(ops, values):
+                if not is_traceable_wrapper_subclass(v):
+                    new_ops.append(op)
+                    layout.append(None)
+                    continue
+                spec, paths = _subclass_spec(v)
+                for path in paths:
+                    leaf, value = op, v
+                    for attr in path:
+                        value = getattr(value, attr)
+                        leaf = gm.graph.call_function(getattr, (leaf, attr))
+                        leaf.meta["example_value"] = leaf.meta["val"] = value
+                    new_ops.append(leaf)
+                layout.append((_rebuilder(spec), len(paths)))
+                count += 1
+        for branch in (getattr(gm, true_fn.target), getattr(gm, false_fn.target)):
+            _rebuild_in_branch(branch, layout)
+        cond.args = (pred, true_fn, false_fn, tuple(new_ops))
+    return count
+
+
+def _subclass_spec(v: torch.Tensor) -> tuple[tuple, list[tuple[str, ...]]]:
+    """``(spec, leaf paths)``: how to rebuild ``v`` from its plain inner tensors, found by attribute
+    paths (nested subclasses are flattened all the way down)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    attrs, ctx = v.__tensor_flatten__()
+    children, paths = [], []
+    for a in attrs:
+        inner = getattr(v, a)
+        if is_traceable_wrapper_subclass(inner):
+            spec, sub = _subclass_spec(inner)
+            children.append((a, spec, len(sub)))
+            paths += [(a, *p) for p in sub]
+        else:
+            children.append((a, None, 1))
+            paths.append((a,))
+    return (type(v), ctx, v.size(), v.stride(), children), paths
+
+
+def _rebuilder(spec: tuple):
+    def rebuild_subclass(*leaves):
+        def build(spec, leaves):
+            cls, ctx, size, stride, children = spec
+            inner, k = {}, 0
+            for a, sub, n in children:
+                inner[a] = leaves[k] if sub is None else build(sub, leaves[k:k + n])
+                k += n
+            return cls.__tensor_unflatten__(inner, ctx, size, stride)
+        return build(spec, leaves)
+    rebuild_subclass.__name__ = rebuild_subclass.__qualname__ = f"rebuild_{spec[0].__name__}"
+    return rebuild_subclass
+
+
+def _rebuild_in_branch(branch: fx.GraphModule, layout: list) -> None:
+    g = branch.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(layout), "a cond branch takes one placeholder per operand"
+    body = next(n for n in g.nodes if n.op != "placeholder")
+    for p, item in zip(placeholders, layout):
+        if item is None:
+            continue
+        rebuild, n = item
+        with g.inserting_before(p):
+            leaves = [g.placeholder(f"{p.name}_leaf{k}") for k in range(n)]
+        with g.inserting_before(body):
+            whole = g.call_function(rebuild, tuple(leaves))
+        whole.meta.update(p.meta)
+        p.replace_all_uses_with(whole)
+        g.erase_node(p)
+    g.lint()
+    branch.recompile()
