@@ -67,9 +67,10 @@ def _lone_block() -> str | None:
 
 
 def _holds_block_list(module: nn.Module) -> bool:
-    """Whether ``module`` holds a ModuleList or Sequential with two composite modules of one class."""
+    """Whether ``module`` holds a ModuleList, Sequential or ModuleDict with two composite modules of
+    one class."""
     for m in module.modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+        if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             composite = [type(c) for c in m.children() if next(c.children(), None) is not None]
             if len(composite) != len(set(composite)):
                 return True
