@@ -63,7 +63,7 @@ def build(gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CacheConfig,
     ctx = PassContext(cfg=cfg, example_inputs=list(example_inputs), report=report,
                       borrowed_timestep=borrowed_timestep)
     run_passes(gm2, ctx)
-    flatten_subclass_operands(gm2)
+    report.subclass_operands = flatten_subclass_operands(gm2)
     gm2.graph.lint()
     gm2.recompile()
     for sink in _report_sinks:

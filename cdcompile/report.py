@@ -41,6 +41,9 @@ class GraphReport:
     fp8_attention: Any = None
     # Attention written as matmuls that became SDPA calls (with context parallelism or FP8 attention)
     matmul_attention: int = 0
+    # Tensor-subclass cond operands (torchao's quantized weights) passed as their inner tensors,
+    # per subclass name (passes._branch.flatten_subclass_operands)
+    subclass_operands: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -81,6 +84,10 @@ class GraphReport:
                              f"{ops} branch operands on every call, cached or not, and Dynamo guards every "
                              f"module; where the model does not change between calls, options "
                              f"size_asserts=False and guard_filter_fn drop both (README: Per-call overhead)")
+        if self.subclass_operands:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.subclass_operands.items()))
+            lines.append(f"  cond operands that are tensor subclasses ({kinds}): passed as their inner "
+                         f"tensors, rebuilt in each branch")
         for reason in self.not_cached:
             lines.append(f"  not cached: {reason}")
         if self.context_parallel is not None:

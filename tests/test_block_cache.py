@@ -1426,3 +1426,6 @@ def test_a_torchao_quantized_flux_caches_like_the_reference(config, compiler, su
                                        msg=lambda x: f"step {s}: {x}")
     cached = _ref_cached(ref)
     assert 0 < len(cached) < STEPS and _cached_steps(m) == cached
+    (report,) = cdcompile.explain(m, **_flux_trajectory(m, 1)[0], options={"compiler": compiler}).graph_reports
+    n = report.subclass_operands[subclass]  # every quantized weight of the 4 M blocks, at least 4 each
+    assert n >= 4 * 4 and f"tensor subclasses ({n} {subclass})" in str(report)

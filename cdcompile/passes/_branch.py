@@ -485,9 +485,9 @@ def subgraph(gm, inputs, pulled, n_res, body, outputs, class_name, coef=True) ->
     return fx.GraphModule(gm, g, class_name=class_name)
 
 
-def flatten_subclass_operands(gm: fx.GraphModule) -> int:
+def flatten_subclass_operands(gm: fx.GraphModule) -> dict[str, int]:
     """Pass every tensor-subclass operand of a ``torch.cond`` (torchao's quantized weights, ...) as
-    its inner tensors, and rebuild it at the top of each branch; returns how many.
+    its inner tensors, and rebuild it at the top of each branch; returns how many, per subclass.
 
     torch.cond dispatches on the subclasses of its operands and has no rule for these ("There was
     no rule registered for HOP cond and subclass ..."). A traceable wrapper subclass
@@ -496,7 +496,7 @@ def flatten_subclass_operands(gm: fx.GraphModule) -> int:
     branch as they run outside it: AOTAutograd traces them into ops on the inner tensors."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    count = 0
+    count: dict[str, int] = {}
     for cond in list(gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)):
         pred, true_fn, false_fn, ops = cond.args
         values = [_fx.fake_value(op) if isinstance(op, fx.Node) else None for op in ops]
@@ -518,7 +518,7 @@ def flatten_subclass_operands(gm: fx.GraphModule) -> int:
                         leaf.meta["example_value"] = leaf.meta["val"] = value
                     new_ops.append(leaf)
                 layout.append((_rebuilder(spec), len(paths)))
-                count += 1
+                count[type(v).__name__] = count.get(type(v).__name__, 0) + 1
         for branch in (getattr(gm, true_fn.target), getattr(gm, false_fn.target)):
             _rebuild_in_branch(branch, layout)
         cond.args = (pred, true_fn, false_fn, tuple(new_ops))
