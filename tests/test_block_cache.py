@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -771,6 +772,74 @@ def _assert_wrapped_blocks_cached_as_the_reference(wrapper, compiler):
 
 def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branch():
     _assert_wrapped_blocks_cached_as_the_reference(_ScopedBlock, "aot_eager")
+
+
+class _KernelScopedBlock(torch.nn.Module):
+    """A SeqBlock run inside ``with sdpa_kernel(...)`` scopes, the outer one with a priority, as
+    diffusers' _native_math / _native_flash / _native_cudnn attention backends run their attention:
+    Dynamo records each enter and exit as a call that sets the SDPA backends. (A priority set inside
+    a scope that disabled some backends does not restore the order of those, in eager too.)"""
+
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x, temb):
+        with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+            with sdpa_kernel([SDPBackend.MATH]):
+                return self.inner(x, temb)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_sdpa_kernel_scopes_inside_the_blocks_move_into_the_branch(compiler):
+    # they refused the cache as "side-effecting op _sdpa_kernel" until the region moved a setting
+    # the middle blocks restore into the branch
+    before = torch.nn.attention._cur_sdpa_kernel_backends(with_priority=True)
+    _assert_wrapped_blocks_cached_as_the_reference(_KernelScopedBlock, compiler)
+    assert torch.nn.attention._cur_sdpa_kernel_backends(with_priority=True) == before
+
+
+def test_flux_on_diffusers_native_math_attention_backend_caches_like_the_reference():
+    cfg = RefConfig(threshold=0.35, warmup=2)
+    m = tiny_flux()
+    m.set_attention_backend("_native_math")
+    with cdcompile.backend.collect_reports() as reports:
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, "aot_eager"))
+        ref = RefCache(cfg)
+        with torch.no_grad():
+            for s, kw in enumerate(_flux_trajectory(m, STEPS)):
+                torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4)
+    assert reports[0].cache is not None, reports[0].not_cached
+    cached = _ref_cached(ref)
+    assert 0 < len(cached) < STEPS and _cached_steps(m) == cached
+
+
+def _setter_graph(*settings):
+    """x -> relu -> ... with a ``_sdpa_kernel`` call of each setting (a list of backend names)
+    between the relus, the way Dynamo records ``with sdpa_kernel``."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    core = []
+    for names in settings:
+        backends = [g.call_function(torch.nn.attention._backend_from_string, (b,)) for b in names]
+        g.call_function(torch.nn.attention._sdpa_kernel, (backends, False))
+        x = g.call_function(torch.relu, (x,))
+        core.append(x)
+    g.output(x)
+    return list(g.nodes), core
+
+
+def test_a_setting_the_middle_blocks_do_not_restore_refuses_and_names_it():
+    from cdcompile.passes import _branch
+    everything = [b.name for b in torch.nn.attention._cur_sdpa_kernel_backends()]
+    nodes, core = _setter_graph(["MATH"], everything)
+    order = {n: k for k, n in enumerate(nodes)}
+    moved = _branch._take_settings(nodes, 1, order[core[-1]], order, set(core), list(core), "the middle blocks")
+    assert {n.name for n in moved} == {"_sdpa_kernel", "_sdpa_kernel_1"}
+    nodes, core = _setter_graph(["MATH"], ["FLASH_ATTENTION"])
+    order = {n: k for k, n in enumerate(nodes)}
+    reason = _branch._take_settings(nodes, 1, order[core[-1]], order, set(core), list(core), "the middle blocks")
+    assert isinstance(reason, str) and "['FLASH_ATTENTION']" in reason and "MATH" in reason
 
 
 class _DeadValuesBlock(torch.nn.Module):

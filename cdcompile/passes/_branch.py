@@ -1,7 +1,8 @@
 """What a ``torch.cond`` branch takes over from the graph, for DBCache and DBPrune alike.
 
 1. Region (:func:`region`): a run of block nodes plus the nodes between them that depend on
-   them, with the scopes they open and close (``torch.autocast``) moved in whole; a
+   them, with the scopes they open and close (``torch.autocast``) moved in whole, and the
+   ``sdpa_kernel`` settings they restore (:func:`_take_settings`); a
    ``torch.vmap`` that reads the streams is lowered to aten ops first (:func:`lower_stream_vmaps`),
    one that does not stays before the cond; a side-effecting call between the blocks refuses.
 2. Operands (:func:`operands`): the non-view values the region reads, views replayed inside the
@@ -61,6 +62,13 @@ def region(nodes: list[fx.Node], order: dict[fx.Node, int], core: set[fx.Node], 
     # A context a block opens and closes around region ops only (``with torch.amp.autocast(...)``
     # in an attention processor: _enter_autocast .. _exit_autocast) moves into the branch whole.
     balanced = _take_scopes(nodes[lo:hi + 1], order, m_nodes, region)
+    # ``with sdpa_kernel(...)`` (diffusers' _native_flash, _native_cudnn, _native_math backends)
+    # sets a global state at its enter and exit: when the region leaves it as it found it, those
+    # calls move into the branch with the attention they choose the kernel for.
+    settings = _take_settings(nodes, lo, hi, order, m_nodes, region, what)
+    if isinstance(settings, str):
+        return settings
+    balanced |= settings
     # A call whose result nobody reads may be there for its side effect: e.g. the functorch nesting
     # calls vmap leaves around a block. Moving such calls into a branch that may not run, or leaving
     # half of a pair outside it, would unbalance them. Dynamo keeps dead computations too (a
@@ -230,6 +238,78 @@ def _take_scopes(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx
             balanced |= {e, x}  # they move together: balanced inside the branch
     region.sort(key=order.__getitem__)
     return balanced
+
+
+# Global settings Dynamo records as calls that set an absolute value: ``with sdpa_kernel(b)``
+# becomes ``_sdpa_kernel([b...], prio)`` at its enter and ``_sdpa_kernel([previous...], prio)`` at
+# its exit, each backend a ``_backend_from_string(name)`` node of its own.
+_SETTERS = {"_sdpa_kernel"}
+
+
+def _setting(n: fx.Node) -> tuple[tuple[str, ...], bool] | None:
+    """The SDPA backends (in order) and the priority flag a ``_sdpa_kernel`` call sets, or None
+    when its arguments are not the backend nodes Dynamo emits."""
+    backends = n.args[0] if n.args else n.kwargs.get("backends")
+    prio = n.args[1] if len(n.args) > 1 else n.kwargs.get("set_priority", False)
+    if not isinstance(backends, (list, tuple)) or not isinstance(prio, bool):
+        return None
+    names = []
+    for b in backends:
+        if isinstance(b, fx.Node) and _fx.target_name(b) == "_backend_from_string" and b.args:
+            names.append(str(b.args[0]))
+        elif isinstance(b, torch.nn.attention.SDPBackend):
+            names.append(b.name)
+        else:
+            return None
+    return tuple(names), prio
+
+
+def _same_setting(a: tuple[tuple[str, ...], bool], b: tuple[tuple[str, ...], bool]) -> bool:
+    # Without a priority the call enables a set of backends; with one, their order counts too.
+    if a[1] or b[1]:
+        return a == b
+    return set(a[0]) == set(b[0])
+
+
+def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, int], m_nodes: set[fx.Node],
+                   region: list[fx.Node], what: str) -> set[fx.Node] | str:
+    """Move the ``_sdpa_kernel`` calls between ``nodes[lo]`` and ``nodes[hi]`` (and the backend
+    names they read) into the region, when the last of them restores the setting that held before
+    the first: then skipping the region leaves the setting as running it does. The setting before
+    is the last such call earlier in the graph, or the process's own at compile time (Dynamo
+    records an exit's value as the setting it found at trace time, in this same call). Returns the
+    moved calls, or why they cannot move."""
+    span = nodes[lo:hi + 1]
+    calls = [n for n in span if n.op == "call_function" and _fx.target_name(n) in _SETTERS]
+    if not calls:
+        return set()
+    settings = [_setting(n) for n in calls]
+    if any(s is None for s in settings):
+        return f"{calls[settings.index(None)].name} sets the SDPA backends from values the pass cannot read, between {what}"
+    before = next((_setting(n) for n in reversed(nodes[:lo])
+                   if n.op == "call_function" and _fx.target_name(n) in _SETTERS), None)
+    if before is None:
+        prio = settings[-1][1]
+        now = torch.nn.attention._cur_sdpa_kernel_backends(with_priority=prio)
+        before = (tuple(b.name for b in now), prio)
+    if not _same_setting(settings[-1], before):
+        return (f"{calls[-1].name} leaves the SDPA backends at {list(settings[-1][0])} after {what}, not "
+                f"at {list(before[0])} as it found them: skipping them would change the attention kernel after")
+    # An attention left outside the region between the calls would run with another setting.
+    first, last = calls[0], calls[-1]
+    inside = span[span.index(first):span.index(last) + 1]
+    stray = [n for n in inside if n not in m_nodes and n.op in ("call_function", "call_method")
+             and "attention" in str(_fx.target_name(n))]
+    if stray:
+        return (f"attention {stray[0].name} runs between {what} under an sdpa_kernel setting but does not "
+                f"depend on them: it cannot move into the branch with the setting")
+    moved = set(calls) | {b for n in calls for b in n.all_input_nodes}
+    for n in moved:
+        if n not in m_nodes:
+            m_nodes.add(n)
+            region.append(n)
+    region.sort(key=order.__getitem__)
+    return set(calls)
 
 
 # Ops whose result may share storage with an input. Branch operands must not alias each other
