@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -79,6 +80,7 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
     from .passes.block_cache import timestep_position
 
     cfg = CacheConfig.from_options(options)
+    mode = mode if mode is not None else cfg.mode  # torch.compile passes one of mode and options
     inputs = list(example_inputs)
     fake = torch._guards.detect_fake_mode(inputs)
     published = runtime.published_timestep()
@@ -88,6 +90,8 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
             borrowed = torch.zeros(1, dtype=torch.float32, device=published.device)
     gm2, ctx = build(gm, example_inputs, cfg, borrowed)
     plan = ctx.cache_plan
+    if plan is not None and (why := cudagraphs_lost(cfg.compiler, mode, inputs)):
+        warnings.warn(why, stacklevel=2)
     if plan is not None:
         extra = [borrowed] if plan.timestep_source == "borrowed" else []
         if plan.size_sources:  # dynamic sizes: the state's example inputs share Dynamo's symbols
@@ -102,6 +106,26 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
     compiled = compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)
     index = timestep_position(gm, inputs)
     return compiled if index is None else runtime.TimestepPublisher(compiled, index)
+
+
+def cudagraphs_lost(compiler: Compiler, mode: str | None, inputs: Sequence[Any]) -> str | None:
+    """Why a graph with the cache's ``torch.cond`` will not get the CUDA graphs ``mode`` asks for,
+    or None. Inductor's lowering of ``cond`` (torch 2.13, graph partitioning on or off) disables
+    CUDA graphs for the whole graph when its operands are on the GPU; it says so only under
+    ``TORCH_LOGS=perf_hints``."""
+    if compiler is not Compiler.INDUCTOR:
+        return None
+    from torch._inductor import config, list_mode_options
+
+    if not (list_mode_options(mode) if mode is not None else {}).get("triton.cudagraphs", config.triton.cudagraphs):
+        return None
+    if not any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs):
+        return None
+    asked = f"mode={mode!r}" if mode is not None else "torch._inductor.config.triton.cudagraphs=True"
+    return (f"cachedit: {asked} asks for CUDA graphs, but Inductor (torch {torch.__version__}) skips them for "
+            f"a whole graph that holds a torch.cond on the GPU, and the block cache puts one in this graph: "
+            f"it runs without CUDA graphs. Compile with mode='max-autotune-no-cudagraphs' (or no mode) to "
+            f"ask for what runs, or with enable_cache=False to keep CUDA graphs without the cache.")
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compiler,

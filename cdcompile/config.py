@@ -48,6 +48,9 @@ class CacheConfig:
     """All options of the ``cachedit`` backend.
 
     compiler: inner compiler for the rewritten graph ("inductor" | "aot_eager" | "eager").
+    mode: Inductor's mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        as ``torch.compile(mode=...)``, which torch.compile takes only without ``options``; with
+        ``cdcompile.export`` it sets AOTInductor's configs (CUDA graphs aside).
     disable_passes: debugging knob; names of passes to skip (for bisection).
     size_asserts: Inductor's size/stride assert on every graph input (``torch._inductor.config.
         size_asserts``; default: Inductor's setting). The cond's operands include every weight of
@@ -119,6 +122,7 @@ class CacheConfig:
     """
 
     compiler: Compiler = Compiler.INDUCTOR
+    mode: str | None = None
     disable_passes: tuple[str, ...] = ()
     size_asserts: bool | None = None
 
@@ -150,6 +154,12 @@ class CacheConfig:
             object.__setattr__(self, "compiler", Compiler(self.compiler))
         except ValueError:
             _bad("compiler", self.compiler, f"one of {[c.value for c in Compiler]}")
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+
+            modes = list(list_mode_options(None))
+            if self.mode not in modes:
+                _bad("mode", self.mode, f"None or one of Inductor's modes {modes}")
         passes = self.disable_passes
         if isinstance(passes, str):
             passes = (passes,)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import operator
+import warnings
 import zipfile
 from typing import Any
 
@@ -69,12 +70,24 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
     ep = ep.run_decompositions()
     from torch._inductor import aoti_compile_and_package
 
-    from .backend import inductor_patches
-
-    out = aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_patches())
+    out = aoti_compile_and_package(ep, package_path=path, inductor_configs=_inductor_configs(cfg.mode))
     with zipfile.ZipFile(out, "a") as z:
         z.writestr(_root(z) + _SPEC, json.dumps(spec))
     return out
+
+
+def _inductor_configs(mode: str | None) -> dict[str, Any]:
+    """AOTInductor's configs: the backend's patches over the settings of Inductor's ``mode``, less
+    CUDA graphs, which an AOTInductor package does not capture (said when the mode asks for them)."""
+    from torch._inductor import list_mode_options
+
+    from .backend import inductor_patches
+
+    settings = dict(list_mode_options(mode)) if mode is not None else {}
+    if settings.pop("triton.cudagraphs", False):
+        warnings.warn(f"cdcompile.export: mode={mode!r} asks for CUDA graphs, which an AOTInductor package "
+                      f"does not capture; its other settings {sorted(settings)} apply", stacklevel=3)
+    return {**settings, **inductor_patches()}
 
 
 def _scalars_as_full(gm: torch.fx.GraphModule) -> None:

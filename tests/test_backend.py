@@ -49,6 +49,7 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     ("Fn_compute_blocks", True, "not a bool"),
     ("disable_passes", ["no_such_pass"], "discover_blocks"),
     ("size_asserts", "off", "expected a bool"),
+    ("mode", "fastest", "max-autotune-no-cudagraphs"),
 ])
 def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):
     with pytest.raises(ValueError) as info:
@@ -96,6 +97,55 @@ def test_inductor_output_equals_eager_with_caching_off_and_mode_passes_through()
     c = torch.compile(m, backend="cachedit", fullgraph=True, mode="max-autotune-no-cudagraphs")
     with torch.no_grad():
         torch.testing.assert_close(c(x, t), m(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_the_mode_option_reaches_inductor_beside_the_cache_options(monkeypatch):
+    # torch.compile refuses mode= together with options=; the option is how a cached model gets one
+    seen = []
+
+    def fake_inner(gm, example_inputs, compiler, mode, size_asserts=None):
+        seen.append((compiler, mode))
+        return gm.forward
+
+    monkeypatch.setattr(cdcompile.backend, "compile_inner", fake_inner)
+    m = SequentialDiT(depth=3)
+    x, t = torch.randn(1, 10, 8), torch.tensor([0.3])
+    c = torch.compile(m, backend="cachedit",
+                      options={"mode": "max-autotune-no-cudagraphs", "residual_diff_threshold": 0.1})
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, t), m(x, t))
+    assert seen == [(cdcompile.config.Compiler.INDUCTOR, "max-autotune-no-cudagraphs")]
+
+
+def test_a_mode_with_cuda_graphs_on_a_gpu_graph_with_the_cache_says_it_runs_without_them():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cdcompile.backend import cudagraphs_lost
+    from cdcompile.config import Compiler
+
+    with FakeTensorMode():
+        gpu, cpu = [torch.empty(2, device="cuda")], [torch.empty(2)]
+    why = cudagraphs_lost(Compiler.INDUCTOR, "reduce-overhead", gpu)
+    assert why and "mode='reduce-overhead'" in why and "torch.cond" in why and "max-autotune-no-cudagraphs" in why
+    assert cudagraphs_lost(Compiler.INDUCTOR, "max-autotune", gpu)
+    assert cudagraphs_lost(Compiler.INDUCTOR, "max-autotune-no-cudagraphs", gpu) is None
+    assert cudagraphs_lost(Compiler.INDUCTOR, None, gpu) is None
+    assert cudagraphs_lost(Compiler.INDUCTOR, "reduce-overhead", cpu) is None  # no CUDA graphs on a CPU
+    assert cudagraphs_lost(Compiler.AOT_EAGER, "reduce-overhead", gpu) is None
+    with torch._inductor.config.patch({"triton.cudagraphs": True}):
+        assert "triton.cudagraphs=True" in cudagraphs_lost(Compiler.INDUCTOR, None, gpu)
+
+
+def test_export_takes_the_mode_s_inductor_settings_less_cuda_graphs():
+    from cdcompile.backend import inductor_patches
+    from cdcompile.export import _inductor_configs
+
+    assert _inductor_configs(None).keys() == inductor_patches().keys()
+    tuned = _inductor_configs("max-autotune-no-cudagraphs")
+    assert tuned["max_autotune"] and tuned["coordinate_descent_tuning"]
+    with pytest.warns(UserWarning, match="does not capture"):
+        graphed = _inductor_configs("max-autotune")
+    assert graphed["max_autotune"] and "triton.cudagraphs" not in graphed
 
 
 @pytest.mark.slow
