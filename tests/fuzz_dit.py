@@ -24,6 +24,7 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dbcache_reference import RefCache, RefConfig
 
@@ -32,7 +33,7 @@ from dbcache_reference import RefCache, RefConfig
 class GroupSpec:
     depth: int
     norm: str  # "layer", "rms" (by hand), "rms_module" (nn.RMSNorm)
-    attn: str  # "sdpa", "manual"
+    attn: str  # "sdpa", "manual", "sdpa_kernel" (SDPA inside ``with sdpa_kernel(MATH)``)
     mlp: str  # "gelu", "swiglu"
     modulation: str  # "adaln", "add", "none"
     inplace: bool  # the MLP's residual add is in place (on a fresh tensor)
@@ -98,6 +99,9 @@ def draw_spec(seed: int) -> DiTSpec:
     if r.random() < 0.2:  # drawn after
         spec.dtype = "bfloat16"
     spec.storage = r.choice(("list", "list", "dict", "attrs"))  # drawn after
+    for g in groups:  # drawn after: SDPA run inside ``with sdpa_kernel(...)`` (diffusers' _native_math)
+        if g.attn == "sdpa" and r.random() < 0.3:
+            g.attn = "sdpa_kernel"
     return spec
 
 
@@ -186,6 +190,9 @@ class _Block(nn.Module):
     def _attend(self, q, k, v, mask):
         if self.g.attn == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.g.attn == "sdpa_kernel":
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))

@@ -775,19 +775,29 @@ def test_an_autocast_scope_and_a_dead_cast_inside_the_blocks_move_into_the_branc
 
 
 class _KernelScopedBlock(torch.nn.Module):
-    """A SeqBlock run inside ``with sdpa_kernel(...)`` scopes, the outer one with a priority, as
-    diffusers' _native_math / _native_flash / _native_cudnn attention backends run their attention:
-    Dynamo records each enter and exit as a call that sets the SDPA backends. (A priority set inside
-    a scope that disabled some backends does not restore the order of those, in eager too.)"""
+    """A SeqBlock followed by an attention run inside ``with sdpa_kernel(...)`` scopes, the outer one
+    with a priority, as diffusers' _native_math / _native_flash / _native_cudnn attention backends
+    run theirs: Dynamo records each enter and exit as a call that sets the SDPA backends. (A
+    priority set inside a scope that disabled some backends does not restore the order of those,
+    in eager too.) ``scoped=False`` runs the same attention with the default kernels."""
+
+    scoped = True
 
     def __init__(self, block):
         super().__init__()
         self.inner = block
+        dim = block.mod.in_features
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
 
     def forward(self, x, temb):
+        x = self.inner(x, temb)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        if not self.scoped:
+            return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
             with sdpa_kernel([SDPBackend.MATH]):
-                return self.inner(x, temb)
+                a = F.scaled_dot_product_attention(q, k, v)
+        return x + a.transpose(1, 2).flatten(2)
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
@@ -797,6 +807,30 @@ def test_sdpa_kernel_scopes_inside_the_blocks_move_into_the_branch(compiler):
     before = torch.nn.attention._cur_sdpa_kernel_backends(with_priority=True)
     _assert_wrapped_blocks_cached_as_the_reference(_KernelScopedBlock, compiler)
     assert torch.nn.attention._cur_sdpa_kernel_backends(with_priority=True) == before
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_the_branch_runs_its_attention_with_the_kernels_its_scope_sets(compiler, monkeypatch):
+    # In bfloat16 the math kernel and the CPU flash kernel differ by about 1e-2, so an attention in
+    # the compute branch that ran with the default kernels shows. (FX's dead-code elimination took
+    # the setting calls out of the branch, which returns None: the first version of the move did.)
+    m = SequentialDiT(depth=4)
+    m.blocks = torch.nn.ModuleList(_KernelScopedBlock(b) for b in m.blocks)
+    m = m.to(torch.bfloat16)
+    x, t = torch.randn(2, 24, 8, dtype=torch.bfloat16), torch.tensor([0.3, 0.3], dtype=torch.bfloat16)
+
+    def run(**options):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": compiler, **options})
+        with torch.no_grad():
+            return c(x, t)
+
+    plain = run(enable_cache=False)
+    with cdcompile.backend.collect_reports() as reports:
+        torch.testing.assert_close(run(residual_diff_threshold=0.0), plain, rtol=0, atol=0)
+    assert reports[0].cache is not None, reports[0].not_cached
+    monkeypatch.setattr(_KernelScopedBlock, "scoped", False)
+    assert not torch.equal(run(enable_cache=False), plain)  # the kernel the scope picks shows
 
 
 def test_flux_on_diffusers_native_math_attention_backend_caches_like_the_reference():

@@ -561,7 +561,9 @@ def subgraph(gm, inputs, pulled, n_res, body, outputs, class_name, coef=True) ->
     # keep its storage offset.
     g.output(tuple(g.call_function(torch.clone, (o,), {"memory_format": torch.contiguous_format})
                    if is_view(o) else g.call_method("contiguous", (o,)) for o in outs))
-    g.eliminate_dead_code()
+    # FX counts a call that sets the SDPA backends as pure (it returns None): keep it.
+    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
+        n.op == "call_function" and _fx.target_name(n) in _SETTERS))
     return fx.GraphModule(gm, g, class_name=class_name)
 
 
