@@ -285,7 +285,8 @@ def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, 
         return set()
     settings = [_setting(n) for n in calls]
     if any(s is None for s in settings):
-        return f"{calls[settings.index(None)].name} sets the SDPA backends from values the pass cannot read, between {what}"
+        return (f"{calls[settings.index(None)].name} sets the SDPA backends from values the pass cannot read, "
+                f"between {what}")
     before = next((_setting(n) for n in reversed(nodes[:lo])
                    if n.op == "call_function" and _fx.target_name(n) in _SETTERS), None)
     if before is None:
