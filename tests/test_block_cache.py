@@ -870,6 +870,10 @@ def test_a_setting_the_middle_blocks_do_not_restore_refuses_and_names_it():
     order = {n: k for k, n in enumerate(nodes)}
     moved = _branch._take_settings(nodes, 1, order[core[-1]], order, set(core), list(core), "the middle blocks")
     assert {n.name for n in moved} == {"_sdpa_kernel", "_sdpa_kernel_1"}
+    # A scope around no region node (a block of another group between the middle blocks) stays.
+    region = [core[-1]]
+    kept = _branch._take_settings(nodes, 1, order[core[-1]], order, set(region), region, "the middle blocks")
+    assert {n.name for n in kept} == {"_sdpa_kernel", "_sdpa_kernel_1"} and region == [core[-1]]
     nodes, core = _setter_graph(["MATH"], ["FLASH_ATTENTION"])
     order = {n: k for k, n in enumerate(nodes)}
     reason = _branch._take_settings(nodes, 1, order[core[-1]], order, set(core), list(core), "the middle blocks")

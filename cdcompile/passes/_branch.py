@@ -265,20 +265,21 @@ def _setting(n: fx.Node) -> tuple[tuple[str, ...], bool] | None:
 
 
 def _same_setting(a: tuple[tuple[str, ...], bool], b: tuple[tuple[str, ...], bool]) -> bool:
-    # Without a priority the call enables a set of backends; with one, their order counts too.
-    if a[1] or b[1]:
-        return a == b
+    # The backends a call enables. (With a priority it orders them too; an exit Dynamo records
+    # restores the order its enter found, so the enabled set pairs an exit with its enter.)
     return set(a[0]) == set(b[0])
 
 
 def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, int], m_nodes: set[fx.Node],
                    region: list[fx.Node], what: str) -> set[fx.Node] | str:
-    """Move the ``_sdpa_kernel`` calls between ``nodes[lo]`` and ``nodes[hi]`` (and the backend
-    names they read) into the region, when the last of them restores the setting that held before
-    the first: then skipping the region leaves the setting as running it does. The setting before
-    is the last such call earlier in the graph, or the process's own at compile time (Dynamo
-    records an exit's value as the setting it found at trace time, in this same call). Returns the
-    moved calls, or why they cannot move."""
+    """The ``_sdpa_kernel`` calls between ``nodes[lo]`` and ``nodes[hi]``, paired into the scopes they
+    open and close (an exit restores the setting its enter found). A scope that holds region nodes
+    moves into the region whole, with the backend names its calls read: skipping the region then
+    leaves the setting as running it does. A scope that holds none (a block of another group that
+    runs between the middle blocks) stays where it is, balanced. The setting before the first call
+    is the last such call earlier in the graph, or the process's own at compile time (Dynamo records
+    an exit's value as the setting it found at trace time, in this same call). Returns the calls, or
+    why they cannot move."""
     span = nodes[lo:hi + 1]
     calls = [n for n in span if n.op == "call_function" and _fx.target_name(n) in _SETTERS]
     if not calls:
@@ -290,25 +291,37 @@ def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, 
     before = next((_setting(n) for n in reversed(nodes[:lo])
                    if n.op == "call_function" and _fx.target_name(n) in _SETTERS), None)
     if before is None:
-        prio = settings[-1][1]
+        prio = settings[0][1]
         now = torch.nn.attention._cur_sdpa_kernel_backends(with_priority=prio)
         before = (tuple(b.name for b in now), prio)
-    if not _same_setting(settings[-1], before):
-        return (f"{calls[-1].name} leaves the SDPA backends at {list(settings[-1][0])} after {what}, not "
-                f"at {list(before[0])} as it found them: skipping them would change the attention kernel after")
-    # An attention left outside the region between the calls would run with another setting.
-    first, last = calls[0], calls[-1]
-    inside = span[span.index(first):span.index(last) + 1]
-    stray = [n for n in inside if n not in m_nodes and n.op in ("call_function", "call_method")
-             and "attention" in str(_fx.target_name(n))]
-    if stray:
-        return (f"attention {stray[0].name} runs between {what} under an sdpa_kernel setting but does not "
-                f"depend on them: it cannot move into the branch with the setting")
-    moved = set(calls) | {b for n in calls for b in n.all_input_nodes}
-    for n in moved:
-        if n not in m_nodes:
-            m_nodes.add(n)
-            region.append(n)
+    stack: list[tuple[fx.Node | None, tuple]] = [(None, before)]
+    outer = []
+    for n, setting in zip(calls, settings):
+        if len(stack) > 1 and _same_setting(setting, stack[-2][1]):
+            enter, _ = stack.pop()
+            if len(stack) == 1:
+                outer.append((enter, n))
+        else:
+            stack.append((n, setting))
+    if len(stack) > 1:
+        n, setting = stack[-1]
+        return (f"{n.name} sets the SDPA backends to {list(setting[0])} between {what} and nothing after it "
+                f"restores {list(stack[-2][1][0])}: skipping them would change the attention kernel after")
+    for enter, exit_ in outer:
+        inside = nodes[order[enter]:order[exit_] + 1]
+        if not any(n in m_nodes for n in inside):
+            continue
+        # An attention left outside the region inside the scope would run with another setting.
+        stray = [n for n in inside if n not in m_nodes and n.op in ("call_function", "call_method")
+                 and "attention" in str(_fx.target_name(n))]
+        if stray:
+            return (f"attention {stray[0].name} runs inside an sdpa_kernel scope between {what} but does not "
+                    f"depend on them: it cannot move into the branch with the setting")
+        setters = [n for n in inside if n in calls]
+        for n in set(setters) | {b for c in setters for b in c.all_input_nodes}:
+            if n not in m_nodes:
+                m_nodes.add(n)
+                region.append(n)
     region.sort(key=order.__getitem__)
     return set(calls)
 
