@@ -16,7 +16,9 @@
 #      the attention kernel's tile/warp/stage sweep at S=4608 (--sweep)
 #   3. bench/gpu_rates.py: GEMM and SDPA rates for bench/cp.py's model          issue 7
 #   4. bench/cudagraphs.py: does mode="reduce-overhead" keep CUDA graphs with   issue 3
-#      the cache's cond (README "CUDA graphs" says Inductor skips them)
+#      the cache's cond (README "CUDA graphs" says Inductor skips them), and
+#      bench/attention_backends.py: diffusers' flash/cuDNN/efficient backends
+#      inside the cond's branch, bit for bit against the uncached graph
 #   5. bench/speed.py --device cuda: FLUX.1-dev shape, 3 rounds                 issue 3
 # Not in this run (no time left in one call): FP8 attention end to end, for a later session,
 #   python3 bench/speed.py --device cuda --repeats 3 --fp8-attention --skip-eager --skip-cache-dit
@@ -36,7 +38,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=$PWD/.site:$PWD
 else
   export PYTHONPATH=$PWD
-  echo "no .whl: diffusers and cache-dit are missing, stage 4 will fail (run ../shared/tools/device-wheels.sh here first)"
+  echo "no .whl: diffusers and cache-dit are missing, the cudagraphs, attention_backends and speed stages will fail (run ../shared/tools/device-wheels.sh here first)"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/nvidia-smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RES/nvidia-smi.txt"
@@ -54,9 +56,9 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 # One deadline for the whole script, inside the call's timeout_s=590 (the pack and the listing
-# after it take a second). The first four stages have caps; the speed stage, last and the longest
+# after it take a second). The first five stages have caps; the speed stage, last and the longest
 # (cold Inductor compiles of FLUX.1-dev's 57 blocks in four configurations, then the timed rounds),
-# gets whatever the others left: at least 270 s, more when they finish early. speed.py leaves
+# gets whatever the others left: at least 240 s, more when they finish early. speed.py leaves
 # speed_cuda.partial.{json,md} after each timed round, so a run cut short still reports the rounds
 # it finished. -rs lists any skipped test with its reason: a skip here means a check did not run.
 DEADLINE=${GPU_CHECKS_DEADLINE:-575}
@@ -64,5 +66,6 @@ stage kernel_tests 75 python3 -m pytest -q -rs -p no:cacheprovider tests/kernels
 stage kernels 140 python3 bench/kernel_bench.py --rep-ms 200 --warmup-ms 50 --sweep 4608 --out "$RES"
 stage gpu_rates 30 python3 bench/gpu_rates.py --json "$RES/gpu_rates.json"
 stage cudagraphs 60 python3 bench/cudagraphs.py --json "$RES/cudagraphs.json"
+stage attention_backends 30 python3 bench/attention_backends.py --json "$RES/attention_backends.json"
 stage speed $((DEADLINE - SECONDS)) python3 bench/speed.py --device cuda --repeats 3 --out "$RES/speed_cuda"
 ls -la "$RES" "$OUT"
