@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
 from cdcompile.testing import flux_inputs, tiny_flux
 
@@ -56,8 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/attention_backends.py needs a CUDA device (--device cpu checks _native_math)")
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "rows": run(args.device)}
+    result = {"meta": H.metadata(args.device), "rows": run(args.device)}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
 

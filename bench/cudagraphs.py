@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 import time
 import warnings
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
 import cdcompile
 from cdcompile.testing import flux_inputs, tiny_flux
@@ -71,7 +75,7 @@ def run(enable_cache: bool, device: str) -> dict:
         "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
         "warnings": [str(w.message) for w in caught if "CUDA graph" in str(w.message)],
         "cached_steps": cached,
-        "median_step_ms": 1e3 * statistics.median(times),
+        "median_step_ms": 1e3 * H.median(times),
         "max_abs_diff_computed_steps": max((outs[s] - eager[s]).abs().max().item() for s in computed),
     }
 
@@ -84,8 +88,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/cudagraphs.py needs a CUDA device (--device cpu only checks the script)")
     rows = [run(True, args.device), run(False, args.device)]
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"device": name, "torch": torch.__version__, "rows": rows}
+    note = {} if args.device == "cuda" else {"note": "no CUDA graphs on a CPU: this run checks the script"}
+    result = {"meta": H.metadata(args.device, **note), "rows": rows}
     for r in rows:
         print(json.dumps(r))
     with open(args.json, "w") as f:

@@ -90,9 +90,9 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
             borrowed = torch.zeros(1, dtype=torch.float32, device=published.device)
     gm2, ctx = build(gm, example_inputs, cfg, borrowed)
     plan = ctx.cache_plan
-    if plan is not None and (why := cudagraphs_lost(cfg.compiler, mode, inputs)):
-        warnings.warn(why, stacklevel=2)
     if plan is not None:
+        if why := cudagraphs_lost(cfg.compiler, mode, inputs):
+            warnings.warn(why, stacklevel=2)
         extra = [borrowed] if plan.timestep_source == "borrowed" else []
         if plan.size_sources:  # dynamic sizes: the state's example inputs share Dynamo's symbols
             state = None
@@ -115,9 +115,9 @@ def cudagraphs_lost(compiler: Compiler, mode: str | None, inputs: Sequence[Any])
     ``TORCH_LOGS=perf_hints``."""
     if compiler is not Compiler.INDUCTOR:
         return None
-    from torch._inductor import config, list_mode_options
+    from torch._inductor import config
 
-    if not (list_mode_options(mode) if mode is not None else {}).get("triton.cudagraphs", config.triton.cudagraphs):
+    if not mode_settings(mode).get("triton.cudagraphs", config.triton.cudagraphs):
         return None
     if not any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs):
         return None
@@ -126,6 +126,13 @@ def cudagraphs_lost(compiler: Compiler, mode: str | None, inputs: Sequence[Any])
             f"a whole graph that holds a torch.cond on the GPU, and the block cache puts one in this graph: "
             f"it runs without CUDA graphs. Compile with mode='max-autotune-no-cudagraphs' (or no mode) to "
             f"ask for what runs, or with enable_cache=False to keep CUDA graphs without the cache.")
+
+
+def mode_settings(mode: str | None) -> dict[str, Any]:
+    """The Inductor config an Inductor ``mode`` stands for (``{}`` for none)."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode)) if mode is not None else {}
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compiler,
@@ -140,10 +147,9 @@ def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], compiler: Compi
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(list_mode_options(mode)) if mode is not None else {}
+    patches = mode_settings(mode)
     patches.update(inductor_patches())
     if size_asserts is not None:
         patches["size_asserts"] = size_asserts

@@ -79,11 +79,9 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
 def _inductor_configs(mode: str | None) -> dict[str, Any]:
     """AOTInductor's configs: the backend's patches over the settings of Inductor's ``mode``, less
     CUDA graphs, which an AOTInductor package does not capture (said when the mode asks for them)."""
-    from torch._inductor import list_mode_options
+    from .backend import inductor_patches, mode_settings
 
-    from .backend import inductor_patches
-
-    settings = dict(list_mode_options(mode)) if mode is not None else {}
+    settings = mode_settings(mode)
     if settings.pop("triton.cudagraphs", False):
         warnings.warn(f"cdcompile.export: mode={mode!r} asks for CUDA graphs, which an AOTInductor package "
                       f"does not capture; its other settings {sorted(settings)} apply", stacklevel=3)

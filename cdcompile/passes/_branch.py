@@ -246,28 +246,22 @@ def _take_scopes(span: list[fx.Node], order: dict[fx.Node, int], m_nodes: set[fx
 _SETTERS = {"_sdpa_kernel"}
 
 
-def _setting(n: fx.Node) -> tuple[tuple[str, ...], bool] | None:
-    """The SDPA backends (in order) and the priority flag a ``_sdpa_kernel`` call sets, or None
-    when its arguments are not the backend nodes Dynamo emits."""
+def _setting(n: fx.Node) -> frozenset[str] | None:
+    """The SDPA backends a ``_sdpa_kernel`` call enables, or None when its arguments are not the
+    backend nodes Dynamo emits. (With a priority it orders them too; an exit Dynamo records
+    restores the order its enter found, so the enabled set pairs an exit with its enter.)"""
     backends = n.args[0] if n.args else n.kwargs.get("backends")
-    prio = n.args[1] if len(n.args) > 1 else n.kwargs.get("set_priority", False)
-    if not isinstance(backends, (list, tuple)) or not isinstance(prio, bool):
+    if not isinstance(backends, (list, tuple)):
         return None
-    names = []
+    names = set()
     for b in backends:
         if isinstance(b, fx.Node) and _fx.target_name(b) == "_backend_from_string" and b.args:
-            names.append(str(b.args[0]))
+            names.add(str(b.args[0]))
         elif isinstance(b, torch.nn.attention.SDPBackend):
-            names.append(b.name)
+            names.add(b.name)
         else:
             return None
-    return tuple(names), prio
-
-
-def _same_setting(a: tuple[tuple[str, ...], bool], b: tuple[tuple[str, ...], bool]) -> bool:
-    # The backends a call enables. (With a priority it orders them too; an exit Dynamo records
-    # restores the order its enter found, so the enabled set pairs an exit with its enter.)
-    return set(a[0]) == set(b[0])
+    return frozenset(names)
 
 
 def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, int], m_nodes: set[fx.Node],
@@ -291,13 +285,11 @@ def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, 
     before = next((_setting(n) for n in reversed(nodes[:lo])
                    if n.op == "call_function" and _fx.target_name(n) in _SETTERS), None)
     if before is None:
-        prio = settings[0][1]
-        now = torch.nn.attention._cur_sdpa_kernel_backends(with_priority=prio)
-        before = (tuple(b.name for b in now), prio)
-    stack: list[tuple[fx.Node | None, tuple]] = [(None, before)]
+        before = frozenset(b.name for b in torch.nn.attention._cur_sdpa_kernel_backends())
+    stack: list[tuple[fx.Node | None, frozenset[str]]] = [(None, before)]
     outer = []
     for n, setting in zip(calls, settings):
-        if len(stack) > 1 and _same_setting(setting, stack[-2][1]):
+        if len(stack) > 1 and setting == stack[-2][1]:
             enter, _ = stack.pop()
             if len(stack) == 1:
                 outer.append((enter, n))
@@ -305,8 +297,8 @@ def _take_settings(nodes: list[fx.Node], lo: int, hi: int, order: dict[fx.Node, 
             stack.append((n, setting))
     if len(stack) > 1:
         n, setting = stack[-1]
-        return (f"{n.name} sets the SDPA backends to {list(setting[0])} between {what} and nothing after it "
-                f"restores {list(stack[-2][1][0])}: skipping them would change the attention kernel after")
+        return (f"{n.name} sets the SDPA backends to {sorted(setting)} between {what} and nothing after it "
+                f"restores {sorted(stack[-2][1])}: skipping them would change the attention kernel after")
     for enter, exit_ in outer:
         inside = nodes[order[enter]:order[exit_] + 1]
         if not any(n in m_nodes for n in inside):
