@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import diffusers_hooks
 from .backend import cachedit, collect_reports
 from .report import GraphReport
 
@@ -28,6 +29,8 @@ class ExplainReport:
     break_reasons: list[str]
     graph_reports: list[GraphReport]
     output: Any = dataclasses.field(default=None, repr=False)  # the model's output (not serialised)
+    # diffusers hooks registered on the model: kind -> module paths (cdcompile.diffusers_hooks.on_module)
+    diffusers_hooks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def groups(self) -> list[dict[str, Any]]:
@@ -39,6 +42,7 @@ class ExplainReport:
             "graph_breaks": self.graph_breaks,
             "break_reasons": self.break_reasons,
             "groups": self.groups,
+            "diffusers_hooks": self.diffusers_hooks,
             "graph_reports": [r.as_dict() for r in self.graph_reports],
         }
 
@@ -50,6 +54,9 @@ class ExplainReport:
         hint = _capture_hint(self.break_reasons)
         if hint:
             lines.append(f"  hint: {hint}")
+        if self.diffusers_hooks:
+            lines.append(f"  diffusers hooks on the model: {diffusers_hooks.describe(self.diffusers_hooks)}")
+            lines.extend(f"    {line}" for line in diffusers_hooks.advice(self.diffusers_hooks))
         lines.extend(str(r) for r in self.graph_reports)
         if not self.groups:
             lines.append("  no repeated block group found: the backend compiles the model unchanged")
@@ -71,7 +78,8 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, **k
         torch._dynamo.reset()
     reasons = [_reason(r) for r in out.break_reasons]
     return ExplainReport(graphs=out.graph_count, graph_breaks=out.graph_break_count,
-                         break_reasons=reasons, graph_reports=list(reports), output=output)
+                         break_reasons=reasons, graph_reports=list(reports), output=output,
+                         diffusers_hooks=diffusers_hooks.on_module(getattr(model, "_orig_mod", model)))
 
 
 def _reason(r: Any) -> str:

@@ -12,10 +12,12 @@ instance changes: its class becomes a one-off subclass whose ``__call__`` resets
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 
+from . import diffusers_hooks
 from .config import CacheConfig
 from .runtime import new_request
 
@@ -74,6 +76,8 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
     configs = _configs(pipe, names, options, transformer_options)
+    for name, cfg in configs.items():
+        _check_hooks(name, getattr(pipe, name), cfg)
     before = {name: getattr(pipe, name) for name in names}  # what disable() puts back
     originals = []
     for name, cfg in configs.items():
@@ -98,6 +102,21 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})
     pipe._cdcompile_before = (base, before)
     return pipe
+
+
+def _check_hooks(name: str, transformer: torch.nn.Module, cfg: CacheConfig) -> None:
+    """Refuse diffusers hooks that would fight the backend (a diffusers cache with the block cache,
+    diffusers' context parallelism with Ulysses); warn of those that only split the graph."""
+    found = diffusers_hooks.on_module(getattr(transformer, "_orig_mod", transformer))
+    if not found:
+        return
+    clash = set(diffusers_hooks.caches(found)) if cfg.enable_cache else set()
+    if cfg.ulysses_degree > 1:
+        clash |= diffusers_hooks.PARALLEL & set(found)
+    where = f"cdcompile.enable: pipe.{name} has diffusers hooks ({diffusers_hooks.describe(found)})"
+    if clash:
+        raise ValueError(f"{where}. " + "; ".join(diffusers_hooks.advice(clash)))
+    warnings.warn(f"{where}. " + "; ".join(diffusers_hooks.advice(found)), stacklevel=3)
 
 
 def disable(pipe: Any) -> Any:

@@ -44,6 +44,8 @@ class GraphReport:
     # Tensor-subclass cond operands (torchao's quantized weights) passed as their inner tensors,
     # per subclass name (passes._branch.flatten_subclass_operands)
     subclass_operands: dict[str, int] = dataclasses.field(default_factory=dict)
+    # diffusers hook kinds whose code this graph traced (cdcompile.diffusers_hooks.in_graph)
+    diffusers_hooks: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -88,6 +90,8 @@ class GraphReport:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.subclass_operands.items()))
             lines.append(f"  cond operands that are tensor subclasses ({kinds}): passed as their inner "
                          f"tensors, rebuilt in each branch")
+        if self.diffusers_hooks:
+            lines.append(f"  diffusers hooks traced in this graph: {', '.join(self.diffusers_hooks)}")
         for reason in self.not_cached:
             lines.append(f"  not cached: {reason}")
         if self.context_parallel is not None:

@@ -85,7 +85,20 @@ def summary(model: Any) -> Summary:
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])
                     s["prune_ratio"] = sum(s["pruned_blocks"]) / max(1, calls * graph.plan.num_blocks)
             requests.append(r)
-    return Summary(requests=requests, graphs=graphs, note="" if graphs else _regional_note(model))
+    return Summary(requests=requests, graphs=graphs, note="" if graphs else _regional_note(model) + _hooks_note(model))
+
+
+def _hooks_note(model: Any) -> str:
+    """diffusers hooks on the module that keep the block cache out of its graphs."""
+    from . import diffusers_hooks
+
+    if not isinstance(model, torch.nn.Module):
+        return ""
+    found = diffusers_hooks.on_module(getattr(model, "_orig_mod", model))
+    if not found:
+        return ""
+    return (f"; the model has diffusers hooks ({diffusers_hooks.describe(found)}): "
+            + "; ".join(diffusers_hooks.advice(found)))
 
 
 def _regional_note(model: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
+from .. import diffusers_hooks
 from ..config import PASS_NAMES, CacheConfig
 from ..report import GraphReport, PassRecord
 from . import block_cache, context_parallel, discover, fp8_attention, matmul_attention
@@ -36,6 +37,10 @@ class PassContext:
 def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Find the repeated block groups (analysis only)."""
     ctx.discovery = discover.find_block_groups(gm, ctx.example_inputs)
+    ctx.report.diffusers_hooks = diffusers_hooks.in_graph(gm)
+    if ctx.report.diffusers_hooks and not diffusers_hooks.caches(ctx.report.diffusers_hooks):
+        for line in diffusers_hooks.advice(ctx.report.diffusers_hooks):  # the caches: block_cache says
+            warnings.warn(f"cachedit: {line}", stacklevel=2)  # once per kind: same text
     ctx.report.groups = [g.as_dict() for g in ctx.discovery.groups]
     ctx.report.rejected = [r.as_dict() for r in ctx.discovery.rejected]
     if not ctx.discovery.groups:

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .. import calibrators, guard
+from .. import calibrators, diffusers_hooks, guard
 from ..config import CacheType
 from ..distributed import ulysses
 from . import _branch, _fx
@@ -143,6 +143,11 @@ def run(gm: fx.GraphModule, ctx) -> None:
     cfg, report = ctx.cfg, ctx.report
     if not cfg.enable_cache:
         report.not_cached.append("enable_cache=False")
+        return
+    if foreign := diffusers_hooks.caches(report.diffusers_hooks):
+        why = diffusers_hooks.advice(foreign)[0]
+        report.not_cached.append(why)
+        warnings.warn(f"cachedit: not cached: {why}", stacklevel=2)
         return
     groups = ctx.discovery.groups if ctx.discovery else []
     if not groups:
