@@ -130,3 +130,14 @@ def test_advice_covers_a_hook_defined_outside_diffusers():
     (line,) = diffusers_hooks.advice(["MyHook"])
     assert line.startswith("MyHook: a diffusers hook")
     assert len(diffusers_hooks.advice(["first_block_cache", "mag_cache", "layerwise_casting"])) == 2
+
+
+def test_enable_refuses_diffusers_context_parallelism_under_ulysses():
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    pipe = tiny_flux_pipeline()
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry.register_hook(ContextParallelSplitHook(metadata={}, parallel_config=None), "cp_input---")
+    with pytest.raises(ValueError, match=r"context_parallel on <root>\).*use cdcompile's ulysses_degree instead"):
+        cdcompile.enable(pipe, compiler="eager", ulysses_degree=2)
