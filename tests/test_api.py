@@ -334,6 +334,48 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
         assert art.pruned_blocks() == [0] * 12
 
 
+@pytest.mark.slow
+def test_an_export_with_dynamic_shapes_serves_each_size_and_a_new_size_starts_a_request(tmp_path):
+    m = SequentialDiT(depth=4)
+    opts = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}
+
+    def traj(tokens):
+        x = torch.randn(1, tokens, 8, generator=torch.Generator().manual_seed(tokens))
+        return [(x + 0.01 * s, torch.tensor([1.0 - s / 6])) for s in range(6)]
+
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    path = cdcompile.export(m, traj(10)[0], {}, str(tmp_path / "dyn.pt2"), options=opts,
+                            dynamic_shapes={"x": {1: tokens}})
+    art = cdcompile.load(path)
+    assert list(art.sized_spec) == ["anchor", "residual_0"]  # the state that holds the token count
+    want_cached = []
+    for n in (10, 17, 10):  # no new_request(): each change of size starts one
+        c = torch.compile(m, backend="cachedit", fullgraph=True, dynamic=False, options={"compiler": "eager", **opts})
+        cdcompile.new_request(m)
+        with torch.no_grad():
+            for x, t in traj(n):
+                torch.testing.assert_close(art(x, t)[0], c(x, t), rtol=1e-5, atol=1e-5)
+        want_cached += [r["slots"][0]["cached_steps"] for r in cdcompile.summary(m).as_dict()["requests"]][-1:]
+    d = art.decisions()
+    got_cached = [[s for s in range(6) if d[6 * r + s]] for r in range(3)]
+    assert got_cached == want_cached and want_cached[0]
+
+
+def test_export_names_a_bad_dynamic_shape_and_the_fix(tmp_path):
+    from cdcompile.testing import flux_inputs, tiny_flux
+
+    m = tiny_flux()
+    kw = flux_inputs(m, tokens=16)
+    tokens = torch.export.Dim("tokens", min=4, max=4096)
+    with pytest.raises(ValueError, match=r"names 'hidden', which is no input of this call \(inputs: \["):
+        cdcompile.export(m, (), kw, str(tmp_path / "x.pt2"), dynamic_shapes={"hidden": {1: tokens}})
+    with pytest.raises(ValueError, match=r"names dim 3; hidden_states has shape \(1, 16, 16\)"):
+        cdcompile.export(m, (), kw, str(tmp_path / "x.pt2"), dynamic_shapes={"hidden_states": {3: tokens}})
+    # img_ids holds the same token count: varying one alone cannot trace
+    with pytest.raises(ValueError, match=r"cannot vary as given(.|\n)*img_ids dim 0\), give both the same"):
+        cdcompile.export(m, (), kw, str(tmp_path / "x.pt2"), dynamic_shapes={"hidden_states": {1: tokens}})
+
+
 class _ConstantBlock(torch.nn.Module):
     def __init__(self):
         super().__init__()
