@@ -64,6 +64,59 @@ class Summary:
                                  f"blocks pruned per step {s['pruned_blocks']}")
         return "\n".join(lines)
 
+    def plot(self, path: str | None = None, *, last: int = 4):
+        """The residual diff of each step against the threshold, one panel per request (the
+        ``last`` ones), one line per CFG slot, the steps served from the cache filled. Returns the
+        matplotlib ``Figure``; writes it to ``path`` when given (the format from its suffix).
+        Needs matplotlib (``pip install matplotlib``); uses no pyplot state."""
+        try:
+            from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
+        except ImportError:
+            raise ImportError("Summary.plot needs matplotlib: pip install matplotlib") from None
+        if not self.requests:
+            raise ValueError("cdcompile.summary: nothing to plot: "
+                             + (str(self) if not self.graphs else "no request has run yet"))
+        if not isinstance(last, int) or last < 1:
+            raise ValueError(f"Summary.plot: last must be a positive int, got {last!r}")
+        shown = self.requests[-last:]
+        fig = Figure(figsize=(7.0, 2.2 * len(shown) + 0.4), layout="constrained")
+        axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
+        for ax, r in zip(axes, shown):
+            g = self.graphs[r["graph"]]
+            pruning = g.get("cache_type") == "dbprune"
+            for k, s in enumerate(r["slots"]):
+                steps = sorted(s["residual_diffs"])
+                diffs = [s["residual_diffs"][i] for i in steps]
+                line, = ax.plot(steps, diffs, "-", lw=1, label=f"slot {k}" if len(r["slots"]) > 1 else None)
+                cached = set(s["cached_steps"])
+                ax.plot([i for i in steps if i in cached], [d for i, d in zip(steps, diffs) if i in cached],
+                        "o", color=line.get_color(), ms=5)
+                ax.plot([i for i in steps if i not in cached], [d for i, d in zip(steps, diffs) if i not in cached],
+                        "o", color=line.get_color(), ms=5, mfc="white")
+            threshold = g.get("threshold")
+            if threshold is not None:
+                ax.axhline(threshold, color="0.4", ls="--", lw=1,
+                           label=f"threshold {threshold:g}" + (" (base)" if pruning and g.get("dynamic_threshold")
+                                                              else ""))
+            counts = [len(s["cached_steps"]) for s in r["slots"]]
+            what = "with a block pruned" if pruning else "cached"
+            per_slot = (f"{counts[0]}" if len(counts) == 1
+                        else ", ".join(f"slot {k} {c}" for k, c in enumerate(counts)))
+            ax.set_title(f"request {r['request']} (graph {r['graph']}, {r['hidden']}): {r['steps']} steps, "
+                         f"{what}: {per_slot}", fontsize=9, loc="left")
+            ax.set_xlim(-0.5, max(r["steps"] - 0.5, 0.5))
+            ax.set_ylim(bottom=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("mean block diff" if pruning else "residual diff", fontsize=8)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
+        axes[-1].set_xlabel("step (filled: served from the cache)", fontsize=8)
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
 
 def summary(model: Any) -> Summary:
     """Cache statistics of ``model`` (the module, or what ``torch.compile`` returned)."""

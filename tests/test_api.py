@@ -458,3 +458,36 @@ def test_summary_after_calls_under_grad_mode_reads_the_history_without_warnings(
         warnings.simplefilter("error")
         (req,) = cdcompile.summary(m).as_dict()["requests"]
     assert req["slots"][0]["cached_steps"] == [2, 3]
+
+
+def test_summary_plot_draws_each_slots_residual_diffs_against_the_threshold(tmp_path):
+    pytest.importorskip("matplotlib")
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True,
+                      options={"compiler": "eager", "residual_diff_threshold": 0.5, "max_warmup_steps": 2})
+    with torch.no_grad():
+        for r in range(3):
+            cdcompile.new_request(m)
+            for x, t in _traj():
+                c(x, t)
+                c(x * 0.5, t)  # a second CFG call: slot 1
+    s = cdcompile.summary(m)
+    fig = s.plot(str(tmp_path / "diffs.png"), last=2)
+    assert (tmp_path / "diffs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    for ax, req in zip(axes, s.as_dict()["requests"][-2:]):
+        lines = ax.get_lines()
+        for k, slot in enumerate(req["slots"]):
+            line, filled, hollow = lines[3 * k: 3 * k + 3]
+            steps = sorted(slot["residual_diffs"])
+            assert list(line.get_xdata()) == steps
+            assert list(line.get_ydata()) == [slot["residual_diffs"][i] for i in steps]
+            assert list(filled.get_xdata()) == [i for i in steps if i in slot["cached_steps"]]
+            assert list(hollow.get_xdata()) == [i for i in steps if i not in slot["cached_steps"]]
+        assert list(lines[-1].get_ydata()) == [0.5, 0.5]  # the threshold
+        assert f"cached: slot 0 {len(req['slots'][0]['cached_steps'])}, slot 1" in ax.get_title(loc="left")
+    with pytest.raises(ValueError, match="last must be a positive int"):
+        s.plot(last=0)
+    with pytest.raises(ValueError, match="nothing to plot: cdcompile.summary: no block cache"):
+        cdcompile.summary(SequentialDiT(depth=4)).plot()

@@ -201,7 +201,7 @@ def run(gm: fx.GraphModule, ctx) -> None:
         report.cache["fallback"] = fallback
     report.cache["groups"] = [g.name for g in stack]
     report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value,
-                        size_asserts=cfg.size_asserts)
+                        size_asserts=cfg.size_asserts, threshold=cfg.residual_diff_threshold)
     plan = ctx.cache_plan
     plan.num_blocks = n
     plan.fingerprint = repr((cfg, report.cache["groups"], fn, bn, report.cache["streams"], plan.timestep_input))
