@@ -112,7 +112,9 @@ class Summary:
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="upper right")
-        axes[-1].set_xlabel("step (filled: served from the cache)", fontsize=8)
+        prunes = {self.graphs[r["graph"]].get("cache_type") == "dbprune" for r in shown}
+        axes[-1].set_xlabel("step (filled: " + " / ".join(
+            "a block pruned" if p else "served from the cache" for p in sorted(prunes)) + ")", fontsize=8)
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
