@@ -491,3 +491,51 @@ def test_summary_plot_draws_each_slots_residual_diffs_against_the_threshold(tmp_
         s.plot(last=0)
     with pytest.raises(ValueError, match="nothing to plot: cdcompile.summary: no block cache"):
         cdcompile.summary(SequentialDiT(depth=4)).plot()
+
+
+def _lora_file(tmp_path, seed: int, rank: int) -> str:
+    """A FLUX LoRA (random, on the attention projections) saved as diffusers writes one."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(seed)
+    pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    path = str(tmp_path / f"lora_{seed}")
+    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    return path
+
+
+def test_a_lora_hotswapped_into_an_enabled_pipeline_runs_in_the_same_graph(tmp_path):
+    # diffusers' recipe for serving LoRAs under torch.compile: enable_lora_hotswap, then
+    # load_lora_weights(..., hotswap=True) writes the new weights into the compiled ones in place.
+    from torch._dynamo.utils import counters
+
+    first, second = _lora_file(tmp_path, 1, 4), _lora_file(tmp_path, 2, 8)
+    opts = dict(compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    run = dict(height=32, width=32, num_inference_steps=6, output_type="latent")
+
+    def images(pipe):
+        with torch.no_grad():
+            return pipe(**flux_prompt(pipe.transformer), **run, generator=torch.Generator().manual_seed(0)).images
+
+    fresh = tiny_flux_pipeline()
+    fresh.load_lora_weights(second, adapter_name="x")
+    cdcompile.enable(fresh, **opts)
+    want = images(fresh)
+    torch._dynamo.reset()
+
+    pipe = tiny_flux_pipeline()
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(first, adapter_name="x")
+    cdcompile.enable(pipe, **opts)
+    counters.clear()
+    before = images(pipe)
+    pipe.load_lora_weights(second, adapter_name="x", hotswap=True)
+    got = images(pipe)
+    assert counters["stats"]["unique_graphs"] == 1  # no recompile for the second LoRA
+    assert not torch.equal(before, got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4, 5]] * 2
