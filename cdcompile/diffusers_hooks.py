@@ -31,6 +31,8 @@ import torch.nn as nn
 CACHES = frozenset({"first_block_cache", "taylorseer_cache", "pyramid_attention_broadcast", "faster_cache",
                     "mag_cache", "sea_cache"})
 PARALLEL = frozenset({"context_parallel"})
+# hooks that run Python between modules wherever they are, so the graph breaks at each of them
+SPLITTING = frozenset({"layerwise_casting", "group_offloading"})
 
 # files under diffusers/hooks/ that any hook's code passes through: they name no kind
 _PLUMBING = frozenset({"_helpers", "_common", "utils", "__init__"})
@@ -52,8 +54,9 @@ _ADVICE = {
                          "the device while it runs (model-level offload), or compile with enable_cache=False"),
     "context_parallel": ("context_parallel: diffusers' own context parallelism (enable_parallelism) shards "
                          "the sequence with hooks; use cdcompile's ulysses_degree instead, not both"),
-    "hooks": ("diffusers hooks (ModelHook) wrap modules of this graph; their Python between modules breaks "
-              "the graph: cdcompile.explain(transformer, ...) names them"),
+    "hooks": ("diffusers hooks (ModelHook) wrap modules of this graph, which holds no block group: where "
+              "they run Python that Dynamo cannot trace, the graph breaks; cdcompile.explain(transformer, ...) "
+              "names them"),
 }
 
 
@@ -97,8 +100,8 @@ def advice(kinds: Iterable[str]) -> list[str]:
     for k in kinds:
         if k in CACHES:
             continue
-        lines.append(_ADVICE.get(k, f"{k}: a diffusers hook; Python it runs between modules breaks the graph "
-                                    f"there (cdcompile.explain shows the breaks)"))
+        lines.append(_ADVICE.get(k, f"{k}: a hook in diffusers' registry; where it runs Python that Dynamo "
+                                    f"cannot trace, the graph breaks there (cdcompile.explain lists the breaks)"))
     return lines
 
 

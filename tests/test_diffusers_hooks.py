@@ -128,7 +128,7 @@ def test_enable_warns_of_hooks_that_split_the_graph():
 
 def test_advice_covers_a_hook_defined_outside_diffusers():
     (line,) = diffusers_hooks.advice(["MyHook"])
-    assert line.startswith("MyHook: a diffusers hook")
+    assert line.startswith("MyHook: a hook in diffusers' registry")
     assert len(diffusers_hooks.advice(["first_block_cache", "mag_cache", "layerwise_casting"])) == 2
 
 
@@ -141,3 +141,26 @@ def test_enable_refuses_diffusers_context_parallelism_under_ulysses():
     registry.register_hook(ContextParallelSplitHook(metadata={}, parallel_config=None), "cp_input---")
     with pytest.raises(ValueError, match=r"context_parallel on <root>\).*use cdcompile's ulysses_degree instead"):
         cdcompile.enable(pipe, compiler="eager", ulysses_degree=2)
+
+
+def test_a_hook_that_leaves_the_blocks_in_one_graph_is_named_in_explain_and_not_warned_of():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Identity(ModelHook):  # runs in the graph: no break
+        def post_forward(self, module, output):
+            return output
+
+    m = tiny_flux()
+    for block in m.single_transformer_blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(Identity(), "identity")
+    kw = flux_inputs(m)
+    with torch.no_grad():
+        ref = m(**kw)[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = cdcompile.explain(m, options=OPTS, **kw)
+    assert not [w for w in seen if "cachedit" in str(w.message)]
+    torch.testing.assert_close(report.output[0], ref)
+    (graph,) = report.graph_reports
+    assert graph.cache is not None and graph.diffusers_hooks == ["hooks"]
+    assert report.diffusers_hooks == {"Identity": [f"single_transformer_blocks.{i}" for i in range(4)]}

@@ -37,9 +37,12 @@ class PassContext:
 def _discover(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Find the repeated block groups (analysis only)."""
     ctx.discovery = discover.find_block_groups(gm, ctx.example_inputs)
-    ctx.report.diffusers_hooks = diffusers_hooks.in_graph(gm)
-    if ctx.report.diffusers_hooks and not diffusers_hooks.caches(ctx.report.diffusers_hooks):
-        for line in diffusers_hooks.advice(ctx.report.diffusers_hooks):  # the caches: block_cache says
+    hooks = ctx.report.diffusers_hooks = diffusers_hooks.in_graph(gm)
+    # the caches: block_cache says; a hook that splits the graph, always; any other, where this
+    # graph has no group (a hook that leaves the blocks in one graph is no one's concern)
+    said = [k for k in hooks if k in diffusers_hooks.SPLITTING or not ctx.discovery.groups]
+    if said and not diffusers_hooks.caches(hooks):
+        for line in diffusers_hooks.advice(said):
             warnings.warn(f"cachedit: {line}", stacklevel=2)  # once per kind: same text
     ctx.report.groups = [g.as_dict() for g in ctx.discovery.groups]
     ctx.report.rejected = [r.as_dict() for r in ctx.discovery.rejected]
