@@ -45,6 +45,13 @@ def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
     return out
 
 
+def module_stack_entries(node: fx.Node) -> list[tuple[str, str, type | str]]:
+    """As :func:`module_stack`, with Dynamo's key of each entry: ``[(key, path, class), ...]``; the
+    key of a module's k-th later call in the forward ends in ``@k``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(str(key), normalize_path(value[0]), value[1]) for key, value in stack.items()]
+
+
 def class_name(cls: type | str) -> str:
     return cls if isinstance(cls, str) else cls.__name__
 

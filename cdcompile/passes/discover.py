@@ -139,6 +139,7 @@ class BlockGroup:
             "name": self.name,
             "block_class": self.block_class,
             "blocks": self.num_blocks,
+            "paths": [b.path for b in self.blocks],  # in the order they run; ``@k``: the k-th later call
             "streams": [s.label for s in self.streams],
             "stream_entries": [s.entry.name for s in self.streams],
             "stream_exits": [s.exit.name if s.exit is not None else None for s in self.streams],
@@ -170,19 +171,7 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
 
-    members: dict[tuple[str, int], list[fx.Node]] = collections.defaultdict(list)
-    classes: dict[tuple[str, int], str] = {}
-    for n in nodes:
-        if _fx.is_shape_bookkeeping(n):
-            continue
-        for path, cls in _fx.module_stack(n):
-            m = _INDEXED.match(path)
-            if m is None:
-                continue
-            key = (m.group(1) or "", int(m.group(2)))
-            if not members[key] or members[key][-1] is not n:
-                members[key].append(n)
-            classes.setdefault(key, _fx.class_name(cls))
+    members, classes, repeats = _membership(nodes)
 
     by_container: dict[str, list[int]] = collections.defaultdict(list)
     for container, idx in members:
@@ -195,9 +184,10 @@ def find_block_groups(gm: fx.GraphModule, example_inputs: Iterable[object] | Non
         if any(_inside(container, p) for p in accepted_paths):
             continue
         ran = sorted(by_container[container], key=lambda i: position[members[(container, i)][0]])
+        paths = repeats.get(container)  # blocks called more than once: one unit per call
         for run in _same_class_runs(container, ran, classes):
-            for sub in _signature_runs(container, run, members, rejected):
-                group = _analyse(container, sub, members, classes, weights, position, rejected)
+            for sub in _signature_runs(container, run, members, rejected, paths=paths):
+                group = _analyse(container, sub, members, classes, weights, position, rejected, paths)
                 if group is not None:
                     groups.append(group)
                     accepted_paths.extend(b.path for b in group.blocks)
@@ -496,6 +486,50 @@ def _interleaved_pairs(by_container, members, position) -> list[tuple[str, str]]
             if all(spans[k][1] < spans[k + 1][0] for k in range(len(spans) - 1)):
                 out.append((a, b))
     return out
+
+
+def _membership(nodes: list[fx.Node]):
+    """Which nodes each numbered module computes: ``(members, classes, repeats)``.
+
+    ``members[(container, index)]`` lists the nodes in graph order and ``classes`` names the
+    module's class. A module that runs more than once in the forward (a loop that passes through
+    the same blocks again, sharing their weights) is one unit per call: Dynamo tells the calls
+    apart in ``nn_module_stack`` (the key of the k-th later call ends in ``@k``), and the call ``k``
+    of block ``i`` gets the index ``k * (largest index + 1) + i``; ``repeats[container]`` then gives
+    every unit of that container its path (``blocks.0``, ..., ``blocks.0@1``)."""
+    calls: dict[tuple[str, int, int], list[fx.Node]] = collections.defaultdict(list)
+    kinds: dict[tuple[str, int], str] = {}
+    for n in nodes:
+        if _fx.is_shape_bookkeeping(n):
+            continue
+        for key, path, cls in _fx.module_stack_entries(n):
+            m = _INDEXED.match(path)
+            if m is None:
+                continue
+            call = key.rpartition("@")[2] if "@" in key else "0"
+            unit = (m.group(1) or "", int(m.group(2)), int(call) if call.isdigit() else 0)
+            if not calls[unit] or calls[unit][-1] is not n:
+                calls[unit].append(n)
+            kinds.setdefault(unit[:2], _fx.class_name(cls))
+    width = collections.defaultdict(int)
+    repeated = set()
+    for container, idx, call in calls:
+        width[container] = max(width[container], idx + 1)
+        if call:
+            repeated.add(container)
+    members: dict[tuple[str, int], list[fx.Node]] = collections.defaultdict(list)
+    classes: dict[tuple[str, int], str] = {}
+    repeats: dict[str, dict[tuple[str, int], str]] = {c: {} for c in repeated}
+    for (container, idx, call), ns in calls.items():
+        if container not in repeated:
+            call = 0  # calls of a container's modules taken together: as before
+        key = (container, call * width[container] + idx)
+        members[key].extend(ns)
+        classes[key] = kinds[(container, idx)]
+        if container in repeated:
+            base = f"{container}.{idx}" if container else str(idx)
+            repeats[container][key] = f"{base}@{call}" if call else base
+    return members, classes, repeats
 
 
 def _inside(container: str, block_path: str) -> bool:
