@@ -10,7 +10,8 @@ slot being the overflow slot that never caches):
 
     reset      bool ()              set by new_request(); read and cleared by the graph
     clock      float32 (1,)         timestep of the previous call (-inf: next call starts a request)
-    counters   int64 (3,)           step in request, slot (call index within the step), request count
+    counters   int64 (6,)           step in request, slot (call index within the step), request count,
+                                    time rises (0/1), lone-step requests in a row, this call flipped (0/1)
     anchor     (S, *R)              F's hidden residual at the slot's last computed step
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
@@ -41,9 +42,19 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
          reset: torch.Tensor, *, borrowed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advance the step/slot clock from the timestep input; returns (step, slot, new_request).
 
-    A new timestep value starts a step; a larger one (or ``reset``, or the first call) starts a
-    request; calls sharing a timestep are CFG slots 0, 1, ... Without a timestep input (``t`` is
-    None, or NaN when ``borrowed``) every call is a new step and only ``reset`` starts a request.
+    A new timestep value starts a step; one that moves against the model's direction of time (or
+    ``reset``, or the first call) starts a request; calls sharing a timestep are CFG slots 0, 1, ...
+    Without a timestep input (``t`` is None, or NaN when ``borrowed``) every call is a new step and
+    only ``reset`` starts a request.
+
+    Direction: time is taken to fall over a request (diffusers' samplers count down) until the
+    calls show otherwise. A model whose time rises (flow matching from t = 0 to 1, as Proteina
+    samples) would then make every call a request of one step: two such requests in a row, each
+    begun by the direction rule, flip the direction, and the call that flips continues the request
+    the first of them began, at step 2 (the history moves the lone step of the second into it).
+    The same evidence flips it back, so a few calls with rising timesteps (a warm-up, a probe)
+    cost a later request its first steps at most. The first request of a rising model thus
+    computes its steps 0 and 1 whatever the options, as ``max_warmup_steps >= 2`` (default 8) does.
     """
     last = clock[0]
     if t is not None:
@@ -51,12 +62,19 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
     if t is None or borrowed:  # a step per call; a borrowed NaN: its publisher did not run this call
         step_t = torch.where(torch.isinf(last), torch.zeros_like(last), last - 1)
         t = step_t if t is None else torch.where(torch.isnan(t), step_t, t)
-    new_req = reset | (t > last)
-    same = (t == last) & ~new_req
-    step = torch.where(new_req, 0, torch.where(same, counters[0], counters[0] + 1))
+    rising = counters[3] == 1
+    fresh = reset | torch.isinf(last)
+    by_rule = torch.where(rising, t < last, t > last) & ~fresh
+    same = (t == last) & ~fresh
+    # consecutive requests of one step begun by the direction rule (kept across CFG slots)
+    lone = torch.where(same, counters[4], torch.where(by_rule & (counters[0] == 0), counters[4] + 1, 0))
+    flip = lone >= 2
+    new_req = fresh | (by_rule & ~flip)
+    step = torch.where(new_req, 0, torch.where(same, counters[0], torch.where(flip, lone, counters[0] + 1)))
     slot = torch.where(same, counters[1] + 1, 0)
-    request = counters[2] + new_req.to(torch.int64)
-    counters.copy_(torch.stack([step, slot, request]))
+    request = counters[2] + new_req.to(torch.int64) - torch.where(flip, lone - 1, 0)
+    counters.copy_(torch.stack([step, slot, request, (rising ^ flip).to(torch.int64),
+                                torch.where(flip, 0, lone), flip.to(torch.int64)]))
     clock.copy_(t.reshape(1))
     reset.copy_(torch.zeros_like(reset))
     return step, slot, new_req
@@ -158,6 +176,15 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
     row = (counters[2] % HISTORY).reshape(1)
     keep = ~new_req
     s = torch.clamp(step, max=MAX_STEPS - 1).reshape(1)
+    # the direction of time flipped at this call (tick): the request before took one step (step 1
+    # of this request, every slot); move it here
+    moved = (counters[5] == 1).reshape(1)
+    lone_row = ((counters[2] + 1) % HISTORY).reshape(1)
+    one = torch.ones_like(s)
+    for hist in (hist_flag, hist_diff) + ((hist_pruned,) if hist_pruned is not None else ()):
+        here = hist.index_select(0, row)
+        lone = hist.index_select(0, lone_row).index_select(2, torch.zeros_like(s))
+        hist.index_put_((row,), torch.where(moved, here.index_copy(2, one, lone), here))
     hist_flag.index_put_((row,), torch.where(keep, hist_flag.index_select(0, row), -1))
     hist_diff.index_put_((row,), torch.where(keep, hist_diff.index_select(0, row), float("nan")))
     hist_flag.index_put_((row, idx, s), cache.to(torch.int8).reshape(1))

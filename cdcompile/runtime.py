@@ -139,7 +139,7 @@ class CacheState:
         t = {
             "reset": torch.ones((), dtype=torch.bool, device=dev),
             "clock": torch.full((1,), -math.inf, dtype=torch.float32, device=dev),
-            "counters": torch.zeros(3, dtype=torch.int64, device=dev),
+            "counters": torch.zeros(6, dtype=torch.int64, device=dev),
         }
         if plan.prune_blocks is not None:
             t["slot_ctr"] = zeros((4,), torch.int64)

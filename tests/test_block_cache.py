@@ -602,13 +602,57 @@ def test_a_timestep_embedded_before_a_graph_break_gives_steps_requests_and_cfg_s
 def test_a_nan_timestep_counts_a_step_as_no_timestep_does():
     # What the runtime passes for a borrowed timestep that no earlier graph of the call published
     def run(ts):
-        clock, counters, reset = torch.full((1,), -torch.inf), torch.zeros(3, dtype=torch.int64), torch.tensor(True)
+        clock, counters, reset = torch.full((1,), -torch.inf), torch.zeros(6, dtype=torch.int64), torch.tensor(True)
         return [tuple(int(v) for v in guard.tick(t, clock, counters, reset, borrowed=True)) for t in ts]
 
     nan = torch.tensor([torch.nan])
     assert run([nan] * 4) == run([None] * 4) == [(0, 0, 1), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
     # the clock stays a number: a timestep after them starts a request (step 0, new_request)
     assert run([nan, nan, torch.tensor([0.5])]) == [(0, 0, 1), (1, 0, 0), (0, 0, 1)]
+
+
+def test_time_that_rises_over_a_request_is_learned_from_two_lone_steps_and_unlearned_alike():
+    clock, counters, reset = torch.full((1,), -torch.inf), torch.zeros(6, dtype=torch.int64), torch.tensor(True)
+
+    def run(ts):  # (step, slot, new_request, request) per call
+        out = []
+        for t in ts:
+            step, slot, new = guard.tick(torch.tensor([t]), clock, counters, reset)
+            out.append((int(step), int(slot), int(new), int(counters[2])))
+        return out
+
+    up = [0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4]  # flow matching from 0 to 1, two CFG calls per step
+    # steps 0 and 1 look like requests of one step each; the third call flips the direction and
+    # continues the first request at step 2
+    assert run(up) == [(0, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 2), (0, 1, 0, 2),
+                       (2, 0, 0, 1), (2, 1, 0, 1), (3, 0, 0, 1), (3, 1, 0, 1)]
+    assert int(counters[3]) == 1
+    assert run(up) == [(s, k, int(s == 0 and k == 0), 2) for s in range(4) for k in range(2)]  # known now
+    # a falling request after them: its first step joins the last request, the next two look like
+    # lone requests, then the direction flips back
+    assert run([0.9, 0.8, 0.7, 0.6, 0.5]) == [(4, 0, 0, 2), (0, 0, 1, 3), (0, 0, 1, 4), (2, 0, 0, 3), (3, 0, 0, 3)]
+    assert int(counters[3]) == 0
+    assert run([0.9, 0.8, 0.7]) == [(0, 0, 1, 4), (1, 0, 0, 4), (2, 0, 0, 4)]
+
+
+def test_a_model_whose_time_rises_caches_like_the_reference_from_its_first_request():
+    cfg = RefConfig(threshold=0.3, warmup=2)
+    m = SequentialDiT(depth=5)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+    ref = RefCache(cfg)
+    traj = [(x, 1 - t) for x, t in _seq_trajectory()]  # the same inputs, time running up
+    with torch.no_grad():
+        for _ in range(2):
+            ref.new_request()
+            ref.decisions.clear()
+            for s, (x, t) in enumerate(traj):
+                torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-4, atol=1e-5)
+    reqs = cdcompile.summary(m).as_dict()["requests"]
+    assert [r["steps"] for r in reqs] == [len(traj)] * 2
+    assert [r["slots"][0]["cached_steps"] for r in reqs] == [_ref_cached(ref)] * 2 and _ref_cached(ref)
+    # the history has the first request's step 1 (taken for a request of its own at first) moved in
+    computed = cdcompile.summary(m).requests[0]["slots"][0]["computed_steps"]
+    assert computed == [s for s in range(len(traj)) if s not in _ref_cached(ref)]
 
 
 def test_new_request_resets_even_when_timesteps_do_not_rise():
@@ -1536,3 +1580,42 @@ def test_a_torchao_quantized_flux_caches_like_the_reference(config, compiler, su
     (report,) = cdcompile.explain(m, **_flux_trajectory(m, 1)[0], options={"compiler": compiler}).graph_reports
     n = report.subclass_operands[subclass]  # every quantized weight of the 4 M blocks, at least 4 each
     assert n >= 4 * 4 and f"tensor subclasses ({n} {subclass})" in str(report)
+
+
+class _LoopedDiT(SequentialDiT):
+    """SequentialDiT whose forward passes through its blocks ``passes`` times (shared weights)."""
+
+    def __init__(self, depth: int, passes: int):
+        super().__init__(depth=depth)
+        self.passes = passes
+
+    def forward(self, x, timestep):
+        temb = sequential_temb(self, x, timestep)
+        h = self.proj_in(x)
+        for _ in range(self.passes):
+            for block in self.blocks:
+                h = block(h, temb)
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.3, warmup=2), RefConfig(Fn=2, Bn=2, threshold=0.3, warmup=1)],
+                         ids=["F1B0", "F2B2"])
+def test_blocks_run_again_by_a_loop_are_one_stack_of_their_calls(cfg):
+    # a loop that passes through the same blocks twice: each call is a unit of the stack (6 here),
+    # so M spans both passes, and the cache equals the reference over the calls in order
+    m = _LoopedDiT(depth=3, passes=2)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+    ref = RefCache(cfg)
+    calls = list(m.blocks) * 2
+    with torch.no_grad():
+        for s, (x, t) in enumerate(_seq_trajectory()):
+            temb = sequential_temb(m, x, t)
+            want = m.proj_out(cache_blocks(ref, calls, m.proj_in(x), lambda b, h: b(h, temb), s))
+            torch.testing.assert_close(c(x, t), want, rtol=1e-4, atol=1e-5, msg=lambda e: f"step {s}: {e}")
+    assert _cached_steps(m) == _ref_cached(ref) and _ref_cached(ref)
+    (graph,) = cdcompile.summary(m).as_dict()["graphs"]
+    assert graph["num_blocks"] == 6
+    report = cdcompile.explain(m, *_seq_trajectory()[0], options=_opts(cfg))
+    (group,) = report.groups
+    assert group["paths"] == ["blocks.0", "blocks.1", "blocks.2",
+                                                    "blocks.0@1", "blocks.1@1", "blocks.2@1"]
