@@ -68,10 +68,12 @@ class DiTSpec:
     # where a group keeps its blocks: "list" (an nn.ModuleList), "dict" (an nn.ModuleDict whose
     # names do not sort in the order the blocks run), "attrs" (attributes of a plain module)
     storage: str = "list"
+    passes: int = 1  # one group: the forward runs through its blocks this many times (shared weights)
+    rising: bool = False  # time rises over a request (flow matching from 0 to 1), else falls from 1
 
     @property
     def num_blocks(self) -> int:
-        return sum(g.depth for g in self.groups)
+        return sum(g.depth for g in self.groups) * self.passes
 
 
 def draw_spec(seed: int) -> DiTSpec:
@@ -102,6 +104,9 @@ def draw_spec(seed: int) -> DiTSpec:
     for g in groups:  # drawn after: SDPA run inside ``with sdpa_kernel(...)`` (diffusers' _native_math)
         if g.attn == "sdpa" and r.random() < 0.3:
             g.attn = "sdpa_kernel"
+    if len(groups) == 1 and r.random() < 0.25:  # drawn after
+        spec.passes = 2
+    spec.rising = r.random() < 0.2  # drawn after
     return spec
 
 
@@ -316,7 +321,7 @@ class RandomDiT(nn.Module):
             if gi > 0 and (self.spec.glue or self.spec.join):
                 out.append((-1, None))
             out += [(gi, b) for b in blocks_of(blocks)]
-        return out
+        return out * self.spec.passes  # passes > 1: one group
 
     def run_item(self, item, h, enc, ctx):
         gi, block = item
@@ -334,7 +339,7 @@ class RandomDiT(nn.Module):
 def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
     """A request's inputs, per step the calls of that step (two with ``cfg``: conditional and
     unconditional text at one timestep): latents moving a little each step, the timestep falling
-    from 1."""
+    from 1 (``rising``: rising to 1)."""
     g = torch.Generator().manual_seed(spec.seed)
     x0 = torch.randn(spec.batch, spec.img_tokens, 4, generator=g)
     dx = torch.randn(spec.batch, spec.img_tokens, 4, generator=g)
@@ -351,7 +356,7 @@ def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
     dtype = getattr(torch, spec.dtype)
     calls = []
     for s in range(steps):
-        t = torch.full((spec.batch,), 1.0 - s / steps, dtype=dtype)
+        t = torch.full((spec.batch,), (s + 1) / steps if spec.rising else 1.0 - s / steps, dtype=dtype)
         step = []
         for text in texts:
             text = dict(text)
@@ -361,6 +366,16 @@ def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
             step.append(dict(x=x.to(dtype), t=t, **text))
         calls.append(step)
     return calls
+
+
+def reference_clock(spec: DiTSpec, steps: int, first: bool = True) -> list[tuple[int, bool]]:
+    """Per step of a request: the step index the backend's clock gives it, and whether the
+    reference starts a request there. Time falling: ``(s, False)``. Time rising, in the first
+    request a cache state sees (cdcompile.guard.tick): step 1 looks like a request of its own (its
+    step 0, the slots reset), and the call after it learns the direction and goes on at step 2."""
+    if not (spec.rising and first):
+        return [(s, False) for s in range(steps)]
+    return [(0, False), (0, True)][:steps] + [(s, False) for s in range(2, steps)]
 
 
 def run_reference(model: RandomDiT, inputs: dict, cache: RefCache, step: int, slot: int = 0) -> torch.Tensor:
@@ -429,7 +444,7 @@ def features(spec: DiTSpec) -> set[str]:
     """What a seed's model exercises, to check that a set of seeds covers every choice."""
     cfg = draw_cache_config(spec)
     out = {k for k in ("two_streams", "glue", "same_class", "cfg", "mask", "rope", "join") if getattr(spec, k)}
-    out |= {spec.dtype, f"storage={spec.storage}"}
+    out |= {spec.dtype, f"storage={spec.storage}", f"passes={spec.passes}", f"rising={spec.rising}"}
     if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:

@@ -638,7 +638,7 @@ def _scn_fuzz(rank, world):
     against the eager DBCache reference of one process, per seed."""
     import cdcompile
     from dbcache_reference import RefCache
-    from fuzz_dit import RandomDiT, cache_options, draw_cache_config, draw_spec, run_reference, trajectory
+    from fuzz_dit import RandomDiT, cache_options, draw_cache_config, draw_spec, reference_clock, run_reference, trajectory
 
     out = {}
     for seed in FUZZ_SEEDS[world]:
@@ -650,10 +650,14 @@ def _scn_fuzz(rank, world):
                           options={**cache_options(cfg, "eager"), "ulysses_degree": world})
         ref, worst, scale = RefCache(cfg), 0.0, 0.0
         calls = trajectory(spec, 6)
+        clock = reference_clock(spec, len(calls))
         with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
             for k, step in enumerate(calls):
+                at, fresh = clock[k]
+                if fresh:
+                    ref.new_request()
                 for slot, kw in enumerate(step):
-                    want = run_reference(m, kw, ref, k, slot)
+                    want = run_reference(m, kw, ref, at, slot)
                     worst = max(worst, float((c(**kw) - want).abs().max()))
                     scale = max(scale, float(want.abs().max()))
         got = cdcompile.summary(m).as_dict()["requests"][-1]["slots"]

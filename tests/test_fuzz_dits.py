@@ -21,7 +21,8 @@ import torch
 
 import cdcompile
 from dbcache_reference import RefCache
-from fuzz_dit import RandomDiT, cache_options, draw_cache_config, draw_spec, features, run_reference, trajectory
+from fuzz_dit import (RandomDiT, cache_options, draw_cache_config, draw_spec, features, reference_clock,
+                      run_reference, trajectory)
 
 STEPS = 8
 SEEDS = [80, 33, 3, 0, 18, 31, 4, 5, 6, 7, 57, 44]  # 33: text and image joined between the groups
@@ -50,7 +51,7 @@ def _check(seed, compiler):
     calls = trajectory(spec, STEPS)
     with torch.no_grad():
         report = cdcompile.explain(model, **calls[0][0])
-        assert [g["blocks"] for g in report.groups] == [g.depth for g in spec.groups], str(report)
+        assert [g["blocks"] for g in report.groups] == [g.depth * spec.passes for g in spec.groups], str(report)
 
         torch._dynamo.reset()
         plain = torch.compile(model, backend="cachedit", fullgraph=True,
@@ -71,14 +72,20 @@ def _cached_requests(seed, extra_tokens, compiler):
     torch._dynamo.reset()
     cached = torch.compile(model, backend="cachedit", fullgraph=True, options=cache_options(cfg, compiler))
     ref = RefCache(cfg)
+    seen = set()  # token counts run before: each has a cache state of its own
     with torch.no_grad():
         for request, e in enumerate(extra_tokens):
             calls = trajectory(dataclasses.replace(spec, img_tokens=spec.img_tokens + e), STEPS)
+            clock = reference_clock(spec, len(calls), first=e not in seen)
+            seen.add(e)
             ref.new_request()
             ref.decisions.clear()
             for k, step in enumerate(calls):
+                at, fresh = clock[k]
+                if fresh:
+                    ref.new_request()
                 for slot, kw in enumerate(step):
-                    torch.testing.assert_close(cached(**kw), run_reference(model, kw, ref, k, slot),
+                    torch.testing.assert_close(cached(**kw), run_reference(model, kw, ref, at, slot),
                                                **_tolerance(spec, dict(rtol=1e-4, atol=1e-5)),
                                                msg=lambda m: f"request {request} (+{e} tokens) step {k} "
                                                f"slot {slot} {cfg}: {m}")

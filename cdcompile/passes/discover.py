@@ -3,7 +3,9 @@
 Algorithm:
 1. Membership. Every non-placeholder node's ``nn_module_stack`` is normalised
    (``transformer_blocks.0.attn``); each stack entry whose last path component is an integer makes
-   the node a member of block ``(container, index)``, e.g. ``("transformer_blocks", 0)``.
+   the node a member of block ``(container, index)``, e.g. ``("transformer_blocks", 0)``. A block
+   the forward runs again (a loop through the same blocks, RFD4 Proteina's recycling) is one unit
+   per call (``blocks.0@1``), Dynamo's stack keys telling the calls apart (:func:`_membership`).
 2. Candidates. Per container, modules that run one after another (in any index order: a
    reversed loop, or one that skips a layer) and share a class form a run. Each
    block's op signature is the sequence of what its nodes compute (``linear``, ``.chunk``, ...).
@@ -277,17 +279,20 @@ def _named_groups(nodes, groups, weights, position) -> tuple[list[BlockGroup], l
     for n in nodes:
         if _fx.is_shape_bookkeeping(n):
             continue
-        for path, cls in _fx.module_stack(n):
+        for call, path, cls in _own_calls(n):
             if not path or in_numbered(path):
                 continue
             parent, _, child = path.rpartition(".")
+            if call:  # run again by the forward: a unit per call, as numbered blocks
+                child = f"{child}@{call}"
             if not members[(parent, child)] or members[(parent, child)][-1] is not n:
                 members[(parent, child)].append(n)
             classes.setdefault((parent, child), _fx.class_name(cls))
     taken = [b.path for g in groups for b in g.blocks]
 
     def candidate(key):
-        path = f"{key[0]}.{key[1]}" if key[0] else key[1]
+        child = key[1].partition("@")[0]
+        path = f"{key[0]}.{child}" if key[0] else child
         return path in holders and not any(_inside(path, p) or _inside(p, path) for p in taken)
 
     by_parent: dict[str, list[str]] = collections.defaultdict(list)
@@ -502,12 +507,11 @@ def _membership(nodes: list[fx.Node]):
     for n in nodes:
         if _fx.is_shape_bookkeeping(n):
             continue
-        for key, path, cls in _fx.module_stack_entries(n):
+        for call, path, cls in _own_calls(n):
             m = _INDEXED.match(path)
             if m is None:
                 continue
-            call = key.rpartition("@")[2] if "@" in key else "0"
-            unit = (m.group(1) or "", int(m.group(2)), int(call) if call.isdigit() else 0)
+            unit = (m.group(1) or "", int(m.group(2)), call)
             if not calls[unit] or calls[unit][-1] is not n:
                 calls[unit].append(n)
             kinds.setdefault(unit[:2], _fx.class_name(cls))
@@ -530,6 +534,20 @@ def _membership(nodes: list[fx.Node]):
             base = f"{container}.{idx}" if container else str(idx)
             repeats[container][key] = f"{base}@{call}" if call else base
     return members, classes, repeats
+
+
+def _own_calls(node: fx.Node) -> list[tuple[int, str, type | str]]:
+    """The node's module stack as ``[(call, path, class), ...]``, outermost first: ``call`` is
+    which call of the module the node is in (Dynamo keys the k-th later call of a module instance
+    ``<id>@k``), counted only where every enclosing module runs its first call. A module inside a
+    block the forward runs again runs again with it: its calls are the block's, not its own."""
+    out, first = [], True
+    for key, path, cls in _fx.module_stack_entries(node):
+        _, at, k = key.rpartition("@")
+        call = int(k) if at and k.isdigit() else 0
+        out.append((call if first else 0, path, cls))
+        first = first and call == 0
+    return out
 
 
 def _inside(container: str, block_path: str) -> bool:
