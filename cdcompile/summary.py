@@ -30,7 +30,7 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio")
         return {"requests": [{"steps": r["steps"], "graph": r["graph"], "hidden": r["hidden"],
-                              "sizes": r["sizes"],
+                              "sizes": r["sizes"], "time_rises": r["time_rises"],
                               "slots": [{k: s[k] for k in keep if k in s} for s in r["slots"]]}
                              for r in self.requests],
                 "graphs": self.graphs}
@@ -53,6 +53,9 @@ class Summary:
 
         where = len({state(r) for r in self.requests}) > 1
         head = f"{'graph':>5} {'hidden':>18} {'sizes':>10} " if where else ""
+        if any(r["time_rises"] for r in self.requests):
+            lines.append("time rises over a request (the clock learned it from the calls): a smaller "
+                         "timestep starts a request")
         lines.append(f"{head}{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6}  cached steps")
         for r in self.requests:
             for k, s in enumerate(r["slots"]):
@@ -132,9 +135,12 @@ def summary(model: Any) -> Summary:
     for graph, state in pairs:
         shape, dtype, _ = state.signature
         hidden = "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
+        rises = bool(state.tensors_by_name["counters"][3])
         for r in state.requests():
             r["graph"], r["hidden"] = index[id(graph)], hidden
             r["sizes"] = dict(state.sizes)
+            # the direction of time the clock learned for this state (cdcompile.guard.tick)
+            r["time_rises"] = rises
             for s in r["slots"]:
                 if "pruned_blocks" in s:  # DBPrune: blocks pruned over blocks run, this slot's calls
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])

@@ -648,7 +648,8 @@ def test_a_model_whose_time_rises_caches_like_the_reference_from_its_first_reque
             for s, (x, t) in enumerate(traj):
                 torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s), rtol=1e-4, atol=1e-5)
     reqs = cdcompile.summary(m).as_dict()["requests"]
-    assert [r["steps"] for r in reqs] == [len(traj)] * 2
+    assert [r["steps"] for r in reqs] == [len(traj)] * 2 and all(r["time_rises"] for r in reqs)
+    assert "time rises over a request" in str(cdcompile.summary(m))
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [_ref_cached(ref)] * 2 and _ref_cached(ref)
     # the history has the first request's step 1 (taken for a request of its own at first) moved in
     computed = cdcompile.summary(m).requests[0]["slots"][0]["computed_steps"]
