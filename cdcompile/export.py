@@ -56,15 +56,24 @@ _SYMPY = _sympy_functions()
 
 
 def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path: str = "model.pt2",
-           *, options: dict | None = None, dynamic_shapes: dict | None = None) -> str:
+           *, options: dict | None = None, dynamic_shapes: dict | None = None, progress: bool = True) -> str:
     """Write ``model`` with the block cache as one AOTInductor package at ``path``; returns it.
 
     ``dynamic_shapes`` (torch.export's form, keyed by the names of ``model.forward``'s parameters:
     ``{"hidden_states": {1: Dim("tokens", max=8192)}, "img_ids": {0: Dim("tokens", max=8192)}}``)
     makes those sizes symbolic: one package serves every size in range, the cache state is
     allocated by the loaded package for each size it is called with, and a new size starts a new
-    request (as in the compiled model). Without it every size is fixed to the example's."""
+    request (as in the compiled model). Without it every size is fixed to the example's.
+
+    ``progress`` shows a bar over the four stages on stderr (capture, torch.export,
+    decompositions, AOTInductor's compile, which takes minutes for a full-size model)."""
+    with _stages(progress) as bar:
+        return _export(model, args, kwargs, path, options, dynamic_shapes, bar)
+
+
+def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_stages") -> str:
     from .backend import build
+
 
     kwargs = dict(kwargs or {})
     cfg = CacheConfig.from_options({**(options or {}), "compiler": "eager"})
@@ -83,6 +92,7 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
         args, kwargs = _marked(args, kwargs, dims)
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
+    bar.stage("capture: Dynamo and the passes")
     try:
         with torch.no_grad():
             # dynamic=False: the artifact's sizes, even after a dynamic recompile of the same code;
@@ -106,17 +116,59 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
         shapes = ([dims.get(tuple(where), None) for where in spec] + [None]
                   + [{d: torch.export.Dim.AUTO for d in sizes} for sizes in wrapper.sized_dims()])
         shapes = (tuple(shapes),)
+    bar.stage("torch.export")
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(user) + (reset,) + tuple(sized), strict=False,
                                  dynamic_shapes=shapes)
+    bar.stage("decompositions")
     ep = ep.run_decompositions()
     from torch._inductor import aoti_compile_and_package
 
+    bar.stage("AOTInductor compile")
     out = aoti_compile_and_package(ep, package_path=path, inductor_configs=_inductor_configs(cfg.mode))
     with zipfile.ZipFile(out, "a") as z:
         z.writestr(_root(z) + _SPEC, json.dumps({"inputs": spec, "sized_state": wrapper.sized_spec,
                                                  "sizes": wrapper.sizes}))
+    bar.stage(None)
     return out
+
+
+class _stages:
+    """A progress bar over export's stages (tqdm, on stderr), shown from the first stage on;
+    nothing when off or without tqdm."""
+
+    TOTAL = 4
+
+    def __init__(self, on: bool):
+        self.on, self.bar, self.name = on, None, ""
+
+    def stage(self, name: str | None) -> None:
+        """Start stage ``name`` (None: all done)."""
+        if not self.on:
+            return
+        if self.bar is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.on = False
+                return
+            self.bar = tqdm(total=self.TOTAL, unit="stage", bar_format="{desc} [{elapsed}]")
+        else:
+            self.bar.update(1)
+        self.name = name or "written"
+        self._show(self.name)
+
+    def _show(self, text: str) -> None:
+        self.bar.set_description_str(f"cdcompile.export: {self.bar.n}/{self.TOTAL} {text}")
+
+    def __enter__(self) -> "_stages":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.bar is not None:
+            if kind is not None:
+                self._show(f"{self.name}: failed ({kind.__name__})")
+            self.bar.close()
 
 
 def _user_dims(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: dict | None) -> dict:

@@ -539,3 +539,18 @@ def test_a_lora_hotswapped_into_an_enabled_pipeline_runs_in_the_same_graph(tmp_p
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4, 5]] * 2
+
+
+def test_export_shows_its_stages_in_a_progress_bar(tmp_path, capsys):
+    m = SequentialDiT(depth=3)
+    x, t = _traj(2)[0]
+    with pytest.raises(ValueError, match="names 'y'"):  # before any stage: no bar left behind
+        cdcompile.export(m, (x, t), {}, str(tmp_path / "a.pt2"), dynamic_shapes={"y": {1: None}})
+    assert "cdcompile.export" not in capsys.readouterr().err
+    # a model with no block group fails at the first stage, and the bar says where
+    with pytest.raises(ValueError, match="no block cache could be inserted"):
+        cdcompile.export(torch.nn.Linear(8, 8), (x,), {}, str(tmp_path / "b.pt2"))
+    err = capsys.readouterr().err
+    assert "cdcompile.export: 0/4 capture: Dynamo and the passes: failed (ValueError)" in err, err
+    cdcompile.export(m, (x, t), {}, str(tmp_path / "c.pt2"), progress=False)
+    assert "cdcompile.export" not in capsys.readouterr().err
