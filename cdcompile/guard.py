@@ -80,6 +80,13 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
     return step, slot, new_req
 
 
+def fold_nodes(cal_nodes: torch.Tensor, counters: torch.Tensor) -> None:
+    """At the call where :func:`tick` learned that time rises, the slots' newest computed step
+    is step 1 of this request, recorded as step 0 of the lone request it seemed to begin: make
+    it 1, so that the calibrators' step distances hold (the older entries are no longer counted)."""
+    cal_nodes[:, 0].add_(counters[5].to(cal_nodes.dtype))
+
+
 def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor,
          mask: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
          max_cached: int, max_continuous: int, slots: int, static_mask: bool = False):

@@ -371,11 +371,12 @@ def trajectory(spec: DiTSpec, steps: int) -> list[list[dict]]:
 def reference_clock(spec: DiTSpec, steps: int, first: bool = True) -> list[tuple[int, bool]]:
     """Per step of a request: the step index the backend's clock gives it, and whether the
     reference starts a request there. Time falling: ``(s, False)``. Time rising, in the first
-    request a cache state sees (cdcompile.guard.tick): step 1 looks like a request of its own (its
-    step 0, the slots reset), and the call after it learns the direction and goes on at step 2."""
+    request a cache state sees (cdcompile.guard.tick): step 1 looks like a request of its own (the
+    slots reset: step 0 forgotten), and the call after it learns the direction and goes on at step
+    2, step 1 renumbered as such (guard.fold_nodes)."""
     if not (spec.rising and first):
         return [(s, False) for s in range(steps)]
-    return [(0, False), (0, True)][:steps] + [(s, False) for s in range(2, steps)]
+    return [(0, False), (1, True)][:steps] + [(s, False) for s in range(2, steps)]
 
 
 def run_reference(model: RandomDiT, inputs: dict, cache: RefCache, step: int, slot: int = 0) -> torch.Tensor:

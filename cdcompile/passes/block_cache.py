@@ -645,6 +645,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]),
                 dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
+    call(guard.fold_nodes, (st["cal_nodes"], st["counters"]))
     r = call(torch.sub, (env[hf], env[h0]))
     dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(
         threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
