@@ -105,6 +105,12 @@ def advice(kinds: Iterable[str]) -> list[str]:
     return lines
 
 
+def sentence(found: dict[str, list[str]], kinds: Iterable[str] | None = None) -> str:
+    """``diffusers hooks (<describe>): <advice>; ...`` for the hooks ``found`` on a module, the
+    advice for ``kinds`` (default: all found)."""
+    return f"diffusers hooks ({describe(found)}): " + "; ".join(advice(found if kinds is None else kinds))
+
+
 def describe(found: dict[str, list[str]], limit: int = 3) -> str:
     """``first_block_cache on transformer_blocks.0, transformer_blocks.1, ... (6 modules)``; ..."""
     parts = []

@@ -67,11 +67,13 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
 
     ``progress`` shows a bar over the four stages on stderr (capture, torch.export,
     decompositions, AOTInductor's compile, which takes minutes for a full-size model)."""
-    with _stages(progress) as bar:
+    if not isinstance(progress, bool):
+        raise ValueError(f"cdcompile.export: progress must be True or False, got {progress!r}")
+    with _Stages(progress) as bar:
         return _export(model, args, kwargs, path, options, dynamic_shapes, bar)
 
 
-def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_stages") -> str:
+def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_Stages") -> str:
     from .backend import build
 
 
@@ -133,7 +135,7 @@ def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_stages") 
     return out
 
 
-class _stages:
+class _Stages:
     """A progress bar over export's stages (tqdm, on stderr), shown from the first stage on;
     nothing when off or without tqdm."""
 
@@ -161,7 +163,7 @@ class _stages:
     def _show(self, text: str) -> None:
         self.bar.set_description_str(f"cdcompile.export: {self.bar.n}/{self.TOTAL} {text}")
 
-    def __enter__(self) -> "_stages":
+    def __enter__(self) -> "_Stages":
         return self
 
     def __exit__(self, kind, error, trace) -> None:

@@ -183,22 +183,20 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
     row = (counters[2] % HISTORY).reshape(1)
     keep = ~new_req
     s = torch.clamp(step, max=MAX_STEPS - 1).reshape(1)
-    # the direction of time flipped at this call (tick): the request before took one step (step 1
-    # of this request, every slot); move it here
+    # the direction of time flipped at this call (tick): the request before took one step, step 1
+    # of this request (every slot); move it here
     moved = (counters[5] == 1).reshape(1)
     lone_row = ((counters[2] + 1) % HISTORY).reshape(1)
     one = torch.ones_like(s)
-    for hist in (hist_flag, hist_diff) + ((hist_pruned,) if hist_pruned is not None else ()):
+    written = [(hist_flag, -1, cache.to(torch.int8)), (hist_diff, float("nan"), diff)]
+    if hist_pruned is not None:
+        written.append((hist_pruned, 0, pruned.to(hist_pruned.dtype)))
+    for hist, empty, value in written:
         here = hist.index_select(0, row)
         lone = hist.index_select(0, lone_row).index_select(2, torch.zeros_like(s))
-        hist.index_put_((row,), torch.where(moved, here.index_copy(2, one, lone), here))
-    hist_flag.index_put_((row,), torch.where(keep, hist_flag.index_select(0, row), -1))
-    hist_diff.index_put_((row,), torch.where(keep, hist_diff.index_select(0, row), float("nan")))
-    hist_flag.index_put_((row, idx, s), cache.to(torch.int8).reshape(1))
-    hist_diff.index_put_((row, idx, s), diff.reshape(1))
-    if hist_pruned is not None:
-        hist_pruned.index_put_((row,), torch.where(keep, hist_pruned.index_select(0, row), 0))
-        hist_pruned.index_put_((row, idx, s), pruned.to(hist_pruned.dtype).reshape(1))
+        here = torch.where(moved, here.index_copy(2, one, lone), here)
+        hist.index_put_((row,), torch.where(keep, here, empty))
+        hist.index_put_((row, idx, s), value.reshape(1))
     meta = hist_meta.index_select(0, row)[0] * keep.to(torch.int64)
     seen = torch.stack([torch.maximum(meta[0], step + 1), torch.maximum(meta[1], slot + 1)])
     hist_meta.index_put_((row,), seen.unsqueeze(0))

@@ -113,10 +113,10 @@ def _check_hooks(name: str, transformer: torch.nn.Module, cfg: CacheConfig) -> N
     clash = set(diffusers_hooks.caches(found)) if cfg.enable_cache else set()
     if cfg.ulysses_degree > 1:
         clash |= diffusers_hooks.PARALLEL & set(found)
-    where = f"cdcompile.enable: pipe.{name} has diffusers hooks ({diffusers_hooks.describe(found)})"
+    where = f"cdcompile.enable: pipe.{name} has "
     if clash:
-        raise ValueError(f"{where}. " + "; ".join(diffusers_hooks.advice(clash)))
-    warnings.warn(f"{where}. " + "; ".join(diffusers_hooks.advice(found)), stacklevel=3)
+        raise ValueError(where + diffusers_hooks.sentence(found, clash))
+    warnings.warn(where + diffusers_hooks.sentence(found), stacklevel=3)
 
 
 def disable(pipe: Any) -> Any:

@@ -93,10 +93,9 @@ class Summary:
                 diffs = [s["residual_diffs"][i] for i in steps]
                 line, = ax.plot(steps, diffs, "-", lw=1, label=f"slot {k}" if len(r["slots"]) > 1 else None)
                 cached = set(s["cached_steps"])
-                ax.plot([i for i in steps if i in cached], [d for i, d in zip(steps, diffs) if i in cached],
-                        "o", color=line.get_color(), ms=5)
-                ax.plot([i for i in steps if i not in cached], [d for i, d in zip(steps, diffs) if i not in cached],
-                        "o", color=line.get_color(), ms=5, mfc="white")
+                for filled, face in ((True, line.get_color()), (False, "white")):
+                    xs = [i for i in steps if (i in cached) == filled]
+                    ax.plot(xs, [s["residual_diffs"][i] for i in xs], "o", color=line.get_color(), ms=5, mfc=face)
             threshold = g.get("threshold")
             if threshold is not None:
                 ax.axhline(threshold, color="0.4", ls="--", lw=1,
@@ -158,8 +157,7 @@ def _hooks_note(model: Any) -> str:
     found = diffusers_hooks.on_module(getattr(model, "_orig_mod", model))
     if not found:
         return ""
-    return (f"; the model has diffusers hooks ({diffusers_hooks.describe(found)}): "
-            + "; ".join(diffusers_hooks.advice(found)))
+    return "; the model has " + diffusers_hooks.sentence(found)
 
 
 def _regional_note(model: Any) -> str:

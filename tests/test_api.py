@@ -552,5 +552,7 @@ def test_export_shows_its_stages_in_a_progress_bar(tmp_path, capsys):
         cdcompile.export(torch.nn.Linear(8, 8), (x,), {}, str(tmp_path / "b.pt2"))
     err = capsys.readouterr().err
     assert "cdcompile.export: 0/4 capture: Dynamo and the passes: failed (ValueError)" in err, err
+    with pytest.raises(ValueError, match="progress must be True or False, got 'no'"):
+        cdcompile.export(m, (x, t), {}, str(tmp_path / "c.pt2"), progress="no")
     cdcompile.export(m, (x, t), {}, str(tmp_path / "c.pt2"), progress=False)
     assert "cdcompile.export" not in capsys.readouterr().err

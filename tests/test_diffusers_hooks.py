@@ -21,19 +21,8 @@ def _fbc(model, threshold=1e9):
 
 
 def _steps(model, kw, n=4):
-    outs = []
-    with torch.no_grad(), model.cache_context("cond") if hasattr(model, "cache_context") else _null():
-        for s in range(n):
-            outs.append(model(**{**kw, "timestep": kw["timestep"] * (1 - s / n)})[0])
-    return outs
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    with torch.no_grad(), model.cache_context("cond"):
+        return [model(**{**kw, "timestep": kw["timestep"] * (1 - s / n)})[0] for s in range(n)]
 
 
 def test_on_module_lists_each_kind_with_the_modules_it_hooks():

@@ -37,12 +37,7 @@ def normalize_path(path: str) -> str:
 
 def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
     """The node's module stack as ``[(normalized path, class), ...]``, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for value in stack.values():
-        path, cls = value[0], value[1]
-        out.append((normalize_path(path), cls))
-    return out
+    return [(path, cls) for _, path, cls in module_stack_entries(node)]
 
 
 def module_stack_entries(node: fx.Node) -> list[tuple[str, str, type | str]]:
