@@ -70,7 +70,8 @@ class CacheConfig:
     max_cached_steps: at most this many cached steps per request and slot (-1 = unlimited).
     max_continuous_cached_steps: at most this many cached steps in a row (-1 = unlimited).
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
-        unconditional calls); further calls in the same step always compute. >= 1.
+        unconditional calls; Heun's two evaluations of a timestep); further calls in the same step
+        always compute, and ``summary`` names them with the count that fits. >= 1.
 
     Calibrators (algorithms.md §2; cdcompile.calibrators) forecast the cached middle residual on
     cached steps; they never change which steps cache:

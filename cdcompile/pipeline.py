@@ -19,7 +19,7 @@ import torch
 
 from . import diffusers_hooks
 from .config import CacheConfig
-from .runtime import new_request
+from .runtime import new_request, warn_overflow
 
 
 def transformer_names(pipe: Any) -> list[str]:
@@ -97,7 +97,10 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
         steps = steps if isinstance(steps, int) and len(originals) == 1 else None
         for original in originals:
             new_request(original, num_inference_steps=steps)
-        return base.__call__(self, *args, **kwargs)
+        out = base.__call__(self, *args, **kwargs)
+        for original in originals:  # calls past the CFG slots were never cached: say so now
+            warn_overflow(original)
+        return out
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})
     pipe._cdcompile_before = (base, before)

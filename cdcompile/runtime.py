@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import sys
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ class CacheState:
 
     mask_spec: Any = None
     mask_steps: int | None = None  # step count the mask tensor was built for
+    overflow_warned: bool = False  # new_request warned that calls overflowed the CFG slots
 
     @staticmethod
     def names(plan) -> list[str]:
@@ -194,11 +196,12 @@ class CacheState:
         flags, diffs, meta = (t[k].detach().cpu() for k in ("hist_flag", "hist_diff", "hist_meta"))
         pruned = t["hist_pruned"].detach().cpu() if "hist_pruned" in t else None
         out = []
+        cache_slots = flags.shape[1] - 1  # the last row is the overflow slot's
         for req in range(max(1, total - guard.HISTORY + 1), total + 1):
             row = req % guard.HISTORY
             steps, slots = int(meta[row, 0]), int(meta[row, 1])
             per_slot = []
-            for k in range(min(slots, flags.shape[1])):
+            for k in range(min(slots, cache_slots + 1)):
                 f, d = flags[row, k, :steps], diffs[row, k, :steps]
                 entry = {
                     "cached_steps": [s for s in range(steps) if int(f[s]) == 1],
@@ -208,9 +211,28 @@ class CacheState:
                 }
                 if pruned is not None:  # DBPrune: blocks pruned per step (0 where no call)
                     entry["pruned_blocks"] = [int(pruned[row, k, s]) for s in range(steps)]
+                if k == cache_slots:  # calls k.. of each timestep share it (the last one's record)
+                    entry["overflow_calls"] = [k, slots - 1]
                 per_slot.append(entry)
-            out.append({"request": req, "steps": steps, "slots": per_slot})
+            out.append({"request": req, "steps": steps, "calls_per_step": slots, "slots": per_slot})
         return out
+
+    def last_calls_per_step(self) -> int:
+        """Calls that shared a timestep in the latest request (reads the device)."""
+        t = self.tensors_by_name
+        return int(t["hist_meta"][int(t["counters"][2]) % guard.HISTORY, 1])
+
+    def cache_slots(self) -> int:
+        return self.tensors_by_name["slot_ctr"].shape[0] - 1
+
+
+def overflow_advice(calls: int, cache_slots: int) -> str:
+    """What to do when more calls share a timestep than there are CFG slots."""
+    which = f"call {cache_slots}" if calls == cache_slots + 1 else f"calls {cache_slots}-{calls - 1}"
+    return (f"{calls} calls share each timestep (CFG, a sampler that evaluates a timestep twice such as "
+            f"Heun, or both); cache_slots={cache_slots} keeps a cache state for the first {cache_slots}, so "
+            f"{which} of each timestep {'is' if calls == cache_slots + 1 else 'are'} never cached: "
+            f"set cache_slots={calls}")
 
 
 class CachedGraph:
@@ -307,10 +329,23 @@ def cached_states(model: Any) -> list[tuple[CachedGraph, CacheState]]:
     return sorted(pairs, key=lambda p: p[1].last_used)
 
 
+def warn_overflow(model: Any, stacklevel: int = 2) -> None:
+    """Warn, once per state, when the latest request of ``model`` had more calls per timestep than
+    CFG slots (one small read of the device per state; called once per request)."""
+    for _, st in cached_states(model):
+        if st.overflow_warned:
+            continue
+        calls, slots = st.last_calls_per_step(), st.cache_slots()
+        if calls > slots:
+            st.overflow_warned = True
+            warnings.warn(f"cdcompile: {overflow_advice(calls, slots)}", stacklevel=stacklevel + 1)
+
+
 def new_request(model: Any, num_inference_steps: int | None = None) -> None:
     """Start a new request for ``model`` (the module or what torch.compile returned): the next call
     is step 0 of a fresh request in every compiled graph of the model. ``num_inference_steps``
     rebuilds a steps computation mask given as a preset or bins for that step count."""
+    warn_overflow(model)
     for _, st in cached_states(model):
         st.new_request()
         if num_inference_steps is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .runtime import cached_states
+from .runtime import cached_states, overflow_advice
 
 
 @dataclasses.dataclass
@@ -28,9 +28,10 @@ class Summary:
     note: str = ""  # with no cache: a likely reason seen on the module (blocks compiled one by one)
 
     def as_dict(self) -> dict[str, Any]:
-        keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio")
+        keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio", "overflow_calls")
         return {"requests": [{"steps": r["steps"], "graph": r["graph"], "hidden": r["hidden"],
                               "sizes": r["sizes"], "time_rises": r["time_rises"],
+                              "calls_per_step": r["calls_per_step"],
                               "slots": [{k: s[k] for k in keep if k in s} for s in r["slots"]]}
                              for r in self.requests],
                 "graphs": self.graphs}
@@ -61,11 +62,18 @@ class Summary:
             for k, s in enumerate(r["slots"]):
                 cached = s["cached_steps"]
                 at = state(r) if where else ""
-                lines.append(f"{at}{r['request']:>7} {k:>4} {r['steps']:>5} {len(cached):>6}  {cached}")
+                lines.append(f"{at}{r['request']:>7} {slot_name(k, s):>4} {r['steps']:>5} {len(cached):>6}  {cached}")
                 if "pruned_blocks" in s:
                     lines.append(f"{'':>{len(at)}}{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
                                  f"blocks pruned per step {s['pruned_blocks']}")
+        lines += [f"slot {slot_name(k, s)}: {overflow_advice(s['overflow_calls'][1] + 1, k)}"
+                  for k, s in self._overflows()]
         return "\n".join(lines)
+
+    def _overflows(self) -> list[tuple[int, dict]]:
+        """The overflow slot entry with the most calls per timestep, if any request had one."""
+        found = [(k, s) for r in self.requests for k, s in enumerate(r["slots"]) if "overflow_calls" in s]
+        return [max(found, key=lambda f: f[1]["overflow_calls"][1])] if found else []
 
     def plot(self, path: str | None = None, *, last: int = 4):
         """The residual diff of each step against the threshold, one panel per request (the
@@ -91,7 +99,8 @@ class Summary:
             for k, s in enumerate(r["slots"]):
                 steps = sorted(s["residual_diffs"])
                 diffs = [s["residual_diffs"][i] for i in steps]
-                line, = ax.plot(steps, diffs, "-", lw=1, label=f"slot {k}" if len(r["slots"]) > 1 else None)
+                name = f"slot {slot_name(k, s)}" + (" (never cached)" if "overflow_calls" in s else "")
+                line, = ax.plot(steps, diffs, "-", lw=1, label=name if len(r["slots"]) > 1 else None)
                 cached = set(s["cached_steps"])
                 for filled, face in ((True, line.get_color()), (False, "white")):
                     xs = [i for i in steps if (i in cached) == filled]
@@ -104,7 +113,7 @@ class Summary:
             counts = [len(s["cached_steps"]) for s in r["slots"]]
             what = "with a block pruned" if pruning else "cached"
             per_slot = (f"{counts[0]}" if len(counts) == 1
-                        else ", ".join(f"slot {k} {c}" for k, c in enumerate(counts)))
+                        else ", ".join(f"slot {slot_name(k, s)} {c}" for k, (s, c) in enumerate(zip(r["slots"], counts))))
             ax.set_title(f"request {r['request']} (graph {r['graph']}, {r['hidden']}): {r['steps']} steps, "
                          f"{what}: {per_slot}", fontsize=9, loc="left")
             ax.set_xlim(-0.5, max(r["steps"] - 0.5, 0.5))
@@ -120,6 +129,12 @@ class Summary:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+def slot_name(k: int, slot: dict) -> str:
+    """A slot's number; the overflow slot's is the range of calls it took (``2-3``)."""
+    first, last = slot.get("overflow_calls", (k, k))
+    return f"{first}-{last}" if last > first else str(k)
 
 
 def summary(model: Any) -> Summary:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -107,6 +108,28 @@ def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_ins
     reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
     assert [r["steps"] for r in reqs] == [6, 6]
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
+
+
+def test_enable_warns_after_a_call_whose_calls_per_timestep_overflow_the_cfg_slots():
+    # true CFG calls the transformer twice per timestep; with one CFG slot the second call of each
+    # timestep is never cached. The pipeline says so once, as the call that showed it returns.
+    pipe = tiny_flux_pipeline()
+    prompt = flux_prompt(pipe.transformer)
+    negative = flux_prompt(pipe.transformer, seed=1)
+    run = dict(height=32, width=32, num_inference_steps=5, output_type="latent", true_cfg_scale=3.0,
+               negative_prompt_embeds=negative["prompt_embeds"],
+               negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"])
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2, cache_slots=1)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"2 calls share each timestep.*cache_slots=1 .*"
+                                                            r"call 1 of each timestep is never cached: set cache_slots=2") as rec:
+        pipe(**prompt, **run)
+    assert [w.filename for w in rec if "calls share" in str(w.message)] == [__file__]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        pipe(**prompt, **run)
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [[s["cached_steps"] for s in r["slots"]] for r in reqs] == [[[2, 3, 4], []]] * 2
+    assert [r["slots"][1]["overflow_calls"] for r in reqs] == [[1, 1]] * 2
 
 
 def test_disable_gives_the_pipeline_back_its_class_and_transformer():

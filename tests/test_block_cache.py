@@ -1,6 +1,7 @@
 """DBCache compiled into the graph: decisions and outputs against the eager reference."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -374,6 +375,66 @@ def test_cfg_alternating_calls_equal_two_separately_cached_models():
             torch.testing.assert_close((a, b)[k], w, rtol=1e-5, atol=1e-6)
         assert summary["slots"][k]["cached_steps"] == _cached_steps(single)
     assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
+
+
+def test_more_calls_per_timestep_than_cache_slots_are_reported_and_fit_when_raised():
+    # Heun with CFG calls the model four times per timestep (two evaluations x cond/uncond). With
+    # the default two CFG slots, calls 2-3 shared the overflow state, were never cached, and the
+    # summary showed one row for them with no word why.
+    cfg = RefConfig(threshold=0.2, warmup=2)
+    traj = _seq_trajectory()
+    g = torch.Generator().manual_seed(7)
+    offsets = [torch.zeros_like(traj[0][0])] + [torch.randn(traj[0][0].shape, generator=g) for _ in range(3)]
+    calls = [[(x + o, t) for x, t in traj] for o in offsets]  # calls[k][step]
+    m = SequentialDiT(depth=5)
+
+    def run(slots):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, cache_slots=slots))
+        with torch.no_grad():
+            outs = [[c(*calls[k][s]) for k in range(4)] for s in range(STEPS)]
+        return c, outs
+
+    def alone(k):  # call k of every timestep in a model of its own
+        torch._dynamo.reset()
+        single = SequentialDiT(depth=5)
+        single.load_state_dict(m.state_dict())
+        c = torch.compile(single, backend="cachedit", fullgraph=True, options=_opts(cfg))
+        with torch.no_grad():
+            outs = [c(x, t) for x, t in calls[k]]
+        return outs, _cached_steps(single)
+
+    c, outs = run(2)
+    summary = cdcompile.summary(c)
+    req = summary.as_dict()["requests"][-1]
+    assert req["calls_per_step"] == 4 and len(req["slots"]) == 3
+    assert req["slots"][2]["overflow_calls"] == [2, 3] and req["slots"][2]["cached_steps"] == []
+    assert "overflow_calls" not in req["slots"][1]
+    text = str(summary)
+    assert "      1  2-3 " in text and "calls 2-3 of each timestep are never cached: set cache_slots=4" in text
+    with pytest.warns(UserWarning, match="cache_slots=2 keeps a cache state for the first 2.*set cache_slots=4"):
+        cdcompile.new_request(c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per state
+        cdcompile.new_request(c)
+
+    want = [alone(k) for k in range(4)]
+    assert all(w[1] for w in want)  # each call's sequence caches on its own
+    for k in range(2):  # the slots that fit are unchanged
+        assert req["slots"][k]["cached_steps"] == want[k][1]
+        for s in range(STEPS):
+            torch.testing.assert_close(outs[s][k], want[k][0][s], rtol=1e-5, atol=1e-6)
+
+    c, outs = run(4)
+    req = cdcompile.summary(c).as_dict()["requests"][-1]
+    assert [sl["cached_steps"] for sl in req["slots"]] == [w[1] for w in want]
+    assert not any("overflow_calls" in sl for sl in req["slots"])
+    for k in range(4):
+        for s in range(STEPS):
+            torch.testing.assert_close(outs[s][k], want[k][0][s], rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cdcompile.new_request(c)
 
 
 def _wan_call(x, t, text, first_frame_at_zero):
