@@ -101,6 +101,7 @@ def cachedit(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict
         else:
             state = plan.allocate()
             example = state.tensors()
+            ctx.report.cache["state_bytes"] = state.nbytes()
         compiled = compile_inner(gm2, inputs + extra + example, cfg.compiler, mode, cfg.size_asserts)
         return runtime.CachedGraph(compiled, plan, ctx.report, first_state=state)
     compiled = compile_inner(gm2, inputs, cfg.compiler, mode, cfg.size_asserts)

@@ -6,16 +6,18 @@ Python code, so the whole per-step logic compiles into the graph: no host read b
 predicate. The same functions run eagerly in tests.
 
 State tensors (allocated by :class:`cdcompile.runtime.CacheState`; ``S`` = slots + 1, the last
-slot being the overflow slot that never caches):
+slot being the overflow slot that never caches; ``C`` = slots: the overflow slot keeps no anchor and
+no residuals, since it never reads them, so the tensors of the streams' size hold one row per CFG
+slot and no more):
 
     reset      bool ()              set by new_request(); read and cleared by the graph
     clock      float32 (1,)         timestep of the previous call (-inf: next call starts a request)
     counters   int64 (6,)           step in request, slot (call index within the step), request count,
                                     time rises (0/1), lone-step requests in a row, this call flipped (0/1)
-    anchor     (S, *R)              F's hidden residual at the slot's last computed step
+    anchor     (C, *R)              F's hidden residual at the slot's last computed step
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
-    residual_k (S, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
+    residual_k (C, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
                                     and its divided differences for a calibrator of order n
     cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators)
     hist_flag  int8 (H, S, T)       per request (ring of H), slot and step: -1 no call, 0 computed, 1 cached
@@ -23,8 +25,8 @@ slot being the overflow slot that never caches):
     hist_meta  int64 (H, 2)         steps and slots seen in each request
 
 DBPrune (cache_type="dbprune") keeps no ``anchor``/``residual_k``/``cal_nodes`` but, per prunable
-block ``b`` (its index in the stack), ``anchor_b{b}`` (S, *hidden input) and ``residual_b{b}_{label}``
-(S, *stream) per stream the block changes, plus ``hist_pruned`` int16 (H, S, T), the blocks pruned
+block ``b`` (its index in the stack), ``anchor_b{b}`` (C, *hidden input) and ``residual_b{b}_{label}``
+(C, *stream) per stream the block changes, plus ``hist_pruned`` int16 (H, S, T), the blocks pruned
 per call; ``hist_diff`` then holds the mean of the call's block diffs.
 """
 
@@ -92,30 +94,34 @@ def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req
          max_cached: int, max_continuous: int, slots: int, static_mask: bool = False):
     """The per-step part of the guard chain (algorithms.md §1.4 a-e), before any diff.
 
-    Returns ``(free, checked, idx, ctr)``: ``free`` caches without consulting the diff (a 0 of a
-    static mask), ``checked`` caches iff the diff is below the threshold. ``idx`` is the slot index
-    as a (1,) tensor, clamped to the overflow slot ``slots``; ``ctr`` the slot's counters as they
-    stood before this call.
+    Returns ``(free, checked, idx, ctr, row, over)``: ``free`` caches without consulting the diff
+    (a 0 of a static mask), ``checked`` caches iff the diff is below the threshold. ``idx`` is the
+    slot index as a (1,) tensor, clamped to the overflow slot ``slots``; ``ctr`` the slot's counters
+    as they stood before this call; ``row`` the slot's row in the anchor and residual tensors, which
+    have none for the overflow slot (clamped to ``slots - 1``); ``over``: this call is the overflow
+    slot's, whose writes to that row must keep what is there.
     """
     # A new request forgets every slot's anchor and counters.
     slot_ctr.mul_((~new_req).to(slot_ctr.dtype))
     idx = torch.clamp(slot, max=slots).reshape(1)
+    row = torch.clamp(slot, max=slots - 1).reshape(1)
+    over = slot >= slots
     ctr = slot_ctr.index_select(0, idx)[0]
     warm = (step < warmup_steps) & (step % warmup_interval == 0)
-    usable = ~warm & (ctr[0] > 0) & (slot < slots)
+    usable = ~warm & (ctr[0] > 0) & ~over
     never = torch.zeros_like(usable)
     if mask is not None:
         must = mask.index_select(0, torch.clamp(step, max=mask.shape[0] - 1).reshape(1))[0] == 1
         usable = usable & ~must
         if static_mask:
-            return usable, never, idx, ctr
+            return usable, never, idx, ctr, row, over
     if threshold <= 0:
         usable = usable & False
     if max_cached >= 0:
         usable = usable & (ctr[1] < max_cached)
     if max_continuous >= 0:
         usable = usable & (ctr[2] < max_continuous)
-    return never, usable, idx, ctr
+    return never, usable, idx, ctr, row, over
 
 
 def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None):
@@ -146,27 +152,28 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
     mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
     or the threshold (still only once a residual exists). ``group``: see :func:`relative_l1`.
 
-    Returns ``(cache, diff, idx, anchor_slot, ctr_slot)``; ``idx`` is the slot index as a (1,)
-    tensor, clamped to the overflow slot ``slots``.
+    Returns ``(cache, diff, idx, anchor_slot, ctr_slot, row, over)`` (see :func:`gate`); the
+    overflow slot's diff is nan (it has no anchor of its own).
     """
-    free, checked, idx, ctr = gate(slot_ctr, step, slot, new_req, mask, threshold=threshold,
-                                   warmup_steps=warmup_steps, warmup_interval=warmup_interval,
-                                   max_cached=max_cached, max_continuous=max_continuous, slots=slots,
-                                   static_mask=static_mask)
-    a = anchor.index_select(0, idx)[0]
-    diff = relative_l1(r, a, ctr[0] > 0, group)
-    return free | (checked & (diff < threshold)), diff, idx, a, ctr
+    free, checked, idx, ctr, row, over = gate(slot_ctr, step, slot, new_req, mask, threshold=threshold,
+                                              warmup_steps=warmup_steps, warmup_interval=warmup_interval,
+                                              max_cached=max_cached, max_continuous=max_continuous,
+                                              slots=slots, static_mask=static_mask)
+    a = anchor.index_select(0, row)[0]
+    diff = relative_l1(r, a, (ctr[0] > 0) & ~over, group)
+    return free | (checked & (diff < threshold)), diff, idx, a, ctr, row, over
 
 
-def commit(cache: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, r: torch.Tensor,
-           a: torch.Tensor, ctr: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor,
+def commit(cache: torch.Tensor, over: torch.Tensor, diff: torch.Tensor, idx: torch.Tensor, row: torch.Tensor,
+           r: torch.Tensor, a: torch.Tensor, ctr: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor,
            step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor, counters: torch.Tensor,
            hist_flag: torch.Tensor, hist_diff: torch.Tensor, hist_meta: torch.Tensor) -> None:
     """Write the slot's anchor, counters and the history after the branch ran.
 
-    The anchor moves only on computed steps; any computed step ends the run of cached steps.
+    The anchor moves only on computed steps of a slot that has one (not the overflow slot); any
+    computed step ends the run of cached steps.
     """
-    anchor.index_put_((idx,), torch.where(cache, a, r).unsqueeze(0))
+    anchor.index_put_((row,), torch.where(cache | over, a, r).unsqueeze(0))
     _count(cache, idx, ctr, slot_ctr)
     _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_diff, hist_meta)
 
@@ -202,22 +209,24 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
     hist_meta.index_put_((row,), seen.unsqueeze(0))
 
 
-def commit_residual(cache: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor,
+def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Tensor, row: torch.Tensor,
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
                     step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor,
                     used: torch.Tensor | None = None, form: str = calibrators.TAYLOR) -> None:
-    """Store the middle residual of one stream (and its divided differences): kept on cached
-    steps, ``exit - entry`` on computed ones. ``used`` (FoCa) is the residual the branch used:
-    the state's window moves on every step (cdcompile.calibrators)."""
+    """Store the middle residual of one stream (and its divided differences) in the slot's
+    ``row``: kept on cached steps and overflow calls, ``exit - entry`` on computed ones. ``used``
+    (FoCa) is the residual the branch used: the state's window moves on every step of a slot
+    (cdcompile.calibrators)."""
     if used is not None:
-        residual.index_put_((idx,), calibrators.foca_update(cache, used, res_slot).unsqueeze(0))
+        new = torch.where(over, res_slot, calibrators.foca_update(cache, used, res_slot))
+        residual.index_put_((row,), new.unsqueeze(0))
         return
     y = exit_value - entry_value
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
     else:
         new = calibrators.differences(y, res_slot, step, nodes, ctr[3], form)
-    residual.index_put_((idx,), torch.where(cache, res_slot, new).unsqueeze(0))
+    residual.index_put_((row,), torch.where(cache | over, res_slot, new).unsqueeze(0))
 
 
 def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor,
@@ -239,16 +248,17 @@ PRUNE_CAP = 2.0  # ... used only while below PRUNE_CAP * residual_diff_threshold
 
 
 def prune_gate(slot_ctr, step, slot, new_req, mask=None, **guard_options):
-    """The step-level guard chain for DBPrune; returns ``(free, checked, idx, ctr, acc)``.
+    """The step-level guard chain for DBPrune; returns ``(free, checked, idx, ctr, acc, row, over)``
+    (see :func:`gate`).
 
     Warmup, mask, slots and the step limits gate every block of the call alike: the limits count
     steps as they stood when the call began (a step counts once, however many blocks it prunes).
     """
-    free, checked, idx, ctr = gate(slot_ctr, step, slot, new_req, mask, **guard_options)
-    return free, checked, idx, ctr, torch.zeros(5, dtype=torch.float32, device=slot_ctr.device)
+    free, checked, idx, ctr, row, over = gate(slot_ctr, step, slot, new_req, mask, **guard_options)
+    return free, checked, idx, ctr, torch.zeros(5, dtype=torch.float32, device=slot_ctr.device), row, over
 
 
-def prune_decide(h: torch.Tensor, anchor: torch.Tensor, idx: torch.Tensor, free: torch.Tensor,
+def prune_decide(h: torch.Tensor, anchor: torch.Tensor, row: torch.Tensor, over: torch.Tensor, free: torch.Tensor,
                  checked: torch.Tensor, ctr: torch.Tensor, acc: torch.Tensor, *, threshold: float,
                  dynamic: bool, group: str | None = None):
     """Whether to prune one block: its input ``h`` against its input when last computed.
@@ -256,10 +266,11 @@ def prune_decide(h: torch.Tensor, anchor: torch.Tensor, idx: torch.Tensor, free:
     Every block of a slot computes on the slot's first call of a request, so the slot's
     ``has_anchor`` counter stands for every block's. With ``dynamic``, the threshold is
     ``max(threshold, 1.25 * mean(first 5 positive diffs of earlier blocks in this call))`` while
-    that stays below ``2 * threshold``. Returns ``(prune, a, acc)``; ``a`` is the block's anchor.
+    that stays below ``2 * threshold``. Returns ``(prune, a, acc)``; ``a`` is the block's anchor
+    in the slot's ``row`` (the overflow slot has none: its diffs are nan).
     """
-    a = anchor.index_select(0, idx)[0]
-    diff = relative_l1(h, a, ctr[0] > 0, group)
+    a = anchor.index_select(0, row)[0]
+    diff = relative_l1(h, a, (ctr[0] > 0) & ~over, group)
     thr = torch.full_like(diff, threshold)
     if dynamic:
         relaxed = PRUNE_RELAX * acc[0] / torch.clamp(acc[1], min=1)
@@ -272,16 +283,17 @@ def prune_decide(h: torch.Tensor, anchor: torch.Tensor, idx: torch.Tensor, free:
     return prune, a, acc
 
 
-def prune_commit_block(prune: torch.Tensor, idx: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
-                       anchor: torch.Tensor) -> None:
-    """The block's anchor moves to its input when it computed."""
-    anchor.index_put_((idx,), torch.where(prune, a, h).unsqueeze(0))
+def prune_commit_block(prune: torch.Tensor, over: torch.Tensor, row: torch.Tensor, h: torch.Tensor,
+                       a: torch.Tensor, anchor: torch.Tensor) -> None:
+    """The block's anchor moves to its input when it computed (not in an overflow call)."""
+    anchor.index_put_((row,), torch.where(prune | over, a, h).unsqueeze(0))
 
 
-def prune_commit_residual(prune: torch.Tensor, idx: torch.Tensor, res_slot: torch.Tensor,
+def prune_commit_residual(prune: torch.Tensor, over: torch.Tensor, row: torch.Tensor, res_slot: torch.Tensor,
                           exit_value: torch.Tensor, entry_value: torch.Tensor, residual: torch.Tensor) -> None:
-    """One stream's residual of the block: kept when pruned, ``exit - entry`` when computed."""
-    residual.index_put_((idx,), torch.where(prune, res_slot, exit_value - entry_value).unsqueeze(0))
+    """One stream's residual of the block: kept when pruned or in an overflow call, ``exit - entry``
+    when computed."""
+    residual.index_put_((row,), torch.where(prune | over, res_slot, exit_value - entry_value).unsqueeze(0))
 
 
 def prune_commit(acc: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor, slot_ctr: torch.Tensor,

@@ -75,6 +75,8 @@ class GraphReport:
                                              "CFG) share one slot"))
             if c.get("dynamic_sizes"):
                 lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
+            elif c.get("state_bytes"):
+                lines.append(f"  block cache state: {state_size(*c['state_bytes'], c['slots'])}")
             if c.get("specialized_floats"):
                 floats = ", ".join(f"{k}={v!r}" for k, v in c["specialized_floats"].items())
                 lines.append(f"  block cache: floats made guarded constants (a new value compiles a new graph): {floats}")
@@ -114,3 +116,13 @@ class GraphReport:
             state = "skipped" if p.skipped else f"{p.ops_before} -> {p.ops_after} ops"
             lines.append(f"  pass {p.name}: {state}")
         return "\n".join(lines)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**17 else f"{n / 2**10:.1f} KiB"
+
+
+def state_size(total: int, sized: int, slots: int) -> str:
+    """``"75.3 MiB on the device (75.0 MiB of anchors and residuals for 2 CFG slots)"``."""
+    return (f"{mib(total)} on the device ({mib(sized)} of anchors and residuals for {slots} CFG "
+            f"slot{'s' if slots > 1 else ''}, the rest counters and history)")

@@ -135,8 +135,11 @@ class CacheState:
                 return int(d.node.expr)
             return int(d.node.expr.xreplace(sizes)) if sizes is not None else d
 
-        def zeros(shape, dtype):
-            return torch.zeros((s, *map(size, shape)), dtype=dtype, device=dev)
+        def zeros(shape, dtype, rows=s):
+            return torch.zeros((rows, *map(size, shape)), dtype=dtype, device=dev)
+
+        def sized(shape, dtype):  # the streams' size: no row for the overflow slot (guard.gate's ``row``)
+            return zeros(shape, dtype, plan.slots)
 
         t = {
             "reset": torch.ones((), dtype=torch.bool, device=dev),
@@ -146,15 +149,15 @@ class CacheState:
         if plan.prune_blocks is not None:
             t["slot_ctr"] = zeros((4,), torch.int64)
             for b in plan.prune_blocks:
-                t[b.anchor_name] = zeros(b.anchor.shape, b.anchor.dtype)
+                t[b.anchor_name] = sized(b.anchor.shape, b.anchor.dtype)
                 for r in b.residuals:
-                    t[b.residual_name(r.label)] = zeros(r.shape, r.dtype)
+                    t[b.residual_name(r.label)] = sized(r.shape, r.dtype)
         else:
-            t["anchor"] = zeros(plan.anchor.shape, plan.anchor.dtype)
+            t["anchor"] = sized(plan.anchor.shape, plan.anchor.dtype)
             t["slot_ctr"] = zeros((4,), torch.int64)
             t["cal_nodes"] = zeros((3,), torch.float32)
             for k, r in enumerate(plan.residuals):
-                t[f"residual_{k}"] = zeros((plan.history, *r.shape), r.dtype)
+                t[f"residual_{k}"] = sized((plan.history, *r.shape), r.dtype)
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
         t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
         t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)
@@ -183,6 +186,12 @@ class CacheState:
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.tensors_by_name.values())
+
+    def nbytes(self) -> tuple[int, int]:
+        """Bytes held: ``(all state, the part of the streams' size)``: anchors and residuals, one
+        row per CFG slot; the rest is counters and the history."""
+        sized = sum(t.nbytes for n, t in self.tensors_by_name.items() if n.startswith(("anchor", "residual")))
+        return sum(t.nbytes for t in self.tensors_by_name.values()), sized
 
     def new_request(self) -> None:
         """The next call starts a request (the graph reads the flag and clears the slots)."""

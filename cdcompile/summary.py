@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .report import state_size
 from .runtime import cached_states, overflow_advice
 
 
@@ -26,6 +27,9 @@ class Summary:
     # the cache each graph that ran a state holds (stack, F/M/B, streams), in compile order
     graphs: list[dict[str, Any]]
     note: str = ""  # with no cache: a likely reason seen on the module (blocks compiled one by one)
+    # device memory the model's cache states hold: (all, anchors and residuals), and how many states
+    state_bytes: tuple[int, int] = (0, 0)
+    states: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         keep = ("cached_steps", "residual_diffs", "pruned_blocks", "prune_ratio", "overflow_calls")
@@ -34,7 +38,7 @@ class Summary:
                               "calls_per_step": r["calls_per_step"],
                               "slots": [{k: s[k] for k in keep if k in s} for s in r["slots"]]}
                              for r in self.requests],
-                "graphs": self.graphs}
+                "graphs": self.graphs, "state_bytes": self.state_bytes[0], "states": self.states}
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -68,6 +72,10 @@ class Summary:
                                  f"blocks pruned per step {s['pruned_blocks']}")
         lines += [f"slot {slot_name(k, s)}: {overflow_advice(s['overflow_calls'][1] + 1, k)}"
                   for k, s in self._overflows()]
+        if self.states:
+            slots = self.graphs[0]["slots"]
+            lines.append(f"cache state: {state_size(*self.state_bytes, slots)}"
+                         + (f", {self.states} states (one per call size or layout)" if self.states > 1 else ""))
         return "\n".join(lines)
 
     def _overflows(self) -> list[tuple[int, dict]]:
@@ -160,7 +168,9 @@ def summary(model: Any) -> Summary:
                     calls = len(s["cached_steps"]) + len(s["computed_steps"])
                     s["prune_ratio"] = sum(s["pruned_blocks"]) / max(1, calls * graph.plan.num_blocks)
             requests.append(r)
-    return Summary(requests=requests, graphs=graphs, note="" if graphs else _regional_note(model) + _hooks_note(model))
+    held = [st.nbytes() for _, st in pairs]
+    return Summary(requests=requests, graphs=graphs, note="" if graphs else _regional_note(model) + _hooks_note(model),
+                   state_bytes=(sum(h[0] for h in held), sum(h[1] for h in held)), states=len(held))
 
 
 def _hooks_note(model: Any) -> str:

@@ -35,6 +35,11 @@ def test_summary_as_dict_has_the_documented_shape_and_is_json():
     json.dumps(d)
     text = str(cdcompile.summary(m))
     assert "N=4 F=1 M=3 B=0" in text and "[2, 3, 4, 5]" in text
+    # the state's device memory: anchor and residual (1 x 10 x 32 float32) for each of 2 CFG slots
+    assert cdcompile.summary(m).state_bytes[1] == 2 * 2 * 10 * 32 * 4
+    assert d["states"] == 1 and d["state_bytes"] > 2 * 2 * 10 * 32 * 4
+    assert "cache state: " in text and "(5.0 KiB of anchors and residuals for 2 CFG slots" in text
+    assert "block cache state: " in str(cdcompile.explain(SequentialDiT(depth=4), *_traj()[0]))
 
 
 def test_summary_numbers_graphs_in_compile_order_whichever_state_ran_last():

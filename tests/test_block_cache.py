@@ -377,10 +377,13 @@ def test_cfg_alternating_calls_equal_two_separately_cached_models():
     assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
 
 
-def test_more_calls_per_timestep_than_cache_slots_are_reported_and_fit_when_raised():
+@pytest.mark.parametrize("extra", [{}, {"calibrator": "taylorseer", "taylorseer_order": 2}, {"calibrator": "foca"},
+                                   {"cache_type": "dbprune"}], ids=["dbcache", "taylorseer2", "foca", "dbprune"])
+def test_more_calls_per_timestep_than_cache_slots_are_reported_and_fit_when_raised(extra):
     # Heun with CFG calls the model four times per timestep (two evaluations x cond/uncond). With
     # the default two CFG slots, calls 2-3 shared the overflow state, were never cached, and the
-    # summary showed one row for them with no word why.
+    # summary showed one row for them with no word why. The overflow slot keeps no anchor or
+    # residuals (a third less state at two slots): its calls leave the last slot's row as it was.
     cfg = RefConfig(threshold=0.2, warmup=2)
     traj = _seq_trajectory()
     g = torch.Generator().manual_seed(7)
@@ -390,7 +393,7 @@ def test_more_calls_per_timestep_than_cache_slots_are_reported_and_fit_when_rais
 
     def run(slots):
         torch._dynamo.reset()
-        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, cache_slots=slots))
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg, cache_slots=slots, **extra))
         with torch.no_grad():
             outs = [[c(*calls[k][s]) for k in range(4)] for s in range(STEPS)]
         return c, outs
@@ -399,12 +402,17 @@ def test_more_calls_per_timestep_than_cache_slots_are_reported_and_fit_when_rais
         torch._dynamo.reset()
         single = SequentialDiT(depth=5)
         single.load_state_dict(m.state_dict())
-        c = torch.compile(single, backend="cachedit", fullgraph=True, options=_opts(cfg))
+        c = torch.compile(single, backend="cachedit", fullgraph=True, options=_opts(cfg, **extra))
         with torch.no_grad():
             outs = [c(x, t) for x, t in calls[k]]
         return outs, _cached_steps(single)
 
     c, outs = run(2)
+    from cdcompile.runtime import cached_states
+
+    ((_, state),) = cached_states(c)
+    rows = {n: t.shape[0] for n, t in state.tensors_by_name.items() if n.startswith(("anchor", "residual"))}
+    assert rows and set(rows.values()) == {2} and state.tensors_by_name["slot_ctr"].shape[0] == 3
     summary = cdcompile.summary(c)
     req = summary.as_dict()["requests"][-1]
     assert req["calls_per_step"] == 4 and len(req["slots"]) == 3

@@ -80,7 +80,8 @@ def test_dynamic_threshold_is_the_relaxed_mean_of_the_first_five_positive_diffs_
         out = []
         for d in diffs:
             prune, _, acc = guard.prune_decide(anchor[0] * (1 + d), anchor, torch.tensor([0]), torch.tensor(False),
-                                               torch.tensor(True), ctr, acc, threshold=base, dynamic=True)
+                                               torch.tensor(False), torch.tensor(True), ctr, acc, threshold=base,
+                                               dynamic=True)
             out.append(bool(prune))
         return out, acc
 

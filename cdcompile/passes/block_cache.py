@@ -655,8 +655,8 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         # Context parallel: r holds this rank's tokens; the guard all-reduces its diff so that
         # every rank takes the same branch (the compute branch holds collectives).
         group=ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None))
-    cache, diff, idx, a, ctr = (call(_getitem, (dec, k)) for k in range(5))
-    res_slots = [call(_index_slot, (st[f"residual_{k}"], idx)) for k in range(len(pairs))]
+    cache, diff, idx, a, ctr, row, over = (call(_getitem, (dec, k)) for k in range(7))
+    res_slots = [call(_index_slot, (st[f"residual_{k}"], row)) for k in range(len(pairs))]
     nodes = call(_index_slot, (st["cal_nodes"], idx))
     computed = call(_getitem, (ctr, 3))
     if plan.calibrator == "foca":
@@ -670,10 +670,10 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
         used = call(_getitem, (cond, len(pairs) + k)) if plan.calibrator == "foca" else None
-        call(guard.commit_residual, (cache, st[f"residual_{k}"], idx, res_slots[k], env[out], env[entry],
+        call(guard.commit_residual, (cache, over, st[f"residual_{k}"], row, res_slots[k], env[out], env[entry],
                                      step, nodes, ctr, used, plan.form))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
-    call(guard.commit, (cache, diff, idx, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
+    call(guard.commit, (cache, over, diff, idx, row, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
 
 

@@ -236,8 +236,9 @@ def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
         max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
         static_mask=cfg.steps_computation_policy == "static"))
-    free, checked, idx, ctr, acc = (call(_getitem, (gate, k)) for k in range(5))
-    return dict(step=step, slot=slot, new_req=new_req, free=free, checked=checked, idx=idx, ctr=ctr, acc=acc)
+    free, checked, idx, ctr, acc, row, over = (call(_getitem, (gate, k)) for k in range(7))
+    return dict(step=step, slot=slot, new_req=new_req, free=free, checked=checked, idx=idx, ctr=ctr, acc=acc,
+                row=row, over=over)
 
 
 def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
@@ -247,12 +248,12 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     # Context parallel: h holds this rank's tokens; the diff is all-reduced so that every rank
     # takes the same branch (the block holds collectives).
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
-    dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["idx"], gs["free"], gs["checked"], gs["ctr"],
+    dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["row"], gs["over"], gs["free"], gs["checked"], gs["ctr"],
                                     gs["acc"]),
                dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold, group=group))
     prune, a, gs["acc"] = (call(_getitem, (dec, k)) for k in range(3))
     names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
-    res_slots = [call(_index_slot, (st[name], gs["idx"])) for name in names]
+    res_slots = [call(_index_slot, (st[name], gs["row"])) for name in names]
 
     pairs = r.pairs
     compute_gm = _branch.subgraph(
@@ -274,5 +275,6 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     for size, (out, dim) in r.exit_sizes.items():
         env[size] = call(torch.ops.aten.sym_size.int, (env[out], dim))
     for k, (_, entry, out) in enumerate(pairs):
-        call(guard.prune_commit_residual, (prune, gs["idx"], res_slots[k], env[out], env[entry], st[names[k]]))
-    call(guard.prune_commit_block, (prune, gs["idx"], h, a, st[r.plan.anchor_name]))
+        call(guard.prune_commit_residual, (prune, gs["over"], gs["row"], res_slots[k], env[out], env[entry],
+                                           st[names[k]]))
+    call(guard.prune_commit_block, (prune, gs["over"], gs["row"], h, a, st[r.plan.anchor_name]))
