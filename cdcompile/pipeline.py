@@ -3,7 +3,10 @@
 Every transformer of the pipeline is compiled with the ``cachedit`` backend: the component named
 ``transformer`` and any named ``transformer_<suffix>`` (Wan 2.2 runs ``transformer`` on the
 high-noise steps and ``transformer_2`` on the low-noise ones). Each keeps its own cache state and
-counts its own steps. Each ``pipe(...)`` call starts a new request in all of them (and, with one
+counts its own steps. They are compiled in place (``Module.compile``, as diffusers' own docs
+compile), so ``pipe.transformer`` stays the diffusers model it was: the pipeline's LoRA methods
+(``set_adapters``, ``fuse_lora``, ``unload_lora_weights``, ...) act only on components that are
+diffusers models and silently skip a ``torch.compile`` wrapper. Each ``pipe(...)`` call starts a new request in all of them (and, with one
 transformer, passes its ``num_inference_steps`` to a steps computation mask). Only this pipeline
 instance changes: its class becomes a one-off subclass whose ``__call__`` resets the cache first
 (cache-dit patches the pipeline class for every instance).
@@ -78,13 +81,17 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     configs = _configs(pipe, names, options, transformer_options)
     for name, cfg in configs.items():
         _check_hooks(name, getattr(pipe, name), cfg)
-    before = {name: getattr(pipe, name) for name in names}  # what disable() puts back
+    # what disable() puts back: the component (a torch.compile wrapper stays one), and the module's
+    # own compiled call if it was compiled in place
+    before = {}
     originals = []
     for name, cfg in configs.items():
-        original = getattr(before[name], "_orig_mod", before[name])
+        component = getattr(pipe, name)
+        original = getattr(component, "_orig_mod", component)
+        before[name] = (component, original, original.__dict__.get("_compiled_call_impl"))
         compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
-        setattr(pipe, name, torch.compile(original, backend="cachedit", options=compile_options,
-                                          fullgraph=fullgraph, dynamic=dynamic))
+        original.compile(backend="cachedit", options=compile_options, fullgraph=fullgraph, dynamic=dynamic)
+        setattr(pipe, name, original)
         originals.append(original)
     base = type(pipe)
 
@@ -131,8 +138,12 @@ def disable(pipe: Any) -> Any:
     if not getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError(f"cdcompile.disable: this {type(pipe).__name__} was not enabled with cdcompile.enable")
     base, before = pipe._cdcompile_before
-    for name, module in before.items():
-        setattr(pipe, name, module)
+    for name, (component, original, compiled_call) in before.items():
+        if compiled_call is None:
+            original.__dict__.pop("_compiled_call_impl", None)
+        else:
+            original._compiled_call_impl = compiled_call
+        setattr(pipe, name, component)
     pipe.__class__ = base
     del pipe._cdcompile_before
     return pipe

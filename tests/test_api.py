@@ -154,6 +154,7 @@ def test_disable_gives_the_pipeline_back_its_class_and_transformer():
     assert not torch.equal(images(), ref)
     assert cdcompile.disable(pipe) is pipe
     assert type(pipe) is base_cls and pipe.transformer is transformer
+    assert "_compiled_call_impl" not in vars(transformer)  # compiled in place by enable, and no more
     torch.testing.assert_close(images(), ref, rtol=0, atol=0)
     cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=3)  # again
     assert [r["steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] == [6]
@@ -211,7 +212,7 @@ def test_enable_caches_both_transformers_of_a_two_expert_pipeline_each_on_its_ow
     ref = _wan22_run(pipe)
     cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2,
                      transformer_options={"transformer_2": {"max_warmup_steps": 1}})
-    assert all(hasattr(getattr(pipe, n), "_orig_mod") for n in ("transformer", "transformer_2"))
+    assert all(getattr(pipe, n)._compiled_call_impl is not None for n in ("transformer", "transformer_2"))
     outs = [_wan22_run(pipe) for _ in range(2)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.equal(outs[0], ref), "the cached steps changed the result"
@@ -295,7 +296,7 @@ def test_enable_on_a_two_expert_pipeline_rejects_what_it_cannot_apply(kwargs, ma
     pipe = tiny_wan22_pipeline()
     with pytest.raises(ValueError, match=match):
         cdcompile.enable(pipe, compiler="eager", **kwargs)
-    assert not hasattr(pipe.transformer, "_orig_mod"), "a refused enable() changes nothing"
+    assert pipe.transformer._compiled_call_impl is None, "a refused enable() changes nothing"
 
 
 @pytest.mark.slow
@@ -567,6 +568,46 @@ def test_a_lora_hotswapped_into_an_enabled_pipeline_runs_in_the_same_graph(tmp_p
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4, 5]] * 2
+
+
+def test_the_pipelines_lora_methods_act_on_an_enabled_pipeline(tmp_path):
+    # diffusers' pipeline LoRA methods (unload_lora_weights, fuse_lora, set_adapters, ...) act only
+    # on components that are diffusers models and skip a torch.compile wrapper without a word: on
+    # an enabled pipeline unload_lora_weights left the LoRA in (0.17 off the base model's latents).
+    # enable() compiles in place, so pipe.transformer stays the diffusers model.
+    from diffusers import ModelMixin
+
+    first, second = _lora_file(tmp_path, 1, 4), _lora_file(tmp_path, 2, 4)
+    run = dict(height=32, width=32, num_inference_steps=4, output_type="latent")
+
+    def images(pipe):
+        with torch.no_grad():
+            return pipe(**flux_prompt(pipe.transformer), **run, generator=torch.Generator().manual_seed(0)).images
+
+    ref, pipe = tiny_flux_pipeline(), tiny_flux_pipeline()
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=0.0)
+    assert isinstance(pipe.transformer, ModelMixin)
+    steps = [
+        ("base", lambda p: None),
+        ("two LoRAs", lambda p: (p.load_lora_weights(first, adapter_name="a"), p.load_lora_weights(second, adapter_name="b"))),
+        ("weighted", lambda p: p.set_adapters(["a", "b"], [0.5, 1.5])),
+        ("disabled", lambda p: p.disable_lora()),
+        ("enabled", lambda p: p.enable_lora()),
+        ("fused", lambda p: p.fuse_lora(lora_scale=0.7)),
+        ("unfused", lambda p: p.unfuse_lora()),
+        ("one deleted", lambda p: p.delete_adapters("b")),
+        ("unloaded", lambda p: p.unload_lora_weights()),
+    ]
+    seen = []
+    for label, change in steps:
+        change(ref)
+        change(pipe)
+        want = images(ref)
+        assert label == "base" or not torch.equal(want, seen[-1]), label  # each step changes the model
+        torch.testing.assert_close(images(pipe), want, rtol=1e-5, atol=1e-5, msg=label)
+        seen.append(want)
+    torch.testing.assert_close(seen[-1], seen[0], rtol=1e-5, atol=1e-5)  # unloaded: the base model again
+    assert pipe.get_list_adapters() == ref.get_list_adapters() == {}
 
 
 def test_export_shows_its_stages_in_a_progress_bar(tmp_path, capsys):
