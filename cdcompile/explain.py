@@ -5,7 +5,9 @@
     json.dumps(report.as_dict())
 
 Tracing uses Dynamo with the ``cachedit`` backend and ``compiler="eager"`` (no inductor work), and
-resets Dynamo's caches before and after, like ``torch._dynamo.explain``.
+resets Dynamo's caches before and after, like ``torch._dynamo.explain``: compiled models compile
+again at their next call (it warns when the model has cache state it drops). A module compiled in
+place (``Module.compile``, ``cdcompile.enable``) is traced as the module, not through its own call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ import torch
 from . import diffusers_hooks
 from .backend import cachedit, collect_reports
 from .report import GraphReport
+from .runtime import cached_states
 
 
 @dataclasses.dataclass
@@ -68,18 +72,29 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, **k
     from torch._dynamo.backends.debugging import ExplainWithBackend
 
     opts = {**(options or {}), "compiler": "eager"}
+    target = getattr(model, "_orig_mod", model)
+    if cached_states(target):
+        warnings.warn("cdcompile.explain resets Dynamo, as torch._dynamo.explain does: the compiled graphs of "
+                      "every model are dropped and compile again at their next call, and the block cache's "
+                      "statistics (cdcompile.summary) start afresh", stacklevel=2)
     torch._dynamo.reset()
     recorder = ExplainWithBackend(functools.partial(cachedit, options=opts))
+    # a module compiled in place (Module.compile, cdcompile.enable) would run its own compiled call
+    compiled_call = target.__dict__.pop("_compiled_call_impl", None) if isinstance(target, torch.nn.Module) else None
     try:
         with collect_reports() as reports:
-            output = torch.compile(model, backend=recorder)(*args, **kwargs)
+            output = torch.compile(target, backend=recorder)(*args, **kwargs)
         out = recorder.output()
     finally:
+        if compiled_call is not None:
+            target._compiled_call_impl = compiled_call
         torch._dynamo.reset()
     reasons = [_reason(r) for r in out.break_reasons]
     return ExplainReport(graphs=out.graph_count, graph_breaks=out.graph_break_count,
-                         break_reasons=reasons, graph_reports=list(reports), output=output,
-                         diffusers_hooks=diffusers_hooks.on_module(getattr(model, "_orig_mod", model)))
+                         break_reasons=reasons, output=output,
+                         # numbered in this trace's order (the backend's count is the process's)
+                         graph_reports=[dataclasses.replace(r, graph_index=k) for k, r in enumerate(reports)],
+                         diffusers_hooks=diffusers_hooks.on_module(target))
 
 
 def _reason(r: Any) -> str:

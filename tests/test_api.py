@@ -570,6 +570,27 @@ def test_a_lora_hotswapped_into_an_enabled_pipeline_runs_in_the_same_graph(tmp_p
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[2, 3, 4, 5]] * 2
 
 
+def test_explain_traces_a_transformer_enable_compiled_in_place_and_warns_of_the_reset():
+    # explain on an enabled pipeline's transformer went through the module's own compiled call:
+    # "0 graph(s), -1 graph break(s)", and the report of a graph its recorder never saw
+    from cdcompile.testing import flux_inputs
+
+    pipe = tiny_flux_pipeline()
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    run = dict(height=32, width=32, num_inference_steps=4, output_type="latent")
+    with torch.no_grad():
+        pipe(**flux_prompt(pipe.transformer), **run)
+    with torch.no_grad(), pytest.warns(UserWarning, match="explain resets Dynamo"):
+        report = cdcompile.explain(pipe.transformer, **flux_inputs(pipe.transformer, tokens=16))
+    assert (report.graphs, report.graph_breaks) == (1, 0)
+    assert [r.graph_index for r in report.graph_reports] == [0] and str(report).count("block cache: 6 blocks") == 1
+    assert pipe.transformer._compiled_call_impl is not None  # still enabled
+    with torch.no_grad():
+        pipe(**flux_prompt(pipe.transformer), **run)
+    assert [r["slots"][0]["cached_steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] \
+        == [[2, 3]]  # compiled again after the reset: statistics start afresh, as the warning says
+
+
 def test_the_pipelines_lora_methods_act_on_an_enabled_pipeline(tmp_path):
     # diffusers' pipeline LoRA methods (unload_lora_weights, fuse_lora, set_adapters, ...) act only
     # on components that are diffusers models and skip a torch.compile wrapper without a word: on
