@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from . import diffusers_hooks
 from .backend import cachedit, collect_reports
 from .report import GraphReport
-from .runtime import cached_states
+from .runtime import traced_module
 
 
 @dataclasses.dataclass
@@ -72,23 +71,15 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, **k
     from torch._dynamo.backends.debugging import ExplainWithBackend
 
     opts = {**(options or {}), "compiler": "eager"}
-    target = getattr(model, "_orig_mod", model)
-    if cached_states(target):
-        warnings.warn("cdcompile.explain resets Dynamo, as torch._dynamo.explain does: the compiled graphs of "
-                      "every model are dropped and compile again at their next call, and the block cache's "
-                      "statistics (cdcompile.summary) start afresh", stacklevel=2)
-    torch._dynamo.reset()
     recorder = ExplainWithBackend(functools.partial(cachedit, options=opts))
-    # a module compiled in place (Module.compile, cdcompile.enable) would run its own compiled call
-    compiled_call = target.__dict__.pop("_compiled_call_impl", None) if isinstance(target, torch.nn.Module) else None
-    try:
-        with collect_reports() as reports:
-            output = torch.compile(target, backend=recorder)(*args, **kwargs)
-        out = recorder.output()
-    finally:
-        if compiled_call is not None:
-            target._compiled_call_impl = compiled_call
+    with traced_module(model, "cdcompile.explain") as target:
         torch._dynamo.reset()
+        try:
+            with collect_reports() as reports:
+                output = torch.compile(target, backend=recorder)(*args, **kwargs)
+            out = recorder.output()
+        finally:
+            torch._dynamo.reset()
     reasons = [_reason(r) for r in out.break_reasons]
     return ExplainReport(graphs=out.graph_count, graph_breaks=out.graph_break_count,
                          break_reasons=reasons, output=output,

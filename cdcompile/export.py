@@ -75,7 +75,7 @@ def export(model: nn.Module, args: tuple = (), kwargs: dict | None = None, path:
 
 def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_Stages") -> str:
     from .backend import build
-
+    from .runtime import traced_module
 
     kwargs = dict(kwargs or {})
     cfg = CacheConfig.from_options({**(options or {}), "compiler": "eager"})
@@ -89,17 +89,17 @@ def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_Stages") 
         captured.update(gm=gm2, ctx=ctx, inputs=list(example_inputs))
         return gm.forward
 
-    torch._dynamo.reset()
     if dims:  # Dynamo's copies of the inputs, so the caller's tensors keep no dynamic marks
         args, kwargs = _marked(args, kwargs, dims)
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
     bar.stage("capture: Dynamo and the passes")
     try:
-        with torch.no_grad():
+        with traced_module(model, "cdcompile.export") as target, torch.no_grad():
+            torch._dynamo.reset()
             # dynamic=False: the artifact's sizes, even after a dynamic recompile of the same code;
             # only the sizes marked from dynamic_shapes are symbolic
-            torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
+            torch.compile(target, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
     except ConstraintViolationError as e:
         raise ValueError(f"cdcompile.export: a size named in dynamic_shapes cannot vary as given: {e.args[0]}\n"
                          f"Where the model ties it to a size of another input (FLUX: hidden_states dim 1 and "

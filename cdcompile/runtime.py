@@ -23,6 +23,7 @@ another shape or dtype is ever reused, and a stale request never continues.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -305,6 +306,25 @@ class CachedGraph:
             t = torch.full((1,), math.nan) if t is None else t.detach().amax().to(torch.float32).reshape(1)
             return self.compiled(*args, t.to(state.tensors_by_name["clock"].device), *state.tensors())
         return self.compiled(*args, *state.tensors())
+
+
+@contextlib.contextmanager
+def traced_module(model: Any, who: str):
+    """``model`` as the module a fresh ``torch.compile`` should trace (``explain``, ``export``): the
+    module inside a ``torch.compile`` wrapper, its own compiled call (``Module.compile``,
+    ``cdcompile.enable``) set aside until the block ends, which would otherwise run instead. Warns
+    when the model holds cache state, which the Dynamo reset of the caller drops."""
+    target = getattr(model, "_orig_mod", model)
+    if isinstance(target, torch.nn.Module) and cached_states(target):
+        warnings.warn(f"{who} resets Dynamo, as torch._dynamo.explain does: the compiled graphs of every model "
+                      f"are dropped and compile again at their next call, and the block cache's statistics "
+                      f"(cdcompile.summary) start afresh", stacklevel=3)
+    call = target.__dict__.pop("_compiled_call_impl", None) if isinstance(target, torch.nn.Module) else None
+    try:
+        yield target
+    finally:
+        if call is not None:
+            target._compiled_call_impl = call
 
 
 def _forget(key_id: int) -> None:

@@ -363,6 +363,25 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
         assert art.pruned_blocks() == [0] * 12
 
 
+def test_export_of_a_module_compiled_in_place_traces_the_module(tmp_path):
+    # Module.compile (as cdcompile.enable compiles) made export trace the module's own compiled
+    # call, so its capture backend never ran (KeyError 'ctx')
+    opts = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
+    m = SequentialDiT(depth=4)
+    traj = _traj(6)
+    m.compile(backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
+    with torch.no_grad():
+        want = [m(x, t) for x, t in traj]
+    with pytest.warns(UserWarning, match="cdcompile.export resets Dynamo"):
+        path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts, progress=False)
+    assert m._compiled_call_impl is not None
+    art = cdcompile.load(path)
+    with torch.no_grad():
+        for (x, t), w in zip(traj, want):
+            torch.testing.assert_close(art(x, t)[0], w, rtol=1e-5, atol=1e-5)
+    assert art.decisions() == [False, False, True, True, True, True]
+
+
 @pytest.mark.slow
 def test_an_export_with_dynamic_shapes_serves_each_size_and_a_new_size_starts_a_request(tmp_path):
     m = SequentialDiT(depth=4)
