@@ -73,6 +73,12 @@ class GraphReport:
             }.get(c.get("timestep_source"), "no timestep input, so every call is a step, only new_request(model) "
                                              "or enable(pipe) starts a request, and two calls per step (separate "
                                              "CFG) share one slot"))
+            if c.get("constant_float_arguments"):
+                floats = ", ".join(f"{k}={v!r}" for k, v in c["constant_float_arguments"].items())
+                lines.append(f"  block cache clock: the forward's Python float arguments ({floats}) are constants of "
+                             f"this graph (Dynamo compiles another, taking them as inputs, at the next value); a "
+                             f"timestep among them has no clock here and the first request counts from its second "
+                             f"call: pass it as a tensor, or torch.compile(..., dynamic=True)")
             if c.get("dynamic_sizes"):
                 lines.append(f"  block cache state: allocated per call size, {', '.join(c['dynamic_sizes'])}")
             elif c.get("state_bytes"):

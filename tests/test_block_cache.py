@@ -631,6 +631,50 @@ class _NoTimestep(SequentialDiT):
         return self.proj_out(h)
 
 
+class _FloatTimestepDiT(torch.nn.Module):
+    """A DiT whose forward takes its timestep as a Python float."""
+
+    def __init__(self, dim=32, depth=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in, self.t_embed = torch.nn.Linear(8, dim), torch.nn.Linear(dim, dim)
+        self.blocks = torch.nn.ModuleList(SeqBlock(dim) for _ in range(depth))
+
+    def forward(self, x, t: float):
+        angles = t * 1000 * torch.exp(-9.21 * torch.arange(16) / 16)
+        temb = self.t_embed(torch.cat([angles.cos(), angles.sin()]).unsqueeze(0))
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return h
+
+
+def test_a_python_float_timestep_is_named_by_explain_and_dynamic_true_clocks_the_first_request():
+    m = _FloatTimestepDiT()
+    x = torch.randn(1, 10, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = str(cdcompile.explain(m, x, 0.5))
+    assert "no timestep input" in text and "Python float arguments (t=0.5) are constants of this graph" in text
+    with torch.no_grad():
+        assert "Python float" not in str(cdcompile.explain(m, x, torch.tensor(0.5)))
+
+    def steps_per_request(dynamic):
+        torch._dynamo.reset()
+        c = torch.compile(_FloatTimestepDiT(), backend="cachedit", dynamic=dynamic,
+                          options={"compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 2})
+        with torch.no_grad():
+            for _ in range(2):
+                for s in range(6):
+                    c(x + 0.01 * s, 1.0 - s / 6)
+        return [r["steps"] for r in cdcompile.summary(c).as_dict()["requests"]]
+
+    # as the README says: by default the first graph holds the first value as a constant and has no
+    # clock (the first call is a request of one step there), so the first request counts from its
+    # second call; dynamic=True clocks it from the start
+    assert steps_per_request(None) == [1, 5, 6]
+    assert steps_per_request(True) == [6, 6]
+
+
 def test_a_timestep_embedded_before_a_graph_break_gives_steps_requests_and_cfg_slots():
     # The graph before the break publishes its timestep input on each call; the graph holding the
     # blocks reads it, so separate CFG calls are slots of one step, as the reference has them.

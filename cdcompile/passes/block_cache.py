@@ -365,6 +365,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
     ctx.cache_plan = plan
     report.cache = {"streams": [label for label, _, _ in pairs],
                     "timestep_input": plan.timestep_input, "timestep_source": plan.timestep_source,
+                    "constant_float_arguments": constant_float_arguments() if timestep is None else {},
                     "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
@@ -576,6 +577,22 @@ def clock_input(gm: fx.GraphModule, nodes: list[fx.Node], weights: set[fx.Node],
         t = gm.graph.placeholder("cdcompile_timestep")
     t.meta["val"] = t.meta["example_value"] = ctx.borrowed_timestep
     return t, dict(timestep_input="published by an earlier graph of the call", timestep_source="borrowed")
+
+
+def constant_float_arguments() -> dict[str, float]:
+    """The Python floats among the arguments of the frame Dynamo translated (``forward(x, t: float)``):
+    Dynamo makes each a constant of the first graph it compiles, and an input only of the graph it
+    compiles at the next value, so a timestep passed so has no clock in the first graph. Read from
+    Dynamo's private translator state; any failure gives ``{}`` (only a hint is lost)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        code = tx.f_code
+        names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        return {n: v for n in names if type(v := tx.f_locals.get(n)) is float}
+    except Exception:
+        return {}
 
 
 _SINUSOID = ("sin", "cos", ".sin", ".cos")

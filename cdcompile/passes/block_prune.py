@@ -46,7 +46,7 @@ from .. import guard
 from ..distributed import ulysses
 from . import _branch, _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _stream_plan,
-                          clock_input, describe_sizes, size_sources)
+                          clock_input, constant_float_arguments, describe_sizes, size_sources)
 
 
 @dataclasses.dataclass
@@ -133,6 +133,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     ctx.cache_plan = plan
     report.cache = {"streams": sorted({label for r in rewrites for label, _, _ in r.pairs}),
                     "timestep_input": plan.timestep_input, "timestep_source": plan.timestep_source,
+                    "constant_float_arguments": constant_float_arguments() if timestep is None else {},
                     "slots": plan.slots,
                     "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
