@@ -88,9 +88,11 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     for name, cfg in configs.items():
         component = getattr(pipe, name)
         original = getattr(component, "_orig_mod", component)
-        before[name] = (component, original, original.__dict__.get("_compiled_call_impl"))
+        had = original.__dict__.get("_compiled_call_impl")
         compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
         original.compile(backend="cachedit", options=compile_options, fullgraph=fullgraph, dynamic=dynamic)
+        _push_call(original, id(pipe), had)
+        before[name] = (component, original)
         setattr(pipe, name, original)
         originals.append(original)
     base = type(pipe)
@@ -133,17 +135,42 @@ def disable(pipe: Any) -> Any:
     """Undo :func:`enable`: the pipeline gets back its class and the transformers it had; returns ``pipe``.
 
     The compiled transformers are dropped (with their cache state); ``summary`` of a transformer
-    still lists the requests it ran while enabled.
+    still lists the requests it ran while enabled. A transformer another enabled pipeline shares
+    (``from_pipe``) keeps running that pipeline's compiled call; one no enabled pipeline holds runs
+    the call it had before the first ``enable`` (none, or its own ``Module.compile``).
     """
     if not getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError(f"cdcompile.disable: this {type(pipe).__name__} was not enabled with cdcompile.enable")
     base, before = pipe._cdcompile_before
-    for name, (component, original, compiled_call) in before.items():
-        if compiled_call is None:
-            original.__dict__.pop("_compiled_call_impl", None)
-        else:
-            original._compiled_call_impl = compiled_call
+    for name, (component, original) in before.items():
+        _pop_call(original, id(pipe))
         setattr(pipe, name, component)
     pipe.__class__ = base
     del pipe._cdcompile_before
     return pipe
+
+
+# A transformer shared by pipelines (``from_pipe``) may be enabled by several: each enable compiles
+# it in place anew. The module keeps the compiled calls of the pipelines enabled on it, newest
+# last, and the call it had before the first; disable drops its pipeline's and the module runs the
+# newest left, or the one it had.
+def _push_call(module: torch.nn.Module, key: int, had: Callable | None) -> None:
+    calls = module.__dict__.get("_cdcompile_calls")
+    if not calls:
+        calls = module._cdcompile_calls = []
+        module._cdcompile_had_call = had
+    calls.append((key, module._compiled_call_impl))
+
+
+def _pop_call(module: torch.nn.Module, key: int) -> None:
+    calls = [c for c in module.__dict__.get("_cdcompile_calls", []) if c[0] != key]
+    module._cdcompile_calls = calls
+    if calls:
+        module._compiled_call_impl = calls[-1][1]
+        return
+    had = module.__dict__.pop("_cdcompile_had_call", None)
+    del module._cdcompile_calls
+    if had is None:
+        module.__dict__.pop("_compiled_call_impl", None)
+    else:
+        module._compiled_call_impl = had

@@ -160,6 +160,28 @@ def test_disable_gives_the_pipeline_back_its_class_and_transformer():
     assert [r["steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] == [6]
     images()
     assert [r["steps"] for r in cdcompile.summary(pipe.transformer).as_dict()["requests"]] == [6, 6]
+    # a pipeline sharing the transformer (from_pipe), enabled after it: disabling the first leaves
+    # the second's compiled call in place, and disabling the second restores the module
+    from diffusers import FluxImg2ImgPipeline
+
+    other = FluxImg2ImgPipeline.from_pipe(pipe)
+    assert other.transformer is transformer
+    cdcompile.enable(other, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=3)
+    second = transformer._compiled_call_impl
+    cdcompile.disable(pipe)
+    assert transformer._compiled_call_impl is second
+    cdcompile.disable(other)
+    assert "_compiled_call_impl" not in vars(transformer) and "_cdcompile_calls" not in vars(transformer)
+    torch.testing.assert_close(images(), ref, rtol=0, atol=0)
+    # the other order: the call enable found is what disable leaves
+    transformer.compile(backend="eager")
+    own = transformer._compiled_call_impl
+    cdcompile.enable(pipe, compiler="eager")
+    cdcompile.enable(other, compiler="eager")
+    cdcompile.disable(other)
+    assert transformer._compiled_call_impl is not own
+    cdcompile.disable(pipe)
+    assert transformer._compiled_call_impl is own
 
 
 def test_enable_hands_a_guard_filter_to_torch_compile():
