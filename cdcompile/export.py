@@ -95,7 +95,7 @@ def _export(model, args, kwargs, path, options, dynamic_shapes, bar: "_Stages") 
 
     bar.stage("capture: Dynamo and the passes")
     try:
-        with traced_module(model, "cdcompile.export") as target, torch.no_grad():
+        with traced_module(model, "cdcompile.export", stacklevel=3) as target, torch.no_grad():
             torch._dynamo.reset()
             # dynamic=False: the artifact's sizes, even after a dynamic recompile of the same code;
             # only the sizes marked from dynamic_shapes are symbolic

@@ -309,16 +309,17 @@ class CachedGraph:
 
 
 @contextlib.contextmanager
-def traced_module(model: Any, who: str):
+def traced_module(model: Any, who: str, stacklevel: int = 2):
     """``model`` as the module a fresh ``torch.compile`` should trace (``explain``, ``export``): the
     module inside a ``torch.compile`` wrapper, its own compiled call (``Module.compile``,
     ``cdcompile.enable``) set aside until the block ends, which would otherwise run instead. Warns
-    when the model holds cache state, which the Dynamo reset of the caller drops."""
+    when the model holds cache state, which the Dynamo reset of the caller drops (``stacklevel``:
+    the user's frame, counted from the caller's)."""
     target = getattr(model, "_orig_mod", model)
     if isinstance(target, torch.nn.Module) and cached_states(target):
         warnings.warn(f"{who} resets Dynamo, as torch._dynamo.explain does: the compiled graphs of every model "
                       f"are dropped and compile again at their next call, and the block cache's statistics "
-                      f"(cdcompile.summary) start afresh", stacklevel=3)
+                      f"(cdcompile.summary) start afresh", stacklevel=stacklevel + 2)
     call = target.__dict__.pop("_compiled_call_impl", None) if isinstance(target, torch.nn.Module) else None
     try:
         yield target

@@ -394,8 +394,9 @@ def test_export_of_a_module_compiled_in_place_traces_the_module(tmp_path):
     m.compile(backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
     with torch.no_grad():
         want = [m(x, t) for x, t in traj]
-    with pytest.warns(UserWarning, match="cdcompile.export resets Dynamo"):
+    with pytest.warns(UserWarning, match="cdcompile.export resets Dynamo") as rec:
         path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts, progress=False)
+    assert [w.filename for w in rec if "resets Dynamo" in str(w.message)] == [__file__]  # the caller's line
     assert m._compiled_call_impl is not None
     art = cdcompile.load(path)
     with torch.no_grad():
@@ -621,8 +622,9 @@ def test_explain_traces_a_transformer_enable_compiled_in_place_and_warns_of_the_
     run = dict(height=32, width=32, num_inference_steps=4, output_type="latent")
     with torch.no_grad():
         pipe(**flux_prompt(pipe.transformer), **run)
-    with torch.no_grad(), pytest.warns(UserWarning, match="explain resets Dynamo"):
+    with torch.no_grad(), pytest.warns(UserWarning, match="explain resets Dynamo") as rec:
         report = cdcompile.explain(pipe.transformer, **flux_inputs(pipe.transformer, tokens=16))
+    assert [w.filename for w in rec if "resets Dynamo" in str(w.message)] == [__file__]  # the caller's line
     assert (report.graphs, report.graph_breaks) == (1, 0)
     assert [r.graph_index for r in report.graph_reports] == [0] and str(report).count("block cache: 6 blocks") == 1
     assert pipe.transformer._compiled_call_impl is not None  # still enabled
