@@ -218,8 +218,7 @@ def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Ten
     (FoCa) is the residual the branch used: the state's window moves on every step of a slot
     (cdcompile.calibrators)."""
     if used is not None:
-        new = torch.where(over, res_slot, calibrators.foca_update(cache, used, res_slot))
-        residual.index_put_((row,), new.unsqueeze(0))
+        residual.index_put_((row,), calibrators.foca_update(cache, used, res_slot, over).unsqueeze(0))
         return
     y = exit_value - entry_value
     if res_slot.shape[0] == 1:

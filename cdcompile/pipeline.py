@@ -6,10 +6,10 @@ high-noise steps and ``transformer_2`` on the low-noise ones). Each keeps its ow
 counts its own steps. They are compiled in place (``Module.compile``, as diffusers' own docs
 compile), so ``pipe.transformer`` stays the diffusers model it was: the pipeline's LoRA methods
 (``set_adapters``, ``fuse_lora``, ``unload_lora_weights``, ...) act only on components that are
-diffusers models and silently skip a ``torch.compile`` wrapper. Each ``pipe(...)`` call starts a new request in all of them (and, with one
-transformer, passes its ``num_inference_steps`` to a steps computation mask). Only this pipeline
-instance changes: its class becomes a one-off subclass whose ``__call__`` resets the cache first
-(cache-dit patches the pipeline class for every instance).
+diffusers models and silently skip a ``torch.compile`` wrapper. Each ``pipe(...)`` call starts a
+new request in all of them (and, with one transformer, passes its ``num_inference_steps`` to a
+steps computation mask). Only this pipeline instance changes: its class becomes a one-off subclass
+whose ``__call__`` resets the cache first (cache-dit patches the pipeline class for every instance).
 """
 
 from __future__ import annotations
@@ -81,9 +81,7 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     configs = _configs(pipe, names, options, transformer_options)
     for name, cfg in configs.items():
         _check_hooks(name, getattr(pipe, name), cfg)
-    # what disable() puts back: the component (a torch.compile wrapper stays one), and the module's
-    # own compiled call if it was compiled in place
-    before = {}
+    before = {}  # what disable() puts back (a torch.compile wrapper stays one)
     originals = []
     for name, cfg in configs.items():
         component = getattr(pipe, name)
@@ -92,7 +90,7 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
         compile_options = cfg.as_dict() | ({"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else {})
         original.compile(backend="cachedit", options=compile_options, fullgraph=fullgraph, dynamic=dynamic)
         _push_call(original, id(pipe), had)
-        before[name] = (component, original)
+        before[name] = component
         setattr(pipe, name, original)
         originals.append(original)
     base = type(pipe)
@@ -142,8 +140,8 @@ def disable(pipe: Any) -> Any:
     if not getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError(f"cdcompile.disable: this {type(pipe).__name__} was not enabled with cdcompile.enable")
     base, before = pipe._cdcompile_before
-    for name, (component, original) in before.items():
-        _pop_call(original, id(pipe))
+    for name, component in before.items():
+        _pop_call(getattr(component, "_orig_mod", component), id(pipe))
         setattr(pipe, name, component)
     pipe.__class__ = base
     del pipe._cdcompile_before

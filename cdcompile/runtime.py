@@ -206,7 +206,7 @@ class CacheState:
         flags, diffs, meta = (t[k].detach().cpu() for k in ("hist_flag", "hist_diff", "hist_meta"))
         pruned = t["hist_pruned"].detach().cpu() if "hist_pruned" in t else None
         out = []
-        cache_slots = flags.shape[1] - 1  # the last row is the overflow slot's
+        cache_slots = self.cache_slots()  # the history's last row is the overflow slot's
         for req in range(max(1, total - guard.HISTORY + 1), total + 1):
             row = req % guard.HISTORY
             steps, slots = int(meta[row, 0]), int(meta[row, 1])
@@ -233,16 +233,18 @@ class CacheState:
         return int(t["hist_meta"][int(t["counters"][2]) % guard.HISTORY, 1])
 
     def cache_slots(self) -> int:
+        """CFG slots with a state of their own (the counters' last row is the overflow slot's)."""
         return self.tensors_by_name["slot_ctr"].shape[0] - 1
 
 
 def overflow_advice(calls: int, cache_slots: int) -> str:
     """What to do when more calls share a timestep than there are CFG slots."""
-    which = f"call {cache_slots}" if calls == cache_slots + 1 else f"calls {cache_slots}-{calls - 1}"
+    one = calls == cache_slots + 1
+    which = (f"call {cache_slots} of each timestep is" if one
+             else f"calls {cache_slots}-{calls - 1} of each timestep are")
     return (f"{calls} calls share each timestep (CFG, a sampler that evaluates a timestep twice such as "
             f"Heun, or both); cache_slots={cache_slots} keeps a cache state for the first {cache_slots}, so "
-            f"{which} of each timestep {'is' if calls == cache_slots + 1 else 'are'} never cached: "
-            f"set cache_slots={calls}")
+            f"{which} never cached: set cache_slots={calls}")
 
 
 class CachedGraph:
@@ -316,11 +318,14 @@ def traced_module(model: Any, who: str, stacklevel: int = 2):
     when the model holds cache state, which the Dynamo reset of the caller drops (``stacklevel``:
     the user's frame, counted from the caller's)."""
     target = getattr(model, "_orig_mod", model)
-    if isinstance(target, torch.nn.Module) and cached_states(target):
+    if not isinstance(target, torch.nn.Module):
+        yield target
+        return
+    if cached_states(target):
         warnings.warn(f"{who} resets Dynamo, as torch._dynamo.explain does: the compiled graphs of every model "
                       f"are dropped and compile again at their next call, and the block cache's statistics "
                       f"(cdcompile.summary) start afresh", stacklevel=stacklevel + 2)
-    call = target.__dict__.pop("_compiled_call_impl", None) if isinstance(target, torch.nn.Module) else None
+    call = target.__dict__.pop("_compiled_call_impl", None)
     try:
         yield target
     finally:

@@ -70,18 +70,20 @@ class Summary:
                 if "pruned_blocks" in s:
                     lines.append(f"{'':>{len(at)}}{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
                                  f"blocks pruned per step {s['pruned_blocks']}")
-        lines += [f"slot {slot_name(k, s)}: {overflow_advice(s['overflow_calls'][1] + 1, k)}"
-                  for k, s in self._overflows()]
+        overflow = self._widest_overflow()
+        if overflow is not None:
+            k, s = overflow
+            lines.append(f"slot {slot_name(k, s)}: {overflow_advice(s['overflow_calls'][1] + 1, k)}")
         if self.states:
             slots = self.graphs[0]["slots"]
             lines.append(f"cache state: {state_size(*self.state_bytes, slots)}"
                          + (f", {self.states} states (one per call size or layout)" if self.states > 1 else ""))
         return "\n".join(lines)
 
-    def _overflows(self) -> list[tuple[int, dict]]:
-        """The overflow slot entry with the most calls per timestep, if any request had one."""
+    def _widest_overflow(self) -> tuple[int, dict] | None:
+        """``(slot, entry)`` of the overflow slot with the most calls per timestep, if any request had one."""
         found = [(k, s) for r in self.requests for k, s in enumerate(r["slots"]) if "overflow_calls" in s]
-        return [max(found, key=lambda f: f[1]["overflow_calls"][1])] if found else []
+        return max(found, key=lambda f: f[1]["overflow_calls"][1], default=None)
 
     def plot(self, path: str | None = None, *, last: int = 4):
         """The residual diff of each step against the threshold, one panel per request (the
@@ -121,7 +123,8 @@ class Summary:
             counts = [len(s["cached_steps"]) for s in r["slots"]]
             what = "with a block pruned" if pruning else "cached"
             per_slot = (f"{counts[0]}" if len(counts) == 1
-                        else ", ".join(f"slot {slot_name(k, s)} {c}" for k, (s, c) in enumerate(zip(r["slots"], counts))))
+                        else ", ".join(f"slot {slot_name(k, s)} {c}"
+                                       for k, (s, c) in enumerate(zip(r["slots"], counts))))
             ax.set_title(f"request {r['request']} (graph {r['graph']}, {r['hidden']}): {r['steps']} steps, "
                          f"{what}: {per_slot}", fontsize=9, loc="left")
             ax.set_xlim(-0.5, max(r["steps"] - 0.5, 0.5))

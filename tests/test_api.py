@@ -668,9 +668,10 @@ def test_the_pipelines_lora_methods_act_on_an_enabled_pipeline(tmp_path):
         change(pipe)
         want = images(ref)
         assert label == "base" or not torch.equal(want, seen[-1]), label  # each step changes the model
-        torch.testing.assert_close(images(pipe), want, rtol=1e-5, atol=1e-5, msg=label)
+        torch.testing.assert_close(images(pipe), want, rtol=0, atol=0, msg=label)
         seen.append(want)
-    torch.testing.assert_close(seen[-1], seen[0], rtol=1e-5, atol=1e-5)  # unloaded: the base model again
+    # unloaded: the base model again, up to the rounding of fuse + unfuse in the weights (4.8e-7)
+    torch.testing.assert_close(seen[-1], seen[0], rtol=0, atol=1e-6)
     assert pipe.get_list_adapters() == ref.get_list_adapters() == {}
 
 

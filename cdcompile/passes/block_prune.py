@@ -249,8 +249,8 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     # Context parallel: h holds this rank's tokens; the diff is all-reduced so that every rank
     # takes the same branch (the block holds collectives).
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
-    dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["row"], gs["over"], gs["free"], gs["checked"], gs["ctr"],
-                                    gs["acc"]),
+    dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["row"], gs["over"], gs["free"], gs["checked"],
+                                    gs["ctr"], gs["acc"]),
                dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold, group=group))
     prune, a, gs["acc"] = (call(_getitem, (dec, k)) for k in range(3))
     names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
