@@ -38,11 +38,13 @@ def _seeds(default):
 
 
 def _tolerance(spec, fp32: dict) -> dict:
-    """``fp32`` for a float32 model; for a bfloat16 one rtol 2^-6 and atol 2^-8 (bfloat16's spacing
-    just below 1; the outputs are of order 1): the calibrators keep their differences in the
-    stream's dtype, where the reference keeps float64, so outputs may differ by an ulp (seeds 168
-    and 182: up to 2e-3)."""
-    return fp32 if spec.dtype == "float32" else dict(rtol=1.6e-2, atol=4e-3)
+    """``fp32`` for a float32 model; for a bfloat16 one rtol 2^-6 and atol 2^-7 (bfloat16's spacing
+    between 1 and 2; the outputs and the streams are of order 1): the calibrators keep their
+    differences in the stream's dtype, where the reference keeps float64, so the streams may differ
+    by an ulp, and so may an output near 0 that a sum of them cancels (seeds 168 and 182: up to
+    2e-3; seed 130, FoCa, outputs up to 1.1: up to 7.8e-3 = 2^-7 from its sixth step, 5.5e-3 at an
+    output of 9.5e-3; the same seed in float32: 4e-7)."""
+    return fp32 if spec.dtype == "float32" else dict(rtol=1.6e-2, atol=2 ** -7)
 
 
 def _check(seed, compiler):
