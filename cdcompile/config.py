@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import warnings
 from typing import Any, Mapping
 
@@ -97,6 +98,10 @@ class CacheConfig:
         checked against N at compile time.
     enable_dynamic_prune_threshold: per block, use max(threshold, 1.25 * mean of the first 5
         positive diffs of earlier blocks in this call) while that stays below 2 * threshold.
+    dynamic_prune_threshold_relax_ratio: the 1.25 above (cache-dit's name); > 0. Higher prunes more.
+    max_dynamic_prune_threshold: the 2 * threshold above (None); a relaxed threshold at or above it
+        is not used (the block compares with residual_diff_threshold). Must exceed
+        residual_diff_threshold, else the relaxed threshold could never apply.
 
     Steps computation mask (algorithms.md §3):
     steps_computation_mask: None, a preset ("slow", "medium", "fast", "ultra"), an explicit 0/1
@@ -142,6 +147,8 @@ class CacheConfig:
     cache_type: CacheType = CacheType.DBCACHE
     non_prune_block_ids: tuple[int, ...] = ()
     enable_dynamic_prune_threshold: bool = False
+    dynamic_prune_threshold_relax_ratio: float = 1.25
+    max_dynamic_prune_threshold: float | None = None
     steps_computation_mask: Any = None
     steps_computation_policy: str = "dynamic"
     num_inference_steps: int | None = None
@@ -179,6 +186,9 @@ class CacheConfig:
             _check_type(name, getattr(self, name), int)
         _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
         object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
+        if math.isnan(self.residual_diff_threshold):
+            _bad("residual_diff_threshold", self.residual_diff_threshold,
+                 "a number (<= 0 never caches, inf caches every step the limits allow)")
         if self.Fn_compute_blocks < 1:
             _bad("Fn_compute_blocks", self.Fn_compute_blocks,
                  "an int >= 1 (the first block's residual is the cache decision signal)")
@@ -244,13 +254,30 @@ class CacheConfig:
                  "a list of block indices >= 0 into the stack of N blocks")
         object.__setattr__(self, "non_prune_block_ids", tuple(sorted(set(ids))))
         _check_type("enable_dynamic_prune_threshold", self.enable_dynamic_prune_threshold, bool)
+        ratio, cap = self.dynamic_prune_threshold_relax_ratio, self.max_dynamic_prune_threshold
+        _check_type("dynamic_prune_threshold_relax_ratio", ratio, (int, float))
+        if not ratio > 0 or math.isinf(ratio):
+            _bad("dynamic_prune_threshold_relax_ratio", ratio, "a finite number > 0 (default 1.25)")
+        object.__setattr__(self, "dynamic_prune_threshold_relax_ratio", float(ratio))
+        if cap is not None:
+            _check_type("max_dynamic_prune_threshold", cap, (int, float))
+            if not cap > self.residual_diff_threshold:
+                _bad("max_dynamic_prune_threshold", cap,
+                     f"None (2 * residual_diff_threshold) or a number above residual_diff_threshold = "
+                     f"{self.residual_diff_threshold:g} (a relaxed threshold is used only below it)")
+            object.__setattr__(self, "max_dynamic_prune_threshold", float(cap))
+        tuned = [n for n in ("dynamic_prune_threshold_relax_ratio", "max_dynamic_prune_threshold")
+                 if getattr(self, n) != _DEFAULTS[n]]
         if kind is CacheType.DBPRUNE:
+            for name in tuned if not self.enable_dynamic_prune_threshold else ():
+                warnings.warn(f"cachedit: {name} is ignored without enable_dynamic_prune_threshold=True",
+                              stacklevel=4)
             if self.calibrator is not None:
                 _bad("calibrator", self.calibrator.value,
                      'None with cache_type="dbprune" (calibrators forecast the DBCache middle residual)')
             return
-        for name in ("non_prune_block_ids", "enable_dynamic_prune_threshold"):
-            if getattr(self, name):
+        for name in ("non_prune_block_ids", "enable_dynamic_prune_threshold", *tuned):
+            if getattr(self, name) != _DEFAULTS[name]:
                 warnings.warn(f'cachedit: {name} is ignored with cache_type="dbcache"', stacklevel=4)
 
     def _check_ulysses(self) -> None:
@@ -307,8 +334,8 @@ class CacheConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                raise ValueError(
-                    f"cachedit: unknown option {key!r}. Valid options: {', '.join(valid)}")
+                raise ValueError(f"cachedit: unknown option {key!r}{_unknown_hint(key, valid)}. "
+                                 f"Valid options: {', '.join(valid)}")
         return cls(**options)
 
     def replace(self, **changes: Any) -> "CacheConfig":
@@ -339,6 +366,50 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     types = types if isinstance(types, tuple) else (types,)
     names = " or ".join(t.__name__ for t in types)
     return ("an " if names[0] in "aeiou" else "a ") + names
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CacheConfig)}
+
+# cache-dit's options (1.5's DBCacheConfig, DBPruneConfig and calibrator configs, and the keyword
+# arguments of its earlier releases) without a field of the same name here, and what a user moving
+# over does instead.
+_SEPARATE_CFG = ("not needed: calls that share a timestep are told apart as CFG slots, each with its "
+                 "own anchor, residuals and counters (batch-fused CFG needs nothing); remove it")
+_CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2) or calibrator="foca"; the forecast '
+               "covers the middle residual of every stream (hidden and encoder alike)")
+_CACHE_DIT = {
+    "enable_separate_cfg": _SEPARATE_CFG, "enable_spearate_cfg": _SEPARATE_CFG,
+    "cfg_compute_first": _SEPARATE_CFG, "cfg_diff_compute_separate": _SEPARATE_CFG,
+    "enable_calibrator": _CALIBRATOR, "enable_encoder_calibrator": _CALIBRATOR,
+    "calibrator_type": _CALIBRATOR, "calibrator_cache_type": _CALIBRATOR, "calibrator_kwargs": _CALIBRATOR,
+    "enable_taylorseer": _CALIBRATOR, "enable_encoder_taylorseer": _CALIBRATOR,
+    "taylorseer_cache_type": _CALIBRATOR, "taylorseer_kwargs": _CALIBRATOR,
+    "do_separate_classifier_free_guidance": _SEPARATE_CFG,
+    "force_refresh_step_hint": ("not an option here: to start afresh at a step, call "
+                                "cdcompile.new_request(transformer) before that step's first call (in a "
+                                "pipeline, from callback_on_step_end); the step count then starts again at 0, "
+                                "warmup included"),
+    "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
+    "max_accumulated_residual_diff_threshold": (
+        "not implemented; the diff of a cached step is already taken against the last computed step's "
+        "residual, and max_continuous_cached_steps bounds a run of cached steps"),
+    "downsample_factor": "not implemented: the guard reads the whole residual",
+    "important_condition_threshold": "not implemented: the guard reads the whole residual",
+    "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
+    "force_reduce_calibrator_vram": "not implemented (DBPrune keeps a full input and residual per block and slot)",
+    "cache_config": "pass the fields of cache-dit's DBCacheConfig as options themselves",
+    "calibrator_config": "pass calibrator= and taylorseer_order= as options",
+}
+
+
+def _unknown_hint(key: str, valid: list[str]) -> str:
+    """What to do instead of ``key``: a cache-dit option's counterpart, or the closest valid name."""
+    import difflib
+
+    if key in _CACHE_DIT:
+        return f" (a cache-dit option: {_CACHE_DIT[key]})"
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _bad(name: str, value: Any, rule: str) -> None:

@@ -241,7 +241,7 @@ def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor
 # threaded from block to block within the call (not state): sum and count of the diffs feeding the
 # dynamic threshold, blocks pruned, sum and count of all defined diffs (for the history).
 
-PRUNE_RELAX = 1.25  # dynamic threshold = PRUNE_RELAX * mean of the first diffs of the call ...
+PRUNE_RELAX = 1.25  # dynamic threshold = PRUNE_RELAX * mean of the first diffs of the call (defaults) ...
 PRUNE_SAMPLES = 5  # ... over at most this many positive diffs ...
 PRUNE_CAP = 2.0  # ... used only while below PRUNE_CAP * residual_diff_threshold
 
@@ -259,21 +259,23 @@ def prune_gate(slot_ctr, step, slot, new_req, mask=None, **guard_options):
 
 def prune_decide(h: torch.Tensor, anchor: torch.Tensor, row: torch.Tensor, over: torch.Tensor, free: torch.Tensor,
                  checked: torch.Tensor, ctr: torch.Tensor, acc: torch.Tensor, *, threshold: float,
-                 dynamic: bool, group: str | None = None):
+                 dynamic: bool, relax: float = PRUNE_RELAX, cap: float | None = None, group: str | None = None):
     """Whether to prune one block: its input ``h`` against its input when last computed.
 
     Every block of a slot computes on the slot's first call of a request, so the slot's
     ``has_anchor`` counter stands for every block's. With ``dynamic``, the threshold is
-    ``max(threshold, 1.25 * mean(first 5 positive diffs of earlier blocks in this call))`` while
-    that stays below ``2 * threshold``. Returns ``(prune, a, acc)``; ``a`` is the block's anchor
+    ``max(threshold, relax * mean(first 5 positive diffs of earlier blocks in this call))`` while
+    that stays below ``cap`` (None: ``2 * threshold``); algorithms.md §4 has ``relax`` = 1.25 and
+    the default cap. Returns ``(prune, a, acc)``; ``a`` is the block's anchor
     in the slot's ``row`` (the overflow slot has none: its diffs are nan).
     """
     a = anchor.index_select(0, row)[0]
     diff = relative_l1(h, a, (ctr[0] > 0) & ~over, group)
     thr = torch.full_like(diff, threshold)
     if dynamic:
-        relaxed = PRUNE_RELAX * acc[0] / torch.clamp(acc[1], min=1)
-        thr = torch.where((acc[1] > 0) & (relaxed < PRUNE_CAP * threshold), torch.maximum(relaxed, thr), thr)
+        relaxed = relax * acc[0] / torch.clamp(acc[1], min=1)
+        limit = PRUNE_CAP * threshold if cap is None else cap
+        thr = torch.where((acc[1] > 0) & (relaxed < limit), torch.maximum(relaxed, thr), thr)
     prune = free | (checked & (diff < thr))
     sample = ((diff > 0) & (acc[1] < PRUNE_SAMPLES)).to(torch.float32)  # nan > 0 is False
     defined = (~torch.isnan(diff)).to(torch.float32)

@@ -50,7 +50,7 @@ class Summary:
                          + (f", state per call size of {', '.join(g['dynamic_sizes'])}" if g.get("dynamic_sizes") else ""))
             if g.get("cache_type") == "dbprune":
                 lines.append(f"  dbprune: prunable blocks {g['prunable_blocks']}"
-                             f"{', dynamic threshold' if g['dynamic_threshold'] else ''}")
+                             + (f", dynamic threshold {g.get('dynamic_rule', '')}" if g["dynamic_threshold"] else ""))
         # several states (one per graph, or per call size of a symbolic graph): say which ran each request
         def state(r):
             sizes = " ".join(f"{k}={v}" for k, v in r["sizes"].items())

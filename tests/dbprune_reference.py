@@ -25,13 +25,16 @@ class PruneConfig:
     max_continuous: int = -1
     non_prune: tuple[int, ...] = ()
     dynamic: bool = False
+    relax: float = 1.25  # dynamic_prune_threshold_relax_ratio
+    cap: float | None = None  # max_dynamic_prune_threshold (None: 2 * threshold)
 
     def options(self, compiler: str = "eager") -> dict:
         return {"compiler": compiler, "cache_type": "dbprune", "Fn_compute_blocks": self.Fn,
                 "Bn_compute_blocks": self.Bn, "residual_diff_threshold": self.threshold,
                 "max_warmup_steps": self.warmup, "warmup_interval": self.interval,
                 "max_cached_steps": self.max_cached, "max_continuous_cached_steps": self.max_continuous,
-                "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic}
+                "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic,
+                "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap}
 
 
 @dataclasses.dataclass
@@ -74,8 +77,8 @@ class RefPrune:
         thr = c.threshold
         positive = [d for d in self.diffs if d > 0][:5]
         if c.dynamic and positive:
-            relaxed = 1.25 * sum(positive) / len(positive)
-            if relaxed < 2 * c.threshold:
+            relaxed = c.relax * sum(positive) / len(positive)
+            if relaxed < (2 * c.threshold if c.cap is None else c.cap):
                 thr = max(thr, relaxed)
         self.diffs.append(diff)
         self.thresholds.append(thr)

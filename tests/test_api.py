@@ -115,6 +115,24 @@ def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_ins
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
 
 
+def test_new_request_from_a_step_callback_starts_afresh_within_a_pipeline_call():
+    # cache-dit's force_refresh_step_hint, as the unknown-option error advises: new_request before
+    # step 4's call makes steps 4-7 a request of their own, warmup included
+    pipe = tiny_flux_pipeline()
+    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+
+    def refresh(p, i, t, kwargs):
+        if i == 3:
+            cdcompile.new_request(p.transformer)
+        return kwargs
+
+    with torch.no_grad():
+        pipe(**flux_prompt(pipe.transformer), height=32, width=32, num_inference_steps=8, output_type="latent",
+             callback_on_step_end=refresh)
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [(r["steps"], r["slots"][0]["cached_steps"]) for r in reqs] == [(4, [2, 3]), (4, [2, 3])]
+
+
 def test_enable_warns_after_a_call_whose_calls_per_timestep_overflow_the_cfg_slots():
     # true CFG calls the transformer twice per timestep; with one CFG slot the second call of each
     # timestep is never cached. The pipeline says so once, as the call that showed it returns.

@@ -39,6 +39,22 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     assert "'Fn'" in str(err) and "Fn_compute_blocks" in str(err) and "residual_diff_threshold" in str(err)
 
 
+@pytest.mark.parametrize("key,hint", [
+    ("residual_diff_treshold", "; did you mean 'residual_diff_threshold'?"),
+    ("fn_compute_blocks", "; did you mean 'Fn_compute_blocks'?"),
+    ("max_warmup_step", "; did you mean 'max_warmup_steps'?"),
+    ("ulysses", ". Valid options"),  # nothing close enough: no guess (ulysses_fp8 would mislead)
+    ("enable_separate_cfg", " (a cache-dit option: not needed: calls that share a timestep are told apart as CFG slots"),
+    ("enable_taylorseer", ' (a cache-dit option: use calibrator="taylorseer"'),
+    ("force_refresh_step_hint", " (a cache-dit option: not an option here: to start afresh at a step, call "
+                                "cdcompile.new_request(transformer)"),
+])
+def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key, hint):
+    with pytest.raises(ValueError) as info:
+        CacheConfig.from_options({key: 1})
+    assert f"cachedit: unknown option {key!r}{hint}" in str(info.value)
+
+
 @pytest.mark.parametrize("key,value,rule", [
     ("compiler", "tensorrt", "inductor"),
     ("Fn_compute_blocks", 0, ">= 1"),

@@ -45,7 +45,10 @@ def _run(cfg: PruneConfig, requests=1, compiler="eager"):
     PruneConfig(threshold=0.15, warmup=2, interval=2, max_cached=4, max_continuous=2),
     PruneConfig(Fn=2, Bn=1, threshold=0.12, warmup=1, non_prune=(3,)),
     PruneConfig(threshold=0.06, warmup=1, dynamic=True),
-], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic"])
+    # relaxed thresholds up to 0.199 here, where the default 1.25 and cap 0.12 stay below 0.12 and
+    # prune other blocks (steps 2-9: 0 1 4 0 4 0 5 4 blocks by default, 2 3 2 4 1 3 3 3 tuned)
+    PruneConfig(threshold=0.06, warmup=1, dynamic=True, relax=1.6, cap=0.2),
+], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2"])
 def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
     m, ref = _run(cfg, requests=2)
     for request in (-1, -2):  # identical requests prune alike
@@ -53,7 +56,13 @@ def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
         assert slot["pruned_blocks"] == _pruned_per_step(ref)
         assert slot["cached_steps"] == [s for s, _, p in ref.decisions if p]
     per_step = _pruned_per_step(ref)
-    assert any(per_step) and not all(per_step[cfg.warmup:]), "the trajectory must exercise both branches"
+    if cfg.dynamic:  # summary states the rule it ran
+        cap = "2 x 0.06" if cfg.cap is None else f"{cfg.cap:g}"
+        assert f"dynamic threshold max(0.06, {cfg.relax:g} x mean of the call's first 5 positive block diffs) " \
+               f"while below {cap}" in str(cdcompile.summary(m))
+    prunable = DEPTH - cfg.Fn - cfg.Bn - len(cfg.non_prune)
+    assert any(per_step) and any(p < prunable for p in per_step[cfg.warmup:]), \
+        "the trajectory must exercise both branches"
 
 
 def test_dynamic_threshold_relaxes_and_prunes_more_than_the_base_threshold():
@@ -94,6 +103,22 @@ def test_dynamic_threshold_is_the_relaxed_mean_of_the_first_five_positive_diffs_
     assert pruned == [True, False, True, True, True, True, False, True, False]
     assert acc[1] == 5 and abs(float(acc[0]) - 0.6) < 1e-5  # sum and count of the samples
     assert acc[2] == 6  # blocks pruned
+
+    # dynamic_prune_threshold_relax_ratio and max_dynamic_prune_threshold replace the 1.25 and the cap:
+    # 0.17 < 1.5 * 0.12 = 0.18 < cap 0.3 -> prune (by default 0.15 -> compute); 0.5: compute;
+    # 1.5 * mean(0.12, 0.17, 0.5) = 0.395 >= 0.3 -> back to 0.1, so 0.11 computes
+    def tuned(diffs, **kw):
+        acc, ctr, out = torch.zeros(5), torch.tensor([1, 0, 0, 1]), []
+        for d in diffs:
+            prune, _, acc = guard.prune_decide(anchor[0] * (1 + d), anchor, torch.tensor([0]), torch.tensor(False),
+                                               torch.tensor(False), torch.tensor(True), ctr, acc, threshold=base,
+                                               dynamic=True, **kw)
+            out.append(bool(prune))
+        return out
+
+    assert tuned([0.12, 0.17, 0.5, 0.11], relax=1.5, cap=0.3) == [False, True, False, False]
+    assert tuned([0.12, 0.17]) == [False, False]
+    assert tuned([0.12, 0.14], cap=0.151) == [False, True] and tuned([0.12, 0.14], cap=0.149) == [False, False]
 
 
 def test_threshold_zero_prunes_nothing_and_equals_the_model():
@@ -271,6 +296,11 @@ def test_non_prune_block_ids_beyond_the_stack_is_a_value_error_naming_n():
     ({"cache_type": "dbprune", "non_prune_block_ids": ["2"]}, r"'non_prune_block_ids'"),
     ({"cache_type": "dbprune", "enable_dynamic_prune_threshold": 1}, r"'enable_dynamic_prune_threshold'.*bool"),
     ({"cache_type": "dbprune", "calibrator": "foca"}, r"'calibrator'.*dbprune"),
+    ({"cache_type": "dbprune", "dynamic_prune_threshold_relax_ratio": 0}, r"'dynamic_prune_threshold_relax_ratio': 0;.*> 0"),
+    ({"cache_type": "dbprune", "dynamic_prune_threshold_relax_ratio": "2"}, r"'dynamic_prune_threshold_relax_ratio'"),
+    ({"cache_type": "dbprune", "residual_diff_threshold": 0.1, "max_dynamic_prune_threshold": 0.1},
+     r"'max_dynamic_prune_threshold': 0.1;.*above residual_diff_threshold = 0.1"),
+    ({"residual_diff_threshold": float("nan")}, r"'residual_diff_threshold': nan"),
     ({"cache_type": "dbprune", "taylorseer_order": 1}, r"'calibrator'.*dbprune"),
 ])
 def test_bad_prune_options_are_value_errors_naming_the_key(opts, match):
@@ -284,3 +314,11 @@ def test_prune_options_normalise_and_warn_when_ignored():
     assert cdcompile.CacheConfig.from_options(cfg.as_dict()) == cfg
     with pytest.warns(UserWarning, match="non_prune_block_ids is ignored"):
         cdcompile.CacheConfig.from_options({"non_prune_block_ids": [2]})
+    with pytest.warns(UserWarning, match='max_dynamic_prune_threshold is ignored with cache_type="dbcache"'):
+        cdcompile.CacheConfig.from_options({"max_dynamic_prune_threshold": 0.2})
+    with pytest.warns(UserWarning, match="dynamic_prune_threshold_relax_ratio is ignored without enable_dynamic"):
+        cdcompile.CacheConfig.from_options({"cache_type": "dbprune", "dynamic_prune_threshold_relax_ratio": 2})
+    cfg = cdcompile.CacheConfig.from_options({"cache_type": "dbprune", "enable_dynamic_prune_threshold": True,
+                                              "dynamic_prune_threshold_relax_ratio": 2, "max_dynamic_prune_threshold": 1})
+    assert (cfg.dynamic_prune_threshold_relax_ratio, cfg.max_dynamic_prune_threshold) == (2.0, 1.0)
+    assert cdcompile.CacheConfig.from_options(cfg.as_dict()) == cfg

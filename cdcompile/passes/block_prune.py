@@ -137,9 +137,20 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "slots": plan.slots,
                     "prunable_blocks": prunable, "non_prune_block_ids": list(cfg.non_prune_block_ids),
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
+                    "dynamic_rule": _dynamic_rule(cfg),
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
     return None
+
+
+def _dynamic_rule(cfg) -> str:
+    """The dynamic threshold in words (summary), or "" when it is off."""
+    if not cfg.enable_dynamic_prune_threshold:
+        return ""
+    cap = cfg.max_dynamic_prune_threshold
+    cap = f"{guard.PRUNE_CAP:g} x {cfg.residual_diff_threshold:g}" if cap is None else f"{cap:g}"
+    return (f"max({cfg.residual_diff_threshold:g}, {cfg.dynamic_prune_threshold_relax_ratio:g} x mean of the "
+            f"call's first {guard.PRUNE_SAMPLES} positive block diffs) while below {cap}")
 
 
 def _block(blocks, b: int, nodes, order) -> _BlockRewrite | str:
@@ -251,7 +262,8 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
     dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["row"], gs["over"], gs["free"], gs["checked"],
                                     gs["ctr"], gs["acc"]),
-               dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold, group=group))
+               dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold,
+                    relax=cfg.dynamic_prune_threshold_relax_ratio, cap=cfg.max_dynamic_prune_threshold, group=group))
     prune, a, gs["acc"] = (call(_getitem, (dec, k)) for k in range(3))
     names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
     res_slots = [call(_index_slot, (st[name], gs["row"])) for name in names]
