@@ -70,6 +70,10 @@ class CacheConfig:
         are always computed.
     max_cached_steps: at most this many cached steps per request and slot (-1 = unlimited).
     max_continuous_cached_steps: at most this many cached steps in a row (-1 = unlimited).
+    max_accumulated_residual_diff_threshold: None (off) or a budget > 0 (cache-dit's option): the
+        sum of the residual diffs a slot compared with the threshold in this request (the positive
+        ones) must stay below it for a step to cache; once it is reached, the slot computes every
+        step to the end of the request. DBCache only.
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls; Heun's two evaluations of a timestep); further calls in the same step
         always compute, and ``summary`` names them with the count that fits. >= 1.
@@ -140,6 +144,7 @@ class CacheConfig:
     warmup_interval: int = 1
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
+    max_accumulated_residual_diff_threshold: float | None = None
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
@@ -207,6 +212,15 @@ class CacheConfig:
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
             if getattr(self, name) < -1:
                 _bad(name, getattr(self, name), "-1 (unlimited) or an int >= 0")
+        budget = self.max_accumulated_residual_diff_threshold
+        if budget is not None:
+            _check_type("max_accumulated_residual_diff_threshold", budget, (int, float))
+            if not budget > 0:
+                _bad("max_accumulated_residual_diff_threshold", budget, "None (off) or a number > 0")
+            if self.cache_type is CacheType.DBPRUNE:
+                _bad("max_accumulated_residual_diff_threshold", budget,
+                     'None with cache_type="dbprune" (the budget sums DBCache\'s one diff per step)')
+            object.__setattr__(self, "max_accumulated_residual_diff_threshold", float(budget))
 
     def _check_calibrator(self) -> None:
         cal, order = self.calibrator, self.taylorseer_order
@@ -390,9 +404,6 @@ _CACHE_DIT = {
                                 "pipeline, from callback_on_step_end); the step count then starts again at 0, "
                                 "warmup included"),
     "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
-    "max_accumulated_residual_diff_threshold": (
-        "not implemented; the diff of a cached step is already taken against the last computed step's "
-        "residual, and max_continuous_cached_steps bounds a run of cached steps"),
     "downsample_factor": "not implemented: the guard reads the whole residual",
     "important_condition_threshold": "not implemented: the guard reads the whole residual",
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",

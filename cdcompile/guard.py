@@ -17,6 +17,8 @@ slot and no more):
     anchor     (C, *R)              F's hidden residual at the slot's last computed step
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
+    slot_acc   float32 (S,)         with max_accumulated_residual_diff_threshold only: the slot's sum
+                                    of the positive diffs compared with the threshold in the request
     residual_k (C, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
                                     and its divided differences for a calibrator of order n
     cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators)
@@ -90,9 +92,14 @@ def fold_nodes(cal_nodes: torch.Tensor, counters: torch.Tensor) -> None:
 
 
 def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor,
-         mask: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
-         max_cached: int, max_continuous: int, slots: int, static_mask: bool = False):
+         mask: torch.Tensor | None = None, acc: torch.Tensor | None = None, *, threshold: float,
+         warmup_steps: int, warmup_interval: int, max_cached: int, max_continuous: int, slots: int,
+         static_mask: bool = False, budget: float | None = None):
     """The per-step part of the guard chain (algorithms.md §1.4 a-e), before any diff.
+
+    ``acc`` (with ``budget``, max_accumulated_residual_diff_threshold): the slots' sums of the
+    positive diffs compared with the threshold in this request; a slot whose sum reached
+    ``budget`` is not ``checked`` (a new request zeroes them, as it does the counters).
 
     Returns ``(free, checked, idx, ctr, row, over)``: ``free`` caches without consulting the diff
     (a 0 of a static mask), ``checked`` caches iff the diff is below the threshold. ``idx`` is the
@@ -103,6 +110,8 @@ def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req
     """
     # A new request forgets every slot's anchor and counters.
     slot_ctr.mul_((~new_req).to(slot_ctr.dtype))
+    if acc is not None:
+        acc.mul_((~new_req).to(acc.dtype))
     idx = torch.clamp(slot, max=slots).reshape(1)
     row = torch.clamp(slot, max=slots - 1).reshape(1)
     over = slot >= slots
@@ -121,6 +130,8 @@ def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req
         usable = usable & (ctr[1] < max_cached)
     if max_continuous >= 0:
         usable = usable & (ctr[2] < max_continuous)
+    if acc is not None:
+        usable = usable & (acc.index_select(0, idx)[0] < budget)
     return never, usable, idx, ctr, row, over
 
 
@@ -143,14 +154,17 @@ def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, grou
 
 
 def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
-           slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None, *,
-           threshold: float, warmup_steps: int, warmup_interval: int, max_cached: int,
-           max_continuous: int, slots: int, static_mask: bool = False, group: str | None = None):
+           slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None,
+           acc: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
+           max_cached: int, max_continuous: int, slots: int, static_mask: bool = False,
+           budget: float | None = None, group: str | None = None):
     """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
 
     ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
     mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
-    or the threshold (still only once a residual exists). ``group``: see :func:`relative_l1`.
+    or the threshold (still only once a residual exists). ``acc``/``budget``: see :func:`gate`;
+    a diff compared with the threshold adds to the slot's sum when positive (cache-dit's
+    max_accumulated_residual_diff_threshold). ``group``: see :func:`relative_l1`.
 
     Returns ``(cache, diff, idx, anchor_slot, ctr_slot, row, over)`` (see :func:`gate`); the
     overflow slot's diff is nan (it has no anchor of its own).
@@ -158,9 +172,11 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
     free, checked, idx, ctr, row, over = gate(slot_ctr, step, slot, new_req, mask, threshold=threshold,
                                               warmup_steps=warmup_steps, warmup_interval=warmup_interval,
                                               max_cached=max_cached, max_continuous=max_continuous,
-                                              slots=slots, static_mask=static_mask)
+                                              slots=slots, static_mask=static_mask, budget=budget, acc=acc)
     a = anchor.index_select(0, row)[0]
     diff = relative_l1(r, a, (ctr[0] > 0) & ~over, group)
+    if acc is not None:  # checked implies an anchor, so diff is a number there
+        acc.index_add_(0, idx, torch.where(checked & (diff > 0), diff, torch.zeros_like(diff)).reshape(1))
     return free | (checked & (diff < threshold)), diff, idx, a, ctr, row, over
 
 

@@ -24,6 +24,7 @@ class RefConfig:
     order: int = 0  # TaylorSeer order
     form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
+    max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
 
 
 def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
@@ -83,6 +84,7 @@ class RefSlot:
     history: list = dataclasses.field(default_factory=list)  # (step, residuals) of computed steps
     cached: int = 0
     run: int = 0
+    accumulated: float = 0.0  # positive diffs of the steps whose diff was compared with the threshold
     used: list = dataclasses.field(default_factory=list)  # residuals used per step (FoCa's window)
 
 
@@ -103,11 +105,14 @@ class RefCache:
             cache = False
         elif c.max_continuous >= 0 and st.run >= c.max_continuous:
             cache = False
+        elif c.max_accumulated is not None and st.accumulated >= c.max_accumulated:
+            cache = False
         elif c.threshold <= 0 or st.anchor is None or st.anchor.shape != r.shape:
             cache = False
         else:
             diff = (r - st.anchor).abs().mean() / st.anchor.abs().mean()
             cache = bool(diff < c.threshold)
+            st.accumulated += max(float(diff), 0.0)
         if cache:
             st.cached += 1
             st.run += 1

@@ -426,6 +426,7 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
         cfg.calibrator, cfg.order, cfg.form = calibrator, r.choice((1, 2)), r.choice(("taylor", "newton"))
     elif calibrator == "foca":
         cfg.calibrator = calibrator
+    cfg.max_accumulated = r.choice((None, None, None, 0.5))  # drawn after the calibrator: its draws stay
     return cfg
 
 
@@ -433,7 +434,8 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
     """The backend's options for the reference's configuration."""
     opts = {"compiler": compiler, "Fn_compute_blocks": cfg.Fn, "Bn_compute_blocks": cfg.Bn,
             "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
-            "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous}
+            "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous,
+            "max_accumulated_residual_diff_threshold": cfg.max_accumulated}
     if cfg.calibrator == "taylorseer":
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
@@ -450,6 +452,8 @@ def features(spec: DiTSpec) -> set[str]:
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:
         out.add(f"calibrator={cfg.calibrator}")
+    if cfg.max_accumulated is not None:
+        out.add("accumulated_budget")
     if len(spec.groups) == 2:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it

@@ -65,6 +65,8 @@ def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key
     ("Fn_compute_blocks", True, "not a bool"),
     ("disable_passes", ["no_such_pass"], "discover_blocks"),
     ("size_asserts", "off", "expected a bool"),
+    ("max_accumulated_residual_diff_threshold", 0, "None (off) or a number > 0"),
+    ("max_accumulated_residual_diff_threshold", "0.5", "expected an int or float"),
     ("mode", "fastest", "max-autotune-no-cudagraphs"),
 ])
 def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):

@@ -23,7 +23,8 @@ def _opts(ref: RefConfig, compiler="eager", **extra):
     return {"compiler": compiler, "Fn_compute_blocks": ref.Fn, "Bn_compute_blocks": ref.Bn,
             "residual_diff_threshold": ref.threshold, "max_warmup_steps": ref.warmup,
             "warmup_interval": ref.interval, "max_cached_steps": ref.max_cached,
-            "max_continuous_cached_steps": ref.max_continuous, **extra}
+            "max_continuous_cached_steps": ref.max_continuous,
+            "max_accumulated_residual_diff_threshold": ref.max_accumulated, **extra}
 
 
 def _seq_trajectory(steps=STEPS, seed=0):
@@ -62,7 +63,9 @@ def _run_seq(ref_cfg, compiler="eager", depth=5, requests=1):
     RefConfig(threshold=0.5, warmup=3, interval=2, max_continuous=2),
     RefConfig(Fn=2, Bn=1, threshold=0.25, warmup=2),
     RefConfig(threshold=0.05, warmup=0),
-], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05"])
+    # the diffs of steps 2-3 (0.111 + 0.138) use up a budget of 0.2: steps 5-9 compute
+    RefConfig(threshold=0.15, warmup=2, max_accumulated=0.2),
+], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2"])
 def test_sequential_dit_decisions_and_outputs_equal_the_reference(cfg):
     m, ref, outs, refs = _run_seq(cfg, requests=2)
     assert _cached_steps(m) == _ref_cached(ref)
@@ -84,6 +87,7 @@ def test_the_thresholds_above_cache_something_and_not_everything():
     (RefConfig(threshold=1e9, warmup=1, max_cached=4), [1, 2, 3, 4]),
     (RefConfig(threshold=1e9, warmup=1, max_continuous=2), [1, 2, 4, 5, 7, 8]),
     (RefConfig(threshold=0.0, warmup=1), []),
+    (RefConfig(threshold=1e9, warmup=1, max_accumulated=0.3), [1, 2, 3]),  # 0.106 + 0.121 + 0.210 > 0.3
 ])
 def test_always_caching_threshold_caches_exactly_the_predicted_steps(cfg, expected):
     m, ref, _, _ = _run_seq(cfg)
@@ -352,8 +356,9 @@ def test_zero_graph_breaks_and_recompiles_over_three_requests_of_twenty_steps():
     assert len(reqs[0]["slots"][0]["cached_steps"]) > 0
 
 
-def test_cfg_alternating_calls_equal_two_separately_cached_models():
-    cfg = RefConfig(threshold=0.2, warmup=2)
+@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.2, warmup=2), RefConfig(threshold=0.2, warmup=2, max_accumulated=0.3)],
+                         ids=["thr0.2", "budget0.3"])
+def test_cfg_alternating_calls_equal_two_separately_cached_models(cfg):
     m = SequentialDiT(depth=5)
     traj = _seq_trajectory()
     offset = torch.randn(traj[0][0].shape, generator=torch.Generator().manual_seed(7))

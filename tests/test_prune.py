@@ -301,6 +301,8 @@ def test_non_prune_block_ids_beyond_the_stack_is_a_value_error_naming_n():
     ({"cache_type": "dbprune", "residual_diff_threshold": 0.1, "max_dynamic_prune_threshold": 0.1},
      r"'max_dynamic_prune_threshold': 0.1;.*above residual_diff_threshold = 0.1"),
     ({"residual_diff_threshold": float("nan")}, r"'residual_diff_threshold': nan"),
+    ({"cache_type": "dbprune", "max_accumulated_residual_diff_threshold": 0.5},
+     r"'max_accumulated_residual_diff_threshold': 0.5;.*dbprune"),
     ({"cache_type": "dbprune", "taylorseer_order": 1}, r"'calibrator'.*dbprune"),
 ])
 def test_bad_prune_options_are_value_errors_naming_the_key(opts, match):
