@@ -74,6 +74,9 @@ class CacheConfig:
         sum of the residual diffs a slot compared with the threshold in this request (the positive
         ones) must stay below it for a step to cache; once it is reached, the slot computes every
         step to the end of the request. DBCache only.
+    downsample_factor: the guard compares every k-th channel (the last dim) of F's residual
+        (DBCache) or of each block's input (DBPrune) and keeps only those as anchors: k times less
+        anchor memory, and a diff taken over a sample of the channels (cache-dit's option). >= 1.
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls; Heun's two evaluations of a timestep); further calls in the same step
         always compute, and ``summary`` names them with the count that fits. >= 1.
@@ -145,6 +148,7 @@ class CacheConfig:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     max_accumulated_residual_diff_threshold: float | None = None
+    downsample_factor: int = 1
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
@@ -187,7 +191,8 @@ class CacheConfig:
         _check_type("enable_cache", self.enable_cache, bool)
         _check_type("fp8_attention", self.fp8_attention, bool)
         for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
-                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots"):
+                     "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "cache_slots",
+                     "downsample_factor"):
             _check_type(name, getattr(self, name), int)
         _check_type("residual_diff_threshold", self.residual_diff_threshold, (int, float))
         object.__setattr__(self, "residual_diff_threshold", float(self.residual_diff_threshold))
@@ -207,6 +212,8 @@ class CacheConfig:
         self._check_prune()
         if self.cache_slots < 1:
             _bad("cache_slots", self.cache_slots, "an int >= 1")
+        if self.downsample_factor < 1:
+            _bad("downsample_factor", self.downsample_factor, "an int >= 1 (1 compares every channel)")
         if self.warmup_interval < 1:
             _bad("warmup_interval", self.warmup_interval, "an int >= 1")
         for name in ("max_cached_steps", "max_continuous_cached_steps"):
@@ -404,10 +411,10 @@ _CACHE_DIT = {
                                 "pipeline, from callback_on_step_end); the step count then starts again at 0, "
                                 "warmup included"),
     "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
-    "downsample_factor": "not implemented: the guard reads the whole residual",
-    "important_condition_threshold": "not implemented: the guard reads the whole residual",
+    "important_condition_threshold": "not implemented: the guard weighs every token alike",
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
-    "force_reduce_calibrator_vram": "not implemented (DBPrune keeps a full input and residual per block and slot)",
+    "force_reduce_calibrator_vram": ("not an option here: downsample_factor=k keeps every k-th channel of each "
+                                     "block's input as DBPrune's anchor (the residuals stay whole)"),
     "cache_config": "pass the fields of cache-dit's DBCacheConfig as options themselves",
     "calibrator_config": "pass calibrator= and taylorseer_order= as options",
 }

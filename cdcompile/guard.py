@@ -14,7 +14,8 @@ slot and no more):
     clock      float32 (1,)         timestep of the previous call (-inf: next call starts a request)
     counters   int64 (6,)           step in request, slot (call index within the step), request count,
                                     time rises (0/1), lone-step requests in a row, this call flipped (0/1)
-    anchor     (C, *R)              F's hidden residual at the slot's last computed step
+    anchor     (C, *R)              F's hidden residual at the slot's last computed step (every
+                                    downsample_factor-th channel of it)
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
     slot_acc   float32 (S,)         with max_accumulated_residual_diff_threshold only: the slot's sum
@@ -133,6 +134,12 @@ def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req
     if acc is not None:
         usable = usable & (acc.index_select(0, idx)[0] < budget)
     return never, usable, idx, ctr, row, over
+
+
+def downsample(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Every ``k``-th channel (last dim) of ``x``, the part the guard compares and keeps as anchor
+    (cache-dit's downsample_factor: ``k`` times less anchor memory; the diff is a sample's)."""
+    return x if k == 1 else x[..., ::k]
 
 
 def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None):

@@ -142,6 +142,10 @@ class CacheState:
         def sized(shape, dtype):  # the streams' size: no row for the overflow slot (guard.gate's ``row``)
             return zeros(shape, dtype, plan.slots)
 
+        def anchor(shape, dtype):  # every downsample-th channel (guard.downsample)
+            *lead, last = map(size, shape)
+            return sized((*lead, -(-last // plan.downsample)), dtype)
+
         t = {
             "reset": torch.ones((), dtype=torch.bool, device=dev),
             "clock": torch.full((1,), -math.inf, dtype=torch.float32, device=dev),
@@ -150,11 +154,11 @@ class CacheState:
         if plan.prune_blocks is not None:
             t["slot_ctr"] = zeros((4,), torch.int64)
             for b in plan.prune_blocks:
-                t[b.anchor_name] = sized(b.anchor.shape, b.anchor.dtype)
+                t[b.anchor_name] = anchor(b.anchor.shape, b.anchor.dtype)
                 for r in b.residuals:
                     t[b.residual_name(r.label)] = sized(r.shape, r.dtype)
         else:
-            t["anchor"] = sized(plan.anchor.shape, plan.anchor.dtype)
+            t["anchor"] = anchor(plan.anchor.shape, plan.anchor.dtype)
             t["slot_ctr"] = zeros((4,), torch.int64)
             if plan.budget is not None:
                 t["slot_acc"] = zeros((), torch.float32)

@@ -25,6 +25,7 @@ class RefConfig:
     form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
     max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
+    downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
 
 
 def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
@@ -99,6 +100,7 @@ class RefCache:
 
     def decide(self, step: int, slot: int, r: torch.Tensor) -> bool:
         c, st = self.cfg, self.slots.setdefault(slot, RefSlot())
+        r = r[..., ::c.downsample]
         if step in range(0, c.warmup, c.interval):
             cache = False
         elif c.max_cached >= 0 and st.cached >= c.max_cached:

@@ -27,6 +27,7 @@ class PruneConfig:
     dynamic: bool = False
     relax: float = 1.25  # dynamic_prune_threshold_relax_ratio
     cap: float | None = None  # max_dynamic_prune_threshold (None: 2 * threshold)
+    downsample: int = 1  # downsample_factor: a block's input is compared on every k-th channel
 
     def options(self, compiler: str = "eager") -> dict:
         return {"compiler": compiler, "cache_type": "dbprune", "Fn_compute_blocks": self.Fn,
@@ -34,7 +35,8 @@ class PruneConfig:
                 "max_warmup_steps": self.warmup, "warmup_interval": self.interval,
                 "max_cached_steps": self.max_cached, "max_continuous_cached_steps": self.max_continuous,
                 "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic,
-                "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap}
+                "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap,
+                "downsample_factor": self.downsample}
 
 
 @dataclasses.dataclass
@@ -72,7 +74,7 @@ class RefPrune:
         c, st = self.cfg, self.slots[self.slot]
         if not self.prunable(b) or b not in st.inputs:
             return False
-        a = st.inputs[b]
+        a, h = st.inputs[b], h[..., ::c.downsample]
         diff = float((h - a).abs().mean() / a.abs().mean())
         thr = c.threshold
         positive = [d for d in self.diffs if d > 0][:5]
@@ -93,7 +95,7 @@ class RefPrune:
     def store(self, b: int, h: torch.Tensor, residuals: dict) -> None:
         if self.prunable(b):
             st = self.slots[self.slot]
-            st.inputs[b], st.residuals[b] = h, residuals
+            st.inputs[b], st.residuals[b] = h[..., ::self.cfg.downsample], residuals
 
     def end(self) -> None:
         st = self.slots[self.slot]

@@ -379,9 +379,11 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
     {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
     {"taylorseer_order": 2, "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
     {"steps_computation_mask": [1, 1, 0, 1, 0, 0], "steps_computation_policy": "static", "max_warmup_steps": 2},
-    # diffs 0.137 + 0.126 at steps 2-3 reach the budget: steps 4-5 compute (without it they cache)
-    {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "max_accumulated_residual_diff_threshold": 0.25},
-], ids=["foca", "dbprune", "taylorseer2", "static_mask", "accumulated_budget"])
+    # on every third channel, diffs 0.091 + 0.103 + 0.135 at steps 2-4 reach the budget: step 5
+    # computes (all channels: 0.137 + 0.126 reach it at step 3; no budget: steps 2-5 cache)
+    {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "max_accumulated_residual_diff_threshold": 0.25,
+     "downsample_factor": 3},
+], ids=["foca", "dbprune", "taylorseer2", "static_mask", "budget_downsample"])
 def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, opts):
     m = SequentialDiT(depth=4)
     traj = _traj(6)
@@ -399,7 +401,7 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
     assert cached and slots[0] == slots[1]
     assert art.decisions() == [s in cached for s in range(6)] * 2
     if "max_accumulated_residual_diff_threshold" in opts:
-        assert cached == [2, 3]
+        assert cached == [2, 3, 4]
     if opts.get("cache_type") == "dbprune":
         assert art.pruned_blocks() == slots[0]["pruned_blocks"] * 2
         assert set(art.pruned_blocks()) == {0, 2}  # blocks 1 and 3: block 2 is never pruned

@@ -66,6 +66,7 @@ def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key
     ("disable_passes", ["no_such_pass"], "discover_blocks"),
     ("size_asserts", "off", "expected a bool"),
     ("max_accumulated_residual_diff_threshold", 0, "None (off) or a number > 0"),
+    ("downsample_factor", 0, "an int >= 1"),
     ("max_accumulated_residual_diff_threshold", "0.5", "expected an int or float"),
     ("mode", "fastest", "max-autotune-no-cudagraphs"),
 ])

@@ -24,7 +24,8 @@ def _opts(ref: RefConfig, compiler="eager", **extra):
             "residual_diff_threshold": ref.threshold, "max_warmup_steps": ref.warmup,
             "warmup_interval": ref.interval, "max_cached_steps": ref.max_cached,
             "max_continuous_cached_steps": ref.max_continuous,
-            "max_accumulated_residual_diff_threshold": ref.max_accumulated, **extra}
+            "max_accumulated_residual_diff_threshold": ref.max_accumulated, "downsample_factor": ref.downsample,
+            **extra}
 
 
 def _seq_trajectory(steps=STEPS, seed=0):
@@ -65,9 +66,15 @@ def _run_seq(ref_cfg, compiler="eager", depth=5, requests=1):
     RefConfig(threshold=0.05, warmup=0),
     # the diffs of steps 2-3 (0.111 + 0.138) use up a budget of 0.2: steps 5-9 compute
     RefConfig(threshold=0.15, warmup=2, max_accumulated=0.2),
-], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2"])
+    # every third channel: steps 2, 4-6, 8, 9 cache (all channels at 0.12: 2, 4, 8, 9)
+    RefConfig(threshold=0.12, warmup=2, downsample=3),
+], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2", "downsample3"])
 def test_sequential_dit_decisions_and_outputs_equal_the_reference(cfg):
     m, ref, outs, refs = _run_seq(cfg, requests=2)
+    from cdcompile.runtime import cached_states
+
+    ((_, state),) = cached_states(m)  # the anchor keeps the channels the guard compares: 32 -> 11 at k = 3
+    assert state.tensors_by_name["anchor"].shape == (2, 2, 10, -(-32 // cfg.downsample))
     assert _cached_steps(m) == _ref_cached(ref)
     assert _cached_steps(m, request=-2) == _ref_cached(ref), "identical requests must cache alike"
     for k, (a, b) in enumerate(zip(outs, refs)):

@@ -174,6 +174,10 @@ def test_inductor_compiles_the_fp8_attention_graph_to_the_same_outputs():
     # last bits, and quantization turns some of those into another INT8/FP8 value: outputs differ
     # by up to ~1e-4 (measured 1.6e-4, mean 9e-6). That is noise well under the quantization's own
     # effect (mean 2.2e-4 against plain SDPA), and the distance to plain SDPA stays what it was.
+    _assert_inductor_quantizes_alike(got, want, plain)
+
+
+def _assert_inductor_quantizes_alike(got, want, plain):
     quantization = (want - plain).abs().mean()
     assert (got - want).abs().mean() < 0.1 * quantization
     assert (got - plain).abs().mean() < 1.2 * quantization
@@ -189,7 +193,10 @@ def test_an_exported_package_carries_the_fp8_attention(tmp_path):
     with torch.no_grad():
         got = cdcompile.load(path)(**kw)[0]
         plain = model(**kw)[0]
-        torch.testing.assert_close(got, _emulated(model, kw), rtol=1e-5, atol=1e-5)
+        want = _emulated(model, kw)
+    # AOTInductor fuses like Inductor (previous test): torch 2.13 matches the eager emulation within
+    # 1e-5 here; torch 2.11 differs in 9 of 256 elements, by up to 5e-5
+    _assert_inductor_quantizes_alike(got, want, plain)
     assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5), "the artifact ran plain SDPA"
 
 

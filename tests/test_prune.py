@@ -48,7 +48,9 @@ def _run(cfg: PruneConfig, requests=1, compiler="eager"):
     # relaxed thresholds up to 0.199 here, where the default 1.25 and cap 0.12 stay below 0.12 and
     # prune other blocks (steps 2-9: 0 1 4 0 4 0 5 4 blocks by default, 2 3 2 4 1 3 3 3 tuned)
     PruneConfig(threshold=0.06, warmup=1, dynamic=True, relax=1.6, cap=0.2),
-], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2"])
+    # every third channel of each block's input: steps 6 and 9 prune instead of 5 (all channels at 0.1)
+    PruneConfig(threshold=0.1, warmup=2, downsample=3),
+], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2", "downsample3"])
 def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
     m, ref = _run(cfg, requests=2)
     for request in (-1, -2):  # identical requests prune alike
@@ -56,6 +58,11 @@ def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
         assert slot["pruned_blocks"] == _pruned_per_step(ref)
         assert slot["cached_steps"] == [s for s, _, p in ref.decisions if p]
     per_step = _pruned_per_step(ref)
+    from cdcompile.runtime import cached_states
+
+    ((_, state),) = cached_states(m)  # a block's anchor keeps the channels its guard compares
+    assert {t.shape for n, t in state.tensors_by_name.items() if n.startswith("anchor_b")} == \
+        {(2, 2, 10, -(-32 // cfg.downsample))}
     if cfg.dynamic:  # summary states the rule it ran
         cap = "2 x 0.06" if cfg.cap is None else f"{cfg.cap:g}"
         assert f"dynamic threshold max(0.06, {cfg.relax:g} x mean of the call's first 5 positive block diffs) " \

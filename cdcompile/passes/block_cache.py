@@ -90,6 +90,7 @@ class CachePlan:
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
     budget: float | None = None  # max_accumulated_residual_diff_threshold (None: no slot_acc state)
+    downsample: int = 1  # downsample_factor: anchors keep every downsample-th channel (guard.downsample)
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
     num_blocks: int = 0  # N, the stack's blocks
     # What the graph does with its state (options, stack, F/M/B, timestep input): graphs of one model
@@ -360,7 +361,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
-        budget=cfg.max_accumulated_residual_diff_threshold, size_sources=sources)
+        budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
+        size_sources=sources)
     inputs, floats = _branch.specialize_floats(inputs)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
@@ -664,7 +666,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
                 dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     call(guard.fold_nodes, (st["cal_nodes"], st["counters"]))
-    r = call(torch.sub, (env[hf], env[h0]))
+    r = call(guard.downsample, (call(torch.sub, (env[hf], env[h0])), plan.downsample))
     dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask"),
                               st.get("slot_acc")), dict(
         threshold=cfg.residual_diff_threshold, budget=plan.budget, warmup_steps=cfg.max_warmup_steps,

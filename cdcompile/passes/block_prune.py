@@ -123,7 +123,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
         residuals=[], key_input=key_input, **clock,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
-        prune_blocks=[r.plan for r in rewrites], size_sources=sources)
+        prune_blocks=[r.plan for r in rewrites], downsample=cfg.downsample_factor, size_sources=sources)
     # Blocks share operands (a float every block reads): specialize each node once.
     kept, floats = _branch.specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
     kept = set(kept)
@@ -256,7 +256,7 @@ def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
 def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     call = g.call_function
     b = r.plan.index
-    h = env[r.hidden]
+    h = call(guard.downsample, (env[r.hidden], cfg.downsample_factor))  # what the anchor keeps of the input
     # Context parallel: h holds this rank's tokens; the diff is all-reduced so that every rank
     # takes the same branch (the block holds collectives).
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
