@@ -77,6 +77,9 @@ class CacheConfig:
     downsample_factor: the guard compares every k-th channel (the last dim) of F's residual
         (DBCache) or of each block's input (DBPrune) and keeps only those as anchors: k times less
         anchor memory, and a diff taken over a sample of the channels (cache-dit's option). >= 1.
+    important_condition_threshold: 0 (every token) or > 0 (cache-dit's option): the diff's two
+        means take only the tokens whose own relative L1 change (over the channels) exceeds it,
+        or every token when none does.
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls; Heun's two evaluations of a timestep); further calls in the same step
         always compute, and ``summary`` names them with the count that fits. >= 1.
@@ -149,6 +152,7 @@ class CacheConfig:
     max_continuous_cached_steps: int = -1
     max_accumulated_residual_diff_threshold: float | None = None
     downsample_factor: int = 1
+    important_condition_threshold: float = 0.0
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
@@ -212,6 +216,11 @@ class CacheConfig:
         self._check_prune()
         if self.cache_slots < 1:
             _bad("cache_slots", self.cache_slots, "an int >= 1")
+        _check_type("important_condition_threshold", self.important_condition_threshold, (int, float))
+        if not self.important_condition_threshold >= 0 or math.isinf(self.important_condition_threshold):
+            _bad("important_condition_threshold", self.important_condition_threshold,
+                 "a finite number >= 0 (0 weighs every token)")
+        object.__setattr__(self, "important_condition_threshold", float(self.important_condition_threshold))
         if self.downsample_factor < 1:
             _bad("downsample_factor", self.downsample_factor, "an int >= 1 (1 compares every channel)")
         if self.warmup_interval < 1:
@@ -411,7 +420,6 @@ _CACHE_DIT = {
                                 "pipeline, from callback_on_step_end); the step count then starts again at 0, "
                                 "warmup included"),
     "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
-    "important_condition_threshold": "not implemented: the guard weighs every token alike",
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
     "force_reduce_calibrator_vram": ("not an option here: downsample_factor=k keeps every k-th channel of each "
                                      "block's input as DBPrune's anchor (the residuals stay whole)"),

@@ -142,13 +142,20 @@ def downsample(x: torch.Tensor, k: int) -> torch.Tensor:
     return x if k == 1 else x[..., ::k]
 
 
-def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None):
+def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None,
+                important: float = 0.0):
     """``mean|r - a| / mean|a|`` in float32 (nan without an anchor).
 
     ``group`` (context parallelism: a process group name) makes every rank see the same diff
     (algorithms.md §1.8): ``r`` and ``a`` are this rank's tokens only, so the sums and element
     counts of numerator and denominator are all-reduced before dividing.
+
+    ``important`` (cache-dit's important_condition_threshold) > 0: only the tokens (entries of the
+    leading dims) whose own ``mean|r - a| / mean|a|`` over the channels exceeds it enter both means,
+    or every token when none does (under ``group``: none on any rank).
     """
+    if important > 0:
+        return _important_l1(r, a, has_anchor, group, important)
     num = (r - a).abs().mean(dtype=torch.float32)
     den = a.abs().mean(dtype=torch.float32)
     if group is not None:  # context parallel: global means from per-rank sums and counts
@@ -160,18 +167,32 @@ def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, grou
     return torch.where(has_anchor, num / den, torch.full_like(num, float("nan")))
 
 
+def _important_l1(r, a, has_anchor, group, important: float):
+    d = (r - a).abs().to(torch.float32)
+    m = a.abs().to(torch.float32)
+    keep = ((d.mean(-1) / m.mean(-1)) > important).unsqueeze(-1).to(torch.float32)  # nan > x is False
+    # the sums over all tokens and over the kept ones, and how many tokens were kept
+    sums = torch.stack([d.sum(), m.sum(), (d * keep).sum(), (m * keep).sum(), keep.sum()])
+    if group is not None:
+        from .distributed.ulysses import all_reduce_sum
+
+        sums = all_reduce_sum(sums, group)
+    ratio = torch.where(sums[4] > 0, sums[2] / sums[3], sums[0] / sums[1])
+    return torch.where(has_anchor, ratio, torch.full_like(ratio, float("nan")))
+
+
 def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
            slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None,
            acc: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
            max_cached: int, max_continuous: int, slots: int, static_mask: bool = False,
-           budget: float | None = None, group: str | None = None):
+           budget: float | None = None, important: float = 0.0, group: str | None = None):
     """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
 
     ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
     mask: 1 forces a computed step; with ``static_mask`` a 0 caches without consulting the limits
     or the threshold (still only once a residual exists). ``acc``/``budget``: see :func:`gate`;
     a diff compared with the threshold adds to the slot's sum when positive (cache-dit's
-    max_accumulated_residual_diff_threshold). ``group``: see :func:`relative_l1`.
+    max_accumulated_residual_diff_threshold). ``group``, ``important``: see :func:`relative_l1`.
 
     Returns ``(cache, diff, idx, anchor_slot, ctr_slot, row, over)`` (see :func:`gate`); the
     overflow slot's diff is nan (it has no anchor of its own).
@@ -181,7 +202,7 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
                                               max_cached=max_cached, max_continuous=max_continuous,
                                               slots=slots, static_mask=static_mask, budget=budget, acc=acc)
     a = anchor.index_select(0, row)[0]
-    diff = relative_l1(r, a, (ctr[0] > 0) & ~over, group)
+    diff = relative_l1(r, a, (ctr[0] > 0) & ~over, group, important)
     if acc is not None:  # checked implies an anchor, so diff is a number there
         acc.index_add_(0, idx, torch.where(checked & (diff > 0), diff, torch.zeros_like(diff)).reshape(1))
     return free | (checked & (diff < threshold)), diff, idx, a, ctr, row, over
@@ -282,7 +303,8 @@ def prune_gate(slot_ctr, step, slot, new_req, mask=None, **guard_options):
 
 def prune_decide(h: torch.Tensor, anchor: torch.Tensor, row: torch.Tensor, over: torch.Tensor, free: torch.Tensor,
                  checked: torch.Tensor, ctr: torch.Tensor, acc: torch.Tensor, *, threshold: float,
-                 dynamic: bool, relax: float = PRUNE_RELAX, cap: float | None = None, group: str | None = None):
+                 dynamic: bool, relax: float = PRUNE_RELAX, cap: float | None = None, important: float = 0.0,
+                 group: str | None = None):
     """Whether to prune one block: its input ``h`` against its input when last computed.
 
     Every block of a slot computes on the slot's first call of a request, so the slot's
@@ -293,7 +315,7 @@ def prune_decide(h: torch.Tensor, anchor: torch.Tensor, row: torch.Tensor, over:
     in the slot's ``row`` (the overflow slot has none: its diffs are nan).
     """
     a = anchor.index_select(0, row)[0]
-    diff = relative_l1(h, a, (ctr[0] > 0) & ~over, group)
+    diff = relative_l1(h, a, (ctr[0] > 0) & ~over, group, important)
     thr = torch.full_like(diff, threshold)
     if dynamic:
         relaxed = relax * acc[0] / torch.clamp(acc[1], min=1)

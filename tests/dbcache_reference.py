@@ -26,6 +26,18 @@ class RefConfig:
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
     max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
     downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
+    important: float = 0.0  # important_condition_threshold
+
+
+def relative_l1(r: torch.Tensor, a: torch.Tensor, important: float = 0.0) -> float:
+    """``mean|r - a| / mean|a|``; with ``important`` > 0 over the tokens (rows of the last dim)
+    whose own such ratio exceeds it, if any (cache-dit's important_condition_threshold)."""
+    d, m = (r - a).abs(), a.abs()
+    if important > 0:
+        keep = d.mean(-1) / m.mean(-1) > important
+        if keep.any():
+            d, m = d[keep], m[keep]
+    return float(d.mean() / m.mean())
 
 
 def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
@@ -112,7 +124,7 @@ class RefCache:
         elif c.threshold <= 0 or st.anchor is None or st.anchor.shape != r.shape:
             cache = False
         else:
-            diff = (r - st.anchor).abs().mean() / st.anchor.abs().mean()
+            diff = relative_l1(r, st.anchor, c.important)
             cache = bool(diff < c.threshold)
             st.accumulated += max(float(diff), 0.0)
         if cache:

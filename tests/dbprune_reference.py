@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from dbcache_reference import sequential_temb
+from dbcache_reference import relative_l1, sequential_temb
 
 
 @dataclasses.dataclass
@@ -28,6 +28,7 @@ class PruneConfig:
     relax: float = 1.25  # dynamic_prune_threshold_relax_ratio
     cap: float | None = None  # max_dynamic_prune_threshold (None: 2 * threshold)
     downsample: int = 1  # downsample_factor: a block's input is compared on every k-th channel
+    important: float = 0.0  # important_condition_threshold
 
     def options(self, compiler: str = "eager") -> dict:
         return {"compiler": compiler, "cache_type": "dbprune", "Fn_compute_blocks": self.Fn,
@@ -36,7 +37,7 @@ class PruneConfig:
                 "max_cached_steps": self.max_cached, "max_continuous_cached_steps": self.max_continuous,
                 "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic,
                 "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap,
-                "downsample_factor": self.downsample}
+                "downsample_factor": self.downsample, "important_condition_threshold": self.important}
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class RefPrune:
         if not self.prunable(b) or b not in st.inputs:
             return False
         a, h = st.inputs[b], h[..., ::c.downsample]
-        diff = float((h - a).abs().mean() / a.abs().mean())
+        diff = relative_l1(h, a, c.important)
         thr = c.threshold
         positive = [d for d in self.diffs if d > 0][:5]
         if c.dynamic and positive:

@@ -428,6 +428,7 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
         cfg.calibrator = calibrator
     cfg.max_accumulated = r.choice((None, None, None, 0.5))  # drawn after the calibrator: its draws stay
     cfg.downsample = r.choice((1, 1, 1, 2, 3))
+    cfg.important = r.choice((0.0, 0.0, 0.0, 0.05))
     return cfg
 
 
@@ -436,7 +437,8 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
     opts = {"compiler": compiler, "Fn_compute_blocks": cfg.Fn, "Bn_compute_blocks": cfg.Bn,
             "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
             "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous,
-            "max_accumulated_residual_diff_threshold": cfg.max_accumulated, "downsample_factor": cfg.downsample}
+            "max_accumulated_residual_diff_threshold": cfg.max_accumulated, "downsample_factor": cfg.downsample,
+            "important_condition_threshold": cfg.important}
     if cfg.calibrator == "taylorseer":
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
@@ -457,6 +459,8 @@ def features(spec: DiTSpec) -> set[str]:
         out.add("accumulated_budget")
     if cfg.downsample > 1:
         out.add("downsample")
+    if cfg.important > 0:
+        out.add("important_tokens")
     if len(spec.groups) == 2:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it

@@ -67,6 +67,7 @@ def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key
     ("size_asserts", "off", "expected a bool"),
     ("max_accumulated_residual_diff_threshold", 0, "None (off) or a number > 0"),
     ("downsample_factor", 0, "an int >= 1"),
+    ("important_condition_threshold", -0.1, "a finite number >= 0"),
     ("max_accumulated_residual_diff_threshold", "0.5", "expected an int or float"),
     ("mode", "fastest", "max-autotune-no-cudagraphs"),
 ])

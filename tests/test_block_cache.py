@@ -25,7 +25,7 @@ def _opts(ref: RefConfig, compiler="eager", **extra):
             "warmup_interval": ref.interval, "max_cached_steps": ref.max_cached,
             "max_continuous_cached_steps": ref.max_continuous,
             "max_accumulated_residual_diff_threshold": ref.max_accumulated, "downsample_factor": ref.downsample,
-            **extra}
+            "important_condition_threshold": ref.important, **extra}
 
 
 def _seq_trajectory(steps=STEPS, seed=0):
@@ -68,7 +68,9 @@ def _run_seq(ref_cfg, compiler="eager", depth=5, requests=1):
     RefConfig(threshold=0.15, warmup=2, max_accumulated=0.2),
     # every third channel: steps 2, 4-6, 8, 9 cache (all channels at 0.12: 2, 4, 8, 9)
     RefConfig(threshold=0.12, warmup=2, downsample=3),
-], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2", "downsample3"])
+    # only the tokens that changed by more than 0.12: steps 4 and 9 cache (every token: 2, 4, 8, 9)
+    RefConfig(threshold=0.12, warmup=2, important=0.12),
+], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2", "downsample3", "important0.12"])
 def test_sequential_dit_decisions_and_outputs_equal_the_reference(cfg):
     m, ref, outs, refs = _run_seq(cfg, requests=2)
     from cdcompile.runtime import cached_states

@@ -673,6 +673,13 @@ def _scn_cache_lone(rank, world):
                 prune=_scn_cache(rank, world, layers=(1, 3), cache_type="dbprune", residual_diff_threshold=0.3))
 
 
+def _scn_cache_guard_options(rank, world):
+    """As _scn_cache with cache-dit's guard options: the important tokens' sums all-reduced, every
+    second channel compared, and a budget on the summed diffs."""
+    return _scn_cache(rank, world, important_condition_threshold=0.5, downsample_factor=2,
+                      max_accumulated_residual_diff_threshold=1.5)
+
+
 def _scn_fp8_attention(rank, world):
     """fp8_attention under CP: the local attention between the exchanges is the FP8 kernel's op
     (its reference on CPU); compared with one process compiled the same way, and with plain SDPA."""
@@ -777,7 +784,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
-               "degree_mismatch", "cache_lone",
+               "degree_mismatch", "cache_lone", "cache_guard_options",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni", "flex", "fuzz"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
@@ -1049,6 +1056,18 @@ def test_a_lone_first_block_keeps_the_decisions_of_one_process_under_cp_with_cac
             assert 0 < len(single["cached"]) < 8 or (single["pruned"] and sum(single["pruned"])), (r, kind, single)
             assert cp["cached"] == single["cached"] and cp["pruned"] == single["pruned"], (r, kind)
             torch.testing.assert_close(cp["outs"], single["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_cache_dits_guard_options_keep_the_decisions_of_one_process_under_cp():
+    # one process (eager, 2026-12-07): steps 3 and 5 cache; the same without the budget: 3, 5, 8, 9
+    res = _scenario(2, "cache_guard_options")
+    single = res[0]["single"]
+    assert single["cached"] == [3, 5], single["cached"]
+    for r, x in enumerate(res):
+        assert x["cp"]["cached"] == single["cached"], (r, x["cp"]["cached"])
+        for s, d in single["diffs"].items():
+            assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
+        torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
 
 
 def test_halo_exchanges_in_the_cached_branch_keep_the_decisions_of_one_process():

@@ -50,7 +50,10 @@ def _run(cfg: PruneConfig, requests=1, compiler="eager"):
     PruneConfig(threshold=0.06, warmup=1, dynamic=True, relax=1.6, cap=0.2),
     # every third channel of each block's input: steps 6 and 9 prune instead of 5 (all channels at 0.1)
     PruneConfig(threshold=0.1, warmup=2, downsample=3),
-], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2", "downsample3"])
+    # the tokens that changed by more than 0.2: steps 3 and 5 compute (every token: steps 5 and 6)
+    PruneConfig(threshold=0.2, warmup=2, important=0.2),
+], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2", "downsample3",
+        "important0.2"])
 def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
     m, ref = _run(cfg, requests=2)
     for request in (-1, -2):  # identical requests prune alike

@@ -669,7 +669,8 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     r = call(guard.downsample, (call(torch.sub, (env[hf], env[h0])), plan.downsample))
     dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask"),
                               st.get("slot_acc")), dict(
-        threshold=cfg.residual_diff_threshold, budget=plan.budget, warmup_steps=cfg.max_warmup_steps,
+        threshold=cfg.residual_diff_threshold, budget=plan.budget, important=cfg.important_condition_threshold,
+        warmup_steps=cfg.max_warmup_steps,
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
         max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
         static_mask=cfg.steps_computation_policy == "static",

@@ -263,7 +263,8 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     dec = call(guard.prune_decide, (h, st[r.plan.anchor_name], gs["row"], gs["over"], gs["free"], gs["checked"],
                                     gs["ctr"], gs["acc"]),
                dict(threshold=cfg.residual_diff_threshold, dynamic=cfg.enable_dynamic_prune_threshold,
-                    relax=cfg.dynamic_prune_threshold_relax_ratio, cap=cfg.max_dynamic_prune_threshold, group=group))
+                    relax=cfg.dynamic_prune_threshold_relax_ratio, cap=cfg.max_dynamic_prune_threshold,
+                    important=cfg.important_condition_threshold, group=group))
     prune, a, gs["acc"] = (call(_getitem, (dec, k)) for k in range(3))
     names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
     res_slots = [call(_index_slot, (st[name], gs["row"])) for name in names]
