@@ -368,6 +368,21 @@ class CacheConfig:
                                  f"Valid options: {', '.join(valid)}")
         return cls(**options)
 
+    @classmethod
+    def from_cache_dit(cls, cache_config: Any, calibrator_config: Any = None, **options: Any) -> "CacheConfig":
+        """The config for cache-dit's ``DBCacheConfig`` / ``DBPruneConfig`` and calibrator config
+        (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``), as ``cache_dit.enable_cache``
+        takes them; ``options`` (``compiler=...``) are added on top.
+
+        Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
+        is 8, not 1). Its CFG flags are not needed (CFG slots come from the timestep). What has no
+        counterpart raises ValueError naming it: ``force_refresh_step_hint`` (call
+        ``cdcompile.new_request``), ``cfg_diff_compute_separate=False``,
+        ``force_reduce_calibrator_vram=True``, calibrators other than TaylorSeer and FoCa, a
+        calibrator over hidden states, calibrator kwargs.
+        """
+        return cls.from_options({**_cache_dit_options(cache_config, calibrator_config, valid=_DEFAULTS), **options})
+
     def replace(self, **changes: Any) -> "CacheConfig":
         return dataclasses.replace(self, **changes)
 
@@ -415,17 +430,76 @@ _CACHE_DIT = {
     "enable_taylorseer": _CALIBRATOR, "enable_encoder_taylorseer": _CALIBRATOR,
     "taylorseer_cache_type": _CALIBRATOR, "taylorseer_kwargs": _CALIBRATOR,
     "do_separate_classifier_free_guidance": _SEPARATE_CFG,
-    "force_refresh_step_hint": ("not an option here: to start afresh at a step, call "
+    "force_refresh_step_hint": ("to start afresh at a step, call "
                                 "cdcompile.new_request(transformer) before that step's first call (in a "
                                 "pipeline, from callback_on_step_end); the step count then starts again at 0, "
                                 "warmup included"),
     "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
-    "force_reduce_calibrator_vram": ("not an option here: downsample_factor=k keeps every k-th channel of each "
+    "force_reduce_calibrator_vram": ("downsample_factor=k keeps every k-th channel of each "
                                      "block's input as DBPrune's anchor (the residuals stay whole)"),
     "cache_config": "pass the fields of cache-dit's DBCacheConfig as options themselves",
     "calibrator_config": "pass calibrator= and taylorseer_order= as options",
 }
+
+
+# cache-dit fields subsumed here: CFG slots come from the timestep, whatever these say
+_CFG_FLAGS = ("enable_separate_cfg", "cfg_compute_first")
+
+
+def _cache_dit_options(cache_config: Any, calibrator_config: Any, valid) -> dict[str, Any]:
+    """cdcompile options from cache-dit's config objects (see CacheConfig.from_cache_dit)."""
+    import dataclasses as dc
+
+    for what, obj in (("cache_config", cache_config), ("calibrator_config", calibrator_config)):
+        if obj is not None and (not dc.is_dataclass(obj) or isinstance(obj, type)):
+            raise TypeError(f"CacheConfig.from_cache_dit: {what} must be a cache-dit config instance "
+                            f"(DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig, ...), got {obj!r}")
+
+    def refuse(field: str, value: Any, why: str | None = None) -> None:
+        raise ValueError(f"CacheConfig.from_cache_dit: {field}={value!r} has no counterpart here: "
+                         f"{why or _CACHE_DIT.get(field, 'remove it')}")
+
+    out: dict[str, Any] = {}
+    fields = {f.name: getattr(cache_config, f.name) for f in dc.fields(cache_config)}
+    for name, value in fields.items():
+        if name == "cache_type":
+            out[name] = str(getattr(value, "value", value)).lower()
+        elif name in valid:
+            out[name] = list(value) if isinstance(value, (list, tuple)) else value
+        elif name in _CFG_FLAGS:
+            continue
+        elif name == "cfg_diff_compute_separate":
+            if not value:
+                refuse(name, value, "each CFG slot compares its own residual (cache-dit's default, True)")
+        elif name == "force_refresh_step_hint":
+            if value is not None:
+                refuse(name, value)
+        elif name == "force_refresh_step_policy":
+            continue  # read only with a hint
+        elif name == "force_reduce_calibrator_vram":
+            if value:
+                refuse(name, value)
+        else:
+            refuse(name, value)
+    if calibrator_config is not None and getattr(calibrator_config, "enable_calibrator", True):
+        kind = str(getattr(calibrator_config, "calibrator_type", "")).lower()
+        if kind not in ("taylorseer", "foca"):
+            raise ValueError(f"CacheConfig.from_cache_dit: calibrator_type={kind!r} is not implemented here: "
+                             f'calibrator="taylorseer" or "foca"')
+        if str(getattr(calibrator_config, "calibrator_cache_type", "residual")) != "residual":
+            refuse("calibrator_cache_type", calibrator_config.calibrator_cache_type,
+                   'the calibrators forecast residuals ("residual")')
+        if getattr(calibrator_config, "calibrator_kwargs", None):
+            refuse("calibrator_kwargs", calibrator_config.calibrator_kwargs,
+                   "the calibrators take taylorseer_order (TaylorSeer) and nothing else")
+        if not getattr(calibrator_config, "enable_encoder_calibrator", True):
+            raise ValueError("CacheConfig.from_cache_dit: enable_encoder_calibrator=False has no counterpart "
+                             "here: the calibrator forecasts the middle residual of every stream")
+        out["calibrator"] = kind
+        if kind == "taylorseer":
+            out["taylorseer_order"] = getattr(calibrator_config, "taylorseer_order", 1)
+    return out
 
 
 def _unknown_hint(key: str, valid: list[str]) -> str:

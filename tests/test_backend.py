@@ -46,7 +46,7 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     ("ulysses", ". Valid options"),  # nothing close enough: no guess (ulysses_fp8 would mislead)
     ("enable_separate_cfg", " (a cache-dit option: not needed: calls that share a timestep are told apart as CFG slots"),
     ("enable_taylorseer", ' (a cache-dit option: use calibrator="taylorseer"'),
-    ("force_refresh_step_hint", " (a cache-dit option: not an option here: to start afresh at a step, call "
+    ("force_refresh_step_hint", " (a cache-dit option: to start afresh at a step, call "
                                 "cdcompile.new_request(transformer)"),
 ])
 def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key, hint):

@@ -24,13 +24,18 @@ def _request(pipe, digit: int, seed: int):
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images[0]
 
 
-def _cache_dit(threshold: float, digit: int, seed: int, order: int = 0, warmup: int = WARMUP):
-    pipe = trained.load_trained_pipeline()
+def _configs(threshold: float, order: int, warmup: int) -> dict:
+    """cache-dit's config objects, which cdcompile.enable takes as cache_dit.enable_cache does."""
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
-    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+    return dict(cache_config=cache_dit.DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
         max_warmup_steps=warmup, warmup_interval=1, max_cached_steps=-1, max_continuous_cached_steps=-1,
         num_inference_steps=STEPS), calibrator_config=calibrator)
+
+
+def _cache_dit(threshold: float, digit: int, seed: int, order: int = 0, warmup: int = WARMUP):
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, **_configs(threshold, order, warmup))
     image = _request(pipe, digit, seed)
     stats = cache_dit.summary(pipe, logging=False)[0]
     diffs = {int(k): float(v) for k, v in stats.residual_diffs.items()}
@@ -40,9 +45,7 @@ def _cache_dit(threshold: float, digit: int, seed: int, order: int = 0, warmup: 
 def _cdcompile(threshold: float, digit: int, seed: int, order: int = 0, warmup: int = WARMUP):
     torch._dynamo.reset()
     pipe = trained.load_trained_pipeline()
-    cdcompile.enable(pipe, compiler="eager", Fn_compute_blocks=1, Bn_compute_blocks=0,
-                     residual_diff_threshold=threshold, max_warmup_steps=warmup, warmup_interval=1,
-                     max_cached_steps=-1, max_continuous_cached_steps=-1, taylorseer_order=order)
+    cdcompile.enable(pipe, compiler="eager", **_configs(threshold, order, warmup))
     image = _request(pipe, digit, seed)
     slot = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]
     return image, slot["cached_steps"], slot["residual_diffs"]
@@ -75,3 +78,53 @@ def test_taylorseer_images_equal_cache_dit_s(order, warmup):
     assert 0 < len(ref_cached) and cached == ref_cached, (cached, ref_cached)
     err = (image - ref_image).abs().max().item()
     assert err < 1e-4, f"TaylorSeer-{order}: images differ by up to {err:.2e}"
+
+
+def test_cache_dits_config_objects_convert_field_by_field():
+    cfg = cdcompile.CacheConfig.from_cache_dit(
+        cache_dit.DBCacheConfig(Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.12,
+                                max_accumulated_residual_diff_threshold=0.5, max_cached_steps=10,
+                                enable_separate_cfg=True, cfg_compute_first=True, steps_computation_mask="fast",
+                                num_inference_steps=28),
+        cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2), compiler="eager")
+    assert (cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, cfg.residual_diff_threshold, cfg.max_cached_steps,
+            cfg.max_accumulated_residual_diff_threshold, cfg.steps_computation_mask, cfg.num_inference_steps,
+            cfg.calibrator.value, cfg.taylorseer_order, cfg.compiler.value) == (
+        2, 1, 0.12, 10, 0.5, "fast", 28, "taylorseer", 2, "eager")
+    assert cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig()).Fn_compute_blocks == 8  # cache-dit's
+    assert cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig(),
+                                                cache_dit.FoCaCalibratorConfig()).calibrator.value == "foca"
+    prune = cdcompile.CacheConfig.from_cache_dit(cache_dit.DBPruneConfig(
+        non_prune_block_ids=[3], enable_dynamic_prune_threshold=True, dynamic_prune_threshold_relax_ratio=1.5,
+        max_dynamic_prune_threshold=0.2))
+    assert (prune.cache_type.value, prune.non_prune_block_ids, prune.dynamic_prune_threshold_relax_ratio,
+            prune.max_dynamic_prune_threshold) == ("dbprune", (3,), 1.5, 0.2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cache_config=cache_dit.DBCacheConfig(force_refresh_step_hint=10)),
+     r"force_refresh_step_hint=10 has no counterpart here: to start afresh at a step, call cdcompile.new_request"),
+    (dict(cache_config=cache_dit.DBCacheConfig(cfg_diff_compute_separate=False)),
+     r"cfg_diff_compute_separate=False .*each CFG slot compares its own residual"),
+    (dict(cache_config=cache_dit.DBPruneConfig(force_reduce_calibrator_vram=True)),
+     r"force_reduce_calibrator_vram=True .*downsample_factor"),
+    (dict(cache_config=cache_dit.DBCacheConfig(),
+          calibrator_config=cache_dit.TaylorSeerCalibratorConfig(calibrator_cache_type="hidden_states")),
+     r"calibrator_cache_type='hidden_states' .*forecast residuals"),
+    (dict(cache_config=cache_dit.DBCacheConfig(),
+          calibrator_config=cache_dit.TaylorSeerCalibratorConfig(enable_encoder_calibrator=False)),
+     r"enable_encoder_calibrator=False .*every stream"),
+    (dict(cache_config=cache_dit.DBCacheConfig(), calibrator_config=cache_dit.DMDCalibratorConfig()),
+     r"calibrator_type='dmd' is not implemented here"),
+])
+def test_what_cache_dits_configs_hold_without_a_counterpart_is_a_value_error_naming_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cdcompile.CacheConfig.from_cache_dit(**kwargs)
+
+
+def test_enable_takes_cache_dits_config_keywords_and_needs_a_cache_config_for_a_calibrator():
+    pipe = trained.load_trained_pipeline()
+    with pytest.raises(ValueError, match="calibrator_config needs a cache_config"):
+        cdcompile.enable(pipe, calibrator_config=cache_dit.TaylorSeerCalibratorConfig())
+    with pytest.raises(TypeError, match="must be a cache-dit config instance"):
+        cdcompile.enable(pipe, cache_config={"Fn_compute_blocks": 1})
