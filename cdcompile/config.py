@@ -383,6 +383,29 @@ class CacheConfig:
         """
         return cls.from_options({**_cache_dit_options(cache_config, calibrator_config, valid=_DEFAULTS), **options})
 
+    def guard_rule(self) -> str:
+        """The decision in words, for ``explain``: the diff, its threshold, warmup and limits."""
+        if self.cache_type is CacheType.DBPRUNE:
+            parts = [f"prune a block when mean|H - H_anchor| / mean|H_anchor| of its input (H_anchor: its input "
+                     f"when it last computed) < {self.residual_diff_threshold:g}"
+                     + (" or the dynamic threshold" if self.enable_dynamic_prune_threshold else "")]
+        else:
+            parts = [f"cache when mean|R - R_anchor| / mean|R_anchor| of F's residual < {self.residual_diff_threshold:g}"]
+        if self.downsample_factor > 1:
+            parts.append(f"on one channel in {self.downsample_factor}")
+        if self.important_condition_threshold > 0:
+            parts.append(f"over the tokens that changed by more than {self.important_condition_threshold:g}")
+        parts.append(f"after warmup steps range(0, {self.max_warmup_steps}, {self.warmup_interval})")
+        for name, what in (("max_cached_steps", "cached steps"), ("max_continuous_cached_steps", "in a row")):
+            if getattr(self, name) >= 0:
+                parts.append(f"at most {getattr(self, name)} {what}")
+        if self.max_accumulated_residual_diff_threshold is not None:
+            parts.append(f"while the request's summed diffs stay below {self.max_accumulated_residual_diff_threshold:g}")
+        if self.calibrator is not None:
+            parts.append(f"forecast by {self.calibrator.value}"
+                         + (f" (order {self.taylorseer_order})" if self.taylorseer_order else ""))
+        return "; ".join(parts)
+
     def replace(self, **changes: Any) -> "CacheConfig":
         return dataclasses.replace(self, **changes)
 

@@ -73,6 +73,8 @@ class GraphReport:
             }.get(c.get("timestep_source"), "no timestep input, so every call is a step, only new_request(model) "
                                              "or enable(pipe) starts a request, and two calls per step (separate "
                                              "CFG) share one slot"))
+            if c.get("guard"):
+                lines.append(f"  block cache guard: {c['guard']}")
             if c.get("constant_float_arguments"):
                 floats = ", ".join(f"{k}={v!r}" for k, v in c["constant_float_arguments"].items())
                 lines.append(f"  block cache clock: the forward's Python float arguments ({floats}) are constants of "

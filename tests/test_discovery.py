@@ -698,3 +698,16 @@ def test_numbered_blocks_run_out_of_index_order_are_one_group_in_the_order_they_
             torch.testing.assert_close(c(xs, ts), expected, rtol=1e-4, atol=1e-5)
     cached = cdcompile.summary(c).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
     assert cached == [s for s, _, hit in ref.decisions if hit] and cached
+
+
+def test_explain_states_the_guards_rule_with_cache_dits_options():
+    m, kw = ZOO["flux"]()
+    opts = {"compiler": "eager", "downsample_factor": 2, "important_condition_threshold": 0.1,
+            "max_accumulated_residual_diff_threshold": 0.5, "max_cached_steps": 10, "calibrator": "taylorseer"}
+    text = str(cdcompile.explain(m, options=opts, **kw))
+    assert ("  block cache guard: cache when mean|R - R_anchor| / mean|R_anchor| of F's residual < 0.08; on one "
+            "channel in 2; over the tokens that changed by more than 0.1; after warmup steps range(0, 8, 1); at "
+            "most 10 cached steps; while the request's summed diffs stay below 0.5; forecast by taylorseer "
+            "(order 1)") in text
+    text = str(cdcompile.explain(m, options={"compiler": "eager", "cache_type": "dbprune"}, **kw))
+    assert "  block cache guard: prune a block when mean|H - H_anchor| / mean|H_anchor| of its input" in text

@@ -371,7 +371,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     "constant_float_arguments": constant_float_arguments() if timestep is None else {},
                     "slots": plan.slots,
                     "middle_ops": len(region), "branch_operands": len(inputs),
-                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
+                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats,
+                    "guard": cfg.guard_rule()}
     if checked:
         report.cache["runtime_size_checks"] = [
             f"{label} dim {d}: {_fx.fake_value(o).shape[d]} == {_fx.fake_value(e).shape[d]}"

@@ -139,7 +139,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "dynamic_threshold": cfg.enable_dynamic_prune_threshold,
                     "dynamic_rule": _dynamic_rule(cfg),
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
-                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats}
+                    "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats,
+                    "guard": cfg.guard_rule()}
     return None
 
 
