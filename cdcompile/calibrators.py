@@ -130,16 +130,13 @@ def foca_coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.T
     return torch.stack([1 + a, -a, c, -c])
 
 
-def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor,
-                over: torch.Tensor | None = None) -> torch.Tensor:
+def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
     """New ``F_full, F_full_prev, F_k, F_km1`` after a call that used the residual ``used``.
 
     A computed step shifts the anchors (``used`` is the computed residual); every step shifts the
     window ``F_k, F_km1``. ``over`` (a call of the overflow CFG slot, which has no state of its
     own) keeps ``old`` whole.
     """
-    if over is None:
-        return torch.stack([torch.where(cache, old[0], used), torch.where(cache, old[1], old[0]), used, old[2]])
     hold = cache | over
     return torch.stack([torch.where(hold, old[0], used), torch.where(hold, old[1], old[0]),
                         torch.where(over, old[2], used), torch.where(over, old[3], old[2])])

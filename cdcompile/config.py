@@ -381,7 +381,7 @@ class CacheConfig:
         ``force_reduce_calibrator_vram=True``, calibrators other than TaylorSeer and FoCa, a
         calibrator over hidden states, calibrator kwargs.
         """
-        return cls.from_options({**_cache_dit_options(cache_config, calibrator_config, valid=_DEFAULTS), **options})
+        return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
 
     def guard_rule(self) -> str:
         """The decision in words, for ``explain``: the diff, its threshold, warmup and limits."""
@@ -461,8 +461,10 @@ _CACHE_DIT = {
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
     "force_reduce_calibrator_vram": ("downsample_factor=k keeps every k-th channel of each "
                                      "block's input as DBPrune's anchor (the residuals stay whole)"),
-    "cache_config": "pass the fields of cache-dit's DBCacheConfig as options themselves",
-    "calibrator_config": "pass calibrator= and taylorseer_order= as options",
+    "cache_config": ("cdcompile.enable(pipe, cache_config=..., calibrator_config=...) takes it; for "
+                     "torch.compile, options=CacheConfig.from_cache_dit(cache_config, calibrator_config)"),
+    "calibrator_config": ("cdcompile.enable(pipe, cache_config=..., calibrator_config=...) takes it; for "
+                          "torch.compile, options=CacheConfig.from_cache_dit(cache_config, calibrator_config)"),
 }
 
 
@@ -470,12 +472,10 @@ _CACHE_DIT = {
 _CFG_FLAGS = ("enable_separate_cfg", "cfg_compute_first")
 
 
-def _cache_dit_options(cache_config: Any, calibrator_config: Any, valid) -> dict[str, Any]:
+def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, Any]:
     """cdcompile options from cache-dit's config objects (see CacheConfig.from_cache_dit)."""
-    import dataclasses as dc
-
     for what, obj in (("cache_config", cache_config), ("calibrator_config", calibrator_config)):
-        if obj is not None and (not dc.is_dataclass(obj) or isinstance(obj, type)):
+        if obj is not None and (not dataclasses.is_dataclass(obj) or isinstance(obj, type)):
             raise TypeError(f"CacheConfig.from_cache_dit: {what} must be a cache-dit config instance "
                             f"(DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig, ...), got {obj!r}")
 
@@ -484,11 +484,11 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any, valid) -> dict
                          f"{why or _CACHE_DIT.get(field, 'remove it')}")
 
     out: dict[str, Any] = {}
-    fields = {f.name: getattr(cache_config, f.name) for f in dc.fields(cache_config)}
-    for name, value in fields.items():
+    for f in dataclasses.fields(cache_config):
+        name, value = f.name, getattr(cache_config, f.name)
         if name == "cache_type":
             out[name] = str(getattr(value, "value", value)).lower()
-        elif name in valid:
+        elif name in _DEFAULTS:
             out[name] = list(value) if isinstance(value, (list, tuple)) else value
         elif name in _CFG_FLAGS:
             continue
@@ -517,8 +517,7 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any, valid) -> dict
             refuse("calibrator_kwargs", calibrator_config.calibrator_kwargs,
                    "the calibrators take taylorseer_order (TaylorSeer) and nothing else")
         if not getattr(calibrator_config, "enable_encoder_calibrator", True):
-            raise ValueError("CacheConfig.from_cache_dit: enable_encoder_calibrator=False has no counterpart "
-                             "here: the calibrator forecasts the middle residual of every stream")
+            refuse("enable_encoder_calibrator", False, "the calibrator forecasts the middle residual of every stream")
         out["calibrator"] = kind
         if kind == "taylorseer":
             out["taylorseer_order"] = getattr(calibrator_config, "taylorseer_order", 1)

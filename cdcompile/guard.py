@@ -139,7 +139,7 @@ def gate(slot_ctr: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, new_req
 def downsample(x: torch.Tensor, k: int) -> torch.Tensor:
     """Every ``k``-th channel (last dim) of ``x``, the part the guard compares and keeps as anchor
     (cache-dit's downsample_factor: ``k`` times less anchor memory; the diff is a sample's)."""
-    return x if k == 1 else x[..., ::k]
+    return x[..., ::k]
 
 
 def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, group: str | None = None,
@@ -168,9 +168,10 @@ def relative_l1(r: torch.Tensor, a: torch.Tensor, has_anchor: torch.Tensor, grou
 
 
 def _important_l1(r, a, has_anchor, group, important: float):
-    d = (r - a).abs().to(torch.float32)
-    m = a.abs().to(torch.float32)
-    keep = ((d.mean(-1) / m.mean(-1)) > important).unsqueeze(-1).to(torch.float32)  # nan > x is False
+    # per token, the sums over the channels (a token's ratio of means is the ratio of its sums)
+    d = (r - a).abs().sum(-1, dtype=torch.float32)
+    m = a.abs().sum(-1, dtype=torch.float32)
+    keep = (d / m > important).to(torch.float32)  # nan > x is False
     # the sums over all tokens and over the kept ones, and how many tokens were kept
     sums = torch.stack([d.sum(), m.sum(), (d * keep).sum(), (m * keep).sum(), keep.sum()])
     if group is not None:

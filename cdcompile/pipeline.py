@@ -65,8 +65,9 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
 
     ``options`` are the backend options for every transformer (validated now: a bad key raises
     ValueError here). ``cache_config=`` / ``calibrator_config=`` take cache-dit's config objects, as
-    ``cache_dit.enable_cache`` does (:meth:`CacheConfig.from_cache_dit`); other options go on top. ``transformer_options`` maps a transformer's name to options that override
-    them for that transformer alone, e.g. ``{"transformer_2": {"residual_diff_threshold": 0.2}}``.
+    ``cache_dit.enable_cache`` does (:meth:`CacheConfig.from_cache_dit`); other options go on top.
+    ``transformer_options`` maps a transformer's name to options that override them for that
+    transformer alone, e.g. ``{"transformer_2": {"residual_diff_threshold": 0.2}}``.
     ``fullgraph`` and ``dynamic`` go to ``torch.compile``: ``dynamic=False`` compiles one graph per
     resolution; ``None`` one graph with symbolic sizes from the second resolution on (cached as well).
     ``guard_filter_fn`` goes to ``torch.compile`` (e.g.
@@ -80,9 +81,10 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
     if "cache_config" in options or "calibrator_config" in options:  # cache_dit.enable_cache's keywords
-        found = CacheConfig.from_cache_dit(options.pop("cache_config", None) or _no_cache_config(),
-                                           options.pop("calibrator_config", None))
-        options = {**found.as_dict(), **options}
+        cache_config, calibrator_config = options.pop("cache_config", None), options.pop("calibrator_config", None)
+        if cache_config is None:
+            raise ValueError("cdcompile.enable: calibrator_config needs a cache_config (cache-dit's DBCacheConfig)")
+        options = {**CacheConfig.from_cache_dit(cache_config, calibrator_config).as_dict(), **options}
     configs = _configs(pipe, names, options, transformer_options)
     for name, cfg in configs.items():
         _check_hooks(name, getattr(pipe, name), cfg)
@@ -117,10 +119,6 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cdcompile_enabled": True})
     pipe._cdcompile_before = (base, before)
     return pipe
-
-
-def _no_cache_config():
-    raise ValueError("cdcompile.enable: calibrator_config needs a cache_config (cache-dit's DBCacheConfig)")
 
 
 def _check_hooks(name: str, transformer: torch.nn.Module, cfg: CacheConfig) -> None:

@@ -153,7 +153,7 @@ def _foca_in_graph_functions(pattern, values):
         step, cache = torch.tensor(s), torch.tensor(bool(cached))
         coef = calibrators.foca_coefficients(step, nodes, torch.tensor(computed))
         y = calibrators.forecast(d, coef.double()) if cached else values[s]
-        d = calibrators.foca_update(cache, y, d)
+        d = calibrators.foca_update(cache, y, d, torch.tensor(False))
         if not cached:
             nodes, computed = torch.cat([step.float().reshape(1), nodes[:2]]), computed + 1
         used.append(y)

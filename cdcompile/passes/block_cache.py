@@ -667,7 +667,9 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
                 dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     call(guard.fold_nodes, (st["cal_nodes"], st["counters"]))
-    r = call(guard.downsample, (call(torch.sub, (env[hf], env[h0])), plan.downsample))
+    r = call(torch.sub, (env[hf], env[h0]))
+    if plan.downsample > 1:
+        r = call(guard.downsample, (r, plan.downsample))
     dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask"),
                               st.get("slot_acc")), dict(
         threshold=cfg.residual_diff_threshold, budget=plan.budget, important=cfg.important_condition_threshold,

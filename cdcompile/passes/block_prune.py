@@ -257,7 +257,9 @@ def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
 def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     call = g.call_function
     b = r.plan.index
-    h = call(guard.downsample, (env[r.hidden], cfg.downsample_factor))  # what the anchor keeps of the input
+    h = env[r.hidden]
+    if cfg.downsample_factor > 1:  # what the anchor keeps of the input
+        h = call(guard.downsample, (h, cfg.downsample_factor))
     # Context parallel: h holds this rank's tokens; the diff is all-reduced so that every rank
     # takes the same branch (the block holds collectives).
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
