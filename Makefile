@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
-# Two pytest-xdist workers, one per core, each taking whole files (--dist loadfile): a file's
-# module-level results (test_context_parallel's spawned ranks) are then computed once.
+# Two pytest-xdist workers, one per core, taking tests one by one (--dist loadgroup); a file whose
+# module-level results must be computed once (test_context_parallel's spawned ranks, the trained
+# pipeline, the kernels' AOT compile) marks itself xdist_group and goes to one worker whole.
 # `make test PYTEST_WORKERS=0` runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 demo: $(STAMP)
 	$(VPY) bench/demo.py

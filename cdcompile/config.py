@@ -80,6 +80,20 @@ class CacheConfig:
     important_condition_threshold: 0 (every token) or > 0 (cache-dit's option): the diff's two
         means take only the tokens whose own relative L1 change (over the channels) exceeds it,
         or every token when none does.
+    force_refresh_step_hint: None (off) or an int >= 1 (cache-dit's option): the cache starts afresh
+        at this step of each request, as if a request began there: every slot forgets its anchor,
+        residuals, calibrator history, counters and budget, and warmup and the steps computation
+        mask count again from it. ``summary`` still shows one request, its steps numbered from its
+        first. For a condition that changes at a known step (an edited image's preprocessing
+        call). A step is every call sharing a timestep (cache-dit counts transformer calls, two
+        per step with separate CFG; ``CacheConfig.from_cache_dit`` converts).
+    force_refresh_step_policy: "once" (refresh at step ``force_refresh_step_hint`` only) or
+        "repeat" (at every multiple of it: each run of that many steps is a context of its own).
+    cfg_diff_compute_separate: True (default): every CFG slot compares its own residual with its
+        own anchor. False (cache-dit's option): the later calls of a step take the first call's
+        diff when it compared one (its limits allowed and it had an anchor), so the conditional
+        and unconditional calls decide on one measure; each slot keeps its own limits and anchor.
+        DBCache only.
     cache_slots: separate cache states for calls sharing a timestep (CFG: conditional and
         unconditional calls; Heun's two evaluations of a timestep); further calls in the same step
         always compute, and ``summary`` names them with the count that fits. >= 1.
@@ -153,6 +167,9 @@ class CacheConfig:
     max_accumulated_residual_diff_threshold: float | None = None
     downsample_factor: int = 1
     important_condition_threshold: float = 0.0
+    force_refresh_step_hint: int | None = None
+    force_refresh_step_policy: str = "once"
+    cfg_diff_compute_separate: bool = True
     cache_slots: int = 2
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
@@ -237,6 +254,23 @@ class CacheConfig:
                 _bad("max_accumulated_residual_diff_threshold", budget,
                      'None with cache_type="dbprune" (the budget sums DBCache\'s one diff per step)')
             object.__setattr__(self, "max_accumulated_residual_diff_threshold", float(budget))
+        self._check_refresh()
+        _check_type("cfg_diff_compute_separate", self.cfg_diff_compute_separate, bool)
+        if not self.cfg_diff_compute_separate and self.cache_type is CacheType.DBPRUNE:
+            _bad("cfg_diff_compute_separate", False,
+                 'True with cache_type="dbprune" (each block of each slot compares its own input)')
+
+    def _check_refresh(self) -> None:
+        hint, policy = self.force_refresh_step_hint, self.force_refresh_step_policy
+        if hint is not None:
+            _check_type("force_refresh_step_hint", hint, int)
+            if hint < 1:
+                _bad("force_refresh_step_hint", hint, "None (off) or an int >= 1 (the step that starts afresh)")
+        if policy not in ("once", "repeat"):
+            _bad("force_refresh_step_policy", policy, '"once" or "repeat"')
+        if policy == "repeat" and hint is None:
+            _bad("force_refresh_step_policy", policy,
+                 '"repeat" only with force_refresh_step_hint (the period); set it, or leave the policy "once"')
 
     def _check_calibrator(self) -> None:
         cal, order = self.calibrator, self.taylorseer_order
@@ -375,10 +409,10 @@ class CacheConfig:
         takes them; ``options`` (``compiler=...``) are added on top.
 
         Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
-        is 8, not 1). Its CFG flags are not needed (CFG slots come from the timestep). What has no
-        counterpart raises ValueError naming it: ``force_refresh_step_hint`` (call
-        ``cdcompile.new_request``), ``cfg_diff_compute_separate=False``,
-        ``force_reduce_calibrator_vram=True``, calibrators other than TaylorSeer and FoCa, a
+        is 8, not 1), but for ``force_refresh_step_hint`` with ``enable_separate_cfg=True``:
+        cache-dit counts it in transformer calls, two per step there, so an even hint becomes
+        half as many steps and an odd one (a refresh between a step's two calls) is refused. Its CFG flags are not needed (CFG slots come from the timestep). What has no
+        counterpart raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other than TaylorSeer and FoCa, a
         calibrator over hidden states, calibrator kwargs.
         """
         return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
@@ -401,6 +435,12 @@ class CacheConfig:
                 parts.append(f"at most {getattr(self, name)} {what}")
         if self.max_accumulated_residual_diff_threshold is not None:
             parts.append(f"while the request's summed diffs stay below {self.max_accumulated_residual_diff_threshold:g}")
+        hint = self.force_refresh_step_hint
+        if hint is not None:
+            parts.append(f"starting afresh at step {hint}" if self.force_refresh_step_policy == "once"
+                         else f"starting afresh every {hint} steps")
+        if not self.cfg_diff_compute_separate:
+            parts.append("a step's later calls taking its first call's diff")
         if self.calibrator is not None:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else ""))
@@ -447,17 +487,12 @@ _CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2) or calibra
                "covers the middle residual of every stream (hidden and encoder alike)")
 _CACHE_DIT = {
     "enable_separate_cfg": _SEPARATE_CFG, "enable_spearate_cfg": _SEPARATE_CFG,
-    "cfg_compute_first": _SEPARATE_CFG, "cfg_diff_compute_separate": _SEPARATE_CFG,
+    "cfg_compute_first": _SEPARATE_CFG,
     "enable_calibrator": _CALIBRATOR, "enable_encoder_calibrator": _CALIBRATOR,
     "calibrator_type": _CALIBRATOR, "calibrator_cache_type": _CALIBRATOR, "calibrator_kwargs": _CALIBRATOR,
     "enable_taylorseer": _CALIBRATOR, "enable_encoder_taylorseer": _CALIBRATOR,
     "taylorseer_cache_type": _CALIBRATOR, "taylorseer_kwargs": _CALIBRATOR,
     "do_separate_classifier_free_guidance": _SEPARATE_CFG,
-    "force_refresh_step_hint": ("to start afresh at a step, call "
-                                "cdcompile.new_request(transformer) before that step's first call (in a "
-                                "pipeline, from callback_on_step_end); the step count then starts again at 0, "
-                                "warmup included"),
-    "force_refresh_step_policy": "see force_refresh_step_hint: call cdcompile.new_request(transformer) where needed",
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
     "force_reduce_calibrator_vram": ("downsample_factor=k keeps every k-th channel of each "
                                      "block's input as DBPrune's anchor (the residuals stay whole)"),
@@ -492,19 +527,19 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
             out[name] = list(value) if isinstance(value, (list, tuple)) else value
         elif name in _CFG_FLAGS:
             continue
-        elif name == "cfg_diff_compute_separate":
-            if not value:
-                refuse(name, value, "each CFG slot compares its own residual (cache-dit's default, True)")
-        elif name == "force_refresh_step_hint":
-            if value is not None:
-                refuse(name, value)
-        elif name == "force_refresh_step_policy":
-            continue  # read only with a hint
         elif name == "force_reduce_calibrator_vram":
             if value:
                 refuse(name, value)
         else:
             refuse(name, value)
+    hint = out.get("force_refresh_step_hint")
+    if hint is not None and getattr(cache_config, "enable_separate_cfg", None):
+        # cache-dit counts the hint in transformer calls; separate CFG makes two of them per step
+        if hint % 2:
+            refuse("force_refresh_step_hint", hint,
+                   "with enable_separate_cfg=True cache-dit refreshes between the two CFG calls of step "
+                   f"{hint // 2}; here a refresh starts a step: use {hint - 1} or {hint + 1} transformer calls")
+        out["force_refresh_step_hint"] = hint // 2
     if calibrator_config is not None and getattr(calibrator_config, "enable_calibrator", True):
         kind = str(getattr(calibrator_config, "calibrator_type", "")).lower()
         if kind not in ("taylorseer", "foca"):

@@ -18,6 +18,9 @@ slot and no more):
                                     downsample_factor-th channel of it)
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
+    step_diff  float32 (1,)         with cfg_diff_compute_separate=False only: the diff the step's
+                                    first call compared with the threshold (nan: none), which
+                                    the step's later calls take
     slot_acc   float32 (S,)         with max_accumulated_residual_diff_threshold only: the slot's sum
                                     of the positive diffs compared with the threshold in the request
     residual_k (C, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
@@ -83,6 +86,28 @@ def tick(t: torch.Tensor | None, clock: torch.Tensor, counters: torch.Tensor,
     clock.copy_(t.reshape(1))
     reset.copy_(torch.zeros_like(reset))
     return step, slot, new_req
+
+
+def refresh(step: torch.Tensor, slot: torch.Tensor, new_req: torch.Tensor, *, hint: int,
+            repeat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cache-dit's force_refresh_step_hint: the request's cache context starts afresh at step
+    ``hint`` (``repeat``: at every multiple of it). Returns ``(step, wipe)`` for the guard: the
+    step counted from the context's start (warmup and the steps mask restart there) and
+    ``new_req`` or the first call (slot 0) of a refresh step, which makes :func:`gate` forget
+    every slot's counters and budget, as a new request does. Anchors, residuals and calibrator
+    history are then unread until recomputed (``has_anchor`` and the computed-step count are 0),
+    so the refresh step computes. The history keeps the request's own steps.
+
+    Steps come from :func:`tick`, which numbers the first request of a model whose time rises
+    0, 0, 2, ... (it learns the direction at step 2): a refresh at step 1 does not happen there.
+    """
+    if repeat:
+        local = step % hint
+        at = (step > 0) & (local == 0)
+    else:
+        local = torch.where(step >= hint, step - hint, step)
+        at = step == hint
+    return local, new_req | (at & (slot == 0))
 
 
 def fold_nodes(cal_nodes: torch.Tensor, counters: torch.Tensor) -> None:
@@ -184,9 +209,10 @@ def _important_l1(r, a, has_anchor, group, important: float):
 
 def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: torch.Tensor,
            slot: torch.Tensor, new_req: torch.Tensor, mask: torch.Tensor | None = None,
-           acc: torch.Tensor | None = None, *, threshold: float, warmup_steps: int, warmup_interval: int,
-           max_cached: int, max_continuous: int, slots: int, static_mask: bool = False,
-           budget: float | None = None, important: float = 0.0, group: str | None = None):
+           acc: torch.Tensor | None = None, step_diff: torch.Tensor | None = None, *, threshold: float,
+           warmup_steps: int, warmup_interval: int, max_cached: int, max_continuous: int, slots: int,
+           static_mask: bool = False, budget: float | None = None, important: float = 0.0,
+           group: str | None = None):
     """Whether this call may reuse the cached middle residual (algorithms.md §1.4, in order).
 
     ``mask`` (int8, one entry per step; steps past the mask are 0) is the steps computation
@@ -194,6 +220,8 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
     or the threshold (still only once a residual exists). ``acc``/``budget``: see :func:`gate`;
     a diff compared with the threshold adds to the slot's sum when positive (cache-dit's
     max_accumulated_residual_diff_threshold). ``group``, ``important``: see :func:`relative_l1`.
+    ``step_diff`` (cfg_diff_compute_separate=False): slot 0 leaves there the diff it compared
+    (nan if it compared none); the later slots of the step use it instead of their own if any.
 
     Returns ``(cache, diff, idx, anchor_slot, ctr_slot, row, over)`` (see :func:`gate`); the
     overflow slot's diff is nan (it has no anchor of its own).
@@ -204,6 +232,12 @@ def decide(r: torch.Tensor, anchor: torch.Tensor, slot_ctr: torch.Tensor, step: 
                                               slots=slots, static_mask=static_mask, budget=budget, acc=acc)
     a = anchor.index_select(0, row)[0]
     diff = relative_l1(r, a, (ctr[0] > 0) & ~over, group, important)
+    if step_diff is not None:
+        first = slot == 0
+        shared = step_diff[0]
+        step_diff.copy_(torch.where(first, torch.where(checked, diff, torch.full_like(diff, float("nan"))),
+                                    shared).reshape(1))
+        diff = torch.where(~first & ~over & ~torch.isnan(shared), shared, diff)
     if acc is not None:  # checked implies an anchor, so diff is a number there
         acc.index_add_(0, idx, torch.where(checked & (diff > 0), diff, torch.zeros_like(diff)).reshape(1))
     return free | (checked & (diff < threshold)), diff, idx, a, ctr, row, over

@@ -120,7 +120,8 @@ class CacheState:
         if plan.prune_blocks is not None:
             per_block = [name for b in plan.prune_blocks for name in b.state_names()]
             return head + ["slot_ctr"] + per_block + hist + ["hist_pruned"] + mask
-        return (head + ["anchor", "slot_ctr"] + (["slot_acc"] if plan.budget is not None else []) + ["cal_nodes"]
+        return (head + ["anchor", "slot_ctr"] + (["slot_acc"] if plan.budget is not None else [])
+                + (["step_diff"] if plan.share_diff else []) + ["cal_nodes"]
                 + [f"residual_{k}" for k in range(len(plan.residuals))] + hist + mask)
 
     @classmethod
@@ -162,6 +163,8 @@ class CacheState:
             t["slot_ctr"] = zeros((4,), torch.int64)
             if plan.budget is not None:
                 t["slot_acc"] = zeros((), torch.float32)
+            if plan.share_diff:
+                t["step_diff"] = torch.full((1,), math.nan, device=dev)
             t["cal_nodes"] = zeros((3,), torch.float32)
             for k, r in enumerate(plan.residuals):
                 t[f"residual_{k}"] = sized((plan.history, *r.shape), r.dtype)

@@ -27,6 +27,19 @@ class RefConfig:
     max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
     downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
     important: float = 0.0  # important_condition_threshold
+    refresh: int | None = None  # force_refresh_step_hint
+    repeat: bool = False  # force_refresh_step_policy="repeat"
+    share: bool = False  # cfg_diff_compute_separate=False: later slots take slot 0's diff of the step
+
+
+def context_of(step: int, hint: int | None, repeat: bool) -> tuple[int, int]:
+    """(which cache context of the request ``step`` falls in, its step counted from the context's
+    first): contexts begin at step 0 and at ``hint`` (``repeat``: every multiple of it)."""
+    if hint is None:
+        return 0, step
+    if repeat:
+        return step // hint, step % hint
+    return (1, step - hint) if step >= hint else (0, step)
 
 
 def relative_l1(r: torch.Tensor, a: torch.Tensor, important: float = 0.0) -> float:
@@ -99,6 +112,7 @@ class RefSlot:
     run: int = 0
     accumulated: float = 0.0  # positive diffs of the steps whose diff was compared with the threshold
     used: list = dataclasses.field(default_factory=list)  # residuals used per step (FoCa's window)
+    context: int = 0  # the request's cache context this state belongs to (force_refresh_step_hint)
 
 
 class RefCache:
@@ -106,14 +120,20 @@ class RefCache:
         self.cfg = cfg
         self.slots: dict[int, RefSlot] = {}
         self.decisions: list[tuple[int, int, bool]] = []  # (step, slot, cached)
+        self.first_diff: tuple[int, float] | None = None  # (step, diff) slot 0 last compared
 
     def new_request(self) -> None:
         self.slots = {}
+        self.first_diff = None
 
     def decide(self, step: int, slot: int, r: torch.Tensor) -> bool:
-        c, st = self.cfg, self.slots.setdefault(slot, RefSlot())
+        c = self.cfg
+        ctx, local = context_of(step, c.refresh, c.repeat)
+        st = self.slots.get(slot)
+        if st is None or st.context != ctx:  # a refresh forgets all the slot knew
+            st = self.slots[slot] = RefSlot(context=ctx)
         r = r[..., ::c.downsample]
-        if step in range(0, c.warmup, c.interval):
+        if local in range(0, c.warmup, c.interval):
             cache = False
         elif c.max_cached >= 0 and st.cached >= c.max_cached:
             cache = False
@@ -125,6 +145,10 @@ class RefCache:
             cache = False
         else:
             diff = relative_l1(r, st.anchor, c.important)
+            if slot == 0:
+                self.first_diff = (step, diff)
+            elif c.share and self.first_diff is not None and self.first_diff[0] == step:
+                diff = self.first_diff[1]
             cache = bool(diff < c.threshold)
             st.accumulated += max(float(diff), 0.0)
         if cache:

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from dbcache_reference import relative_l1, sequential_temb
+from dbcache_reference import context_of, relative_l1, sequential_temb
 
 
 @dataclasses.dataclass
@@ -29,6 +29,8 @@ class PruneConfig:
     cap: float | None = None  # max_dynamic_prune_threshold (None: 2 * threshold)
     downsample: int = 1  # downsample_factor: a block's input is compared on every k-th channel
     important: float = 0.0  # important_condition_threshold
+    refresh: int | None = None  # force_refresh_step_hint
+    repeat: bool = False  # force_refresh_step_policy="repeat"
 
     def options(self, compiler: str = "eager") -> dict:
         return {"compiler": compiler, "cache_type": "dbprune", "Fn_compute_blocks": self.Fn,
@@ -37,7 +39,9 @@ class PruneConfig:
                 "max_cached_steps": self.max_cached, "max_continuous_cached_steps": self.max_continuous,
                 "non_prune_block_ids": list(self.non_prune), "enable_dynamic_prune_threshold": self.dynamic,
                 "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap,
-                "downsample_factor": self.downsample, "important_condition_threshold": self.important}
+                "downsample_factor": self.downsample, "important_condition_threshold": self.important,
+                "force_refresh_step_hint": self.refresh,
+                "force_refresh_step_policy": "repeat" if self.repeat else "once"}
 
 
 @dataclasses.dataclass
@@ -46,6 +50,7 @@ class PruneSlot:
     residuals: dict = dataclasses.field(default_factory=dict)  # block -> {stream: residual}
     cached: int = 0  # steps with a pruned block, this request
     run: int = 0  # such steps in a row
+    context: int = 0  # the request's cache context (force_refresh_step_hint)
 
 
 class RefPrune:
@@ -63,8 +68,12 @@ class RefPrune:
         return c.Fn <= b < self.n - c.Bn and b not in c.non_prune
 
     def begin(self, step: int, slot: int) -> None:
-        c, st = self.cfg, self.slots.setdefault(slot, PruneSlot())
-        self.allowed = not (step in range(0, c.warmup, c.interval)
+        c = self.cfg
+        ctx, local = context_of(step, c.refresh, c.repeat)
+        st = self.slots.get(slot)
+        if st is None or st.context != ctx:
+            st = self.slots[slot] = PruneSlot(context=ctx)
+        self.allowed = not (local in range(0, c.warmup, c.interval)
                             or (c.max_cached >= 0 and st.cached >= c.max_cached)
                             or (c.max_continuous >= 0 and st.run >= c.max_continuous)
                             or c.threshold <= 0)

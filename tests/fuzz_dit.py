@@ -429,6 +429,9 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     cfg.max_accumulated = r.choice((None, None, None, 0.5))  # drawn after the calibrator: its draws stay
     cfg.downsample = r.choice((1, 1, 1, 2, 3))
     cfg.important = r.choice((0.0, 0.0, 0.0, 0.05))
+    # force_refresh_step_hint, drawn last as well; past the warmup, so that a context can cache
+    cfg.refresh = r.choice((None, None, None, cfg.warmup + 2, cfg.warmup + 3))
+    cfg.repeat = cfg.refresh is not None and r.random() < 0.5
     return cfg
 
 
@@ -438,7 +441,8 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
             "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
             "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous,
             "max_accumulated_residual_diff_threshold": cfg.max_accumulated, "downsample_factor": cfg.downsample,
-            "important_condition_threshold": cfg.important}
+            "important_condition_threshold": cfg.important, "force_refresh_step_hint": cfg.refresh,
+            "force_refresh_step_policy": "repeat" if cfg.repeat else "once"}
     if cfg.calibrator == "taylorseer":
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
@@ -461,6 +465,8 @@ def features(spec: DiTSpec) -> set[str]:
         out.add("downsample")
     if cfg.important > 0:
         out.add("important_tokens")
+    if cfg.refresh is not None:
+        out.add("refresh_" + ("repeat" if cfg.repeat else "once"))
     if len(spec.groups) == 2:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it

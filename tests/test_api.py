@@ -115,22 +115,31 @@ def test_enable_compiles_the_pipeline_transformer_and_resets_per_call_on_the_ins
     assert [r["slots"][0]["cached_steps"] for r in reqs] == [[3, 4, 5]] * 2
 
 
-def test_new_request_from_a_step_callback_starts_afresh_within_a_pipeline_call():
-    # cache-dit's force_refresh_step_hint, as the unknown-option error advises: new_request before
-    # step 4's call makes steps 4-7 a request of their own, warmup included
+def test_force_refresh_step_hint_equals_a_new_request_from_a_step_callback():
+    # force_refresh_step_hint=4 starts the cache afresh at step 4 inside the graph, warmup included;
+    # a new_request before step 4's call does the same from Python, as two requests
     pipe = tiny_flux_pipeline()
-    cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    run = dict(**flux_prompt(pipe.transformer), height=32, width=32, num_inference_steps=8, output_type="latent")
+    opts = dict(compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2)
+    cdcompile.enable(pipe, **opts, force_refresh_step_hint=4)
+    with torch.no_grad():
+        hinted = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
+    assert [(r["steps"], r["slots"][0]["cached_steps"]) for r in reqs] == [(8, [2, 3, 6, 7])]
 
     def refresh(p, i, t, kwargs):
         if i == 3:
             cdcompile.new_request(p.transformer)
         return kwargs
 
+    cdcompile.disable(pipe)
+    torch._dynamo.reset()
+    cdcompile.enable(pipe, **opts)
     with torch.no_grad():
-        pipe(**flux_prompt(pipe.transformer), height=32, width=32, num_inference_steps=8, output_type="latent",
-             callback_on_step_end=refresh)
+        split = pipe(**run, generator=torch.Generator().manual_seed(0), callback_on_step_end=refresh).images
     reqs = cdcompile.summary(pipe.transformer).as_dict()["requests"]
     assert [(r["steps"], r["slots"][0]["cached_steps"]) for r in reqs] == [(4, [2, 3]), (4, [2, 3])]
+    torch.testing.assert_close(hinted, split, rtol=0, atol=0)
 
 
 def test_enable_warns_after_a_call_whose_calls_per_timestep_overflow_the_cfg_slots():
@@ -378,12 +387,14 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
     {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
     {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
     {"taylorseer_order": 2, "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
-    {"steps_computation_mask": [1, 1, 0, 1, 0, 0], "steps_computation_policy": "static", "max_warmup_steps": 2},
+    # a refresh every 3 steps: warmup and mask start again at step 3 (without: steps 2, 4, 5 cache)
+    {"steps_computation_mask": [1, 1, 0, 1, 0, 0], "steps_computation_policy": "static", "max_warmup_steps": 2,
+     "force_refresh_step_hint": 3, "force_refresh_step_policy": "repeat"},
     # on every third channel, diffs 0.091 + 0.103 + 0.135 at steps 2-4 reach the budget: step 5
     # computes (all channels: 0.137 + 0.126 reach it at step 3; no budget: steps 2-5 cache)
     {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "max_accumulated_residual_diff_threshold": 0.25,
      "downsample_factor": 3},
-], ids=["foca", "dbprune", "taylorseer2", "static_mask", "budget_downsample"])
+], ids=["foca", "dbprune", "taylorseer2", "static_mask_refresh", "budget_downsample"])
 def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, opts):
     m = SequentialDiT(depth=4)
     traj = _traj(6)
@@ -402,6 +413,8 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
     assert art.decisions() == [s in cached for s in range(6)] * 2
     if "max_accumulated_residual_diff_threshold" in opts:
         assert cached == [2, 3, 4]
+    if "force_refresh_step_hint" in opts:
+        assert cached == [2, 5]
     if opts.get("cache_type") == "dbprune":
         assert art.pruned_blocks() == slots[0]["pruned_blocks"] * 2
         assert set(art.pruned_blocks()) == {0, 2}  # blocks 1 and 3: block 2 is never pruned

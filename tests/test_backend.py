@@ -46,8 +46,7 @@ def test_unknown_option_names_key_and_lists_valid_ones():
     ("ulysses", ". Valid options"),  # nothing close enough: no guess (ulysses_fp8 would mislead)
     ("enable_separate_cfg", " (a cache-dit option: not needed: calls that share a timestep are told apart as CFG slots"),
     ("enable_taylorseer", ' (a cache-dit option: use calibrator="taylorseer"'),
-    ("force_refresh_step_hint", " (a cache-dit option: to start afresh at a step, call "
-                                "cdcompile.new_request(transformer)"),
+    ("cfg_compute_first", " (a cache-dit option: not needed"),
 ])
 def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key, hint):
     with pytest.raises(ValueError) as info:
@@ -70,6 +69,11 @@ def test_unknown_option_suggests_the_close_name_or_the_cache_dit_counterpart(key
     ("important_condition_threshold", -0.1, "a finite number >= 0"),
     ("max_accumulated_residual_diff_threshold", "0.5", "expected an int or float"),
     ("mode", "fastest", "max-autotune-no-cudagraphs"),
+    ("force_refresh_step_hint", 0, "None (off) or an int >= 1"),
+    ("force_refresh_step_hint", True, "not a bool"),
+    ("force_refresh_step_policy", "always", '"once" or "repeat"'),
+    ("force_refresh_step_policy", "repeat", '"repeat" only with force_refresh_step_hint'),
+    ("cfg_diff_compute_separate", "no", "expected a bool"),
 ])
 def test_bad_option_value_is_a_value_error_naming_key_and_value(key, value, rule):
     with pytest.raises(ValueError) as info:

@@ -1,6 +1,7 @@
 """DBCache compiled into the graph: decisions and outputs against the eager reference."""
 
 import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -25,7 +26,9 @@ def _opts(ref: RefConfig, compiler="eager", **extra):
             "warmup_interval": ref.interval, "max_cached_steps": ref.max_cached,
             "max_continuous_cached_steps": ref.max_continuous,
             "max_accumulated_residual_diff_threshold": ref.max_accumulated, "downsample_factor": ref.downsample,
-            "important_condition_threshold": ref.important, **extra}
+            "important_condition_threshold": ref.important, "force_refresh_step_hint": ref.refresh,
+            "force_refresh_step_policy": "repeat" if ref.repeat else "once",
+            "cfg_diff_compute_separate": not ref.share, **extra}
 
 
 def _seq_trajectory(steps=STEPS, seed=0):
@@ -70,7 +73,12 @@ def _run_seq(ref_cfg, compiler="eager", depth=5, requests=1):
     RefConfig(threshold=0.12, warmup=2, downsample=3),
     # only the tokens that changed by more than 0.12: steps 4 and 9 cache (every token: 2, 4, 8, 9)
     RefConfig(threshold=0.12, warmup=2, important=0.12),
-], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2", "downsample3", "important0.12"])
+    # a refresh at step 5 warms up again: 2, 3, 7, 8, 9 cache (without: 2, 3, 5, 6, 8, 9)
+    RefConfig(threshold=0.15, warmup=2, refresh=5),
+    # every third step: 1, 2, 4, 5, 7, 8 (without: 1, 2, then max_cached)
+    RefConfig(threshold=0.3, warmup=1, max_cached=2, refresh=3, repeat=True),
+], ids=["thr0.15", "max_cached3", "interval2_mc2", "F2B1", "thr0.05", "budget0.2", "downsample3", "important0.12",
+        "refresh5", "refresh_every3"])
 def test_sequential_dit_decisions_and_outputs_equal_the_reference(cfg):
     m, ref, outs, refs = _run_seq(cfg, requests=2)
     from cdcompile.runtime import cached_states
@@ -97,6 +105,12 @@ def test_the_thresholds_above_cache_something_and_not_everything():
     (RefConfig(threshold=1e9, warmup=1, max_continuous=2), [1, 2, 4, 5, 7, 8]),
     (RefConfig(threshold=0.0, warmup=1), []),
     (RefConfig(threshold=1e9, warmup=1, max_accumulated=0.3), [1, 2, 3]),  # 0.106 + 0.121 + 0.210 > 0.3
+    # force_refresh_step_hint: warmup, limits and budget start again at the refresh
+    (RefConfig(threshold=1e9, warmup=2, refresh=5), [2, 3, 4, 7, 8, 9]),
+    (RefConfig(threshold=1e9, warmup=1, max_cached=2, refresh=5), [1, 2, 6, 7]),
+    (RefConfig(threshold=1e9, warmup=1, refresh=4, repeat=True), [1, 2, 3, 5, 6, 7, 9]),
+    # the budget is spent at step 3 (as above) and starts again at 6: 0.134 + 0.098 at steps 7-8
+    (RefConfig(threshold=1e9, warmup=1, max_accumulated=0.3, refresh=6), [1, 2, 3, 7, 8, 9]),
 ])
 def test_always_caching_threshold_caches_exactly_the_predicted_steps(cfg, expected):
     m, ref, _, _ = _run_seq(cfg)
@@ -365,8 +379,9 @@ def test_zero_graph_breaks_and_recompiles_over_three_requests_of_twenty_steps():
     assert len(reqs[0]["slots"][0]["cached_steps"]) > 0
 
 
-@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.2, warmup=2), RefConfig(threshold=0.2, warmup=2, max_accumulated=0.3)],
-                         ids=["thr0.2", "budget0.3"])
+@pytest.mark.parametrize("cfg", [RefConfig(threshold=0.2, warmup=2), RefConfig(threshold=0.2, warmup=2, max_accumulated=0.3),
+                                 RefConfig(threshold=0.2, warmup=2, refresh=5)],
+                         ids=["thr0.2", "budget0.3", "refresh5"])
 def test_cfg_alternating_calls_equal_two_separately_cached_models(cfg):
     m = SequentialDiT(depth=5)
     traj = _seq_trajectory()
@@ -389,6 +404,31 @@ def test_cfg_alternating_calls_equal_two_separately_cached_models(cfg):
             torch.testing.assert_close((a, b)[k], w, rtol=1e-5, atol=1e-6)
         assert summary["slots"][k]["cached_steps"] == _cached_steps(single)
     assert summary["slots"][0]["cached_steps"] != [] and summary["slots"][1]["cached_steps"] != []
+
+
+def test_cfg_calls_taking_the_first_calls_diff_decide_like_the_reference():
+    # cfg_diff_compute_separate=False: the unconditional call (its own drift) decides on the
+    # conditional call's diff: both cache steps 2, 3, 5, 6, 8, 9 (on its own diffs: 2, 4, 6, 8, 9)
+    cfg = RefConfig(threshold=0.15, warmup=2, share=True)
+    m = SequentialDiT(depth=5)
+    traj = _seq_trajectory()
+    g = torch.Generator().manual_seed(7)
+    offset, drift = torch.randn(traj[0][0].shape, generator=g), torch.randn(traj[0][0].shape, generator=g)
+    uncond = [(x + offset + 0.1 * s * drift, t) for s, (x, t) in enumerate(traj)]
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options=_opts(cfg))
+    ref = RefCache(cfg)
+    with torch.no_grad():
+        for s, (a, b) in enumerate(zip(traj, uncond)):
+            for slot, (x, t) in enumerate((a, b)):
+                torch.testing.assert_close(c(x, t), run_sequential_dit(m, x, t, ref, s, slot), rtol=1e-4, atol=1e-5)
+    slots = cdcompile.summary(m).as_dict()["requests"][-1]["slots"]
+    assert [sl["cached_steps"] for sl in slots] == [_ref_cached(ref, 0), _ref_cached(ref, 1)]
+    own = RefCache(dataclasses.replace(cfg, share=False))
+    with torch.no_grad():
+        for s, (a, b) in enumerate(zip(traj, uncond)):
+            for slot, (x, t) in enumerate((a, b)):
+                run_sequential_dit(m, x, t, own, s, slot)
+    assert _ref_cached(own, 1) != _ref_cached(ref, 1) and _ref_cached(own, 0) == _ref_cached(ref, 0)
 
 
 @pytest.mark.parametrize("extra", [{}, {"calibrator": "taylorseer", "taylorseer_order": 2}, {"calibrator": "foca"},

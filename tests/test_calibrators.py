@@ -226,6 +226,30 @@ def test_compiled_foca_equals_the_reference_and_differs_from_plain_reuse():
     assert max((a - b).abs().max().item() for a, b in zip(got, reuse)) > 1e-3
 
 
+@pytest.mark.parametrize("calibrator", ["taylorseer", "foca"])
+def test_a_refresh_starts_the_calibrators_history_again_like_the_reference(calibrator):
+    # steps 0 and 3 compute, then the refresh at 6: step 7 has one computed step (6) to go on, so
+    # it reuses step 6's residual, where steps 3 and 6 together would extrapolate
+    cfg = RefConfig(threshold=1e9, warmup=1, max_continuous=2, calibrator=calibrator, refresh=6,
+                    order=2 if calibrator == "taylorseer" else 0)
+    m = SequentialDiT(depth=5)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+        "max_continuous_cached_steps": cfg.max_continuous, "calibrator": calibrator,
+        "force_refresh_step_hint": cfg.refresh, **({"taylorseer_order": 2} if cfg.order else {})})
+    ref = RefCache(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    with torch.no_grad():
+        for s in range(10):
+            xi, t = x + 0.02 * s * d * (1 + s), torch.full((2,), 1.0 - s / 10)
+            torch.testing.assert_close(c(xi, t), run_sequential_dit(m, xi, t, ref, s), rtol=1e-4, atol=1e-4,
+                                       msg=lambda msg: f"step {s}: {msg}")
+    cached = [s for s, _, hit in ref.decisions if hit]
+    assert cached == [1, 2, 4, 5, 7, 8]
+    assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+
+
 def test_tiny_flux_foca_forecasts_both_streams_like_the_reference():
     from cdcompile.testing import tiny_flux
     from dbcache_reference import run_flux

@@ -703,11 +703,14 @@ def test_numbered_blocks_run_out_of_index_order_are_one_group_in_the_order_they_
 def test_explain_states_the_guards_rule_with_cache_dits_options():
     m, kw = ZOO["flux"]()
     opts = {"compiler": "eager", "downsample_factor": 2, "important_condition_threshold": 0.1,
-            "max_accumulated_residual_diff_threshold": 0.5, "max_cached_steps": 10, "calibrator": "taylorseer"}
+            "max_accumulated_residual_diff_threshold": 0.5, "max_cached_steps": 10, "calibrator": "taylorseer",
+            "force_refresh_step_hint": 14, "cfg_diff_compute_separate": False}
     text = str(cdcompile.explain(m, options=opts, **kw))
     assert ("  block cache guard: cache when mean|R - R_anchor| / mean|R_anchor| of F's residual < 0.08; on one "
             "channel in 2; over the tokens that changed by more than 0.1; after warmup steps range(0, 8, 1); at "
-            "most 10 cached steps; while the request's summed diffs stay below 0.5; forecast by taylorseer "
-            "(order 1)") in text
-    text = str(cdcompile.explain(m, options={"compiler": "eager", "cache_type": "dbprune"}, **kw))
+            "most 10 cached steps; while the request's summed diffs stay below 0.5; starting afresh at step 14; "
+            "a step's later calls taking its first call's diff; forecast by taylorseer (order 1)") in text
+    text = str(cdcompile.explain(m, options={"compiler": "eager", "cache_type": "dbprune", "force_refresh_step_hint": 7,
+                                             "force_refresh_step_policy": "repeat"}, **kw))
     assert "  block cache guard: prune a block when mean|H - H_anchor| / mean|H_anchor| of its input" in text
+    assert "; starting afresh every 7 steps" in text

@@ -39,10 +39,10 @@ def test_explicit_bins_and_bad_masks():
         build_mask("fast", None)
 
 
-def _run(mask, policy, steps=12, threshold=0.15, warmup=0, requests=1):
+def _run(mask, policy, steps=12, threshold=0.15, warmup=0, requests=1, **extra):
     m = SequentialDiT(depth=5)
     opts = {"compiler": "eager", "steps_computation_mask": mask, "steps_computation_policy": policy,
-            "residual_diff_threshold": threshold, "max_warmup_steps": warmup, "num_inference_steps": steps}
+            "residual_diff_threshold": threshold, "max_warmup_steps": warmup, "num_inference_steps": steps, **extra}
     c = torch.compile(m, backend="cachedit", fullgraph=True, options=opts)
     x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
     d = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(1))
@@ -73,6 +73,13 @@ def test_dynamic_policy_caches_a_subset_of_the_zeros_decided_by_the_guard():
 def test_steps_past_an_explicit_mask_count_as_cacheable():
     (req,) = _run([1, 1, 1], "static", steps=6)
     assert req["slots"][0]["cached_steps"] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("policy,cached", [("once", [2, 3, 6, 7, 8, 9]), ("repeat", [2, 3, 6, 7])])
+def test_the_mask_counts_again_from_a_refresh(policy, cached):
+    # a context that begins at step 4 (and 8) computes its mask's first two steps, as a request would
+    (req,) = _run([1, 1, 0, 0, 0], "static", steps=10, force_refresh_step_hint=4, force_refresh_step_policy=policy)
+    assert req["steps"] == 10 and req["slots"][0]["cached_steps"] == cached
 
 
 def test_preset_without_step_count_is_a_clear_error():

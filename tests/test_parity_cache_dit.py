@@ -7,6 +7,8 @@ Only the first request: cache-dit's later requests drift (reference/algorithms.m
 ``bench`` extra (cache-dit 1.5.3); skipped without it.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,17 +82,41 @@ def test_taylorseer_images_equal_cache_dit_s(order, warmup):
     assert err < 1e-4, f"TaylorSeer-{order}: images differ by up to {err:.2e}"
 
 
+@pytest.mark.parametrize("hint,policy", [(14, "once"), (10, "repeat")])
+def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy):
+    # cache-dit's summary keeps only the last context's cached steps, numbered from its start
+    cfg = _configs(0.2, 0, WARMUP)
+    cfg["cache_config"] = dataclasses.replace(cfg["cache_config"], force_refresh_step_hint=hint,
+                                              force_refresh_step_policy=policy)
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, **cfg)
+    ref_image = _request(pipe, digit=3, seed=0)
+    last = STEPS - 1 - (STEPS - 1) % hint if policy == "repeat" else hint  # the last context's first step
+    ref_cached = [last + int(s) for s in cache_dit.summary(pipe, logging=False)[0].cached_steps]
+
+    torch._dynamo.reset()
+    pipe = trained.load_trained_pipeline()
+    cdcompile.enable(pipe, compiler="eager", **cfg)
+    image = _request(pipe, digit=3, seed=0)
+    cached = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+    assert ref_cached and [s for s in cached if s >= last] == sorted(ref_cached), (cached, ref_cached)
+    assert not set(cached) & set(range(last, last + WARMUP)), "the context warms up again"
+    assert (image - ref_image).abs().max() < 1e-4
+
+
 def test_cache_dits_config_objects_convert_field_by_field():
     cfg = cdcompile.CacheConfig.from_cache_dit(
         cache_dit.DBCacheConfig(Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.12,
                                 max_accumulated_residual_diff_threshold=0.5, max_cached_steps=10,
                                 enable_separate_cfg=True, cfg_compute_first=True, steps_computation_mask="fast",
-                                num_inference_steps=28),
+                                num_inference_steps=28, force_refresh_step_hint=10,
+                                cfg_diff_compute_separate=False),
         cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2), compiler="eager")
     assert (cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, cfg.residual_diff_threshold, cfg.max_cached_steps,
             cfg.max_accumulated_residual_diff_threshold, cfg.steps_computation_mask, cfg.num_inference_steps,
-            cfg.calibrator.value, cfg.taylorseer_order, cfg.compiler.value) == (
-        2, 1, 0.12, 10, 0.5, "fast", 28, "taylorseer", 2, "eager")
+            cfg.calibrator.value, cfg.taylorseer_order, cfg.compiler.value, cfg.force_refresh_step_hint,
+            cfg.cfg_diff_compute_separate) == (
+        2, 1, 0.12, 10, 0.5, "fast", 28, "taylorseer", 2, "eager", 5, False)  # hint: 10 calls, 2 per step
     assert cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig()).Fn_compute_blocks == 8  # cache-dit's
     assert cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig(),
                                                 cache_dit.FoCaCalibratorConfig()).calibrator.value == "foca"
@@ -102,10 +128,9 @@ def test_cache_dits_config_objects_convert_field_by_field():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(cache_config=cache_dit.DBCacheConfig(force_refresh_step_hint=10)),
-     r"force_refresh_step_hint=10 has no counterpart here: to start afresh at a step, call cdcompile.new_request"),
-    (dict(cache_config=cache_dit.DBCacheConfig(cfg_diff_compute_separate=False)),
-     r"cfg_diff_compute_separate=False .*each CFG slot compares its own residual"),
+    (dict(cache_config=cache_dit.DBCacheConfig(force_refresh_step_hint=9, enable_separate_cfg=True)),
+     r"force_refresh_step_hint=9 has no counterpart here: with enable_separate_cfg=True cache-dit refreshes "
+     r"between the two CFG calls of step 4; .* use 8 or 10 transformer calls"),
     (dict(cache_config=cache_dit.DBPruneConfig(force_reduce_calibrator_vram=True)),
      r"force_reduce_calibrator_vram=True .*downsample_factor"),
     (dict(cache_config=cache_dit.DBCacheConfig(),

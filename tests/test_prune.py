@@ -52,8 +52,11 @@ def _run(cfg: PruneConfig, requests=1, compiler="eager"):
     PruneConfig(threshold=0.1, warmup=2, downsample=3),
     # the tokens that changed by more than 0.2: steps 3 and 5 compute (every token: steps 5 and 6)
     PruneConfig(threshold=0.2, warmup=2, important=0.2),
+    # a refresh every 4 steps: 4, 5 and 8, 9 warm up again; blocks pruned per step
+    # 0 0 5 0 0 0 5 0 0 0 (without: 0 0 5 0 5 5 0 5 5 0)
+    PruneConfig(threshold=0.1, warmup=2, refresh=4, repeat=True),
 ], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2", "downsample3",
-        "important0.2"])
+        "important0.2", "refresh_every4"])
 def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
     m, ref = _run(cfg, requests=2)
     for request in (-1, -2):  # identical requests prune alike
@@ -313,6 +316,7 @@ def test_non_prune_block_ids_beyond_the_stack_is_a_value_error_naming_n():
     ({"residual_diff_threshold": float("nan")}, r"'residual_diff_threshold': nan"),
     ({"cache_type": "dbprune", "max_accumulated_residual_diff_threshold": 0.5},
      r"'max_accumulated_residual_diff_threshold': 0.5;.*dbprune"),
+    ({"cache_type": "dbprune", "cfg_diff_compute_separate": False}, r"'cfg_diff_compute_separate': False;.*dbprune"),
     ({"cache_type": "dbprune", "taylorseer_order": 1}, r"'calibrator'.*dbprune"),
 ])
 def test_bad_prune_options_are_value_errors_naming_the_key(opts, match):

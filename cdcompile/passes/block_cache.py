@@ -90,6 +90,7 @@ class CachePlan:
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
     budget: float | None = None  # max_accumulated_residual_diff_threshold (None: no slot_acc state)
+    share_diff: bool = False  # cfg_diff_compute_separate=False: step_diff state
     downsample: int = 1  # downsample_factor: anchors keep every downsample-th channel (guard.downsample)
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
     num_blocks: int = 0  # N, the stack's blocks
@@ -362,6 +363,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
+        share_diff=not cfg.cfg_diff_compute_separate,
         size_sources=sources)
     inputs, floats = _branch.specialize_floats(inputs)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
@@ -667,11 +669,12 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
                 dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
     call(guard.fold_nodes, (st["cal_nodes"], st["counters"]))
+    local, wipe = _refresh(call, step, slot, new_req, cfg)
     r = call(torch.sub, (env[hf], env[h0]))
     if plan.downsample > 1:
         r = call(guard.downsample, (r, plan.downsample))
-    dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], step, slot, new_req, st.get("mask"),
-                              st.get("slot_acc")), dict(
+    dec = call(guard.decide, (r, st["anchor"], st["slot_ctr"], local, slot, wipe, st.get("mask"),
+                              st.get("slot_acc"), st.get("step_diff")), dict(
         threshold=cfg.residual_diff_threshold, budget=plan.budget, important=cfg.important_condition_threshold,
         warmup_steps=cfg.max_warmup_steps,
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
@@ -700,6 +703,16 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, over, diff, idx, row, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
+
+
+def _refresh(call, step, slot, new_req, cfg):
+    """The guard's step and request-start flags: the request's own, or with
+    force_refresh_step_hint those of the context since the last refresh (guard.refresh)."""
+    if cfg.force_refresh_step_hint is None:
+        return step, new_req
+    ref = call(guard.refresh, (step, slot, new_req), dict(
+        hint=cfg.force_refresh_step_hint, repeat=cfg.force_refresh_step_policy == "repeat"))
+    return call(_getitem, (ref, 0)), call(_getitem, (ref, 1))
 
 
 def _getitem(x, k):

@@ -45,7 +45,7 @@ import torch.fx as fx
 from .. import guard
 from ..distributed import ulysses
 from . import _branch, _fx
-from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _stream_plan,
+from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _refresh, _stream_plan,
                           clock_input, constant_float_arguments, describe_sizes, size_sources)
 
 
@@ -244,7 +244,8 @@ def _emit_gate(g, env, st, timestep, plan, cfg) -> dict:
     tick = call(guard.tick, (t, st["clock"], st["counters"], st["reset"]),
                 dict(borrowed=plan.timestep_source == "borrowed"))
     step, slot, new_req = (call(_getitem, (tick, k)) for k in range(3))
-    gate = call(guard.prune_gate, (st["slot_ctr"], step, slot, new_req, st.get("mask")), dict(
+    local, wipe = _refresh(call, step, slot, new_req, cfg)
+    gate = call(guard.prune_gate, (st["slot_ctr"], local, slot, wipe, st.get("mask")), dict(
         threshold=cfg.residual_diff_threshold, warmup_steps=cfg.max_warmup_steps,
         warmup_interval=cfg.warmup_interval, max_cached=cfg.max_cached_steps,
         max_continuous=cfg.max_continuous_cached_steps, slots=plan.slots,
