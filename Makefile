@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
-# Two pytest-xdist workers, one per core, taking tests one by one (--dist loadgroup); a file whose
-# module-level results must be computed once (test_context_parallel's spawned ranks, the trained
-# pipeline, the kernels' AOT compile) marks itself xdist_group and goes to one worker whole.
+# Two pytest-xdist workers, one per core, taking tests one by one (--dist loadgroup), but for the
+# files whose module-level results must be computed once, each run whole by one worker
+# (tests/conftest.py: WHOLE_FILES).
 # `make test PYTEST_WORKERS=0` runs the suite in one process.
 PYTEST_WORKERS ?= 2
 

@@ -411,9 +411,10 @@ class CacheConfig:
         Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
         is 8, not 1), but for ``force_refresh_step_hint`` with ``enable_separate_cfg=True``:
         cache-dit counts it in transformer calls, two per step there, so an even hint becomes
-        half as many steps and an odd one (a refresh between a step's two calls) is refused. Its CFG flags are not needed (CFG slots come from the timestep). What has no
-        counterpart raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other than TaylorSeer and FoCa, a
-        calibrator over hidden states, calibrator kwargs.
+        half as many steps and an odd one (a refresh between a step's two calls) is refused.
+        Its CFG flags are not needed (CFG slots come from the timestep). What has no counterpart
+        raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other
+        than TaylorSeer and FoCa, a calibrator over hidden states, calibrator kwargs.
         """
         return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
 

@@ -18,11 +18,11 @@ slot and no more):
                                     downsample_factor-th channel of it)
     slot_ctr   int64 (S, 4)         has_anchor, cached steps in request, current run of cached
                                     steps, computed steps in request
+    slot_acc   float32 (S,)         with max_accumulated_residual_diff_threshold only: the slot's sum
+                                    of the positive diffs compared with the threshold in the request
     step_diff  float32 (1,)         with cfg_diff_compute_separate=False only: the diff the step's
                                     first call compared with the threshold (nan: none), which
                                     the step's later calls take
-    slot_acc   float32 (S,)         with max_accumulated_residual_diff_threshold only: the slot's sum
-                                    of the positive diffs compared with the threshold in the request
     residual_k (C, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
                                     and its divided differences for a calibrator of order n
     cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators)

@@ -12,6 +12,27 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25
 settings.load_profile("ci")
 
 
+# Files whose tests share results computed once per process (test_context_parallel's spawned ranks,
+# the trained pipeline, the kernels' AOT compile): `make test` (-n 2 --dist loadgroup) gives each
+# to one worker whole and schedules every other test on its own. pytest-xdist's own loadgroup reads
+# xdist_group marks through a node id suffix that pytest 9 no longer takes, hence the scheduler.
+WHOLE_FILES = {"tests/test_context_parallel.py", "tests/test_trained.py", "tests/kernels/test_kernels_aot.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class WholeFiles(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in WHOLE_FILES else super()._split_scope(nodeid)
+
+    return WholeFiles(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Every test starts from empty Dynamo caches (instances of one class share compiled code)."""

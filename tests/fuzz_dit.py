@@ -432,6 +432,7 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     # force_refresh_step_hint, drawn last as well; past the warmup, so that a context can cache
     cfg.refresh = r.choice((None, None, None, cfg.warmup + 2, cfg.warmup + 3))
     cfg.repeat = cfg.refresh is not None and r.random() < 0.5
+    cfg.share = r.random() < 0.3  # cfg_diff_compute_separate=False (a CFG model's later calls)
     return cfg
 
 
@@ -442,7 +443,7 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
             "max_cached_steps": cfg.max_cached, "max_continuous_cached_steps": cfg.max_continuous,
             "max_accumulated_residual_diff_threshold": cfg.max_accumulated, "downsample_factor": cfg.downsample,
             "important_condition_threshold": cfg.important, "force_refresh_step_hint": cfg.refresh,
-            "force_refresh_step_policy": "repeat" if cfg.repeat else "once"}
+            "force_refresh_step_policy": "repeat" if cfg.repeat else "once", "cfg_diff_compute_separate": not cfg.share}
     if cfg.calibrator == "taylorseer":
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
@@ -467,6 +468,8 @@ def features(spec: DiTSpec) -> set[str]:
         out.add("important_tokens")
     if cfg.refresh is not None:
         out.add("refresh_" + ("repeat" if cfg.repeat else "once"))
+    if cfg.share and spec.cfg:
+        out.add("cfg_shared_diff")
     if len(spec.groups) == 2:
         out.add("two_groups")
         # the first group refines the text stream, the second only reads it, and a B block reads it

@@ -22,9 +22,6 @@ from hypothesis import strategies as st
 from cdcompile import CacheConfig
 from cdcompile.distributed.layout import Axis, even_sizes
 
-# one worker runs the whole file (make test: --dist loadgroup): the spawned ranks' results are
-# computed once per module (_RESULTS)
-pytestmark = pytest.mark.xdist_group("context_parallel")
 
 # -- layout algebra (single process) -------------------------------------------------------------
 

@@ -10,8 +10,6 @@ import torch
 import cdcompile
 from cdcompile import trained
 
-# one worker runs the whole file (make test: --dist loadgroup): one trained pipeline per module
-pytestmark = pytest.mark.xdist_group("trained")
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,6 @@ import pytest
 
 from cdcompile.kernels import fp8_quant, sage_attn
 
-# one worker runs the whole file (make test: --dist loadgroup): one AOT compile of every kernel per module
-pytestmark = pytest.mark.xdist_group("kernels_aot")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPABILITIES = (89, 90, 100, 120)  # Ada, Hopper, Blackwell (B200), Blackwell (RTX 5090)
