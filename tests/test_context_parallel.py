@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from cdcompile import CacheConfig
 from cdcompile.distributed.layout import Axis, even_sizes
 
-
 # -- layout algebra (single process) -------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ import cdcompile
 from cdcompile import trained
 
 
-
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)

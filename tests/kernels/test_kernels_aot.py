@@ -17,7 +17,6 @@ import pytest
 
 from cdcompile.kernels import fp8_quant, sage_attn
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPABILITIES = (89, 90, 100, 120)  # Ada, Hopper, Blackwell (B200), Blackwell (RTX 5090)
 SHARED_MEMORY = {89: 101376, 90: 232448, 100: 232448, 120: 101376}  # bytes one block may use
