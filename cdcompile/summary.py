@@ -48,6 +48,10 @@ class Summary:
             lines.append(f"{f'graph {i}: ' if len(self.graphs) > 1 else ''}cache over {g['groups']}: "
                          f"N={g['num_blocks']} F={g['Fn']} M={g['Mn']} B={g['Bn']}, streams {g['streams']}"
                          + (f", state per call size of {', '.join(g['dynamic_sizes'])}" if g.get("dynamic_sizes") else ""))
+            if g.get("refresh"):
+                hint, policy = g["refresh"]["hint"], g["refresh"]["policy"]
+                lines.append(f"  the cache starts afresh at step {hint}" if policy == "once" else
+                             f"  the cache starts afresh every {hint} steps (force_refresh_step_policy='repeat')")
             if g.get("cache_type") == "dbprune":
                 lines.append(f"  dbprune: prunable blocks {g['prunable_blocks']}"
                              + (f", dynamic threshold {g.get('dynamic_rule', '')}" if g["dynamic_threshold"] else ""))
@@ -115,6 +119,8 @@ class Summary:
                 for filled, face in ((True, line.get_color()), (False, "white")):
                     xs = [i for i in steps if (i in cached) == filled]
                     ax.plot(xs, [s["residual_diffs"][i] for i in xs], "o", color=line.get_color(), ms=5, mfc=face)
+            for k, at in enumerate(refresh_steps(g, r["steps"])):
+                ax.axvline(at - 0.5, color="0.4", ls=":", lw=1, label="cache starts afresh" if k == 0 else None)
             threshold = g.get("threshold")
             if threshold is not None:
                 ax.axhline(threshold, color="0.4", ls="--", lw=1,
@@ -140,6 +146,16 @@ class Summary:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+def refresh_steps(graph: dict, steps: int) -> list[int]:
+    """The steps of a request of ``steps`` steps where ``graph``'s cache starts afresh
+    (force_refresh_step_hint)."""
+    refresh = graph.get("refresh")
+    if not refresh:
+        return []
+    hint = refresh["hint"]
+    return list(range(hint, steps, hint)) if refresh["policy"] == "repeat" else [hint] * (hint < steps)
 
 
 def slot_name(k: int, slot: dict) -> str:

@@ -601,6 +601,24 @@ def test_summary_plot_draws_each_slots_residual_diffs_against_the_threshold(tmp_
         cdcompile.summary(SequentialDiT(depth=4)).plot()
 
 
+def test_summary_and_its_plot_mark_where_the_cache_starts_afresh():
+    pytest.importorskip("matplotlib")
+    m = SequentialDiT(depth=4)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "eager", "residual_diff_threshold": 1e9, "max_warmup_steps": 1,
+        "force_refresh_step_hint": 2, "force_refresh_step_policy": "repeat"})
+    with torch.no_grad():
+        for x, t in _traj(6):
+            c(x, t)
+    s = cdcompile.summary(m)
+    assert "  the cache starts afresh every 2 steps (force_refresh_step_policy='repeat')" in str(s)
+    assert s.as_dict()["requests"][-1]["slots"][0]["cached_steps"] == [1, 3, 5]
+    (ax,) = s.plot().get_axes()
+    marks = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in marks] == [1.5, 3.5]
+    assert "cache starts afresh" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def _lora_file(tmp_path, seed: int, rank: int) -> str:
     """A FLUX LoRA (random, on the attention projections) saved as diffusers writes one."""
     from diffusers import FluxPipeline

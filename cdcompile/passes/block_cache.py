@@ -204,7 +204,9 @@ def run(gm: fx.GraphModule, ctx) -> None:
         report.cache["fallback"] = fallback
     report.cache["groups"] = [g.name for g in stack]
     report.cache.update(num_blocks=n, Fn=fn, Mn=n - fn - bn, Bn=bn, cache_type=cfg.cache_type.value,
-                        size_asserts=cfg.size_asserts, threshold=cfg.residual_diff_threshold)
+                        size_asserts=cfg.size_asserts, threshold=cfg.residual_diff_threshold,
+                        refresh=None if cfg.force_refresh_step_hint is None else
+                        {"hint": cfg.force_refresh_step_hint, "policy": cfg.force_refresh_step_policy})
     plan = ctx.cache_plan
     plan.num_blocks = n
     plan.fingerprint = repr((cfg, report.cache["groups"], fn, bn, report.cache["streams"], plan.timestep_input))
