@@ -384,7 +384,8 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("opts", [
-    {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    # (one call per step: the step_diff state is written and never read)
+    {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "cfg_diff_compute_separate": False},
     {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
     {"taylorseer_order": 2, "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
     # a refresh every 3 steps: warmup and mask start again at step 3 (without: steps 2, 4, 5 cache)
