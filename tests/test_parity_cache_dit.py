@@ -82,12 +82,13 @@ def test_taylorseer_images_equal_cache_dit_s(order, warmup):
     assert err < 1e-4, f"TaylorSeer-{order}: images differ by up to {err:.2e}"
 
 
-@pytest.mark.parametrize("hint,policy", [(14, "once"), (10, "repeat")])
-def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy):
+# max_cached_steps=3 counts per context in cache-dit too: cached 4, 6, 7 and 18, 19, 21
+@pytest.mark.parametrize("hint,policy,max_cached", [(14, "once", 3), (10, "repeat", -1)])
+def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy, max_cached):
     # cache-dit's summary keeps only the last context's cached steps, numbered from its start
     cfg = _configs(0.2, 0, WARMUP)
     cfg["cache_config"] = dataclasses.replace(cfg["cache_config"], force_refresh_step_hint=hint,
-                                              force_refresh_step_policy=policy)
+                                              force_refresh_step_policy=policy, max_cached_steps=max_cached)
     pipe = trained.load_trained_pipeline()
     cache_dit.enable_cache(pipe, **cfg)
     ref_image = _request(pipe, digit=3, seed=0)
@@ -101,6 +102,8 @@ def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy):
     cached = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
     assert ref_cached and [s for s in cached if s >= last] == sorted(ref_cached), (cached, ref_cached)
     assert not set(cached) & set(range(last, last + WARMUP)), "the context warms up again"
+    if max_cached > 0:
+        assert cached == [4, 6, 7, 18, 19, 21]
     assert (image - ref_image).abs().max() < 1e-4
 
 
