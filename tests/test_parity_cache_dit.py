@@ -1,7 +1,8 @@
 """Parity with cache-dit (issue 5, part 4): on the trained tiny FLUX, with the same F/B, threshold and
 warm-up and no step limits, cdcompile caches exactly the steps cache-dit caches in the first request,
 and its residual diffs are cache-dit's. With TaylorSeer (the Taylor form of algorithms.md §2, which is
-cache-dit's formula) the images agree too.
+cache-dit's formula) the images agree too, and so do DBPrune's pruned blocks (with and without the
+dynamic threshold) and the images under force_refresh_step_hint.
 
 Only the first request: cache-dit's later requests drift (reference/algorithms.md §5). Needs the
 ``bench`` extra (cache-dit 1.5.3); skipped without it.
@@ -104,6 +105,28 @@ def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy, max_cached
     assert not set(cached) & set(range(last, last + WARMUP)), "the context warms up again"
     if max_cached > 0:
         assert cached == [4, 6, 7, 18, 19, 21]
+    assert (image - ref_image).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dbprune_prunes_the_blocks_cache_dit_prunes(dynamic):
+    # the same DBPruneConfig: the same blocks pruned at every step, the same prune ratio, the same image
+    cfg = cache_dit.DBPruneConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.1,
+                                  max_warmup_steps=WARMUP, enable_dynamic_prune_threshold=dynamic,
+                                  num_inference_steps=STEPS)
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, cache_config=cfg)
+    ref_image = _request(pipe, digit=3, seed=0)
+    stats = cache_dit.summary(pipe, logging=False)[0]
+
+    torch._dynamo.reset()
+    pipe = trained.load_trained_pipeline()
+    cdcompile.enable(pipe, compiler="eager", cache_config=cfg)
+    image = _request(pipe, digit=3, seed=0)
+    slot = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]
+    assert any(stats.pruned_blocks) and 0 in stats.pruned_blocks[WARMUP:]  # both branches taken
+    assert slot["pruned_blocks"] == list(stats.pruned_blocks)
+    assert slot["prune_ratio"] == pytest.approx(stats.pruned_ratio)
     assert (image - ref_image).abs().max() < 1e-4
 
 
