@@ -73,7 +73,8 @@ FP8_WITH_DBCACHE_THRESHOLD = 0.12
 DIFFUSERS_TAYLORSEER = ((2, 1), (3, 1), (5, 1), (3, 2))   # (cache_interval, max_order)
 # cdcompile options of features being added now; rows using them say "not available in this build"
 # until CacheConfig accepts them. Update the names here once they are announced.
-CDCOMPILE_FOCA = {"calibrator": "foca"}
+# FoCa with the per-step anchor slope (the committed results ran it; the default "gap" is cache-dit's)
+CDCOMPILE_FOCA = {"calibrator": "foca", "foca_slope": "step"}
 CDCOMPILE_DBPRUNE = {"cache_type": "dbprune"}
 
 PROMPTS = ((0, "red", "black"), (1, "orange", "navy"), (2, "yellow", "forest"), (3, "green", "maroon"),
@@ -642,9 +643,10 @@ CALIBRATOR_DIFFERENCES = {
                     "4 warm-up steps its first cached steps forecast with order 1 while cdcompile already holds "
                     "d2 (algorithms.md: use the orders available). With 6 warm-up steps the images are equal "
                     "(tests/test_parity_cache_dit.py).",
-    "FoCa": "FoCa differs by design (cdcompile/calibrators.py): cdcompile divides the slope of the last two "
-            "computed residuals by the steps between them; cache-dit takes them as one step apart, so its "
-            "forecast overshoots whenever computed steps are further apart.",
+    "FoCa": "cdcompile's FoCa row runs foca_slope=\"step\" (cdcompile/calibrators.py): the slope of the last "
+            "two computed residuals divided by the steps between them; cache-dit (and the default "
+            "foca_slope=\"gap\", algorithms.md) takes them as one step apart, so its forecast overshoots "
+            "whenever computed steps are further apart.",
 }
 
 

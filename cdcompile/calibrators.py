@@ -34,8 +34,8 @@ FoCa (forecast then calibrate: a Heun / trapezoidal step anchored at the last co
 With ``x0 > x1`` the slot's last two computed steps, ``e = s - x0`` (steps since the last
 computed step, >= 1 on a cached step) and ``w = x0 - x1``:
 
-    DF = (F_full - F_full_prev) / w      the slope between the last two computed residuals
-    DC = F_k - F_km1                     the slope of the values used at the last two steps
+    DF = F_full - F_full_prev            the change between the last two computed residuals
+    DC = F_k - F_km1                     the change of the values used at the last two steps
     F  = F_full + e/2 * (DF + DC)                 e <= 3
     F  = (3/e) F3 + (1 - 3/e) F_full              e > 3, F3 = the e = 3 value (damped toward F_full)
 
@@ -45,12 +45,14 @@ state moves on cached steps too: the forecast recurses on its own previous incre
 only well-defined reading of algorithms.md's ``DC = F_k - F_km1`` with ``F_k`` "the forecast":
 on the first cached step after a computed one there is no previous forecast, and the value used
 there is the computed residual. (It is also what cache-dit's FoCa keeps: a rolling window advanced
-by every step.) Deviation: algorithms.md writes
-``DF = F_full - F_full_prev`` without dividing by the gap ``w``; cache-dit assumes computed steps
-one apart. Between computed steps ``w`` apart that is ``w`` times the per-step slope, which makes
-the forecast overshoot ``(w - 1) e/2`` increments even on a residual exactly linear in the step;
-dividing by ``w`` makes FoCa exact on linear residuals for any spacing (e <= 3) and equals the
-literal formula when ``w = 1``. Until two computed steps exist the forecast is ``F_full``.
+by every step.) Until two computed steps exist the forecast is ``F_full``.
+
+``DF`` as algorithms.md writes it (and cache-dit computes it) is the change over the gap ``w``
+between the two computed steps, whatever ``w`` is: ``foca_slope="gap"``, the default; the
+trained tiny FLUX then gives cache-dit's image. Between computed steps ``w`` apart that is ``w``
+times the per-step slope, so the forecast overshoots ``(w - 1) e/2`` increments even on a residual
+exactly linear in the step. ``foca_slope="step"`` divides ``DF`` by ``w``: exact on linear
+residuals for any spacing (e <= 3); the same as "gap" when ``w = 1``.
 
 State: ``residual_k`` (S, 4, *stream) holds ``F_full, F_full_prev, F_k, F_km1``; the nodes and the
 computed-step count are TaylorSeer's. The forecast is a fixed linear combination of the four, so the
@@ -110,14 +112,18 @@ def differences(y: torch.Tensor, old: torch.Tensor, step: torch.Tensor, nodes: t
 
 
 FOCA_HISTORY = 4  # F_full, F_full_prev, F_k, F_km1
+GAP, STEP = "gap", "step"  # foca_slope: DF over the computed steps' gap, or per step
+SLOPES = (GAP, STEP)
 FOCA_HORIZON = 3.0  # steps after which the forecast is damped toward F_full
 
 
-def foca_coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+def foca_coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor,
+                      slope: str = GAP) -> torch.Tensor:
     """``(4,)`` float32 weights of ``F_full, F_full_prev, F_k, F_km1`` in the FoCa forecast at ``step``.
 
     ``F = F_full + c (DF + DC)`` with ``c = e/2`` for ``e <= 3`` and ``(3/e)(3/2)`` beyond;
-    ``DF = (F_full - F_full_prev) / w``, ``DC = F_k - F_km1`` (module docstring).
+    ``DF = F_full - F_full_prev`` (``slope="step"``: divided by ``w``), ``DC = F_k - F_km1``
+    (module docstring).
     """
     s = step.to(torch.float32)
     e = s - nodes[0]
@@ -125,8 +131,11 @@ def foca_coefficients(step: torch.Tensor, nodes: torch.Tensor, computed: torch.T
     safe_e = torch.where(e > FOCA_HORIZON, e, torch.full_like(e, FOCA_HORIZON))
     c = torch.where(e <= FOCA_HORIZON, e / 2, (FOCA_HORIZON / safe_e) * (FOCA_HORIZON / 2))
     c = torch.where(ok, c, torch.zeros_like(c))
-    w = nodes[0] - nodes[1]
-    a = c / torch.where(ok, w, torch.ones_like(w))
+    if slope == STEP:
+        w = nodes[0] - nodes[1]
+        a = c / torch.where(ok, w, torch.ones_like(w))
+    else:
+        a = c
     return torch.stack([1 + a, -a, c, -c])
 
 

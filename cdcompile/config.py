@@ -110,6 +110,10 @@ class CacheConfig:
         difference divided by the last gap) or "newton" (the interpolating polynomial through the
         last n + 1 computed steps: exact on residuals polynomial in the step for any spacing).
         The two agree at order 1; see cdcompile.calibrators.
+    foca_slope: FoCa's anchor slope DF: "gap" (default: algorithms.md §2 and cache-dit, the
+        difference of the last two computed residuals, however many steps apart) or "step" (that
+        difference divided by the steps between them: exact on residuals linear in the step for
+        any spacing, within the 3-step horizon). The same when computed steps are consecutive.
 
     DBPrune (algorithms.md §4):
     cache_type: "dbcache" (default: one decision per call skips the middle blocks) or "dbprune":
@@ -174,6 +178,7 @@ class CacheConfig:
     calibrator: Calibrator | None = None
     taylorseer_order: int | None = None
     taylorseer_form: str = calibrators.TAYLOR
+    foca_slope: str = calibrators.GAP
     cache_type: CacheType = CacheType.DBCACHE
     non_prune_block_ids: tuple[int, ...] = ()
     enable_dynamic_prune_threshold: bool = False
@@ -301,6 +306,11 @@ class CacheConfig:
             _bad("taylorseer_form", form, 'the default "taylor" unless TaylorSeer is on '
                  '(calibrator="taylorseer" or taylorseer_order 1 or 2); nothing else reads it')
         object.__setattr__(self, "taylorseer_form", form.lower())
+        slope = self.foca_slope
+        if slope not in calibrators.SLOPES:
+            _bad("foca_slope", slope, f'"{calibrators.GAP}" (algorithms.md §2, cache-dit) or "{calibrators.STEP}"')
+        if slope != calibrators.GAP and cal is not Calibrator.FOCA:
+            _bad("foca_slope", slope, f'the default "{calibrators.GAP}" unless calibrator="foca"; nothing else reads it')
 
     def _check_prune(self) -> None:
         kind = self.cache_type

@@ -24,6 +24,7 @@ class RefConfig:
     order: int = 0  # TaylorSeer order
     form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
+    foca_slope: str = "gap"  # FoCa's DF: "gap" (algorithms.md: F_full - F_full_prev) or "step" (/ w)
     max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
     downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
     important: float = 0.0  # important_condition_threshold
@@ -86,13 +87,15 @@ def newton_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: i
     return out.to(pts[0][1].dtype)
 
 
-def foca_forecast(full: list[tuple[int, torch.Tensor]], window: list[torch.Tensor], step: int) -> torch.Tensor:
-    """FoCa as cdcompile.calibrators documents it, from scratch: ``full`` the computed (step,
-    residual) points, ``window`` the residuals used at the slot's previous steps, oldest first."""
+def foca_forecast(full: list[tuple[int, torch.Tensor]], window: list[torch.Tensor], step: int,
+                  slope: str = "gap") -> torch.Tensor:
+    """FoCa as algorithms.md §2 writes it, from scratch: ``full`` the computed (step, residual)
+    points, ``window`` the residuals used at the slot's previous steps, oldest first. ``slope="step"``
+    divides DF by the steps between the last two computed ones (cdcompile's foca_slope option)."""
     if len(full) < 2:
         return full[-1][1]
     (x1, prev), (x0, last) = full[-2], full[-1]
-    df = (last.double() - prev.double()) / (x0 - x1)
+    df = (last.double() - prev.double()) / ((x0 - x1) if slope == "step" else 1)
     dc = window[-1].double() - window[-2].double()
     e = step - x0
 
@@ -165,7 +168,8 @@ class RefCache:
         step = self.decisions[-1][0]
         if self.cfg.calibrator == "foca":
             if len(st.used) == 0 or st.used[-1][0] != step:  # forecast once per step, then reuse
-                fc = {k: foca_forecast([(s, r[k]) for s, r in st.history], [u[k] for _, u in st.used], step)
+                fc = {k: foca_forecast([(s, r[k]) for s, r in st.history], [u[k] for _, u in st.used], step,
+                                       self.cfg.foca_slope)
                       for k in st.residuals}
                 st.used.append((step, fc))
             return st.used[-1][1]

@@ -433,6 +433,8 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     cfg.refresh = r.choice((None, None, None, cfg.warmup + 2, cfg.warmup + 3))
     cfg.repeat = cfg.refresh is not None and r.random() < 0.5
     cfg.share = r.random() < 0.3  # cfg_diff_compute_separate=False (a CFG model's later calls)
+    if cfg.calibrator == "foca":
+        cfg.foca_slope = r.choice(("gap", "step"))
     return cfg
 
 
@@ -447,7 +449,7 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
     if cfg.calibrator == "taylorseer":
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
-        opts.update(calibrator="foca")
+        opts.update(calibrator="foca", foca_slope=cfg.foca_slope)
     return opts
 
 
@@ -459,7 +461,7 @@ def features(spec: DiTSpec) -> set[str]:
     if cfg.calibrator == "taylorseer":  # the two forms are one polynomial at order 1
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:
-        out.add(f"calibrator={cfg.calibrator}")
+        out.add(f"calibrator={cfg.calibrator}" + (f" {cfg.foca_slope}" if cfg.calibrator == "foca" else ""))
     if cfg.max_accumulated is not None:
         out.add("accumulated_budget")
     if cfg.downsample > 1:

@@ -144,14 +144,14 @@ def test_reference_newton_forecast_is_exact_on_a_cubic_with_order_3():
 
 # --- FoCa -------------------------------------------------------------------------------------
 
-def _foca_in_graph_functions(pattern, values):
+def _foca_in_graph_functions(pattern, values, slope="gap"):
     """Run the in-graph FoCa functions over a computed(0)/cached(1) pattern; returns what each
     step used. ``values[s]`` is the residual a computed step s produces."""
     d = torch.zeros(calibrators.FOCA_HISTORY, *values[0].shape, dtype=torch.float64)
     nodes, computed, used = torch.zeros(3), 0, []
     for s, cached in enumerate(pattern):
         step, cache = torch.tensor(s), torch.tensor(bool(cached))
-        coef = calibrators.foca_coefficients(step, nodes, torch.tensor(computed))
+        coef = calibrators.foca_coefficients(step, nodes, torch.tensor(computed), slope)
         y = calibrators.forecast(d, coef.double()) if cached else values[s]
         d = calibrators.foca_update(cache, y, d, torch.tensor(False))
         if not cached:
@@ -160,16 +160,17 @@ def _foca_in_graph_functions(pattern, values):
     return used
 
 
-def test_foca_state_functions_equal_the_reference_formula_over_a_step_pattern():
+@pytest.mark.parametrize("slope", ["gap", "step"])
+def test_foca_state_functions_equal_the_reference_formula_over_a_step_pattern(slope):
     from dbcache_reference import foca_forecast
 
     g = torch.Generator().manual_seed(0)
     pattern = [0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]  # gaps 2, 3, 1; runs of 1..5 cached
     values = [torch.randn(3, 4, generator=g, dtype=torch.float64) * (1 + 0.1 * s) for s in range(len(pattern))]
-    got = _foca_in_graph_functions(pattern, values)
+    got = _foca_in_graph_functions(pattern, values, slope)
     full, window = [], []
     for s, cached in enumerate(pattern):
-        want = foca_forecast(full, window, s) if cached else values[s]
+        want = foca_forecast(full, window, s, slope) if cached else values[s]
         if not cached:
             full.append((s, values[s]))
         window.append(want)
@@ -177,19 +178,25 @@ def test_foca_state_functions_equal_the_reference_formula_over_a_step_pattern():
         torch.testing.assert_close(got[s], want, rtol=1e-6, atol=1e-6, msg=lambda m: f"step {s}: {m}")
 
 
-def test_foca_is_exact_on_linear_residuals_within_three_steps_and_damps_beyond():
+def test_foca_per_step_slope_is_exact_on_linear_residuals_within_three_steps_and_damps_beyond():
     base = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
     line = [base * (0.5 + 0.25 * s) for s in range(12)]
     # computed at 0, 2, 3, 7: after 3 the last two computed steps are 1 apart, after 7 they are 4
-    # apart; cached steps up to 3 after a computed one are exact because DF is taken per step
+    # apart; with foca_slope="step" cached steps up to 3 after a computed one are exact
     pattern = [0, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1]
-    got = _foca_in_graph_functions(pattern, line)
+    got = _foca_in_graph_functions(pattern, line, "step")
     for s in (4, 5, 6, 8, 9, 10):
         torch.testing.assert_close(got[s], line[s], rtol=1e-6, atol=1e-6, msg=lambda m: f"step {s}: {m}")
     torch.testing.assert_close(got[1], line[0])  # one computed step so far: reuse it
     # e = 4: the trapezoid at e = 3 blended toward F_full with weight 3/4 (damped, no longer exact)
     slope = base * 0.25
     torch.testing.assert_close(got[11], line[7] + 0.75 * 3 * slope, rtol=1e-6, atol=1e-6)
+    # "gap" (algorithms.md, cache-dit): exact after the gap of 1, and at step 8 DF spans the gap of
+    # 4 steps, (4 - 1) * 1/2 = 1.5 increments too far
+    gap = _foca_in_graph_functions(pattern, line)
+    for s in (4, 5, 6):
+        torch.testing.assert_close(gap[s], line[s], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gap[8], line[8] + 1.5 * slope, rtol=1e-6, atol=1e-6)
 
 
 def test_foca_before_two_computed_steps_reuses_the_last_residual():
@@ -199,12 +206,14 @@ def test_foca_before_two_computed_steps_reuses_the_last_residual():
     torch.testing.assert_close(used[2], y)
 
 
-def test_compiled_foca_equals_the_reference_and_differs_from_plain_reuse():
-    cfg = RefConfig(threshold=0.5, warmup=2, max_continuous=5, calibrator="foca")
+@pytest.mark.parametrize("slope", ["gap", "step"])
+def test_compiled_foca_equals_the_reference_and_differs_from_plain_reuse(slope):
+    cfg = RefConfig(threshold=0.5, warmup=2, max_continuous=5, calibrator="foca", foca_slope=slope)
     m = SequentialDiT(depth=5)
     opts = {"compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
             "max_continuous_cached_steps": cfg.max_continuous}
-    c = torch.compile(m, backend="cachedit", fullgraph=True, options={**opts, "calibrator": "foca"})
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={**opts, "calibrator": "foca",
+                                                                      "foca_slope": slope})
     ref = RefCache(cfg)
     g = torch.Generator().manual_seed(0)
     x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
@@ -294,6 +303,8 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
     ({"taylorseer_order": 2, "taylorseer_form": "lagrange"}, r"'taylorseer_form'.*'lagrange'.*taylor.*newton"),
     ({"taylorseer_form": "newton"}, r"'taylorseer_form'.*'newton'.*unless TaylorSeer is on"),
     ({"calibrator": "foca", "taylorseer_form": "newton"}, r"'taylorseer_form'.*unless TaylorSeer is on"),
+    ({"calibrator": "foca", "foca_slope": "per_step"}, r"'foca_slope'.*'per_step'.*\"gap\".*\"step\""),
+    ({"calibrator": "taylorseer", "foca_slope": "step"}, r"'foca_slope'.*'step'.*unless calibrator=\"foca\""),
 ])
 def test_bad_calibrator_options_are_value_errors_naming_the_key(opts, match):
     with pytest.raises(ValueError, match=match):

@@ -108,6 +108,29 @@ def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy, max_cached
     assert (image - ref_image).abs().max() < 1e-4
 
 
+def test_foca_images_equal_cache_dit_s():
+    # FoCa as algorithms.md writes it (foca_slope="gap", the default) is cache-dit's: the same cached
+    # steps and image; the per-step slope departs from it once computed steps are more than one apart
+    cfg = _configs(0.2, 0, WARMUP)
+    calibrator = cache_dit.FoCaCalibratorConfig()
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, cache_config=cfg["cache_config"], calibrator_config=calibrator)
+    ref_image = _request(pipe, digit=5, seed=1)
+    ref_cached = sorted(int(s) for s in cache_dit.summary(pipe, logging=False)[0].cached_steps)
+    images = {}
+    for slope in ("gap", "step"):
+        torch._dynamo.reset()
+        pipe = trained.load_trained_pipeline()
+        cdcompile.enable(pipe, compiler="eager", cache_config=cfg["cache_config"], calibrator_config=calibrator,
+                         foca_slope=slope)
+        images[slope] = _request(pipe, digit=5, seed=1)
+        cached = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+        if slope == "gap":
+            assert cached == ref_cached, (cached, ref_cached)
+    assert (images["gap"] - ref_image).abs().max() < 1e-4
+    assert (images["step"] - ref_image).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_dbprune_prunes_the_blocks_cache_dit_prunes(dynamic):
     # the same DBPruneConfig: the same blocks pruned at every step, the same prune ratio, the same image

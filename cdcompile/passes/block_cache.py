@@ -690,7 +690,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     nodes = call(_index_slot, (st["cal_nodes"], idx))
     computed = call(_getitem, (ctr, 3))
     if plan.calibrator == "foca":
-        coef = call(calibrators.foca_coefficients, (step, nodes, computed))
+        coef = call(calibrators.foca_coefficients, (step, nodes, computed, cfg.foca_slope))
     else:
         coef = call(calibrators.coefficients, (step, nodes, computed, plan.order, plan.form))
     operands = tuple(env[n] for n in inputs) + tuple(res_slots) + (coef,)
