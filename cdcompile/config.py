@@ -454,7 +454,8 @@ class CacheConfig:
             parts.append("a step's later calls taking its first call's diff")
         if self.calibrator is not None:
             parts.append(f"forecast by {self.calibrator.value}"
-                         + (f" (order {self.taylorseer_order})" if self.taylorseer_order else ""))
+                         + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
+                         + (" (slope per step)" if self.foca_slope == calibrators.STEP else ""))
         return "; ".join(parts)
 
     def replace(self, **changes: Any) -> "CacheConfig":

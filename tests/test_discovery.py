@@ -714,3 +714,5 @@ def test_explain_states_the_guards_rule_with_cache_dits_options():
                                              "force_refresh_step_policy": "repeat"}, **kw))
     assert "  block cache guard: prune a block when mean|H - H_anchor| / mean|H_anchor| of its input" in text
     assert "; starting afresh every 7 steps" in text
+    rule = cdcompile.CacheConfig(calibrator="foca", foca_slope="step").guard_rule()
+    assert rule.endswith("; forecast by foca (slope per step)")
