@@ -2,7 +2,8 @@
 warm-up and no step limits, cdcompile caches exactly the steps cache-dit caches in the first request,
 and its residual diffs are cache-dit's. With TaylorSeer (the Taylor form of algorithms.md §2, which is
 cache-dit's formula) the images agree too, and so do DBPrune's pruned blocks (with and without the
-dynamic threshold) and the images under force_refresh_step_hint.
+dynamic threshold), the steps max_cached_steps and max_continuous_cached_steps allow, and the images
+under force_refresh_step_hint.
 
 Only the first request: cache-dit's later requests drift (reference/algorithms.md §5). Needs the
 ``bench`` extra (cache-dit 1.5.3); skipped without it.
@@ -67,6 +68,24 @@ def test_first_request_caches_the_steps_cache_dit_caches(threshold):
     assert len(common) >= STEPS - WARMUP - 1, (sorted(diffs), sorted(ref_diffs))
     worst = max(abs(diffs[s] - ref_diffs[s]) / ref_diffs[s] for s in common)
     assert worst < 1e-3, f"residual diffs differ by up to {worst:.2e} (relative)"
+    assert (image - ref_image).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("max_continuous,max_cached", [(2, -1), (-1, 5), (1, 6)])
+def test_step_limits_cache_the_steps_cache_dit_caches(max_continuous, max_cached):
+    cfg = _configs(0.3, 0, WARMUP)
+    cfg["cache_config"] = dataclasses.replace(cfg["cache_config"], max_continuous_cached_steps=max_continuous,
+                                              max_cached_steps=max_cached)
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, **cfg)
+    ref_image = _request(pipe, digit=3, seed=0)
+    ref_cached = sorted(int(s) for s in cache_dit.summary(pipe, logging=False)[0].cached_steps)
+    torch._dynamo.reset()
+    pipe = trained.load_trained_pipeline()
+    cdcompile.enable(pipe, compiler="eager", **cfg)
+    image = _request(pipe, digit=3, seed=0)
+    cached = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+    assert cached == ref_cached and len(cached) < 18, (cached, ref_cached)  # the limits bind (none: 18 cached)
     assert (image - ref_image).abs().max() < 1e-4
 
 
