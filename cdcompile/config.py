@@ -421,7 +421,9 @@ class CacheConfig:
         Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
         is 8, not 1), but for ``force_refresh_step_hint`` with ``enable_separate_cfg=True``:
         cache-dit counts it in transformer calls, two per step there, so an even hint becomes
-        half as many steps and an odd one (a refresh between a step's two calls) is refused.
+        half as many steps and an odd one (a refresh between a step's two calls) is refused; with
+        ``enable_separate_cfg=None`` (cache-dit decides per pipeline) the hint is taken as steps,
+        with a warning.
         Its CFG flags are not needed (CFG slots come from the timestep). What has no counterpart
         raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other
         than TaylorSeer and FoCa, a calibrator over hidden states, calibrator kwargs.
@@ -545,13 +547,19 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
         else:
             refuse(name, value)
     hint = out.get("force_refresh_step_hint")
-    if hint is not None and getattr(cache_config, "enable_separate_cfg", None):
+    separate = getattr(cache_config, "enable_separate_cfg", None)
+    if hint is not None and separate:
         # cache-dit counts the hint in transformer calls; separate CFG makes two of them per step
         if hint % 2:
             refuse("force_refresh_step_hint", hint,
                    "with enable_separate_cfg=True cache-dit refreshes between the two CFG calls of step "
                    f"{hint // 2}; here a refresh starts a step: use {hint - 1} or {hint + 1} transformer calls")
         out["force_refresh_step_hint"] = hint // 2
+    elif hint is not None and separate is None:
+        warnings.warn(f"CacheConfig.from_cache_dit: force_refresh_step_hint={hint} is taken as denoising steps; "
+                      "cache-dit counts transformer calls, two per step when it runs a pipeline's CFG as separate "
+                      "calls (enable_separate_cfg=None lets it decide per pipeline): set enable_separate_cfg to "
+                      "say which", stacklevel=3)
     if calibrator_config is not None and getattr(calibrator_config, "enable_calibrator", True):
         kind = str(getattr(calibrator_config, "calibrator_type", "")).lower()
         if kind not in ("taylorseer", "foca"):

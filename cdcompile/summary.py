@@ -51,7 +51,7 @@ class Summary:
             if g.get("refresh"):
                 hint, policy = g["refresh"]["hint"], g["refresh"]["policy"]
                 lines.append(f"  the cache starts afresh at step {hint}" if policy == "once" else
-                             f"  the cache starts afresh every {hint} steps (force_refresh_step_policy='repeat')")
+                             f"  the cache starts afresh every {hint} steps")
             if g.get("cache_type") == "dbprune":
                 lines.append(f"  dbprune: prunable blocks {g['prunable_blocks']}"
                              + (f", dynamic threshold {g.get('dynamic_rule', '')}" if g["dynamic_threshold"] else ""))

@@ -107,8 +107,10 @@ def test_taylorseer_images_equal_cache_dit_s(order, warmup):
 def test_force_refresh_step_hint_gives_cache_dits_image(hint, policy, max_cached):
     # cache-dit's summary keeps only the last context's cached steps, numbered from its start
     cfg = _configs(0.2, 0, WARMUP)
+    # FluxPipeline runs no separate CFG calls (cache-dit's default for it): the hint counts steps in both
     cfg["cache_config"] = dataclasses.replace(cfg["cache_config"], force_refresh_step_hint=hint,
-                                              force_refresh_step_policy=policy, max_cached_steps=max_cached)
+                                              force_refresh_step_policy=policy, max_cached_steps=max_cached,
+                                              enable_separate_cfg=False)
     pipe = trained.load_trained_pipeline()
     cache_dit.enable_cache(pipe, **cfg)
     ref_image = _request(pipe, digit=3, seed=0)
@@ -213,6 +215,13 @@ def test_cache_dits_config_objects_convert_field_by_field():
 def test_what_cache_dits_configs_hold_without_a_counterpart_is_a_value_error_naming_it(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cdcompile.CacheConfig.from_cache_dit(**kwargs)
+
+
+def test_a_refresh_hint_without_enable_separate_cfg_warns_that_it_counts_steps():
+    with pytest.warns(UserWarning, match=r"force_refresh_step_hint=10 is taken as denoising steps.*"
+                                         r"set enable_separate_cfg to say which"):
+        cfg = cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig(force_refresh_step_hint=10))
+    assert cfg.force_refresh_step_hint == 10
 
 
 def test_enable_takes_cache_dits_config_keywords_and_needs_a_cache_config_for_a_calibrator():
