@@ -25,7 +25,9 @@ Which extrapolates a real model's residual better is an empirical question: on t
 FLUX (bench/results/quality.md) the Taylor form's damped second-order term wins at high thresholds.
 
 Orders with too little history are dropped. State moves only on computed steps; calibrators never
-change *when* to cache.
+change *when* to cache. ``Y`` is M's residual, or with ``calibrator_cache_type="hidden_states"``
+M's output (the forecast then replaces the stream instead of being added to F's output); a stream
+``calibrated_streams`` leaves out keeps its last residual alone.
 
 State: ``residual_k`` (S, n + 1, *stream) holds d0..dn; ``cal_nodes`` (S, 3) float32 the nodes;
 ``slot_ctr[:, 3]`` counts computed steps in the request.

@@ -31,6 +31,10 @@ class Calibrator(str, enum.Enum):
     FOCA = "foca"
 
 
+STREAMS = ("all", "hidden", "encoder")  # calibrated_streams
+CACHE_TYPES = ("residual", "hidden_states")  # calibrator_cache_type
+
+
 class CacheType(str, enum.Enum):
     """What is skipped: DBCache skips the middle blocks as one region with one decision per call;
     DBPrune decides per block (reference/algorithms.md §1, §4)."""
@@ -114,6 +118,14 @@ class CacheConfig:
         difference of the last two computed residuals, however many steps apart) or "step" (that
         difference divided by the steps between them: exact on residuals linear in the step for
         any spacing, within the 3-step horizon). The same when computed steps are consecutive.
+    calibrated_streams: which middle residuals the calibrator forecasts: "all" (default), "hidden"
+        (the image stream alone; the text stream and any other reuse their last computed residual,
+        cache-dit's enable_encoder_calibrator=False) or "encoder" (every stream but the hidden one,
+        cache-dit's enable_calibrator=False with enable_encoder_calibrator=True). A stream left out
+        keeps one residual, not the calibrator's history.
+    calibrator_cache_type: "residual" (default: the calibrator forecasts M's residual, added to F's
+        output) or "hidden_states" (cache-dit's option of that name: it forecasts M's output itself,
+        which a cached step then uses as it is, whatever F's output). For the calibrated streams.
 
     DBPrune (algorithms.md §4):
     cache_type: "dbcache" (default: one decision per call skips the middle blocks) or "dbprune":
@@ -179,6 +191,8 @@ class CacheConfig:
     taylorseer_order: int | None = None
     taylorseer_form: str = calibrators.TAYLOR
     foca_slope: str = calibrators.GAP
+    calibrated_streams: str = "all"
+    calibrator_cache_type: str = "residual"
     cache_type: CacheType = CacheType.DBCACHE
     non_prune_block_ids: tuple[int, ...] = ()
     enable_dynamic_prune_threshold: bool = False
@@ -311,6 +325,13 @@ class CacheConfig:
             _bad("foca_slope", slope, f'"{calibrators.GAP}" (algorithms.md §2, cache-dit) or "{calibrators.STEP}"')
         if slope != calibrators.GAP and cal is not Calibrator.FOCA:
             _bad("foca_slope", slope, f'the default "{calibrators.GAP}" unless calibrator="foca"; nothing else reads it')
+        for name, values in (("calibrated_streams", STREAMS), ("calibrator_cache_type", CACHE_TYPES)):
+            value = getattr(self, name)
+            if value not in values:
+                _bad(name, value, " or ".join(f'"{v}"' for v in values))
+            if value != values[0] and cal is None:
+                _bad(name, value, f'the default "{values[0]}" unless a calibrator is on (calibrator="taylorseer" '
+                     'or "foca"); nothing else reads it')
 
     def _check_prune(self) -> None:
         kind = self.cache_type
@@ -426,7 +447,8 @@ class CacheConfig:
         with a warning.
         Its CFG flags are not needed (CFG slots come from the timestep). What has no counterpart
         raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other
-        than TaylorSeer and FoCa, a calibrator over hidden states, calibrator kwargs.
+        than TaylorSeer and FoCa, calibrator kwargs. ``enable_calibrator`` /
+        ``enable_encoder_calibrator`` become ``calibrated_streams``.
         """
         return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
 
@@ -457,7 +479,10 @@ class CacheConfig:
         if self.calibrator is not None:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
-                         + (" (slope per step)" if self.foca_slope == calibrators.STEP else ""))
+                         + (" (slope per step)" if self.foca_slope == calibrators.STEP else "")
+                         + (", of M's output" if self.calibrator_cache_type == "hidden_states" else "")
+                         + {"all": "", "hidden": ", for the hidden stream alone",
+                            "encoder": ", for the streams besides the hidden one"}[self.calibrated_streams])
         return "; ".join(parts)
 
     def replace(self, **changes: Any) -> "CacheConfig":
@@ -497,13 +522,13 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CacheConfig)}
 # over does instead.
 _SEPARATE_CFG = ("not needed: calls that share a timestep are told apart as CFG slots, each with its "
                  "own anchor, residuals and counters (batch-fused CFG needs nothing); remove it")
-_CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2) or calibrator="foca"; the forecast '
-               "covers the middle residual of every stream (hidden and encoder alike)")
+_CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2) or calibrator="foca", with '
+               'calibrated_streams="all", "hidden" (the text stream reuses its last residual) or "encoder"')
 _CACHE_DIT = {
     "enable_separate_cfg": _SEPARATE_CFG, "enable_spearate_cfg": _SEPARATE_CFG,
     "cfg_compute_first": _SEPARATE_CFG,
     "enable_calibrator": _CALIBRATOR, "enable_encoder_calibrator": _CALIBRATOR,
-    "calibrator_type": _CALIBRATOR, "calibrator_cache_type": _CALIBRATOR, "calibrator_kwargs": _CALIBRATOR,
+    "calibrator_type": _CALIBRATOR, "calibrator_kwargs": _CALIBRATOR,
     "enable_taylorseer": _CALIBRATOR, "enable_encoder_taylorseer": _CALIBRATOR,
     "taylorseer_cache_type": _CALIBRATOR, "taylorseer_kwargs": _CALIBRATOR,
     "do_separate_classifier_free_guidance": _SEPARATE_CFG,
@@ -560,20 +585,23 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
                       "cache-dit counts transformer calls, two per step when it runs a pipeline's CFG as separate "
                       "calls (enable_separate_cfg=None lets it decide per pipeline): set enable_separate_cfg to "
                       "say which", stacklevel=3)
-    if calibrator_config is not None and getattr(calibrator_config, "enable_calibrator", True):
+    hidden = calibrator_config is not None and getattr(calibrator_config, "enable_calibrator", True)
+    encoder = calibrator_config is not None and getattr(calibrator_config, "enable_encoder_calibrator", True)
+    if hidden or encoder:
         kind = str(getattr(calibrator_config, "calibrator_type", "")).lower()
         if kind not in ("taylorseer", "foca"):
             raise ValueError(f"CacheConfig.from_cache_dit: calibrator_type={kind!r} is not implemented here: "
                              f'calibrator="taylorseer" or "foca"')
-        if str(getattr(calibrator_config, "calibrator_cache_type", "residual")) != "residual":
-            refuse("calibrator_cache_type", calibrator_config.calibrator_cache_type,
-                   'the calibrators forecast residuals ("residual")')
+        cache_type = str(getattr(calibrator_config, "calibrator_cache_type", "residual"))
+        if cache_type not in CACHE_TYPES:
+            refuse("calibrator_cache_type", cache_type, " or ".join(map(repr, CACHE_TYPES)))
         if getattr(calibrator_config, "calibrator_kwargs", None):
             refuse("calibrator_kwargs", calibrator_config.calibrator_kwargs,
                    "the calibrators take taylorseer_order (TaylorSeer) and nothing else")
-        if not getattr(calibrator_config, "enable_encoder_calibrator", True):
-            refuse("enable_encoder_calibrator", False, "the calibrator forecasts the middle residual of every stream")
         out["calibrator"] = kind
+        out["calibrator_cache_type"] = cache_type
+        # cache-dit's two flags: the hidden stream's calibrator, the encoder (text) stream's
+        out["calibrated_streams"] = "all" if hidden and encoder else "hidden" if hidden else "encoder"
         if kind == "taylorseer":
             out["taylorseer_order"] = getattr(calibrator_config, "taylorseer_order", 1)
     return out

@@ -291,15 +291,17 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
 def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Tensor, row: torch.Tensor,
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
                     step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor,
-                    used: torch.Tensor | None = None, form: str = calibrators.TAYLOR) -> None:
+                    used: torch.Tensor | None = None, form: str = calibrators.TAYLOR, *,
+                    keep_value: bool = False) -> None:
     """Store the middle residual of one stream (and its divided differences) in the slot's
-    ``row``: kept on cached steps and overflow calls, ``exit - entry`` on computed ones. ``used``
-    (FoCa) is the residual the branch used: the state's window moves on every step of a slot
+    ``row``: kept on cached steps and overflow calls, ``exit - entry`` on computed ones (with
+    ``keep_value``, calibrator_cache_type="hidden_states": ``exit``, M's output). ``used`` (FoCa)
+    is what the branch used: the state's window moves on every step of a slot
     (cdcompile.calibrators)."""
     if used is not None:
         residual.index_put_((row,), calibrators.foca_update(cache, used, res_slot, over).unsqueeze(0))
         return
-    y = exit_value - entry_value
+    y = exit_value if keep_value else exit_value - entry_value
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
     else:

@@ -65,7 +65,8 @@ class GraphReport:
             ops = c.get("branch_operands")
             lines.append(f"  block cache: {c['num_blocks']} blocks in {c['groups']}, "
                          f"F={c['Fn']} M={c['Mn']} B={c['Bn']}, cached streams {c['streams']}"
-                         f"{f', {ops} branch operands' if ops is not None else ''}")
+                         + (f" (forecast: {c['calibrated']})" if "calibrated" in c else "")
+                         + (f", {ops} branch operands" if ops is not None else ""))
             lines.append("  block cache clock: " + {
                 "own": f"steps, requests and CFG slots from the timestep input {c.get('timestep_input')}",
                 "borrowed": "steps, requests and CFG slots from the timestep an earlier graph of the call "

@@ -167,7 +167,7 @@ class CacheState:
                 t["step_diff"] = torch.full((1,), math.nan, device=dev)
             t["cal_nodes"] = zeros((3,), torch.float32)
             for k, r in enumerate(plan.residuals):
-                t[f"residual_{k}"] = sized((plan.history, *r.shape), r.dtype)
+                t[f"residual_{k}"] = sized((plan.history_of(k), *r.shape), r.dtype)
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)
         t["hist_diff"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), math.nan, device=dev)
         t["hist_meta"] = torch.zeros((guard.HISTORY, 2), dtype=torch.int64, device=dev)

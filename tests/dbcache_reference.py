@@ -31,6 +31,13 @@ class RefConfig:
     refresh: int | None = None  # force_refresh_step_hint
     repeat: bool = False  # force_refresh_step_policy="repeat"
     share: bool = False  # cfg_diff_compute_separate=False: later slots take slot 0's diff of the step
+    streams: str = "all"  # calibrated_streams: "all", "hidden" or "encoder" (every stream but "hidden")
+    values: bool = False  # calibrator_cache_type="hidden_states": forecast M's output, not its residual
+
+    def calibrates(self, key: str) -> bool:
+        """Whether the calibrator forecasts stream ``key`` (else its last residual is reused)."""
+        on = self.calibrator is not None or self.order > 0
+        return on and (self.streams == "all" or (key == "hidden") == (self.streams == "hidden"))
 
 
 def context_of(step: int, hint: int | None, repeat: bool) -> tuple[int, int]:
@@ -163,26 +170,34 @@ class RefCache:
         self.decisions.append((step, slot, cache))
         return cache
 
-    def residuals(self, slot: int) -> dict:
-        st = self.slots[slot]
+    def residuals(self, slot: int, entries: dict | None = None) -> dict:
+        """The residual per stream a cached step adds to M's entry ``entries`` (needed with
+        ``values``: the forecast is then of M's output, and the residual is it minus the entry)."""
+        c, st = self.cfg, self.slots[slot]
         step = self.decisions[-1][0]
-        if self.cfg.calibrator == "foca":
+        if c.calibrator == "foca":
             if len(st.used) == 0 or st.used[-1][0] != step:  # forecast once per step, then reuse
                 fc = {k: foca_forecast([(s, r[k]) for s, r in st.history], [u[k] for _, u in st.used], step,
-                                       self.cfg.foca_slope)
+                                       c.foca_slope)
                       for k in st.residuals}
                 st.used.append((step, fc))
-            return st.used[-1][1]
-        if self.cfg.order == 0:
-            return st.residuals
-        fc = taylor_forecast if self.cfg.form == "taylor" else newton_forecast
-        return {k: fc([(s, r[k]) for s, r in st.history], step, self.cfg.order) for k in st.residuals}
+            fc = st.used[-1][1]
+        elif c.order == 0:
+            fc = st.residuals
+        else:
+            form = taylor_forecast if c.form == "taylor" else newton_forecast
+            fc = {k: form([(s, r[k]) for s, r in st.history], step, c.order) for k in st.residuals}
+        fc = {k: v if c.calibrates(k) else st.residuals[k] for k, v in fc.items()}
+        return {k: v - entries[k] if c.values and c.calibrates(k) else v for k, v in fc.items()}
 
-    def store(self, slot: int, residuals: dict) -> None:
-        st = self.slots[slot]
-        st.residuals = residuals
-        st.history.append((self.decisions[-1][0], residuals))
-        st.used.append((self.decisions[-1][0], residuals))
+    def store(self, slot: int, residuals: dict, entries: dict | None = None) -> None:
+        """Keep a computed step's middle residuals (with ``values``: M's outputs, entry + residual,
+        for the calibrated streams)."""
+        c, st = self.cfg, self.slots[slot]
+        kept = {k: entries[k] + r if c.values and c.calibrates(k) else r for k, r in residuals.items()}
+        st.residuals = kept
+        st.history.append((self.decisions[-1][0], kept))
+        st.used.append((self.decisions[-1][0], kept))
 
 
 def sequential_temb(model, x, t):
@@ -207,12 +222,12 @@ def cache_blocks(cache: RefCache, blocks, h: torch.Tensor, run, step: int, slot:
     for b in blocks[:c.Fn]:
         h = run(b, h)
     if cache.decide(step, slot, h - h0):
-        h = h + cache.residuals(slot)["hidden"]
+        h = h + cache.residuals(slot, {"hidden": h})["hidden"]
     else:
         hf = h
         for b in blocks[c.Fn:n - c.Bn]:
             h = run(b, h)
-        cache.store(slot, {"hidden": h - hf})
+        cache.store(slot, {"hidden": h - hf}, {"hidden": hf})
     for b in blocks[n - c.Bn:]:
         h = run(b, h)
     return h
@@ -315,9 +330,10 @@ def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
         if k < c.Fn - 1:
             hs = control(k, hs)
     if cache.decide(step, slot, hs - h0):
-        hs = hs + cache.residuals(slot)["hidden"]
-        if "encoder" in cache.residuals(slot):
-            enc = enc + cache.residuals(slot)["encoder"]
+        r = cache.residuals(slot, {"hidden": hs, "encoder": enc})
+        hs = hs + r["hidden"]
+        if "encoder" in r:
+            enc = enc + r["encoder"]
     else:
         hf, ef = hs, enc
         hs = control(c.Fn - 1, hs)
@@ -328,7 +344,7 @@ def run_flux(model, kw: dict, cache: RefCache, step: int, slot: int = 0):
         res = {"hidden": hs - hf}
         if c.Bn > 0:  # with Bn = 0 the encoder stream leaves M unused (dead in the graph)
             res["encoder"] = enc - ef
-        cache.store(slot, res)
+        cache.store(slot, res, {"hidden": hf, "encoder": ef})
     hs = control(n - c.Bn - 1, hs)
     for k in range(n - c.Bn, n):
         hs, enc = run(stack[k][0], hs, enc)

@@ -400,13 +400,14 @@ def run_reference(model: RandomDiT, inputs: dict, cache: RefCache, step: int, sl
     # a join of the streams inside M: the residual is the joined stream's, against F's streams joined
     hf, ef = model.joined(stack[m_first:m_last + 1], h, enc)
     if cache.decide(step, slot, hf_decide - h0):
-        res = cache.residuals(slot)
+        res = cache.residuals(slot, {"hidden": hf, "encoder": ef})
         h = hf + res["hidden"]
         enc = ef + res["encoder"] if ef is not None else None
     else:
         for item in stack[m_first:m_last + 1]:
             h, enc = model.run_item(item, h, enc, ctx)
-        cache.store(slot, {"hidden": h - hf, **({"encoder": enc - ef} if enc is not None else {})})
+        cache.store(slot, {"hidden": h - hf, **({"encoder": enc - ef} if enc is not None else {})},
+                    {"hidden": hf, "encoder": ef})
     for item in stack[m_last + 1:]:  # glue between M and B, then B
         h, enc = model.run_item(item, h, enc, ctx)
     return model.epilogue(h, ctx)
@@ -435,6 +436,9 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     cfg.share = r.random() < 0.3  # cfg_diff_compute_separate=False (a CFG model's later calls)
     if cfg.calibrator == "foca":
         cfg.foca_slope = r.choice(("gap", "step"))
+    if cfg.calibrator is not None:  # drawn last: what to forecast (the text stream only where there is one)
+        cfg.streams = r.choice(("all", "all", "hidden", "encoder") if spec.two_streams else ("all", "all", "hidden"))
+        cfg.values = r.random() < 0.3
     return cfg
 
 
@@ -450,6 +454,9 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
         opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
     elif cfg.calibrator == "foca":
         opts.update(calibrator="foca", foca_slope=cfg.foca_slope)
+    if cfg.calibrator is not None:
+        opts.update(calibrated_streams=cfg.streams,
+                    calibrator_cache_type="hidden_states" if cfg.values else "residual")
     return opts
 
 
@@ -462,6 +469,10 @@ def features(spec: DiTSpec) -> set[str]:
         out.add(f"calibrator=taylorseer{cfg.order}" + (f" {cfg.form}" if cfg.order > 1 else ""))
     else:
         out.add(f"calibrator={cfg.calibrator}" + (f" {cfg.foca_slope}" if cfg.calibrator == "foca" else ""))
+    if cfg.calibrator is not None:
+        out.add(f"calibrated_streams={cfg.streams}")
+        if cfg.values:
+            out.add("calibrator_cache_type=hidden_states")
     if cfg.max_accumulated is not None:
         out.add("accumulated_budget")
     if cfg.downsample > 1:

@@ -259,25 +259,44 @@ def test_a_refresh_starts_the_calibrators_history_again_like_the_reference(calib
     assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
 
 
-def test_tiny_flux_foca_forecasts_both_streams_like_the_reference():
+@pytest.mark.parametrize("calibrator,order,streams,values", [
+    ("foca", 0, "all", False),
+    ("taylorseer", 2, "hidden", False),  # the text stream reuses its last residual
+    ("foca", 0, "encoder", True),  # the hidden stream reuses its residual; FoCa forecasts the text stream's output
+    ("taylorseer", 1, "all", True),  # M's outputs, both streams
+], ids=["foca", "taylorseer2_hidden", "foca_encoder_values", "taylorseer1_values"])
+def test_tiny_flux_calibrators_forecast_the_streams_like_the_reference(calibrator, order, streams, values):
+    from cdcompile.runtime import cached_states
     from cdcompile.testing import tiny_flux
     from dbcache_reference import run_flux
     from test_block_cache import _flux_trajectory
 
-    cfg = RefConfig(Fn=2, Bn=1, threshold=0.4, warmup=2, max_continuous=3, calibrator="foca")
+    cfg = RefConfig(Fn=2, Bn=1, threshold=0.4, warmup=2, max_continuous=3, calibrator=calibrator, order=order,
+                    streams=streams, values=values)
     m = tiny_flux()
     c = torch.compile(m, backend="cachedit", fullgraph=True, options={
-        "compiler": "aot_eager", "Fn_compute_blocks": 2, "Bn_compute_blocks": 1, "calibrator": "foca",
+        "compiler": "aot_eager", "Fn_compute_blocks": 2, "Bn_compute_blocks": 1, "calibrator": calibrator,
+        "taylorseer_order": order or None, "calibrated_streams": streams,
+        "calibrator_cache_type": "hidden_states" if values else "residual",
         "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
         "max_continuous_cached_steps": cfg.max_continuous})
     ref = RefCache(cfg)
-    with torch.no_grad():
+    with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
         for s, kw in enumerate(_flux_trajectory(m, 10)):
             torch.testing.assert_close(c(**kw)[0], run_flux(m, kw, ref, s), rtol=1e-4, atol=1e-4,
                                        msg=lambda msg: f"step {s}: {msg}")
     cached = [s for s, _, hit in ref.decisions if hit]
     assert len(cached) >= 4 and "encoder" in ref.slots[0].residuals
     assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+    # a stream left out keeps one residual, not the calibrator's history
+    ((_, state),) = cached_states(m)
+    history = 4 if calibrator == "foca" else order + 1
+    kept = {k: state.tensors_by_name[f"residual_{k}"].shape[1] for k in range(2)}
+    (report,) = [r.cache for r in reports if r.cache]
+    labels = report["streams"]
+    assert sorted(labels) == ["encoder", "hidden"] and report["calibrated"] == [
+        label for label in labels if cfg.calibrates(label)]
+    assert kept == {k: history if cfg.calibrates(label) else 1 for k, label in enumerate(labels)}
 
 
 @pytest.mark.parametrize("opts,calibrator,order", [
@@ -305,6 +324,11 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
     ({"calibrator": "foca", "taylorseer_form": "newton"}, r"'taylorseer_form'.*unless TaylorSeer is on"),
     ({"calibrator": "foca", "foca_slope": "per_step"}, r"'foca_slope'.*'per_step'.*\"gap\".*\"step\""),
     ({"calibrator": "taylorseer", "foca_slope": "step"}, r"'foca_slope'.*'step'.*unless calibrator=\"foca\""),
+    ({"calibrator": "foca", "calibrated_streams": "text"}, r"'calibrated_streams'.*'text'.*\"all\" or \"hidden\" or "),
+    ({"calibrated_streams": "hidden"}, r"'calibrated_streams'.*'hidden'.*the default \"all\" unless a calibrator is on"),
+    ({"calibrator": "foca", "calibrator_cache_type": "hidden"},
+     r"'calibrator_cache_type'.*'hidden'.*\"residual\" or \"hidden_states\""),
+    ({"calibrator_cache_type": "hidden_states"}, r"'calibrator_cache_type'.*unless a calibrator is on"),
 ])
 def test_bad_calibrator_options_are_value_errors_naming_the_key(opts, match):
     with pytest.raises(ValueError, match=match):

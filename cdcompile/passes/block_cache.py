@@ -29,7 +29,9 @@ Algorithm (reference/algorithms.md §1, §5):
    sample (or per token) that feeds a sinusoidal embedding (``sin``/``cos``).
 4. Branch. ``torch.ops.higher_order.cond(cache, cache_branch, compute_branch, operands)``: the
    compute branch is M copied into a subgraph; the cache branch returns ``entry + residual`` per
-   stream. Both return contiguous tensors that alias nothing.
+   stream (the calibrator's forecast of the residual, or of M's output itself with
+   ``calibrator_cache_type="hidden_states"``). Both return contiguous tensors that alias nothing
+   (not even each other: a stream's output is not returned twice).
 5. State. Anchor, residuals, counters and history are new placeholders appended after Dynamo's;
    :func:`cdcompile.guard.commit` updates them in place *outside* the cond (torch.export refuses
    mutation inside a branch).
@@ -91,6 +93,10 @@ class CachePlan:
     num_inference_steps: int | None = None
     budget: float | None = None  # max_accumulated_residual_diff_threshold (None: no slot_acc state)
     share_diff: bool = False  # cfg_diff_compute_separate=False: step_diff state
+    # calibrated_streams: per residual stream, whether the calibrator forecasts it (() = all of them);
+    # a stream it does not keeps the last residual alone (history 1)
+    calibrated: tuple[bool, ...] = ()
+    values: bool = False  # calibrator_cache_type="hidden_states": calibrated streams keep M's output
     downsample: int = 1  # downsample_factor: anchors keep every downsample-th channel (guard.downsample)
     prune_blocks: list["PruneBlockPlan"] | None = None  # DBPrune: the prunable blocks' state
     num_blocks: int = 0  # N, the stack's blocks
@@ -104,6 +110,18 @@ class CachePlan:
         if self.calibrator == "foca":
             return calibrators.FOCA_HISTORY
         return self.order + 1
+
+    def calibrates(self, k: int) -> bool:
+        """Whether the calibrator forecasts residual stream ``k``."""
+        return self.calibrator is not None and (not self.calibrated or self.calibrated[k])
+
+    def history_of(self, k: int) -> int:
+        """Entries kept for residual stream ``k``: the calibrator's history, or the last residual."""
+        return self.history if self.calibrates(k) else 1
+
+    def keeps_value(self, k: int) -> bool:
+        """Whether stream ``k`` keeps M's output (calibrator_cache_type="hidden_states"), not its residual."""
+        return self.values and self.calibrates(k)
 
     # Dynamic sizes (a graph Dynamo compiled with symbolic token counts): each symbol in the state's
     # shapes -> (graph input position, dim) it is read from at call time; empty for static shapes.
@@ -366,7 +384,15 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
         share_diff=not cfg.cfg_diff_compute_separate,
+        calibrated=tuple(cfg.calibrated_streams == "all" or (label == "hidden") == (cfg.calibrated_streams == "hidden")
+                         for label, _, _ in pairs),
+        values=cfg.calibrator_cache_type == "hidden_states",
         size_sources=sources)
+    forecast = [label for k, (label, _, _) in enumerate(pairs) if plan.calibrates(k)]
+    if plan.calibrator is not None and not forecast:
+        warnings.warn(f"cachedit: calibrated_streams={cfg.calibrated_streams!r} selects none of the streams M "
+                      f"changes ({', '.join(label for label, _, _ in pairs)}): the {plan.calibrator} calibrator "
+                      "forecasts nothing; use calibrated_streams=\"all\"", stacklevel=2)
     inputs, floats = _branch.specialize_floats(inputs)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
@@ -377,6 +403,8 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
                     "middle_ops": len(region), "branch_operands": len(inputs),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats,
                     "guard": cfg.guard_rule()}
+    if plan.calibrator is not None:
+        report.cache["calibrated"] = forecast
     if checked:
         report.cache["runtime_size_checks"] = [
             f"{label} dim {d}: {_fx.fake_value(o).shape[d]} == {_fx.fake_value(e).shape[d]}"
@@ -626,21 +654,21 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checke
         state_nodes[name] = new.placeholder(f"cdcompile_{name}")
     plan.state_names = list(state_nodes)
 
-    # FoCa's state moves on cached steps too, by the residual the call used: both branches
-    # return it after the streams (the computed residual | the forecast).
-    used = plan.calibrator == "foca"
+    # FoCa's state moves on cached steps too, by the residual the call used: both branches return it
+    # after the streams (the computed residual | the forecast), for each stream FoCa forecasts. A
+    # stream that keeps M's output (calibrator_cache_type="hidden_states") used the stream's value.
+    used = _foca_used(plan, len(pairs))
 
     def compute_outputs(g, env, res):
         outs = [_branch.checked_exit(g, env[o], env[e], checked[o], _fx.fake_value(e)) if o in (checked or {})
                 else env[o] for _, e, o in pairs]
-        if used:
-            outs += [g.call_function(torch.sub, (x, env[e])) for (_, e, _), x in zip(pairs, outs)]
-        return outs
+        return outs + [g.call_function(torch.sub, (outs[k], env[pairs[k][1]])) for k in used]
 
     def cache_outputs(g, env, res):
         fc = [g.call_function(calibrators.forecast, (res[k], res[-1])) for k in range(len(pairs))]
-        outs = [g.call_function(torch.add, (env[e], f)) for (_, e, _), f in zip(pairs, fc)]
-        return outs + fc if used else outs
+        outs = [f if plan.keeps_value(k) else g.call_function(torch.add, (env[e], f))
+                for k, ((_, e, _), f) in enumerate(zip(pairs, fc))]
+        return outs + [fc[k] for k in used]
 
     compute_gm = _branch.subgraph(gm, inputs, pulled, len(pairs), region, compute_outputs, "ComputeMiddle")
     cache_gm = _branch.subgraph(gm, inputs, pulled, len(pairs), [], cache_outputs, "ReuseMiddle")
@@ -697,14 +725,22 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     true_fn = g.get_attr("cdcompile_cache_branch")
     false_fn = g.get_attr("cdcompile_compute_branch")
     cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
+    used = _foca_used(plan, len(pairs))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
-        used = call(_getitem, (cond, len(pairs) + k)) if plan.calibrator == "foca" else None
+        value = (call(_getitem, (cond, len(pairs) + used.index(k))) if k in used
+                 else env[out] if plan.calibrator == "foca" and plan.keeps_value(k) else None)
         call(guard.commit_residual, (cache, over, st[f"residual_{k}"], row, res_slots[k], env[out], env[entry],
-                                     step, nodes, ctr, used, plan.form))
+                                     step, nodes, ctr, value, plan.form), dict(keep_value=plan.keeps_value(k)))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, over, diff, idx, row, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
+
+
+def _foca_used(plan: CachePlan, streams: int) -> list[int]:
+    """The streams whose used residual the branches return after the streams: FoCa's, but for those
+    that keep M's output (the branch's output for the stream is then the value used)."""
+    return [k for k in range(streams) if plan.calibrator == "foca" and plan.calibrates(k) and not plan.keeps_value(k)]
 
 
 def _refresh(call, step, slot, new_req, cfg):
