@@ -125,7 +125,8 @@ class CacheConfig:
         keeps one residual, not the calibrator's history.
     calibrator_cache_type: "residual" (default: the calibrator forecasts M's residual, added to F's
         output) or "hidden_states" (cache-dit's option of that name: it forecasts M's output itself,
-        which a cached step then uses as it is, whatever F's output). For the calibrated streams.
+        which a cached step then uses as it is, whatever F's output; DBPrune: a pruned block's
+        residual or output). For the calibrated streams.
 
     DBPrune (algorithms.md §4):
     cache_type: "dbcache" (default: one decision per call skips the middle blocks) or "dbprune":
@@ -133,7 +134,8 @@ class CacheConfig:
         hidden state with its input at the step it was last computed (relative mean-abs L1 against
         residual_diff_threshold); a pruned block adds its cached residual (per stream) instead of
         running. Warmup, masks, CFG slots, requests and the step limits are DBCache's; a step
-        counts as cached when any block was pruned. Calibrators are DBCache-only.
+        counts as cached when any block was pruned. A calibrator forecasts each pruned block's
+        residual from the steps that block computed.
     non_prune_block_ids: indices into the stack (0..N-1) of blocks never pruned, besides F and B;
         checked against N at compile time.
     enable_dynamic_prune_threshold: per block, use max(threshold, 1.25 * mean of the first 5
@@ -367,9 +369,6 @@ class CacheConfig:
             for name in tuned if not self.enable_dynamic_prune_threshold else ():
                 warnings.warn(f"cachedit: {name} is ignored without enable_dynamic_prune_threshold=True",
                               stacklevel=4)
-            if self.calibrator is not None:
-                _bad("calibrator", self.calibrator.value,
-                     'None with cache_type="dbprune" (calibrators forecast the DBCache middle residual)')
             return
         for name in ("non_prune_block_ids", "enable_dynamic_prune_threshold", *tuned):
             if getattr(self, name) != _DEFAULTS[name]:
@@ -446,8 +445,9 @@ class CacheConfig:
         ``enable_separate_cfg=None`` (cache-dit decides per pipeline) the hint is taken as steps,
         with a warning.
         Its CFG flags are not needed (CFG slots come from the timestep). What has no counterpart
-        raises ValueError naming it: ``force_reduce_calibrator_vram=True``, calibrators other
-        than TaylorSeer and FoCa, calibrator kwargs. ``enable_calibrator`` /
+        raises ValueError naming it: calibrators other than TaylorSeer and FoCa, calibrator
+        kwargs. ``force_reduce_calibrator_vram=True`` with a calibrator makes ``downsample_factor``
+        at least 4, as in cache-dit. ``enable_calibrator`` /
         ``enable_encoder_calibrator`` become ``calibrated_streams``.
         """
         return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
@@ -480,7 +480,9 @@ class CacheConfig:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
                          + (" (slope per step)" if self.foca_slope == calibrators.STEP else "")
-                         + (", of M's output" if self.calibrator_cache_type == "hidden_states" else "")
+                         + (" per block" if self.cache_type is CacheType.DBPRUNE else "")
+                         + ((", of each block's output" if self.cache_type is CacheType.DBPRUNE else ", of M's output")
+                            if self.calibrator_cache_type == "hidden_states" else "")
                          + {"all": "", "hidden": ", for the hidden stream alone",
                             "encoder": ", for the streams besides the hidden one"}[self.calibrated_streams])
         return "; ".join(parts)
@@ -533,8 +535,8 @@ _CACHE_DIT = {
     "taylorseer_cache_type": _CALIBRATOR, "taylorseer_kwargs": _CALIBRATOR,
     "do_separate_classifier_free_guidance": _SEPARATE_CFG,
     "l1_hidden_states_diff_threshold": "not implemented: the cache keeps residuals; use residual_diff_threshold",
-    "force_reduce_calibrator_vram": ("downsample_factor=k keeps every k-th channel of each "
-                                     "block's input as DBPrune's anchor (the residuals stay whole)"),
+    "force_reduce_calibrator_vram": ("downsample_factor=4 (or more) keeps every 4th channel of each "
+                                     "block's input as DBPrune's anchor, as cache-dit's option does with a calibrator"),
     "cache_config": ("cdcompile.enable(pipe, cache_config=..., calibrator_config=...) takes it; for "
                      "torch.compile, options=CacheConfig.from_cache_dit(cache_config, calibrator_config)"),
     "calibrator_config": ("cdcompile.enable(pipe, cache_config=..., calibrator_config=...) takes it; for "
@@ -567,10 +569,16 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
         elif name in _CFG_FLAGS:
             continue
         elif name == "force_reduce_calibrator_vram":
-            if value:
-                refuse(name, value)
+            continue
         else:
             refuse(name, value)
+    if getattr(cache_config, "force_reduce_calibrator_vram", False):
+        # cache-dit's DBPrune then compares (and keeps as anchors) every 4th channel or fewer
+        if calibrator_config is None:
+            warnings.warn("CacheConfig.from_cache_dit: force_reduce_calibrator_vram=True does nothing without a "
+                          "calibrator_config (as in cache-dit)", stacklevel=3)
+        else:
+            out["downsample_factor"] = max(4, out.get("downsample_factor", 1))
     hint = out.get("force_refresh_step_hint")
     separate = getattr(cache_config, "enable_separate_cfg", None)
     if hint is not None and separate:

@@ -32,8 +32,10 @@ slot and no more):
 
 DBPrune (cache_type="dbprune") keeps no ``anchor``/``residual_k``/``cal_nodes`` but, per prunable
 block ``b`` (its index in the stack), ``anchor_b{b}`` (C, *hidden input) and ``residual_b{b}_{label}``
-(C, *stream) per stream the block changes, plus ``hist_pruned`` int16 (H, S, T), the blocks pruned
-per call; ``hist_diff`` then holds the mean of the call's block diffs.
+(C, n+1, *stream) per stream the block changes, with a calibrator ``cal_b{b}`` float32 (S, 4) (the
+block's last computed steps, most recent first, and how many times it computed in the request),
+plus ``hist_pruned`` int16 (H, S, T), the blocks pruned per call; ``hist_diff`` then holds the mean
+of the call's block diffs.
 """
 
 from __future__ import annotations
@@ -290,14 +292,15 @@ def _record(cache, diff, idx, step, slot, new_req, counters, hist_flag, hist_dif
 
 def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Tensor, row: torch.Tensor,
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
-                    step: torch.Tensor, nodes: torch.Tensor, ctr: torch.Tensor,
+                    step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor,
                     used: torch.Tensor | None = None, form: str = calibrators.TAYLOR, *,
                     keep_value: bool = False) -> None:
     """Store the middle residual of one stream (and its divided differences) in the slot's
     ``row``: kept on cached steps and overflow calls, ``exit - entry`` on computed ones (with
-    ``keep_value``, calibrator_cache_type="hidden_states": ``exit``, M's output). ``used`` (FoCa)
-    is what the branch used: the state's window moves on every step of a slot
-    (cdcompile.calibrators)."""
+    ``keep_value``, calibrator_cache_type="hidden_states": ``exit``, M's output). ``nodes`` and
+    ``computed`` are the calibrator's computed steps and their count before this call. ``used``
+    (FoCa) is what the branch used: the state's window moves on every step of a slot
+    (cdcompile.calibrators). DBPrune stores each block's residual with it (cache = pruned)."""
     if used is not None:
         residual.index_put_((row,), calibrators.foca_update(cache, used, res_slot, over).unsqueeze(0))
         return
@@ -305,7 +308,7 @@ def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Ten
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
     else:
-        new = calibrators.differences(y, res_slot, step, nodes, ctr[3], form)
+        new = calibrators.differences(y, res_slot, step, nodes, computed, form)
     residual.index_put_((row,), torch.where(cache | over, res_slot, new).unsqueeze(0))
 
 
@@ -372,11 +375,21 @@ def prune_commit_block(prune: torch.Tensor, over: torch.Tensor, row: torch.Tenso
     anchor.index_put_((row,), torch.where(prune | over, a, h).unsqueeze(0))
 
 
-def prune_commit_residual(prune: torch.Tensor, over: torch.Tensor, row: torch.Tensor, res_slot: torch.Tensor,
-                          exit_value: torch.Tensor, entry_value: torch.Tensor, residual: torch.Tensor) -> None:
-    """One stream's residual of the block: kept when pruned or in an overflow call, ``exit - entry``
-    when computed."""
-    residual.index_put_((row,), torch.where(prune | over, res_slot, exit_value - entry_value).unsqueeze(0))
+def prune_calibration(cal: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's calibrator clock in the slot: ``(nodes, computed)``, its last three computed
+    steps and how many times it computed in this request. Every block of a slot computes on the
+    slot's first call of a request (no anchor yet), so the slot's ``has_anchor`` counter, zeroed by
+    a new request, tells a count of an earlier request (read as 0)."""
+    mine = cal.index_select(0, idx)[0]
+    return mine[:3], torch.where(ctr[0] > 0, mine[3], torch.zeros_like(mine[3]))
+
+
+def prune_commit_calibration(prune: torch.Tensor, over: torch.Tensor, cal: torch.Tensor, idx: torch.Tensor,
+                             nodes: torch.Tensor, computed: torch.Tensor, step: torch.Tensor) -> None:
+    """A block that computed (not in an overflow call) shifts its computed steps and counts one more."""
+    kept = torch.cat([nodes, computed.reshape(1)])
+    moved = torch.cat([step.to(cal.dtype).reshape(1), nodes[:2], (computed + 1).reshape(1)])
+    cal.index_put_((idx,), torch.where(prune | over, kept, moved).unsqueeze(0))
 
 
 def prune_commit(acc: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor, slot_ctr: torch.Tensor,

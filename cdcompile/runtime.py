@@ -156,8 +156,10 @@ class CacheState:
             t["slot_ctr"] = zeros((4,), torch.int64)
             for b in plan.prune_blocks:
                 t[b.anchor_name] = anchor(b.anchor.shape, b.anchor.dtype)
-                for r in b.residuals:
-                    t[b.residual_name(r.label)] = sized(r.shape, r.dtype)
+                if b.cal_name:
+                    t[b.cal_name] = zeros((4,), torch.float32)
+                for k, r in enumerate(b.residuals):
+                    t[b.residual_name(r.label)] = sized((b.history_of(k), *r.shape), r.dtype)
         else:
             t["anchor"] = anchor(plan.anchor.shape, plan.anchor.dtype)
             t["slot_ctr"] = zeros((4,), torch.int64)

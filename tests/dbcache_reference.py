@@ -13,24 +13,13 @@ import torch
 
 
 @dataclasses.dataclass
-class RefConfig:
-    Fn: int = 1
-    Bn: int = 0
-    threshold: float = 0.08
-    warmup: int = 8
-    interval: int = 1
-    max_cached: int = -1
-    max_continuous: int = -1
+class RefCalibration:
+    """The calibrator's options, shared by the DBCache and DBPrune references."""
+
     order: int = 0  # TaylorSeer order
     form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
     calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
     foca_slope: str = "gap"  # FoCa's DF: "gap" (algorithms.md: F_full - F_full_prev) or "step" (/ w)
-    max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
-    downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
-    important: float = 0.0  # important_condition_threshold
-    refresh: int | None = None  # force_refresh_step_hint
-    repeat: bool = False  # force_refresh_step_policy="repeat"
-    share: bool = False  # cfg_diff_compute_separate=False: later slots take slot 0's diff of the step
     streams: str = "all"  # calibrated_streams: "all", "hidden" or "encoder" (every stream but "hidden")
     values: bool = False  # calibrator_cache_type="hidden_states": forecast M's output, not its residual
 
@@ -38,6 +27,55 @@ class RefConfig:
         """Whether the calibrator forecasts stream ``key`` (else its last residual is reused)."""
         on = self.calibrator is not None or self.order > 0
         return on and (self.streams == "all" or (key == "hidden") == (self.streams == "hidden"))
+
+    def calibrator_options(self) -> dict:
+        """The backend's options for these fields."""
+        if self.calibrator is None and self.order == 0:
+            return {}
+        opts = {"calibrated_streams": self.streams,
+                "calibrator_cache_type": "hidden_states" if self.values else "residual"}
+        if self.calibrator == "foca":
+            return {**opts, "calibrator": "foca", "foca_slope": self.foca_slope}
+        return {**opts, "calibrator": "taylorseer", "taylorseer_order": self.order, "taylorseer_form": self.form}
+
+    def kept(self, residuals: dict, entries: dict | None) -> dict:
+        """What a computed step keeps per stream: its residual, or (``values``) the calibrated
+        streams' output, entry + residual."""
+        return {k: entries[k] + r if self.values and self.calibrates(k) else r for k, r in residuals.items()}
+
+    def forecast(self, history: list, used: list, last: dict, step: int, entries: dict | None) -> dict:
+        """The residual per stream a skipped step adds to its entry ``entries``: the calibrator's
+        forecast at ``step`` from ``history``, the (step, kept) of the computed steps (and FoCa's
+        ``used``, the values used at each step, which this extends), or the ``last`` kept."""
+        if self.calibrator == "foca":
+            if len(used) == 0 or used[-1][0] != step:  # forecast once per step, then reuse
+                used.append((step, {k: foca_forecast([(s, r[k]) for s, r in history], [u[k] for _, u in used],
+                                                     step, self.foca_slope) for k in last}))
+            fc = used[-1][1]
+        elif self.order == 0:
+            fc = last
+        else:
+            form = taylor_forecast if self.form == "taylor" else newton_forecast
+            fc = {k: form([(s, r[k]) for s, r in history], step, self.order) for k in last}
+        fc = {k: v if self.calibrates(k) else last[k] for k, v in fc.items()}
+        return {k: v - entries[k] if self.values and self.calibrates(k) else v for k, v in fc.items()}
+
+
+@dataclasses.dataclass
+class RefConfig(RefCalibration):
+    Fn: int = 1
+    Bn: int = 0
+    threshold: float = 0.08
+    warmup: int = 8
+    interval: int = 1
+    max_cached: int = -1
+    max_continuous: int = -1
+    max_accumulated: float | None = None  # max_accumulated_residual_diff_threshold
+    downsample: int = 1  # downsample_factor: the guard sees every k-th channel of the residual
+    important: float = 0.0  # important_condition_threshold
+    refresh: int | None = None  # force_refresh_step_hint
+    repeat: bool = False  # force_refresh_step_policy="repeat"
+    share: bool = False  # cfg_diff_compute_separate=False: later slots take slot 0's diff of the step
 
 
 def context_of(step: int, hint: int | None, repeat: bool) -> tuple[int, int]:
@@ -173,28 +211,14 @@ class RefCache:
     def residuals(self, slot: int, entries: dict | None = None) -> dict:
         """The residual per stream a cached step adds to M's entry ``entries`` (needed with
         ``values``: the forecast is then of M's output, and the residual is it minus the entry)."""
-        c, st = self.cfg, self.slots[slot]
-        step = self.decisions[-1][0]
-        if c.calibrator == "foca":
-            if len(st.used) == 0 or st.used[-1][0] != step:  # forecast once per step, then reuse
-                fc = {k: foca_forecast([(s, r[k]) for s, r in st.history], [u[k] for _, u in st.used], step,
-                                       c.foca_slope)
-                      for k in st.residuals}
-                st.used.append((step, fc))
-            fc = st.used[-1][1]
-        elif c.order == 0:
-            fc = st.residuals
-        else:
-            form = taylor_forecast if c.form == "taylor" else newton_forecast
-            fc = {k: form([(s, r[k]) for s, r in st.history], step, c.order) for k in st.residuals}
-        fc = {k: v if c.calibrates(k) else st.residuals[k] for k, v in fc.items()}
-        return {k: v - entries[k] if c.values and c.calibrates(k) else v for k, v in fc.items()}
+        st = self.slots[slot]
+        return self.cfg.forecast(st.history, st.used, st.residuals, self.decisions[-1][0], entries)
 
     def store(self, slot: int, residuals: dict, entries: dict | None = None) -> None:
         """Keep a computed step's middle residuals (with ``values``: M's outputs, entry + residual,
         for the calibrated streams)."""
-        c, st = self.cfg, self.slots[slot]
-        kept = {k: entries[k] + r if c.values and c.calibrates(k) else r for k, r in residuals.items()}
+        st = self.slots[slot]
+        kept = self.cfg.kept(residuals, entries)
         st.residuals = kept
         st.history.append((self.decisions[-1][0], kept))
         st.used.append((self.decisions[-1][0], kept))

@@ -11,11 +11,14 @@ import dataclasses
 
 import torch
 
-from dbcache_reference import context_of, relative_l1, sequential_temb
+from dbcache_reference import RefCalibration, context_of, relative_l1, sequential_temb
 
 
 @dataclasses.dataclass
-class PruneConfig:
+class PruneConfig(RefCalibration):
+    """DBPrune's options; the calibrator's (RefCalibration) forecast each block's residual from the
+    steps that block computed."""
+
     Fn: int = 1
     Bn: int = 0
     threshold: float = 0.08
@@ -41,13 +44,15 @@ class PruneConfig:
                 "dynamic_prune_threshold_relax_ratio": self.relax, "max_dynamic_prune_threshold": self.cap,
                 "downsample_factor": self.downsample, "important_condition_threshold": self.important,
                 "force_refresh_step_hint": self.refresh,
-                "force_refresh_step_policy": "repeat" if self.repeat else "once"}
+                "force_refresh_step_policy": "repeat" if self.repeat else "once", **self.calibrator_options()}
 
 
 @dataclasses.dataclass
 class PruneSlot:
     inputs: dict = dataclasses.field(default_factory=dict)  # block -> hidden input when last computed
     residuals: dict = dataclasses.field(default_factory=dict)  # block -> {stream: residual}
+    history: dict = dataclasses.field(default_factory=dict)  # block -> [(step, residuals)] of its computed steps
+    used: dict = dataclasses.field(default_factory=dict)  # block -> [(step, residuals used)] (FoCa's window)
     cached: int = 0  # steps with a pruned block, this request
     run: int = 0  # such steps in a row
     context: int = 0  # the request's cache context (force_refresh_step_hint)
@@ -99,13 +104,20 @@ class RefPrune:
             self.decisions[-1][2].append(b)
         return hit
 
-    def residuals(self, b: int) -> dict:
-        return self.slots[self.slot].residuals[b]
+    def residuals(self, b: int, entries: dict) -> dict:
+        """What pruned block ``b`` adds to its inputs ``entries`` per stream: its last residual, or
+        the calibrator's forecast from the steps the block computed."""
+        st = self.slots[self.slot]
+        return self.cfg.forecast(st.history[b], st.used[b], st.residuals[b], self.step, entries)
 
-    def store(self, b: int, h: torch.Tensor, residuals: dict) -> None:
+    def store(self, b: int, h: torch.Tensor, residuals: dict, entries: dict) -> None:
+        """Block ``b`` computed from its inputs ``entries`` (``h`` the hidden one)."""
         if self.prunable(b):
             st = self.slots[self.slot]
-            st.inputs[b], st.residuals[b] = h[..., ::self.cfg.downsample], residuals
+            kept = self.cfg.kept(residuals, entries)
+            st.inputs[b], st.residuals[b] = h[..., ::self.cfg.downsample], kept
+            st.history.setdefault(b, []).append((self.step, kept))
+            st.used.setdefault(b, []).append((self.step, kept))
 
     def end(self) -> None:
         st = self.slots[self.slot]
@@ -121,10 +133,10 @@ def prune_blocks(ref: RefPrune, blocks, h: torch.Tensor, run, step: int, slot: i
     ref.begin(step, slot)
     for b, block in enumerate(blocks):
         if ref.prune(b, h):
-            h = h + ref.residuals(b)["hidden"]
+            h = h + ref.residuals(b, {"hidden": h})["hidden"]
         else:
             out = run(block, h)
-            ref.store(b, h, {"hidden": out - h})
+            ref.store(b, h, {"hidden": out - h}, {"hidden": h})
             h = out
     ref.end()
     return h
@@ -144,10 +156,10 @@ def run_pair_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
     ref.begin(step, slot)
     for b, block in enumerate(model.blocks):
         if ref.prune(b, h):
-            h = h + ref.residuals(b)["hidden"]
+            h = h + ref.residuals(b, {"hidden": h})["hidden"]
         else:
             out = block(h, temb, p)
-            ref.store(b, h, {"hidden": out - h})
+            ref.store(b, h, {"hidden": out - h}, {"hidden": h})
             h = out
         p = model.update(b, h, p)
     ref.end()
@@ -165,10 +177,10 @@ def run_skip_dit(model, x, t, ref: RefPrune, step: int, slot: int = 0):
     ref.begin(step, slot)
     for b, block in enumerate(blocks):
         if ref.prune(b, h):
-            out = h + ref.residuals(b)["hidden"]
+            out = h + ref.residuals(b, {"hidden": h})["hidden"]
         else:
             out = block(h, temb, outs[n - 1 - b]) if b > k else block(h, temb)
-            ref.store(b, h, {"hidden": out - h})
+            ref.store(b, h, {"hidden": out - h}, {"hidden": h})
         h = outs[b] = out
     ref.end()
     return model.proj_out(h)
@@ -185,11 +197,11 @@ def run_flux(model, kw: dict, ref: RefPrune, step: int, slot: int = 0):
     ref.begin(step, slot)
     for b, block in enumerate(stack):
         if ref.prune(b, hs):
-            res = ref.residuals(b)
+            res = ref.residuals(b, {"hidden": hs, "encoder": enc})
             hs, enc = hs + res["hidden"], enc + res["encoder"]
         else:
             e, h = block(hidden_states=hs, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
-            ref.store(b, hs, {"hidden": h - hs, "encoder": e - enc})
+            ref.store(b, hs, {"hidden": h - hs, "encoder": e - enc}, {"hidden": hs, "encoder": enc})
             hs, enc = h, e
     ref.end()
     return model.proj_out(model.norm_out(hs, temb))

@@ -442,6 +442,22 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     return cfg
 
 
+def draw_prune_config(spec: DiTSpec):
+    """DBPrune with the seed's DBCache draws (F, B, warmup, limits, guard options, calibrator) and
+    some middle blocks never pruned, with a threshold that prunes every block the limits allow: the
+    blocks computed between pruned ones then read the forecasts."""
+    from dbprune_reference import PruneConfig
+
+    c = draw_cache_config(spec)
+    r = random.Random(spec.seed + 2000)
+    middle = list(range(c.Fn, spec.num_blocks - c.Bn))
+    non_prune = [i for i in middle if r.random() < 0.3][:len(middle) - 1]  # one block at least stays prunable
+    return PruneConfig(Fn=c.Fn, Bn=c.Bn, threshold=1e6, warmup=c.warmup, max_cached=c.max_cached,
+                       max_continuous=c.max_continuous, non_prune=tuple(non_prune), downsample=c.downsample,
+                       important=c.important, refresh=c.refresh, repeat=c.repeat, order=c.order, form=c.form,
+                       calibrator=c.calibrator, foca_slope=c.foca_slope, streams=c.streams, values=c.values)
+
+
 def cache_options(cfg: RefConfig, compiler: str) -> dict:
     """The backend's options for the reference's configuration."""
     opts = {"compiler": compiler, "Fn_compute_blocks": cfg.Fn, "Bn_compute_blocks": cfg.Bn,
@@ -450,14 +466,7 @@ def cache_options(cfg: RefConfig, compiler: str) -> dict:
             "max_accumulated_residual_diff_threshold": cfg.max_accumulated, "downsample_factor": cfg.downsample,
             "important_condition_threshold": cfg.important, "force_refresh_step_hint": cfg.refresh,
             "force_refresh_step_policy": "repeat" if cfg.repeat else "once", "cfg_diff_compute_separate": not cfg.share}
-    if cfg.calibrator == "taylorseer":
-        opts.update(calibrator="taylorseer", taylorseer_order=cfg.order, taylorseer_form=cfg.form)
-    elif cfg.calibrator == "foca":
-        opts.update(calibrator="foca", foca_slope=cfg.foca_slope)
-    if cfg.calibrator is not None:
-        opts.update(calibrated_streams=cfg.streams,
-                    calibrator_cache_type="hidden_states" if cfg.values else "residual")
-    return opts
+    return {**opts, **cfg.calibrator_options()}
 
 
 def features(spec: DiTSpec) -> set[str]:
@@ -511,7 +520,7 @@ def run_prune_reference(model: RandomDiT, inputs: dict, ref, step: int, slot: in
             h, enc = model.run_item(item, h, enc, ctx)
             continue
         if ref.prune(b, h):
-            res = ref.residuals(b)
+            res = ref.residuals(b, {"hidden": h, "encoder": enc})
             h = h + res["hidden"]
             if "encoder" in res:
                 enc = enc + res["encoder"]
@@ -520,7 +529,7 @@ def run_prune_reference(model: RandomDiT, inputs: dict, ref, step: int, slot: in
             res = {"hidden": h_out - h}
             if enc is not None and enc_out is not enc:
                 res["encoder"] = enc_out - enc
-            ref.store(b, h, res)
+            ref.store(b, h, res, {"hidden": h, "encoder": enc})
             h, enc = h_out, enc_out
         b += 1
     ref.end()

@@ -386,7 +386,9 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
 @pytest.mark.parametrize("opts", [
     # (one call per step: the step_diff state is written and never read)
     {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "cfg_diff_compute_separate": False},
-    {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2]},
+    # with FoCa over each pruned block's residual
+    {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2],
+     "calibrator": "foca"},
     # TaylorSeer over M's output (the FoCa case above forecasts residuals)
     {"taylorseer_order": 2, "residual_diff_threshold": 0.5, "max_warmup_steps": 2,
      "calibrator_cache_type": "hidden_states"},
@@ -397,7 +399,7 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
     # computes (all channels: 0.137 + 0.126 reach it at step 3; no budget: steps 2-5 cache)
     {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "max_accumulated_residual_diff_threshold": 0.25,
      "downsample_factor": 3},
-], ids=["foca", "dbprune", "taylorseer2_values", "static_mask_refresh", "budget_downsample"])
+], ids=["foca", "dbprune_foca", "taylorseer2_values", "static_mask_refresh", "budget_downsample"])
 def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, opts):
     m = SequentialDiT(depth=4)
     traj = _traj(6)

@@ -21,12 +21,14 @@ import torch
 
 import cdcompile
 from dbcache_reference import RefCache
-from fuzz_dit import (RandomDiT, cache_options, draw_cache_config, draw_spec, features, reference_clock,
-                      run_reference, trajectory)
+from dbprune_reference import RefPrune
+from fuzz_dit import (RandomDiT, cache_options, draw_cache_config, draw_prune_config, draw_spec, features,
+                      reference_clock, run_prune_reference, run_reference, trajectory)
 
 STEPS = 8
 SEEDS = [80, 33, 3, 0, 18, 31, 4, 5, 6, 7, 57, 44, 189]  # 33: text and image joined between the groups
 AOT_SEEDS = [33, 44]
+PRUNE_SEEDS = [14, 68, 21, 42, 26, 9, 33]  # CFG, two groups, bfloat16, every calibrator with its history in use
 
 
 def _seeds(default):
@@ -113,6 +115,35 @@ def test_seed_caches_like_the_reference_at_other_token_counts(seed):
     # seed 12's recompiled graph holds the stream's sizes as SymInts of constant value: allocating
     # the state for them failed ("SymIntArrayRef expected to contain only concrete integers")
     _cached_requests(seed, (0, 3, 0, 5), "eager")
+
+
+@pytest.mark.parametrize("seed", _seeds(PRUNE_SEEDS))
+def test_seed_prunes_like_the_reference(seed):
+    # DBPrune over the seed's stack (draw_prune_config): over two requests, every output equals the
+    # reference's; the blocks pruned per step and slot too (in the second request, on a plain clock)
+    spec = draw_spec(seed)
+    model = RandomDiT(spec).eval()
+    cfg = draw_prune_config(spec)
+    torch._dynamo.reset()
+    pruned = torch.compile(model, backend="cachedit", fullgraph=True, options=cfg.options("eager"))
+    ref = RefPrune(cfg, spec.num_blocks)
+    calls = trajectory(spec, STEPS)
+    with torch.no_grad():
+        for request in range(2):
+            ref.new_request()
+            ref.decisions.clear()
+            for k, (at, fresh) in enumerate(reference_clock(spec, len(calls), first=request == 0)):
+                if fresh:
+                    ref.new_request()
+                for slot, kw in enumerate(calls[k]):
+                    torch.testing.assert_close(pruned(**kw), run_prune_reference(model, kw, ref, at, slot),
+                                               **_tolerance(spec, dict(rtol=1e-4, atol=1e-5)),
+                                               msg=lambda m: f"request {request} step {k} slot {slot} {cfg}: {m}")
+    got = [s["pruned_blocks"] for s in cdcompile.summary(model).as_dict()["requests"][-1]["slots"]]
+    want = [[len(p) for _, sl, p in ref.decisions if sl == j] for j in range(len(calls[0]))]
+    assert got == want, (cfg, str(cdcompile.summary(model)))
+    assert any(map(any, want)), "the limits left nothing pruned: this seed tests no residual"
+    torch._dynamo.reset()
 
 
 def test_the_seeds_exercise_every_choice_of_the_generator():

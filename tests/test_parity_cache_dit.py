@@ -2,8 +2,9 @@
 warm-up and no step limits, cdcompile caches exactly the steps cache-dit caches in the first request,
 and its residual diffs are cache-dit's. With TaylorSeer (the Taylor form of algorithms.md §2, which is
 cache-dit's formula) the images agree too, and so do DBPrune's pruned blocks (with and without the
-dynamic threshold), the steps max_cached_steps and max_continuous_cached_steps allow, and the images
-under force_refresh_step_hint and with the calibrator on some streams or over M's output.
+dynamic threshold, and with calibrators), the steps max_cached_steps and max_continuous_cached_steps
+allow, and the images under force_refresh_step_hint and with the calibrator on some streams or over
+M's output.
 
 Only the first request: cache-dit's later requests drift (reference/algorithms.md §5). Needs the
 ``bench`` extra (cache-dit 1.5.3); skipped without it.
@@ -152,26 +153,49 @@ def test_foca_images_equal_cache_dit_s():
     assert (images["step"] - ref_image).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_dbprune_prunes_the_blocks_cache_dit_prunes(dynamic):
-    # the same DBPruneConfig: the same blocks pruned at every step, the same prune ratio, the same image
-    cfg = cache_dit.DBPruneConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.1,
-                                  max_warmup_steps=WARMUP, enable_dynamic_prune_threshold=dynamic,
-                                  num_inference_steps=STEPS)
+def _prune_parity(cfg: dict) -> list[int]:
+    """cache-dit and cdcompile given the same configs: the same blocks pruned at every step, the
+    same prune ratio, the same image; returns the blocks pruned per step."""
     pipe = trained.load_trained_pipeline()
-    cache_dit.enable_cache(pipe, cache_config=cfg)
+    cache_dit.enable_cache(pipe, **cfg)
     ref_image = _request(pipe, digit=3, seed=0)
     stats = cache_dit.summary(pipe, logging=False)[0]
 
     torch._dynamo.reset()
     pipe = trained.load_trained_pipeline()
-    cdcompile.enable(pipe, compiler="eager", cache_config=cfg)
+    cdcompile.enable(pipe, compiler="eager", **cfg)
     image = _request(pipe, digit=3, seed=0)
     slot = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]
-    assert any(stats.pruned_blocks) and 0 in stats.pruned_blocks[WARMUP:]  # both branches taken
+    # both branches taken: a block pruned, and one computed after the warmup (5 blocks are prunable)
+    assert any(stats.pruned_blocks) and min(stats.pruned_blocks[WARMUP:]) < 5
     assert slot["pruned_blocks"] == list(stats.pruned_blocks)
     assert slot["prune_ratio"] == pytest.approx(stats.pruned_ratio)
     assert (image - ref_image).abs().max() < 1e-4
+    return slot["pruned_blocks"]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dbprune_prunes_the_blocks_cache_dit_prunes(dynamic):
+    _prune_parity(dict(cache_config=cache_dit.DBPruneConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.1, max_warmup_steps=WARMUP,
+        enable_dynamic_prune_threshold=dynamic, num_inference_steps=STEPS)))
+
+
+# A calibrator forecasts each pruned block's residual from the steps that block computed. Without
+# one, threshold 0.2 prunes all 5 prunable blocks or none at each step (0 0 0 0 5 5 5 5 5 0 ...).
+@pytest.mark.parametrize("calibrator,warmup,vram", [
+    (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1), WARMUP, False),
+    (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2), 6, False),  # (see the TaylorSeer test's note)
+    (cache_dit.FoCaCalibratorConfig(), WARMUP, False),
+    # M's output for the hidden stream alone, the anchors on every 4th channel
+    (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1, enable_encoder_calibrator=False,
+                                          calibrator_cache_type="hidden_states"), WARMUP, True),
+], ids=["taylorseer1", "taylorseer2", "foca", "taylorseer1_hidden_states_vram"])
+def test_dbprune_with_a_calibrator_prunes_the_blocks_cache_dit_prunes(calibrator, warmup, vram):
+    pruned = _prune_parity(dict(calibrator_config=calibrator, cache_config=cache_dit.DBPruneConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.2, max_warmup_steps=warmup,
+        num_inference_steps=STEPS, force_reduce_calibrator_vram=vram)))
+    assert set(pruned[warmup:]) - {0, 5}, pruned  # the forecasts change what later blocks see
 
 
 # Bn=1: the text stream leaves M for the last single block, so what a cached step gives it matters
@@ -232,14 +256,16 @@ def test_cache_dits_config_objects_convert_field_by_field():
         max_dynamic_prune_threshold=0.2))
     assert (prune.cache_type.value, prune.non_prune_block_ids, prune.dynamic_prune_threshold_relax_ratio,
             prune.max_dynamic_prune_threshold) == ("dbprune", (3,), 1.5, 0.2)
+    vram = cache_dit.DBPruneConfig(force_reduce_calibrator_vram=True)
+    assert cdcompile.CacheConfig.from_cache_dit(vram, cache_dit.FoCaCalibratorConfig()).downsample_factor == 4
+    with pytest.warns(UserWarning, match="force_reduce_calibrator_vram=True does nothing without a calibrator_config"):
+        assert cdcompile.CacheConfig.from_cache_dit(vram).downsample_factor == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(cache_config=cache_dit.DBCacheConfig(force_refresh_step_hint=9, enable_separate_cfg=True)),
      r"force_refresh_step_hint=9 has no counterpart here: with enable_separate_cfg=True cache-dit refreshes "
      r"between the two CFG calls of step 4; .* use 8 or 10 transformer calls"),
-    (dict(cache_config=cache_dit.DBPruneConfig(force_reduce_calibrator_vram=True)),
-     r"force_reduce_calibrator_vram=True .*downsample_factor"),
     (dict(cache_config=cache_dit.DBCacheConfig(),
           calibrator_config=cache_dit.TaylorSeerCalibratorConfig(calibrator_cache_type="hidden")),
      r"calibrator_cache_type='hidden' has no counterpart here: 'residual' or 'hidden_states'"),

@@ -55,8 +55,15 @@ def _run(cfg: PruneConfig, requests=1, compiler="eager"):
     # a refresh every 4 steps: 4, 5 and 8, 9 warm up again; blocks pruned per step
     # 0 0 5 0 0 0 5 0 0 0 (without: 0 0 5 0 5 5 0 5 5 0)
     PruneConfig(threshold=0.1, warmup=2, refresh=4, repeat=True),
+    # calibrators: each block's residual forecast from the steps that block computed
+    PruneConfig(threshold=0.1, warmup=2, calibrator="taylorseer", order=1),
+    PruneConfig(threshold=0.1, warmup=2, max_continuous=3, calibrator="taylorseer", order=2, form="newton"),
+    PruneConfig(threshold=0.1, warmup=2, calibrator="foca"),
+    PruneConfig(threshold=0.1, warmup=2, calibrator="foca", foca_slope="step", values=True),
+    PruneConfig(threshold=0.1, warmup=2, refresh=5, calibrator="taylorseer", order=2, values=True),
 ], ids=["thr0.1", "limits", "F2B1_nonprune3", "dynamic", "dynamic_relax1.6_cap0.2", "downsample3",
-        "important0.2", "refresh_every4"])
+        "important0.2", "refresh_every4", "taylorseer1", "taylorseer2_newton", "foca", "foca_step_values",
+        "taylorseer2_values_refresh5"])
 def test_sequential_dit_prune_decisions_and_outputs_equal_the_reference(cfg):
     m, ref = _run(cfg, requests=2)
     for request in (-1, -2):  # identical requests prune alike
@@ -172,8 +179,13 @@ def test_each_prunable_block_is_its_own_cond_in_the_graph():
     assert seen["conds"] == 3  # blocks 1, 3, 4
 
 
-def test_tiny_flux_prunes_both_streams_across_both_groups_like_the_reference():
-    cfg = PruneConfig(threshold=0.03, warmup=1)
+@pytest.mark.parametrize("cfg", [
+    PruneConfig(threshold=0.03, warmup=1),
+    PruneConfig(threshold=0.03, warmup=2, calibrator="taylorseer", order=2, streams="hidden"),
+    # block 3 computes on every step from the text stream blocks 1 and 2 forecast
+    PruneConfig(threshold=0.03, warmup=2, non_prune=(3,), calibrator="foca", streams="encoder", values=True),
+], ids=["plain", "taylorseer2_hidden", "foca_encoder_values"])
+def test_tiny_flux_prunes_both_streams_across_both_groups_like_the_reference(cfg):
     m = tiny_flux()  # 2 double + 4 single blocks: one stack of 6; the single blocks slice their outputs
     c = torch.compile(m, backend="cachedit", fullgraph=True, options=cfg.options())
     ref = RefPrune(cfg, 6)
@@ -187,7 +199,7 @@ def test_tiny_flux_prunes_both_streams_across_both_groups_like_the_reference():
     assert slot["pruned_blocks"] == _pruned_per_step(ref)
     pruned = {b for _, _, p in ref.decisions for b in p}
     assert pruned & {1} and pruned & {2, 3, 4, 5}, "prune blocks of both groups"
-    assert 0 < slot["prune_ratio"] < 5 / 6
+    assert 0 < slot["prune_ratio"] < (5 - len(cfg.non_prune)) / 6
 
 
 def test_blocks_reading_a_carried_stream_prune_like_the_reference():
@@ -308,7 +320,6 @@ def test_non_prune_block_ids_beyond_the_stack_is_a_value_error_naming_n():
     ({"cache_type": "dbprune", "non_prune_block_ids": [-1]}, r"'non_prune_block_ids'.*>= 0"),
     ({"cache_type": "dbprune", "non_prune_block_ids": ["2"]}, r"'non_prune_block_ids'"),
     ({"cache_type": "dbprune", "enable_dynamic_prune_threshold": 1}, r"'enable_dynamic_prune_threshold'.*bool"),
-    ({"cache_type": "dbprune", "calibrator": "foca"}, r"'calibrator'.*dbprune"),
     ({"cache_type": "dbprune", "dynamic_prune_threshold_relax_ratio": 0}, r"'dynamic_prune_threshold_relax_ratio': 0;.*> 0"),
     ({"cache_type": "dbprune", "dynamic_prune_threshold_relax_ratio": "2"}, r"'dynamic_prune_threshold_relax_ratio'"),
     ({"cache_type": "dbprune", "residual_diff_threshold": 0.1, "max_dynamic_prune_threshold": 0.1},
@@ -317,7 +328,6 @@ def test_non_prune_block_ids_beyond_the_stack_is_a_value_error_naming_n():
     ({"cache_type": "dbprune", "max_accumulated_residual_diff_threshold": 0.5},
      r"'max_accumulated_residual_diff_threshold': 0.5;.*dbprune"),
     ({"cache_type": "dbprune", "cfg_diff_compute_separate": False}, r"'cfg_diff_compute_separate': False;.*dbprune"),
-    ({"cache_type": "dbprune", "taylorseer_order": 1}, r"'calibrator'.*dbprune"),
 ])
 def test_bad_prune_options_are_value_errors_naming_the_key(opts, match):
     with pytest.raises(ValueError, match=match):

@@ -142,21 +142,40 @@ class CachePlan:
 
 @dataclasses.dataclass
 class PruneBlockPlan:
-    """DBPrune state of one prunable block: its input anchor and one residual per stream."""
+    """DBPrune state of one prunable block: its input anchor, one residual per stream (with the
+    calibrator's history for the streams it forecasts) and, with a calibrator, its clock."""
 
     index: int  # position in the stack (0..N-1)
     anchor: StreamPlan
     residuals: list[StreamPlan]
+    calibrated: tuple[bool, ...] = ()  # per residual: the calibrator forecasts it (() = none)
+    history: int = 1  # entries a calibrated residual keeps (CachePlan.history)
+    values: bool = False  # calibrator_cache_type="hidden_states": calibrated streams keep the block's output
 
     @property
     def anchor_name(self) -> str:
         return f"anchor_b{self.index}"
 
+    @property
+    def cal_name(self) -> str | None:
+        """The block's calibrator clock (guard.prune_calibration), when it forecasts a stream."""
+        return f"cal_b{self.index}" if any(self.calibrated) else None
+
     def residual_name(self, label: str) -> str:
         return f"residual_b{self.index}_{label}"
 
+    def calibrates(self, k: int) -> bool:
+        return bool(self.calibrated) and self.calibrated[k]
+
+    def history_of(self, k: int) -> int:
+        return self.history if self.calibrates(k) else 1
+
+    def keeps_value(self, k: int) -> bool:
+        return self.values and self.calibrates(k)
+
     def state_names(self) -> list[str]:
-        return [self.anchor_name] + [self.residual_name(r.label) for r in self.residuals]
+        return ([self.anchor_name] + ([self.cal_name] if self.cal_name else [])
+                + [self.residual_name(r.label) for r in self.residuals])
 
 
 def run(gm: fx.GraphModule, ctx) -> None:
@@ -384,8 +403,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
         share_diff=not cfg.cfg_diff_compute_separate,
-        calibrated=tuple(cfg.calibrated_streams == "all" or (label == "hidden") == (cfg.calibrated_streams == "hidden")
-                         for label, _, _ in pairs),
+        calibrated=tuple(calibrated(cfg, label) for label, _, _ in pairs),
         values=cfg.calibrator_cache_type == "hidden_states",
         size_sources=sources)
     forecast = [label for k, (label, _, _) in enumerate(pairs) if plan.calibrates(k)]
@@ -654,22 +672,7 @@ def _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checke
         state_nodes[name] = new.placeholder(f"cdcompile_{name}")
     plan.state_names = list(state_nodes)
 
-    # FoCa's state moves on cached steps too, by the residual the call used: both branches return it
-    # after the streams (the computed residual | the forecast), for each stream FoCa forecasts. A
-    # stream that keeps M's output (calibrator_cache_type="hidden_states") used the stream's value.
-    used = _foca_used(plan, len(pairs))
-
-    def compute_outputs(g, env, res):
-        outs = [_branch.checked_exit(g, env[o], env[e], checked[o], _fx.fake_value(e)) if o in (checked or {})
-                else env[o] for _, e, o in pairs]
-        return outs + [g.call_function(torch.sub, (outs[k], env[pairs[k][1]])) for k in used]
-
-    def cache_outputs(g, env, res):
-        fc = [g.call_function(calibrators.forecast, (res[k], res[-1])) for k in range(len(pairs))]
-        outs = [f if plan.keeps_value(k) else g.call_function(torch.add, (env[e], f))
-                for k, ((_, e, _), f) in enumerate(zip(pairs, fc))]
-        return outs + [fc[k] for k in used]
-
+    compute_outputs, cache_outputs = branch_outputs(pairs, checked or {}, plan, plan.calibrator == "foca")
     compute_gm = _branch.subgraph(gm, inputs, pulled, len(pairs), region, compute_outputs, "ComputeMiddle")
     cache_gm = _branch.subgraph(gm, inputs, pulled, len(pairs), [], cache_outputs, "ReuseMiddle")
     gm.add_submodule("cdcompile_compute_branch", compute_gm)
@@ -725,22 +728,61 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     true_fn = g.get_attr("cdcompile_cache_branch")
     false_fn = g.get_attr("cdcompile_compute_branch")
     cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
-    used = _foca_used(plan, len(pairs))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
-        value = (call(_getitem, (cond, len(pairs) + used.index(k))) if k in used
-                 else env[out] if plan.calibrator == "foca" and plan.keeps_value(k) else None)
+    for k, (_, entry, out) in enumerate(pairs):
         call(guard.commit_residual, (cache, over, st[f"residual_{k}"], row, res_slots[k], env[out], env[entry],
-                                     step, nodes, ctr, value, plan.form), dict(keep_value=plan.keeps_value(k)))
+                                     step, nodes, computed, used_value(call, cond, env, pairs, k, plan,
+                                                                        plan.calibrator == "foca"), plan.form),
+             dict(keep_value=plan.keeps_value(k)))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, over, diff, idx, row, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
 
 
-def _foca_used(plan: CachePlan, streams: int) -> list[int]:
-    """The streams whose used residual the branches return after the streams: FoCa's, but for those
-    that keep M's output (the branch's output for the stream is then the value used)."""
-    return [k for k in range(streams) if plan.calibrator == "foca" and plan.calibrates(k) and not plan.keeps_value(k)]
+def calibrated(cfg, label: str) -> bool:
+    """Whether the calibrated_streams option selects stream ``label`` ("encoder": all but "hidden")."""
+    return cfg.calibrated_streams == "all" or (label == "hidden") == (cfg.calibrated_streams == "hidden")
+
+
+# FoCa's state moves on skipped steps too, by the residual the call used: both branches return it
+# after the streams (the computed residual | the forecast), for each stream FoCa forecasts. A stream
+# that keeps M's output (calibrator_cache_type="hidden_states") used the stream's value itself, which
+# the branches return once (outputs alias nothing, not even each other). ``plan``: a CachePlan, or
+# DBPrune's PruneBlockPlan for one block.
+
+def _foca_used(plan, streams: int, foca: bool) -> list[int]:
+    """The streams whose used residual the branches return after the streams."""
+    return [k for k in range(streams) if foca and plan.calibrates(k) and not plan.keeps_value(k)]
+
+
+def branch_outputs(pairs, checked: dict, plan, foca: bool, coef: bool = True):
+    """The output builders of the compute and the reuse branch (``_branch.subgraph``) for the
+    ``(label, entry, exit)`` stream ``pairs``: the exits (checked ones checked) | the entries plus
+    the forecast residuals (or the forecast outputs), then FoCa's used residuals. Without ``coef``
+    (no calibrator in the graph) the reuse branch adds the last residuals."""
+    used = _foca_used(plan, len(pairs), foca)
+
+    def compute(g, env, res):
+        outs = [_branch.checked_exit(g, env[o], env[e], checked[o], _fx.fake_value(e)) if o in checked
+                else env[o] for _, e, o in pairs]
+        return outs + [g.call_function(torch.sub, (outs[k], env[pairs[k][1]])) for k in used]
+
+    def reuse(g, env, res):
+        fc = [g.call_function(calibrators.forecast, (res[k], res[-1] if coef else None)) for k in range(len(pairs))]
+        outs = [fc[k] if plan.keeps_value(k) else g.call_function(torch.add, (env[e], fc[k]))
+                for k, (_, e, _) in enumerate(pairs)]
+        return outs + [fc[k] for k in used]
+
+    return compute, reuse
+
+
+def used_value(call, cond, env, pairs, k: int, plan, foca: bool):
+    """FoCa's used residual (or output) of stream ``k`` after the branch ``cond``; None without FoCa."""
+    used = _foca_used(plan, len(pairs), foca)
+    if k in used:
+        return call(_getitem, (cond, len(pairs) + used.index(k)))
+    return env[pairs[k][2]] if foca and plan.keeps_value(k) else None
 
 
 def _refresh(call, step, slot, new_req, cfg):

@@ -38,15 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import torch
 import torch.fx as fx
 
-from .. import guard
+from .. import calibrators, guard
+from ..config import Calibrator
 from ..distributed import ulysses
 from . import _branch, _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _refresh, _stream_plan,
-                          clock_input, constant_float_arguments, describe_sizes, size_sources)
+                          branch_outputs, calibrated, clock_input, constant_float_arguments, describe_sizes,
+                          size_sources, used_value)
 
 
 @dataclasses.dataclass
@@ -93,6 +96,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     # A checked exit leaves its cond with its entry's shape; the blocks after it read that shape.
     shape_of: dict[fx.Node, torch.Tensor] = {}
     state_values: list[torch.Tensor] = []  # what the state is allocated for
+    history = (calibrators.FOCA_HISTORY if cfg.calibrator is Calibrator.FOCA else cfg.taylorseer_order + 1)
     for r in rewrites:
         for _, e, o in r.pairs:
             if o in r.checked or (e in shape_of and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(o))):
@@ -100,7 +104,9 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         anchor = shape_of.get(r.hidden, _fx.fake_value(r.hidden))
         residuals = [shape_of.get(o, _fx.fake_value(o)) for _, _, o in r.pairs]
         r.plan = PruneBlockPlan(index=r.index, anchor=_stream_plan("hidden", anchor), residuals=[
-            _stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)])
+            _stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)],
+            calibrated=tuple(calibrated(cfg, label) for label, _, _ in r.pairs) if cfg.calibrator else (),
+            history=history, values=cfg.calibrator_cache_type == "hidden_states")
         state_values += [anchor, *residuals]
     fresh = {o for r in rewrites for _, _, o in r.pairs}
     for r in rewrites:
@@ -123,7 +129,15 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
         residuals=[], key_input=key_input, **clock,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
-        prune_blocks=[r.plan for r in rewrites], downsample=cfg.downsample_factor, size_sources=sources)
+        prune_blocks=[r.plan for r in rewrites], downsample=cfg.downsample_factor, size_sources=sources,
+        order=cfg.taylorseer_order, form=cfg.taylorseer_form,
+        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
+        values=cfg.calibrator_cache_type == "hidden_states")
+    forecast = sorted({label for r in rewrites for k, (label, _, _) in enumerate(r.pairs) if r.plan.calibrates(k)})
+    if plan.calibrator is not None and not forecast:
+        warnings.warn(f"cachedit: calibrated_streams={cfg.calibrated_streams!r} selects none of the streams the "
+                      f"prunable blocks change: the {plan.calibrator} calibrator forecasts nothing; use "
+                      'calibrated_streams="all"', stacklevel=2)
     # Blocks share operands (a float every block reads): specialize each node once.
     kept, floats = _branch.specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
     kept = set(kept)
@@ -141,6 +155,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats,
                     "guard": cfg.guard_rule()}
+    if plan.calibrator is not None:
+        report.cache["calibrated"] = forecast
     return None
 
 
@@ -273,19 +289,26 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     names = [r.plan.residual_name(p.label) for p in r.plan.residuals]
     res_slots = [call(_index_slot, (st[name], gs["row"])) for name in names]
 
-    pairs = r.pairs
-    compute_gm = _branch.subgraph(
-        gm, r.inputs, r.pulled, len(pairs), r.region,
-        lambda bg, benv, res: [_branch.checked_exit(bg, benv[o], benv[e], r.checked[o], _fx.fake_value(e))
-                               if o in r.checked else benv[o] for _, e, o in pairs],
-        f"ComputeBlock{b}", coef=False)
-    reuse_gm = _branch.subgraph(
-        gm, r.inputs, r.pulled, len(pairs), [],
-        lambda bg, benv, res: [bg.call_function(torch.add, (benv[e], res[k])) for k, (_, e, _) in enumerate(pairs)],
-        f"ReuseBlock{b}", coef=False)
+    # The calibrator (cdcompile.calibrators) per block: its own computed steps, as DBCache's per slot.
+    bp, cal = r.plan, r.plan.cal_name
+    nodes = computed = None
+    if cal:
+        call(guard.fold_nodes, (st[cal], st["counters"]))
+        clock = call(guard.prune_calibration, (st[cal], gs["idx"], gs["ctr"]))
+        nodes, computed = (call(_getitem, (clock, k)) for k in range(2))
+        coef = (call(calibrators.foca_coefficients, (gs["step"], nodes, computed, cfg.foca_slope))
+                if cfg.calibrator is Calibrator.FOCA
+                else call(calibrators.coefficients, (gs["step"], nodes, computed, cfg.taylorseer_order,
+                                                     cfg.taylorseer_form)))
+    pairs, foca = r.pairs, cfg.calibrator is Calibrator.FOCA
+    compute_outputs, reuse_outputs = branch_outputs(pairs, r.checked, bp, foca, coef=bool(cal))
+    compute_gm = _branch.subgraph(gm, r.inputs, r.pulled, len(pairs), r.region, compute_outputs,
+                                  f"ComputeBlock{b}", coef=bool(cal))
+    reuse_gm = _branch.subgraph(gm, r.inputs, r.pulled, len(pairs), [], reuse_outputs, f"ReuseBlock{b}",
+                                coef=bool(cal))
     gm.add_submodule(f"cdcompile_compute_block{b}", compute_gm)
     gm.add_submodule(f"cdcompile_reuse_block{b}", reuse_gm)
-    operands = tuple(env[x] for x in r.inputs) + tuple(res_slots)
+    operands = tuple(env[x] for x in r.inputs) + tuple(res_slots) + ((coef,) if cal else ())
     cond = call(torch.ops.higher_order.cond, (prune, g.get_attr(f"cdcompile_reuse_block{b}"),
                                               g.get_attr(f"cdcompile_compute_block{b}"), operands))
     for k, (_, entry, out) in enumerate(pairs):
@@ -293,6 +316,9 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     for size, (out, dim) in r.exit_sizes.items():
         env[size] = call(torch.ops.aten.sym_size.int, (env[out], dim))
     for k, (_, entry, out) in enumerate(pairs):
-        call(guard.prune_commit_residual, (prune, gs["over"], gs["row"], res_slots[k], env[out], env[entry],
-                                           st[names[k]]))
+        call(guard.commit_residual, (prune, gs["over"], st[names[k]], gs["row"], res_slots[k], env[out], env[entry],
+                                     gs["step"], nodes, computed, used_value(call, cond, env, pairs, k, bp, foca),
+                                     cfg.taylorseer_form), dict(keep_value=bp.keeps_value(k)))
+    if cal:
+        call(guard.prune_commit_calibration, (prune, gs["over"], st[cal], gs["idx"], nodes, computed, gs["step"]))
     call(guard.prune_commit_block, (prune, gs["over"], gs["row"], h, a, st[r.plan.anchor_name]))
