@@ -125,6 +125,8 @@ def default_rows() -> list[RowSpec]:
                                                                       policy="dynamic")))
         rows += [RowSpec(system, "FoCa", *_dbcache(1, 0, t, foca=True)) for t in CALIBRATOR_THRESHOLDS]
         rows += [RowSpec(system, "DBPrune", *_dbcache(1, 0, t, prune=True)) for t in PRUNE_THRESHOLDS]
+        rows += [RowSpec(system, "DBPrune+TaylorSeer-1", *_dbcache(1, 0, t, prune=True, taylorseer=1))
+                 for t in PRUNE_THRESHOLDS]
     # FP8 attention (cdcompile's fp8_attention pass; on CPU its op emulates the kernel's arithmetic)
     rows += [RowSpec("cdcompile", "FP8-attention", "no cache", {"fn": 1, "bn": 0, "threshold": 0.0, "fp8": True}),
              RowSpec("cdcompile", "DBCache+FP8-attention", *_dbcache(1, 0, FP8_WITH_DBCACHE_THRESHOLD, fp8=True))]
@@ -731,7 +733,8 @@ def plot(results: dict[int, list[dict[str, Any]]], path: str, meta: Mapping[str,
     import matplotlib.pyplot as plt
 
     colours = {"cdcompile": "tab:blue", "cache-dit": "tab:orange", "diffusers": "tab:green"}
-    markers = {"DBCache": "o", "TaylorSeer": "^", "SCM": "s", "FoCa": "D", "DBPrune": "P", "FBC": "v"}
+    markers = {"DBCache": "o", "TaylorSeer": "^", "SCM": "s", "FoCa": "D", "DBPrune": "P", "DBPrune+TaylorSeer": "X",
+               "FBC": "v"}
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.6 * len(results)), squeeze=False)
     for (steps, rows), (ax_f, ax_t) in zip(results.items(), axes):
         seen = set()

@@ -321,7 +321,8 @@ def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor
 
 # DBPrune (algorithms.md §4). The block_cache pass emits, per call: tick, prune_gate; for every
 # prunable block prune_decide, a cond (add the block's cached residuals | run the block) and
-# prune_commit_block / prune_commit_residual; then prune_commit. ``acc`` is a float32 (5,) value
+# prune_commit_block / commit_residual (with a calibrator: prune_calibration before the cond and
+# prune_commit_calibration after); then prune_commit. ``acc`` is a float32 (5,) value
 # threaded from block to block within the call (not state): sum and count of the diffs feeding the
 # dynamic threshold, blocks pruned, sum and count of all defined diffs (for the history).
 

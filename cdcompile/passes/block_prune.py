@@ -13,9 +13,13 @@ checked F and B (block_cache.run). Algorithm:
    the block's *input* hidden state with its input at the step it last computed (relative
    mean-abs L1) against the threshold, or the dynamic threshold.
 4. Branch. ``cond(prune_b, entry + residual per stream, the block)``; both branches return
-   contiguous tensors that alias nothing. One host read per prunable block.
-5. State. Per block ``anchor_b{b}`` and ``residual_b{b}_{label}`` (one slice per CFG slot) are new
-   placeholders, written in place *outside* the cond (prune_commit_block / prune_commit_residual);
+   contiguous tensors that alias nothing. One host read per prunable block. With a calibrator the
+   residual is its forecast from the steps this block computed (``guard.prune_calibration``), or
+   the block's output itself with ``calibrator_cache_type="hidden_states"``.
+5. State. Per block ``anchor_b{b}``, ``residual_b{b}_{label}`` (one slice per CFG slot, with the
+   calibrator's history) and, with a calibrator, ``cal_b{b}`` (its computed steps) are new
+   placeholders, written in place *outside* the cond (prune_commit_block / commit_residual /
+   prune_commit_calibration);
    after the last prunable block :func:`cdcompile.guard.prune_commit` counts the step as cached iff
    any block was pruned and records the blocks pruned.
 
