@@ -728,8 +728,9 @@ def _scn_cache_sana(rank, world):
 
 def _scn_prune(rank, world):
     """DBPrune + CP: every prunable block's decision all-reduces its diff, so every rank prunes the
-    same blocks (a divergent decision would hang the collectives in the block's compute branch)."""
-    return _scn_cache(rank, world, cache_type="dbprune", residual_diff_threshold=0.3)
+    same blocks (a divergent decision would hang the collectives in the block's compute branch);
+    TaylorSeer forecasts each rank's tokens of the pruned blocks' residuals."""
+    return _scn_cache(rank, world, cache_type="dbprune", residual_diff_threshold=0.3, calibrator="taylorseer")
 
 
 def _scn_async(rank, world):
