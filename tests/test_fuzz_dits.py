@@ -39,14 +39,22 @@ def _seeds(default):
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def _tolerance(spec, fp32: dict) -> dict:
+def _tolerance(spec, fp32: dict, cfg=None) -> dict:
     """``fp32`` for a float32 model; for a bfloat16 one rtol 2^-6 and atol 2^-7 (bfloat16's spacing
     between 1 and 2; the outputs and the streams are of order 1): the calibrators keep their
     differences in the stream's dtype, where the reference keeps float64, so the streams may differ
     by an ulp, and so may an output near 0 that a sum of them cancels (seeds 168 and 182: up to
     2e-3; seed 130, FoCa, outputs up to 1.1: up to 7.8e-3 = 2^-7 from its sixth step, 5.5e-3 at an
-    output of 9.5e-3; the same seed in float32: 4e-7)."""
-    return fp32 if spec.dtype == "float32" else dict(rtol=1.6e-2, atol=2 ** -7)
+    output of 9.5e-3; the same seed in float32: 4e-7).
+
+    A calibrator over M's outputs (``cfg.values``, calibrator_cache_type="hidden_states") forecasts
+    the stream itself, not its residual, and M's outputs are larger: up to 3.3 (seed 220) and 5.5
+    (seed 375), where bfloat16's spacing is 2^-6 and 2^-5. With TaylorSeer-2's Newton form, whose
+    second difference is taken of rounded first ones, those seeds' outputs differ from the float64
+    reference by 9.3e-3 and 1.3e-2 (at outputs of 0.08): atol 2^-6 there."""
+    if spec.dtype == "float32":
+        return fp32
+    return dict(rtol=1.6e-2, atol=2 ** -6 if cfg is not None and cfg.values else 2 ** -7)
 
 
 def _check(seed, compiler):
@@ -90,7 +98,7 @@ def _cached_requests(seed, extra_tokens, compiler):
                     ref.new_request()
                 for slot, kw in enumerate(step):
                     torch.testing.assert_close(cached(**kw), run_reference(model, kw, ref, at, slot),
-                                               **_tolerance(spec, dict(rtol=1e-4, atol=1e-5)),
+                                               **_tolerance(spec, dict(rtol=1e-4, atol=1e-5), cfg),
                                                msg=lambda m: f"request {request} (+{e} tokens) step {k} "
                                                f"slot {slot} {cfg}: {m}")
             got = cdcompile.summary(model).as_dict()["requests"][-1]["slots"]  # the state called last
@@ -137,7 +145,7 @@ def test_seed_prunes_like_the_reference(seed):
                     ref.new_request()
                 for slot, kw in enumerate(calls[k]):
                     torch.testing.assert_close(pruned(**kw), run_prune_reference(model, kw, ref, at, slot),
-                                               **_tolerance(spec, dict(rtol=1e-4, atol=1e-5)),
+                                               **_tolerance(spec, dict(rtol=1e-4, atol=1e-5), cfg),
                                                msg=lambda m: f"request {request} step {k} slot {slot} {cfg}: {m}")
     got = [s["pruned_blocks"] for s in cdcompile.summary(model).as_dict()["requests"][-1]["slots"]]
     want = [[len(p) for _, sl, p in ref.decisions if sl == j] for j in range(len(calls[0]))]
