@@ -333,3 +333,19 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
 def test_bad_calibrator_options_are_value_errors_naming_the_key(opts, match):
     with pytest.raises(ValueError, match=match):
         cdcompile.CacheConfig.from_options(opts)
+
+
+@pytest.mark.parametrize("cache_type", ["dbcache", "dbprune"])
+def test_calibrated_streams_that_select_no_stream_are_warned_of(cache_type):
+    m = SequentialDiT(depth=4)  # one stream, "hidden"
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "eager", "cache_type": cache_type, "calibrator": "foca", "calibrated_streams": "encoder"})
+    x, t = torch.randn(2, 10, 8), torch.full((2,), 1.0)
+    with pytest.warns(UserWarning, match=r"calibrated_streams='encoder' selects none of the streams .*"
+                                         r"the foca calibrator forecasts nothing"), torch.no_grad():
+        c(x, t)
+    from cdcompile.runtime import cached_states
+
+    ((_, state),) = cached_states(m)  # and keeps no calibrator history
+    assert {t.shape[1] for n, t in state.tensors_by_name.items() if n.startswith("residual")} == {1}
+    assert not any(n.startswith("cal_b") for n in state.tensors_by_name)

@@ -71,8 +71,29 @@ class StreamPlan:
     device: torch.device
 
 
+def calibrator_history(calibrator: str | None, order: int) -> int:
+    """Entries a calibrated residual keeps: d0..dn (TaylorSeer), FoCa's four, or the last residual."""
+    return calibrators.FOCA_HISTORY if calibrator == "foca" else order + 1
+
+
+class _StreamCalibration:
+    """What the state keeps of residual stream ``k``, from the plan's ``calibrated`` (per stream:
+    the calibrator forecasts it; ``()``: none), ``history`` and ``values``."""
+
+    def calibrates(self, k: int) -> bool:
+        return bool(self.calibrated) and self.calibrated[k]
+
+    def history_of(self, k: int) -> int:
+        """Entries kept: the calibrator's history, or the last residual alone."""
+        return self.history if self.calibrates(k) else 1
+
+    def keeps_value(self, k: int) -> bool:
+        """Whether the stream keeps M's (DBPrune: the block's) output, calibrator_cache_type="hidden_states"."""
+        return self.values and self.calibrates(k)
+
+
 @dataclasses.dataclass
-class CachePlan:
+class CachePlan(_StreamCalibration):
     """What the runtime must allocate and pass: built by the pass, read by runtime.CacheState."""
 
     slots: int
@@ -93,8 +114,8 @@ class CachePlan:
     num_inference_steps: int | None = None
     budget: float | None = None  # max_accumulated_residual_diff_threshold (None: no slot_acc state)
     share_diff: bool = False  # cfg_diff_compute_separate=False: step_diff state
-    # calibrated_streams: per residual stream, whether the calibrator forecasts it (() = all of them);
-    # a stream it does not keeps the last residual alone (history 1)
+    # per residual stream: the calibrator forecasts it (calibrated_streams; () = none); a stream
+    # it does not keeps the last residual alone (history 1)
     calibrated: tuple[bool, ...] = ()
     values: bool = False  # calibrator_cache_type="hidden_states": calibrated streams keep M's output
     downsample: int = 1  # downsample_factor: anchors keep every downsample-th channel (guard.downsample)
@@ -106,22 +127,8 @@ class CachePlan:
 
     @property
     def history(self) -> int:
-        """Entries kept per residual: d0..dn (TaylorSeer), FoCa's four, or the last residual."""
-        if self.calibrator == "foca":
-            return calibrators.FOCA_HISTORY
-        return self.order + 1
-
-    def calibrates(self, k: int) -> bool:
-        """Whether the calibrator forecasts residual stream ``k``."""
-        return self.calibrator is not None and (not self.calibrated or self.calibrated[k])
-
-    def history_of(self, k: int) -> int:
-        """Entries kept for residual stream ``k``: the calibrator's history, or the last residual."""
-        return self.history if self.calibrates(k) else 1
-
-    def keeps_value(self, k: int) -> bool:
-        """Whether stream ``k`` keeps M's output (calibrator_cache_type="hidden_states"), not its residual."""
-        return self.values and self.calibrates(k)
+        """Entries kept per calibrated residual (calibrator_history)."""
+        return calibrator_history(self.calibrator, self.order)
 
     # Dynamic sizes (a graph Dynamo compiled with symbolic token counts): each symbol in the state's
     # shapes -> (graph input position, dim) it is read from at call time; empty for static shapes.
@@ -141,7 +148,7 @@ class CachePlan:
 
 
 @dataclasses.dataclass
-class PruneBlockPlan:
+class PruneBlockPlan(_StreamCalibration):
     """DBPrune state of one prunable block: its input anchor, one residual per stream (with the
     calibrator's history for the streams it forecasts) and, with a calibrator, its clock."""
 
@@ -149,7 +156,7 @@ class PruneBlockPlan:
     anchor: StreamPlan
     residuals: list[StreamPlan]
     calibrated: tuple[bool, ...] = ()  # per residual: the calibrator forecasts it (() = none)
-    history: int = 1  # entries a calibrated residual keeps (CachePlan.history)
+    history: int = 1  # entries a calibrated residual keeps (calibrator_history)
     values: bool = False  # calibrator_cache_type="hidden_states": calibrated streams keep the block's output
 
     @property
@@ -163,15 +170,6 @@ class PruneBlockPlan:
 
     def residual_name(self, label: str) -> str:
         return f"residual_b{self.index}_{label}"
-
-    def calibrates(self, k: int) -> bool:
-        return bool(self.calibrated) and self.calibrated[k]
-
-    def history_of(self, k: int) -> int:
-        return self.history if self.calibrates(k) else 1
-
-    def keeps_value(self, k: int) -> bool:
-        return self.values and self.calibrates(k)
 
     def state_names(self) -> list[str]:
         return ([self.anchor_name] + ([self.cal_name] if self.cal_name else [])
@@ -407,10 +405,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         values=cfg.calibrator_cache_type == "hidden_states",
         size_sources=sources)
     forecast = [label for k, (label, _, _) in enumerate(pairs) if plan.calibrates(k)]
-    if plan.calibrator is not None and not forecast:
-        warnings.warn(f"cachedit: calibrated_streams={cfg.calibrated_streams!r} selects none of the streams M "
-                      f"changes ({', '.join(label for label, _, _ in pairs)}): the {plan.calibrator} calibrator "
-                      "forecasts nothing; use calibrated_streams=\"all\"", stacklevel=2)
+    warn_uncalibrated(cfg, forecast, "M")
     inputs, floats = _branch.specialize_floats(inputs)
     _emit(gm, region, pulled, inputs, pairs, h0, hf, timestep, plan, cfg, checked, exit_sizes)
     ctx.cache_plan = plan
@@ -730,7 +725,6 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     cond = call(torch.ops.higher_order.cond, (cache, true_fn, false_fn, operands))
     for k, (_, entry, out) in enumerate(pairs):
         env[out] = call(_getitem, (cond, k))
-    for k, (_, entry, out) in enumerate(pairs):
         call(guard.commit_residual, (cache, over, st[f"residual_{k}"], row, res_slots[k], env[out], env[entry],
                                      step, nodes, computed, used_value(call, cond, env, pairs, k, plan,
                                                                         plan.calibrator == "foca"), plan.form),
@@ -741,8 +735,18 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
 
 
 def calibrated(cfg, label: str) -> bool:
-    """Whether the calibrated_streams option selects stream ``label`` ("encoder": all but "hidden")."""
-    return cfg.calibrated_streams == "all" or (label == "hidden") == (cfg.calibrated_streams == "hidden")
+    """Whether the calibrator forecasts stream ``label``: one is on and the calibrated_streams option
+    selects the stream ("encoder": all but "hidden")."""
+    return cfg.calibrator is not None and (
+        cfg.calibrated_streams == "all" or (label == "hidden") == (cfg.calibrated_streams == "hidden"))
+
+
+def warn_uncalibrated(cfg, forecast: list[str], where: str) -> None:
+    """Say so when a calibrator is on but calibrated_streams leaves it no stream of ``where``."""
+    if cfg.calibrator is not None and not forecast:
+        warnings.warn(f"cachedit: calibrated_streams={cfg.calibrated_streams!r} selects none of the streams "
+                      f"{where} changes: the {cfg.calibrator.value} calibrator forecasts nothing; use "
+                      'calibrated_streams="all"', stacklevel=3)
 
 
 # FoCa's state moves on skipped steps too, by the residual the call used: both branches return it

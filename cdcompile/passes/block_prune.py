@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 
 import torch
 import torch.fx as fx
@@ -52,8 +51,8 @@ from ..config import Calibrator
 from ..distributed import ulysses
 from . import _branch, _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _refresh, _stream_plan,
-                          branch_outputs, calibrated, clock_input, constant_float_arguments, describe_sizes,
-                          size_sources, used_value)
+                          branch_outputs, calibrated, calibrator_history, clock_input, constant_float_arguments,
+                          describe_sizes, size_sources, used_value, warn_uncalibrated)
 
 
 @dataclasses.dataclass
@@ -100,7 +99,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     # A checked exit leaves its cond with its entry's shape; the blocks after it read that shape.
     shape_of: dict[fx.Node, torch.Tensor] = {}
     state_values: list[torch.Tensor] = []  # what the state is allocated for
-    history = (calibrators.FOCA_HISTORY if cfg.calibrator is Calibrator.FOCA else cfg.taylorseer_order + 1)
+    history = calibrator_history(cfg.calibrator, cfg.taylorseer_order)
     for r in rewrites:
         for _, e, o in r.pairs:
             if o in r.checked or (e in shape_of and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(o))):
@@ -109,7 +108,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         residuals = [shape_of.get(o, _fx.fake_value(o)) for _, _, o in r.pairs]
         r.plan = PruneBlockPlan(index=r.index, anchor=_stream_plan("hidden", anchor), residuals=[
             _stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)],
-            calibrated=tuple(calibrated(cfg, label) for label, _, _ in r.pairs) if cfg.calibrator else (),
+            calibrated=tuple(calibrated(cfg, label) for label, _, _ in r.pairs),
             history=history, values=cfg.calibrator_cache_type == "hidden_states")
         state_values += [anchor, *residuals]
     fresh = {o for r in rewrites for _, _, o in r.pairs}
@@ -133,15 +132,9 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         slots=cfg.cache_slots, anchor=_stream_plan("hidden", _fx.fake_value(stack[0].stream("hidden").entry)),
         residuals=[], key_input=key_input, **clock,
         state_names=[], mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
-        prune_blocks=[r.plan for r in rewrites], downsample=cfg.downsample_factor, size_sources=sources,
-        order=cfg.taylorseer_order, form=cfg.taylorseer_form,
-        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
-        values=cfg.calibrator_cache_type == "hidden_states")
+        prune_blocks=[r.plan for r in rewrites], downsample=cfg.downsample_factor, size_sources=sources)
     forecast = sorted({label for r in rewrites for k, (label, _, _) in enumerate(r.pairs) if r.plan.calibrates(k)})
-    if plan.calibrator is not None and not forecast:
-        warnings.warn(f"cachedit: calibrated_streams={cfg.calibrated_streams!r} selects none of the streams the "
-                      f"prunable blocks change: the {plan.calibrator} calibrator forecasts nothing; use "
-                      'calibrated_streams="all"', stacklevel=2)
+    warn_uncalibrated(cfg, forecast, "the prunable blocks")
     # Blocks share operands (a float every block reads): specialize each node once.
     kept, floats = _branch.specialize_floats(list(dict.fromkeys(a for r in rewrites for a in r.inputs)))
     kept = set(kept)
@@ -159,7 +152,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
                     "branch_operands": sum(len(r.inputs) for r in rewrites),
                     "dynamic_sizes": describe_sizes(nodes, sources), "specialized_floats": floats,
                     "guard": cfg.guard_rule()}
-    if plan.calibrator is not None:
+    if cfg.calibrator is not None:
         report.cache["calibrated"] = forecast
     return None
 
