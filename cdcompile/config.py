@@ -433,10 +433,18 @@ class CacheConfig:
         return cls(**options)
 
     @classmethod
-    def from_cache_dit(cls, cache_config: Any, calibrator_config: Any = None, **options: Any) -> "CacheConfig":
-        """The config for cache-dit's ``DBCacheConfig`` / ``DBPruneConfig`` and calibrator config
-        (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``), as ``cache_dit.enable_cache``
-        takes them; ``options`` (``compiler=...``) are added on top.
+    def from_cache_dit(cls, cache_config: Any, calibrator_config: Any = None, parallelism_config: Any = None,
+                       **options: Any) -> "CacheConfig":
+        """The config for cache-dit's ``DBCacheConfig`` / ``DBPruneConfig``, calibrator config
+        (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``) and ``ParallelismConfig``, as
+        ``cache_dit.enable_cache`` takes them; ``options`` (``compiler=...``) are added on top.
+
+        ``parallelism_config``: ``ulysses_size`` becomes ``ulysses_degree``, ``ulysses_float8``
+        ``ulysses_fp8`` and ``ulysses_async`` stays; ``ulysses_anything`` is what Ulysses does here
+        anyway (any sequence length and head count). Ring attention, tensor parallelism, Ray, CP
+        plans, extra modules and an attention backend are ValueErrors naming the field. Without a
+        ``cache_config`` it compiles without the cache, as cache-dit does; cache options on top
+        then need ``enable_cache=True``.
 
         Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
         is 8, not 1), but for ``force_refresh_step_hint`` with ``enable_separate_cfg=True``:
@@ -450,7 +458,23 @@ class CacheConfig:
         at least 4, as in cache-dit. ``enable_calibrator`` /
         ``enable_encoder_calibrator`` become ``calibrated_streams``.
         """
-        return cls.from_options({**_cache_dit_options(cache_config, calibrator_config), **options})
+        if cache_config is None and parallelism_config is None:
+            raise TypeError("CacheConfig.from_cache_dit: give cache-dit's cache_config (DBCacheConfig, DBPruneConfig) "
+                            "or its parallelism_config")
+        out = _cache_dit_options(cache_config, calibrator_config) if cache_config is not None else {}
+        if cache_config is None:
+            if calibrator_config is not None:
+                raise ValueError("CacheConfig.from_cache_dit: calibrator_config needs a cache_config "
+                                 "(cache-dit's DBCacheConfig)")
+            cached = sorted(set(options) - _NOT_CACHE_OPTIONS)
+            if cached and "enable_cache" not in options:
+                raise ValueError(f"CacheConfig.from_cache_dit: parallelism_config without a cache_config compiles "
+                                 f"without the cache, as cache_dit.enable_cache does, so {cached} would do nothing: "
+                                 f"give cache_config=DBCacheConfig(...) or enable_cache=True")
+            out["enable_cache"] = False
+        if parallelism_config is not None:
+            out |= _cache_dit_parallelism(parallelism_config, "CacheConfig.from_cache_dit")
+        return cls.from_options({**out, **options})
 
     def guard_rule(self) -> str:
         """The decision in words, for ``explain``: the diff, its threshold, warmup and limits."""
@@ -541,6 +565,12 @@ _CACHE_DIT = {
                      "torch.compile, options=CacheConfig.from_cache_dit(cache_config, calibrator_config)"),
     "calibrator_config": ("cdcompile.enable(pipe, cache_config=..., calibrator_config=...) takes it; for "
                           "torch.compile, options=CacheConfig.from_cache_dit(cache_config, calibrator_config)"),
+    "parallelism_config": ("cdcompile.enable(pipe, parallelism_config=...) takes it; for torch.compile, "
+                           "options=CacheConfig.from_cache_dit(cache_config, parallelism_config=...)"),
+    "params_modifiers": ("cdcompile.enable(pipe, params_modifiers=[...]) takes one per transformer; or give "
+                         "transformer_options={'transformer_2': {...}} to enable"),
+    "quantize_config": "quantize the transformer with torchao's quantize_ before compiling",
+    "attention_backend": "call transformer.set_attention_backend(name) before compiling",
 }
 
 
@@ -613,6 +643,68 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
         if kind == "taylorseer":
             out["taylorseer_order"] = getattr(calibrator_config, "taylorseer_order", 1)
     return out
+
+
+# the options that mean something without the block cache
+_NOT_CACHE_OPTIONS = {"compiler", "mode", "size_asserts", "enable_cache", "ulysses_degree", "ulysses_fp8",
+                      "ulysses_async", "fp8_attention", "disable_passes"}
+
+# cache-dit's ParallelismConfig fields with a counterpart here, and what the others would need
+_PARALLELISM = {"ulysses_size": "ulysses_degree", "ulysses_float8": "ulysses_fp8", "ulysses_async": "ulysses_async"}
+_NO_PARALLELISM = {
+    "ring_size": "ring attention is not implemented here; Ulysses (ulysses_size) takes any sequence length and "
+                 "head count",
+    "tp_size": "tensor parallelism is not implemented here; use ulysses_size",
+    "use_ray": "launch the ranks with torchrun (cdcompile compiles the same script on every rank)",
+    "cp_plan": "not needed: the context parallel pass finds every attention in the graph",
+    "extra_parallel_modules": "cdcompile shards the transformers alone",
+    "extra_parallel_kwargs": "model-specific CP switches are not needed here",
+    "parallel_kwargs": "give the fields themselves (ulysses_size, ulysses_float8, ulysses_async)",
+    "attention_backend": ("choose diffusers' backend on the model before compiling: "
+                          "pipe.transformer.set_attention_backend(name), or fp8_attention=True for INT8/FP8 "
+                          "attention"),
+}
+# ... and those that only choose cache-dit's implementation or tune ring attention
+_PARALLELISM_IMPLEMENTATION = {"backend", "ulysses_anything", "ring_rotate_method", "ring_convert_to_fp32"}
+
+
+def _cache_dit_parallelism(config: Any, where: str) -> dict[str, Any]:
+    """cdcompile's Ulysses options from cache-dit's ``ParallelismConfig``: each field is converted,
+    only selects cache-dit's implementation, is still at its default, or is refused by name."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"{where}: parallelism_config must be cache-dit's ParallelismConfig instance, got {config!r}")
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        name, value = f.name, getattr(config, f.name)
+        if name in _PARALLELISM:
+            if name == "ulysses_size":
+                value = 1 if value is None else value
+            elif value is None:
+                continue
+            out[_PARALLELISM[name]] = value
+        elif name.startswith("_") or name in _PARALLELISM_IMPLEMENTATION:
+            continue
+        elif _is_default(f, value):
+            continue
+        elif name in ("ring_size", "tp_size") and value in (None, 1):
+            continue
+        else:
+            why = _NO_PARALLELISM.get(name, "cdcompile's context parallelism is Ulysses alone: "
+                                            "ulysses_size, ulysses_float8, ulysses_async")
+            raise ValueError(f"{where}: parallelism_config.{name}={value!r} has no counterpart here: {why}")
+    backend = str(getattr(getattr(config, "backend", None), "value", "")).lower()
+    if backend.startswith("native_pytorch") or backend.startswith("native_hybrid"):
+        raise ValueError(f"{where}: parallelism_config.backend={backend!r} is cache-dit's tensor parallelism, "
+                         f"which has no counterpart here: {_NO_PARALLELISM['tp_size']}")
+    return out
+
+
+def _is_default(field: dataclasses.Field, value: Any) -> bool:
+    if field.default is not dataclasses.MISSING:
+        return value == field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return value == field.default_factory()
+    return False
 
 
 def _unknown_hint(key: str, valid: list[str]) -> str:

@@ -14,6 +14,8 @@ whose ``__call__`` resets the cache first (cache-dit patches the pipeline class 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import warnings
 from typing import Any, Callable, Mapping
@@ -58,14 +60,114 @@ def _configs(pipe: Any, names: list[str], options: dict, per_transformer: Mappin
     return configs
 
 
+_CACHE_DIT_KEYWORDS = ("cache_config", "calibrator_config", "parallelism_config", "params_modifiers",
+                       "attention_backend", "quantize_config")
+
+
+def _cache_dit_keywords(pipe: Any, names: list[str], options: dict, per_transformer: Mapping | None,
+                        ) -> tuple[dict, Mapping | None]:
+    """``cache_dit.enable_cache``'s keywords as options: the config objects through
+    :meth:`CacheConfig.from_cache_dit`, and ``params_modifiers`` (one ``ParamsModifier`` per
+    transformer, in order) as ``transformer_options``; the caller's options go on top of both."""
+    given = {k: options.pop(k) for k in _CACHE_DIT_KEYWORDS if k in options}
+    if not given:
+        return options, per_transformer
+    where = "cdcompile.enable"
+    if given.get("quantize_config") is not None:
+        raise ValueError(f"{where}: quantize_config has no counterpart here: quantize the transformer with torchao "
+                         "before enable (torchao.quantization.quantize_(pipe.transformer, Int8WeightOnlyConfig())); "
+                         "the cache compiles quantized weights")
+    if given.get("attention_backend") is not None:
+        raise ValueError(f"{where}: attention_backend={given['attention_backend']!r} has no counterpart here: "
+                         "choose diffusers' backend before enable with pipe.transformer.set_attention_backend(name), "
+                         "or give fp8_attention=True for cdcompile's INT8/FP8 attention")
+    cache, calibrator, parallel = (given.get(k) for k in ("cache_config", "calibrator_config", "parallelism_config"))
+    modifiers = _flat_modifiers(given.get("params_modifiers"), names)
+    if cache is None and calibrator is None and parallel is None and not modifiers:
+        return options, per_transformer
+    if cache is None and calibrator is not None:
+        raise ValueError(f"{where}: calibrator_config needs a cache_config (cache-dit's DBCacheConfig)")
+    if cache is None and parallel is not None and modifiers:
+        raise ValueError(f"{where}: params_modifiers need a cache_config: parallelism_config without one compiles "
+                         f"without the cache, as cache_dit.enable_cache does")
+    if cache is None and parallel is None:  # params_modifiers alone: over cache-dit's default, as it does
+        cache = _cache_dit_default_config()
+
+    def converted(cache: Any, calibrator: Any) -> dict:
+        return CacheConfig.from_cache_dit(cache, calibrator, parallel, **options).as_dict()
+
+    shared = converted(cache, calibrator)
+    per_transformer = {name: dict(own) if isinstance(own, Mapping) else own
+                       for name, own in (per_transformer or {}).items()}
+    for name, modifier in zip(names, modifiers):
+        own_cache = _overridden(cache, modifier.get("cache_config"))
+        own_calibrator = _overridden(calibrator, modifier.get("calibrator_config"))
+        own = converted(own_cache, own_calibrator)
+        # the transformer's own options: what its modifier changed, under what transformer_options gives it
+        changed = {k: v for k, v in own.items() if shared.get(k) != v}
+        user = per_transformer.get(name) or {}
+        per_transformer[name] = {**changed, **user} if isinstance(user, Mapping) else user
+    return shared, per_transformer
+
+
+def _flat_modifiers(modifiers: Any, names: list[str]) -> list[dict]:
+    """cache-dit's ``params_modifiers`` as one dict of configs per transformer, in ``names``' order.
+
+    cache-dit keeps a cache context per block list and applies the modifiers to them in order; here
+    each transformer's block groups share one decision, so a transformer takes one modifier."""
+    if modifiers is None:
+        return []
+    entries = list(modifiers) if isinstance(modifiers, (list, tuple)) else [modifiers]
+    flat = []
+    for entry in entries:
+        if isinstance(entry, (list, tuple)):
+            if len(entry) != 1:
+                raise ValueError(f"cdcompile.enable: params_modifiers gives {len(entry)} ParamsModifiers for one "
+                                 f"transformer; its block groups share one cache decision here, so give one per "
+                                 f"transformer ({names})")
+            entry = entry[0]
+        kwargs = getattr(entry, "_context_kwargs", None)
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"cdcompile.enable: params_modifiers takes cache-dit's ParamsModifier objects, got {entry!r}")
+        if "cache_config" not in kwargs and kwargs.get("calibrator_config") is not None:
+            warnings.warn("cdcompile.enable: a ParamsModifier with a calibrator_config but no cache_config sets that "
+                          "transformer's calibrator here; cache-dit 1.5.3 ignores such a modifier", stacklevel=4)
+        flat.append(kwargs)
+    if len(flat) > len(names):
+        raise ValueError(f"cdcompile.enable: params_modifiers gives {len(flat)} ParamsModifiers, but the pipeline's "
+                         f"transformers are {names}: one modifier per transformer, in that order (cache-dit applies "
+                         f"them per block list; here each transformer's block groups share one cache decision)")
+    return flat
+
+
+def _overridden(base: Any, new: Any) -> Any:
+    """cache-dit's modifier rule: ``new``'s fields that are not None, over a copy of ``base``."""
+    if new is None or base is None:
+        return base if new is None else new
+    out = copy.deepcopy(base)
+    for f in dataclasses.fields(new):
+        value = getattr(new, f.name)
+        if value is not None and hasattr(out, f.name):
+            setattr(out, f.name, value)
+    return out
+
+
+def _cache_dit_default_config() -> Any:
+    from cache_dit import DBCacheConfig
+
+    return DBCacheConfig()
+
+
 def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
            guard_filter_fn: Callable | None = None, transformer_options: Mapping[str, Mapping] | None = None,
            **options: Any) -> Any:
     """Compile the pipeline's transformers with the block cache; returns ``pipe``.
 
     ``options`` are the backend options for every transformer (validated now: a bad key raises
-    ValueError here). ``cache_config=`` / ``calibrator_config=`` take cache-dit's config objects, as
-    ``cache_dit.enable_cache`` does (:meth:`CacheConfig.from_cache_dit`); other options go on top.
+    ValueError here). ``cache_config=`` / ``calibrator_config=`` / ``parallelism_config=`` take
+    cache-dit's config objects, as ``cache_dit.enable_cache`` does (:meth:`CacheConfig.from_cache_dit`),
+    and ``params_modifiers=`` its ``ParamsModifier`` objects, one per transformer in order (each
+    one's fields that are not None over the shared config); other options go on top.
     ``transformer_options`` maps a transformer's name to options that override them for that
     transformer alone, e.g. ``{"transformer_2": {"residual_diff_threshold": 0.2}}``.
     ``fullgraph`` and ``dynamic`` go to ``torch.compile``: ``dynamic=False`` compiles one graph per
@@ -80,11 +182,7 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
         raise ValueError(f"cdcompile.enable: {type(pipe).__name__} has no `transformer` module to compile")
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
-    if "cache_config" in options or "calibrator_config" in options:  # cache_dit.enable_cache's keywords
-        cache_config, calibrator_config = options.pop("cache_config", None), options.pop("calibrator_config", None)
-        if cache_config is None:
-            raise ValueError("cdcompile.enable: calibrator_config needs a cache_config (cache-dit's DBCacheConfig)")
-        options = {**CacheConfig.from_cache_dit(cache_config, calibrator_config).as_dict(), **options}
+    options, transformer_options = _cache_dit_keywords(pipe, names, options, transformer_options)
     configs = _configs(pipe, names, options, transformer_options)
     for name, cfg in configs.items():
         _check_hooks(name, getattr(pipe, name), cfg)

@@ -290,3 +290,101 @@ def test_enable_takes_cache_dits_config_keywords_and_needs_a_cache_config_for_a_
         cdcompile.enable(pipe, calibrator_config=cache_dit.TaylorSeerCalibratorConfig())
     with pytest.raises(TypeError, match="must be a cache-dit config instance"):
         cdcompile.enable(pipe, cache_config={"Fn_compute_blocks": 1})
+
+
+def _wan22_cache_dit_keywords() -> dict:
+    """cache-dit's Wan 2.2 recipe: a shared DBCacheConfig, and one ParamsModifier per transformer
+    (cache-dit's ``reset`` leaves every other field None, so the shared value stands)."""
+    return dict(cache_config=cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+                                                     residual_diff_threshold=0.3, max_warmup_steps=2),
+                params_modifiers=[
+                    cache_dit.ParamsModifier(cache_config=cache_dit.DBCacheConfig().reset(
+                        max_warmup_steps=1, residual_diff_threshold=0.5)),
+                    cache_dit.ParamsModifier(cache_config=cache_dit.DBCacheConfig().reset(max_warmup_steps=3))])
+
+
+def _wan22(pipe):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 7, 16, generator=g),
+                    height=32, width=32, num_frames=5, num_inference_steps=10, guidance_scale=3.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_params_modifiers_set_each_transformer_of_a_two_expert_pipeline_apart_as_in_cache_dit():
+    """Wan 2.2 (`transformer` on the high-noise steps, `transformer_2` on the rest) with cache-dit's
+    params_modifiers: each transformer caches the steps cache-dit caches (both CFG slots), and the
+    latents agree."""
+    from cdcompile.testing import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    cache_dit.enable_cache(pipe, **_wan22_cache_dit_keywords())
+    theirs = _wan22(pipe)
+    stats = {s.cache_options["cache_config"].max_warmup_steps: s for s in cache_dit.summary(pipe, logging=False)}
+    expected = {"transformer": stats[1], "transformer_2": stats[3]}  # the modifiers' warmups tell them apart
+
+    pipe = tiny_wan22_pipeline()
+    cdcompile.enable(pipe, compiler="eager", **_wan22_cache_dit_keywords())
+    ours = _wan22(pipe)
+    for name, their in expected.items():
+        slots = cdcompile.summary(getattr(pipe, name)).as_dict()["requests"][-1]["slots"]
+        assert [s["cached_steps"] for s in slots] == [sorted(their.cached_steps), sorted(their.cfg_cached_steps)], name
+    assert expected["transformer"].cached_steps and expected["transformer_2"].cached_steps  # both cache something
+    assert sorted(expected["transformer"].cached_steps) != sorted(expected["transformer_2"].cached_steps)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_params_modifiers_become_transformer_options_under_the_callers_own():
+    from cdcompile.pipeline import _cache_dit_keywords, _configs, transformer_names
+    from cdcompile.testing import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    names = transformer_names(pipe)
+    shared, per = _cache_dit_keywords(pipe, names, {"compiler": "eager", **_wan22_cache_dit_keywords()},
+                                      {"transformer_2": {"max_warmup_steps": 5}})
+    configs = _configs(pipe, names, shared, per)
+    got = {n: (c.max_warmup_steps, c.residual_diff_threshold, c.Fn_compute_blocks, c.compiler.value)
+           for n, c in configs.items()}
+    assert got == {"transformer": (1, 0.5, 1, "eager"), "transformer_2": (5, 0.3, 1, "eager")}
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(params_modifiers=[cache_dit.ParamsModifier(cache_config=cache_dit.DBCacheConfig())] * 3), ValueError,
+     r"gives 3 ParamsModifiers, but the pipeline's transformers are \['transformer', 'transformer_2'\]"),
+    (dict(params_modifiers=[[cache_dit.ParamsModifier(cache_config=cache_dit.DBCacheConfig())] * 2]), ValueError,
+     r"gives 2 ParamsModifiers for one transformer; its block groups share one cache decision"),
+    (dict(params_modifiers=[{"max_warmup_steps": 2}]), TypeError, r"takes cache-dit's ParamsModifier objects"),
+    (dict(cache_config=cache_dit.DBCacheConfig(), quantize_config=object()), ValueError,
+     r"quantize_config has no counterpart here: quantize the transformer with torchao before enable"),
+    (dict(cache_config=cache_dit.DBCacheConfig(), attention_backend="flash"), ValueError,
+     r"attention_backend='flash' has no counterpart here: .*set_attention_backend"),
+    (dict(parallelism_config=cache_dit.ParallelismConfig(ring_size=2)), ValueError,
+     r"parallelism_config.ring_size=2 has no counterpart here: ring attention is not implemented"),
+    (dict(parallelism_config=cache_dit.ParallelismConfig(ulysses_size=2), residual_diff_threshold=0.1), ValueError,
+     r"parallelism_config without a cache_config compiles without the cache.*\['residual_diff_threshold'\]"),
+])
+def test_cache_dits_other_enable_keywords_convert_or_say_what_to_do(kwargs, error, match):
+    from cdcompile.testing import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    with pytest.raises(error, match=match):
+        cdcompile.enable(pipe, **kwargs)
+    assert not getattr(pipe, "_cdcompile_enabled", False)
+
+
+def test_cache_dits_parallelism_config_converts_to_ulysses_options():
+    convert = cdcompile.CacheConfig.from_cache_dit
+    cfg = convert(cache_dit.DBCacheConfig(), parallelism_config=cache_dit.ParallelismConfig(
+        ulysses_size=4, ulysses_float8=True, ulysses_async=True, ulysses_anything=True))
+    assert (cfg.enable_cache, cfg.ulysses_degree, cfg.ulysses_fp8, cfg.ulysses_async) == (True, 4, True, True)
+    alone = convert(None, parallelism_config=cache_dit.ParallelismConfig(ulysses_size=2), compiler="eager")
+    assert (alone.enable_cache, alone.ulysses_degree, alone.ulysses_fp8) == (False, 2, False)  # as cache-dit: no cache
+    assert convert(None, parallelism_config=cache_dit.ParallelismConfig(ulysses_size=2),
+                   enable_cache=True, residual_diff_threshold=0.1).enable_cache
+    for fields, bad, match in ((dict(tp_size=2), "tp_size=2", "tensor parallelism is not implemented here"),
+                               (dict(ulysses_size=2, extra_parallel_modules=["vae"]),
+                                r"extra_parallel_modules=\['vae'\]", "cdcompile shards the transformers alone"),
+                               (dict(ulysses_size=2, attention_backend="sage"), "attention_backend='sage'",
+                                "fp8_attention=True")):
+        with pytest.raises(ValueError, match=rf"parallelism_config.{bad} has no counterpart here: .*{match}"):
+            convert(None, parallelism_config=cache_dit.ParallelismConfig(**fields))
