@@ -686,6 +686,8 @@ def _cache_dit_parallelism(config: Any, where: str) -> dict[str, Any]:
             continue
         elif _is_default(f, value):
             continue
+        elif name == "attention_backend" and str(value).lower() == "native":
+            continue  # torch's SDPA, diffusers' default backend
         elif name in ("ring_size", "tp_size") and value in (None, 1):
             continue
         else:

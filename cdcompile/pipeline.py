@@ -77,11 +77,9 @@ def _cache_dit_keywords(pipe: Any, names: list[str], options: dict, per_transfor
         raise ValueError(f"{where}: quantize_config has no counterpart here: quantize the transformer with torchao "
                          "before enable (torchao.quantization.quantize_(pipe.transformer, Int8WeightOnlyConfig())); "
                          "the cache compiles quantized weights")
-    if given.get("attention_backend") is not None:
-        raise ValueError(f"{where}: attention_backend={given['attention_backend']!r} has no counterpart here: "
-                         "choose diffusers' backend before enable with pipe.transformer.set_attention_backend(name), "
-                         "or give fp8_attention=True for cdcompile's INT8/FP8 attention")
     cache, calibrator, parallel = (given.get(k) for k in ("cache_config", "calibrator_config", "parallelism_config"))
+    for backend in (given.get("attention_backend"), getattr(parallel, "attention_backend", None)):
+        _check_attention_backend(pipe, names, backend)
     modifiers = _flat_modifiers(given.get("params_modifiers"), names)
     if cache is None and calibrator is None and parallel is None and not modifiers:
         return options, per_transformer
@@ -108,6 +106,22 @@ def _cache_dit_keywords(pipe: Any, names: list[str], options: dict, per_transfor
         user = per_transformer.get(name) or {}
         per_transformer[name] = {**changed, **user} if isinstance(user, Mapping) else user
     return shared, per_transformer
+
+
+def _check_attention_backend(pipe: Any, names: list[str], backend: Any) -> None:
+    """cache-dit's ``attention_backend``: ``"native"`` (torch's SDPA, diffusers' default) is what the
+    transformers run unless ``set_attention_backend`` chose another; any other is refused."""
+    if backend is None:
+        return
+    processors = [m.processor for name in names for m in getattr(pipe, name).modules()
+                  if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    chosen = {str(getattr(p._attention_backend, "value", p._attention_backend) or "native").lower() for p in processors}
+    if str(backend).lower() == "native" and chosen <= {"native"}:
+        return
+    raise ValueError(f"cdcompile.enable: attention_backend={backend!r} has no counterpart here"
+                     + (f" (the transformers run {sorted(chosen)})" if chosen - {"native"} else "")
+                     + ": choose diffusers' backend before enable with pipe.transformer.set_attention_backend(name), "
+                       "or give fp8_attention=True for cdcompile's INT8/FP8 attention")
 
 
 def _flat_modifiers(modifiers: Any, names: list[str]) -> list[dict]:

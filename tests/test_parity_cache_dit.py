@@ -372,6 +372,26 @@ def test_cache_dits_other_enable_keywords_convert_or_say_what_to_do(kwargs, erro
     assert not getattr(pipe, "_cdcompile_enabled", False)
 
 
+def test_enable_takes_what_cache_dits_load_configs_reads_and_its_native_attention_backend():
+    from cdcompile.pipeline import _cache_dit_keywords, _configs, transformer_names
+    from cdcompile.testing import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    names = transformer_names(pipe)
+    loaded = cache_dit.load_configs({"cache_config": dict(
+        Fn_compute_blocks=1, residual_diff_threshold=0.12, max_warmup_steps=3, enable_taylorseer=True,
+        taylorseer_order=2), "attention_backend": "native"})
+    assert loaded["attention_backend"] == "native"
+    configs = _configs(pipe, names, *_cache_dit_keywords(pipe, names, dict(loaded), None))
+    for cfg in configs.values():
+        assert (cfg.Fn_compute_blocks, cfg.residual_diff_threshold, cfg.max_warmup_steps, cfg.calibrator.value,
+                cfg.taylorseer_order, cfg.calibrated_streams) == (1, 0.12, 3, "taylorseer", 2, "hidden")
+    pipe.transformer_2.set_attention_backend("_native_math")
+    with pytest.raises(ValueError, match=r"attention_backend='native' has no counterpart here \(the transformers "
+                                         r"run \['_native_math', 'native'\]\)"):
+        cdcompile.enable(pipe, **loaded)
+
+
 def test_cache_dits_parallelism_config_converts_to_ulysses_options():
     convert = cdcompile.CacheConfig.from_cache_dit
     cfg = convert(cache_dit.DBCacheConfig(), parallelism_config=cache_dit.ParallelismConfig(
