@@ -349,11 +349,14 @@ def test_enable_on_a_two_expert_pipeline_rejects_what_it_cannot_apply(kwargs, ma
 
 
 @pytest.mark.slow
-def test_exported_package_reproduces_outputs_and_decisions_in_a_process_without_diffusers(tmp_path):
+def test_exported_package_reproduces_outputs_and_decisions_in_a_process_without_diffusers(tmp_path, capsys):
+    # with FoCa, one call per step: the step_diff state is written and never read
     m = SequentialDiT(depth=4)
-    opts = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}
+    opts = {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2,
+            "cfg_diff_compute_separate": False}
     traj = _traj(6)
     path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts)
+    assert "cdcompile.export: 4/4 written" in capsys.readouterr().err  # the bar's last stage
     c = torch.compile(m, backend="cachedit", fullgraph=True, options={"compiler": "eager", **opts})
     with torch.no_grad():
         want = [c(x, t) for _ in range(2) for x, t in traj]
@@ -375,6 +378,7 @@ for r in range(2):
 for k, (a, b) in enumerate(zip(got, io["want"])):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"call {{k}}: {{m}}")
 d = art.decisions()
+assert art.pruned_blocks() == [0] * 12
 print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -384,8 +388,7 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("opts", [
-    # (one call per step: the step_diff state is written and never read)
-    {"calibrator": "foca", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "cfg_diff_compute_separate": False},
+    # (FoCa over M's residuals: the test above, in a process without diffusers)
     # with FoCa over each pruned block's residual
     {"cache_type": "dbprune", "residual_diff_threshold": 0.5, "max_warmup_steps": 2, "non_prune_block_ids": [2],
      "calibrator": "foca"},
@@ -399,7 +402,7 @@ print([s for s in range(6) if d[s]], [s for s in range(6) if d[6 + s]])
     # computes (all channels: 0.137 + 0.126 reach it at step 3; no budget: steps 2-5 cache)
     {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "max_accumulated_residual_diff_threshold": 0.25,
      "downsample_factor": 3},
-], ids=["foca", "dbprune_foca", "taylorseer2_values", "static_mask_refresh", "budget_downsample"])
+], ids=["dbprune_foca", "taylorseer2_values", "static_mask_refresh", "budget_downsample"])
 def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, opts):
     m = SequentialDiT(depth=4)
     traj = _traj(6)
@@ -427,7 +430,7 @@ def test_exported_package_with_each_feature_equals_the_compiled_model(tmp_path, 
         assert art.pruned_blocks() == [0] * 12
 
 
-def test_export_of_a_module_compiled_in_place_traces_the_module(tmp_path):
+def test_export_of_a_module_compiled_in_place_traces_the_module(tmp_path, capsys):
     # Module.compile (as cdcompile.enable compiles) made export trace the module's own compiled
     # call, so its capture backend never ran (KeyError 'ctx')
     opts = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
@@ -438,6 +441,7 @@ def test_export_of_a_module_compiled_in_place_traces_the_module(tmp_path):
         want = [m(x, t) for x, t in traj]
     with pytest.warns(UserWarning, match="cdcompile.export resets Dynamo") as rec:
         path = cdcompile.export(m, traj[0], {}, str(tmp_path / "dit.pt2"), options=opts, progress=False)
+    assert "cdcompile.export" not in capsys.readouterr().err  # progress=False: no bar
     assert [w.filename for w in rec if "resets Dynamo" in str(w.message)] == [__file__]  # the caller's line
     assert m._compiled_call_impl is not None
     art = cdcompile.load(path)
@@ -748,5 +752,4 @@ def test_export_shows_its_stages_in_a_progress_bar(tmp_path, capsys):
     assert "cdcompile.export: 0/4 capture: Dynamo and the passes: failed (ValueError)" in err, err
     with pytest.raises(ValueError, match="progress must be True or False, got 'no'"):
         cdcompile.export(m, (x, t), {}, str(tmp_path / "c.pt2"), progress="no")
-    cdcompile.export(m, (x, t), {}, str(tmp_path / "c.pt2"), progress=False)
-    assert "cdcompile.export" not in capsys.readouterr().err
+    # (progress=False shows nothing: test_export_of_a_module_compiled_in_place_traces_the_module)

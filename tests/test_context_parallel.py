@@ -605,9 +605,9 @@ def _flux_trajectory(steps, seed=0):
 CACHE_OPTS = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.4, max_warmup_steps=2)
 
 
-def _scn_cache(rank, world, layers=(2, 4), **extra):
+def _scn_cache(rank, world, layers=(2, 4), compiler=None, **extra):
     """DBCache + CP: the same cached steps on every rank as in one process (the compute branch of
-    the cond holds the collectives; aot_eager on 2 ranks, eager on 3)."""
+    the cond holds the collectives; aot_eager on 2 ranks, eager on 3; one process compiles eager)."""
     import cdcompile
     from cdcompile.testing import tiny_flux
 
@@ -616,8 +616,9 @@ def _scn_cache(rank, world, layers=(2, 4), **extra):
     for degree in (1, world):
         m = tiny_flux(num_layers=layers[0], num_single_layers=layers[1])
         torch._dynamo.reset()
+        cp_compiler = compiler or ("aot_eager" if world == 2 else "eager")
         c = torch.compile(m, backend="cachedit", fullgraph=True,
-                          options=dict(compiler="aot_eager" if world == 2 else "eager", ulysses_degree=degree,
+                          options=dict(compiler=cp_compiler if degree > 1 else "eager", ulysses_degree=degree,
                                        **{**CACHE_OPTS, **extra}))
         with torch.no_grad():
             outs = [_first(c(**kw)) for kw in steps]
@@ -668,15 +669,17 @@ def _scn_fuzz(rank, world):
 
 
 def _scn_cache_lone(rank, world):
-    """As _scn_cache with one double block, a group of one that holds F, and DBPrune over M."""
-    return dict(cache=_scn_cache(rank, world, layers=(1, 3)),
-                prune=_scn_cache(rank, world, layers=(1, 3), cache_type="dbprune", residual_diff_threshold=0.3))
+    """As _scn_cache with one double block, a group of one that holds F, and DBPrune over M (eager:
+    the cache and prune scenarios run aot_eager)."""
+    return dict(cache=_scn_cache(rank, world, layers=(1, 3), compiler="eager"),
+                prune=_scn_cache(rank, world, layers=(1, 3), compiler="eager", cache_type="dbprune",
+                                 residual_diff_threshold=0.3))
 
 
 def _scn_cache_guard_options(rank, world):
     """As _scn_cache with cache-dit's guard options: the important tokens' sums all-reduced, every
-    second channel compared, and a budget on the summed diffs."""
-    return _scn_cache(rank, world, important_condition_threshold=0.5, downsample_factor=2,
+    second channel compared, and a budget on the summed diffs (eager)."""
+    return _scn_cache(rank, world, compiler="eager", important_condition_threshold=0.5, downsample_factor=2,
                       max_accumulated_residual_diff_threshold=1.5)
 
 

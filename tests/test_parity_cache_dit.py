@@ -199,9 +199,9 @@ def test_dbprune_with_a_calibrator_prunes_the_blocks_cache_dit_prunes(calibrator
 
 
 # Bn=1: the text stream leaves M for the last single block, so what a cached step gives it matters
+# (TaylorSeer over M's output: the DBPrune test above, and FoCa here)
 CALIBRATED = [(cache_dit.TaylorSeerCalibratorConfig, dict(enable_encoder_calibrator=False)),
               (cache_dit.TaylorSeerCalibratorConfig, dict(enable_calibrator=False)),
-              (cache_dit.TaylorSeerCalibratorConfig, dict(calibrator_cache_type="hidden_states")),
               (cache_dit.FoCaCalibratorConfig, dict(calibrator_cache_type="hidden_states",
                                                     enable_encoder_calibrator=False))]
 
