@@ -191,9 +191,16 @@ def enable(pipe: Any, *, fullgraph: bool = False, dynamic: bool | None = False,
     modules, which the block cache's single graph otherwise checks on every step, cached or not;
     safe while they do not change between calls).
     """
+    if type(pipe).__name__ == "BlockAdapter" and hasattr(pipe, "blocks"):
+        raise ValueError("cdcompile.enable: cdcompile finds the transformer blocks itself, so cache-dit's "
+                         "BlockAdapter is not needed: pass its pipeline, cdcompile.enable(adapter.pipe, ...), or "
+                         "compile its transformer with torch.compile(adapter.transformer, backend='cachedit', ...)")
     names = transformer_names(pipe)
     if not names:
-        raise ValueError(f"cdcompile.enable: {type(pipe).__name__} has no `transformer` module to compile")
+        hint = (": enable takes a pipeline; compile a transformer with torch.compile(model, backend='cachedit', "
+                "options={...}) (cache-dit's configs: options=cdcompile.CacheConfig.from_cache_dit(cache_config))"
+                if isinstance(pipe, torch.nn.Module) else "")
+        raise ValueError(f"cdcompile.enable: {type(pipe).__name__} has no `transformer` module to compile{hint}")
     if getattr(pipe, "_cdcompile_enabled", False):
         raise ValueError("cdcompile.enable: this pipeline is already enabled")
     options, transformer_options = _cache_dit_keywords(pipe, names, options, transformer_options)

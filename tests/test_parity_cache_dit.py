@@ -372,6 +372,22 @@ def test_cache_dits_other_enable_keywords_convert_or_say_what_to_do(kwargs, erro
     assert not getattr(pipe, "_cdcompile_enabled", False)
 
 
+def test_enable_says_what_to_pass_instead_of_a_block_adapter_or_a_bare_transformer():
+    from cdcompile.testing import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    adapter = cache_dit.BlockAdapter(pipe=pipe, transformer=pipe.transformer, blocks=pipe.transformer.blocks,
+                                     forward_pattern=cache_dit.ForwardPattern.Pattern_2)
+    with pytest.raises(ValueError, match=r"BlockAdapter is not needed: pass its pipeline, "
+                                         r"cdcompile.enable\(adapter.pipe, ...\)"):
+        cdcompile.enable(adapter, cache_config=cache_dit.DBCacheConfig())
+    with pytest.raises(ValueError, match=r"WanTransformer3DModel has no `transformer` module to compile: enable takes "
+                                         r"a pipeline; compile a transformer with torch.compile\(model, "
+                                         r"backend='cachedit'"):
+        cdcompile.enable(pipe.transformer, cache_config=cache_dit.DBCacheConfig())
+    assert pipe.transformer._compiled_call_impl is None
+
+
 def test_enable_takes_what_cache_dits_load_configs_reads_and_its_native_attention_backend():
     from cdcompile.pipeline import _cache_dit_keywords, _configs, transformer_names
     from cdcompile.testing import tiny_wan22_pipeline
