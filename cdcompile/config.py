@@ -440,9 +440,10 @@ class CacheConfig:
         ``cache_dit.enable_cache`` takes them; ``options`` (``compiler=...``) are added on top.
 
         ``parallelism_config``: ``ulysses_size`` becomes ``ulysses_degree``, ``ulysses_float8``
-        ``ulysses_fp8`` and ``ulysses_async`` stays; ``ulysses_anything`` is what Ulysses does here
-        anyway (any sequence length and head count). Ring attention, tensor parallelism, Ray, CP
-        plans, extra modules and an attention backend are ValueErrors naming the field. Without a
+        becomes ``ulysses_fp8``, ``ulysses_async`` stays; ``ulysses_anything`` is what Ulysses does
+        here anyway (any sequence length and head count). Ring attention, tensor parallelism, Ray,
+        CP plans, extra modules and an attention backend other than ``"native"`` are ValueErrors
+        naming the field. Without a
         ``cache_config`` it compiles without the cache, as cache-dit does; cache options on top
         then need ``enable_cache=True``.
 
