@@ -346,6 +346,13 @@ def test_params_modifiers_become_transformer_options_under_the_callers_own():
     got = {n: (c.max_warmup_steps, c.residual_diff_threshold, c.Fn_compute_blocks, c.compiler.value)
            for n, c in configs.items()}
     assert got == {"transformer": (1, 0.5, 1, "eager"), "transformer_2": (5, 0.3, 1, "eager")}
+    # a modifier with a calibrator and no cache config: applied here, dropped by cache-dit 1.5.3 (warned)
+    modifiers = [cache_dit.ParamsModifier(calibrator_config=cache_dit.FoCaCalibratorConfig())]
+    with pytest.warns(UserWarning, match="cache-dit 1.5.3 ignores such a modifier"):
+        shared, per = _cache_dit_keywords(pipe, names, {"cache_config": cache_dit.DBCacheConfig(),
+                                                        "params_modifiers": modifiers}, None)
+    configs = _configs(pipe, names, shared, per)
+    assert (configs["transformer"].calibrator.value, configs["transformer_2"].calibrator) == ("foca", None)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
