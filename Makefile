@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
-# Two pytest-xdist workers, one per core, taking tests one by one (--dist loadgroup), but for the
-# files whose module-level results must be computed once, each run whole by one worker
-# (tests/conftest.py: WHOLE_FILES).
+# Two pytest-xdist workers, one per core (each with one torch thread: tests/conftest.py), taking tests
+# one by one (--dist loadgroup), but for the files whose module-level results must be computed once,
+# each run whole by one worker (tests/conftest.py: WHOLE_FILES).
 # `make test PYTEST_WORKERS=0` runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
