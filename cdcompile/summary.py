@@ -9,6 +9,7 @@ Reading the statistics is the only device sync; nothing is read per step. With
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from typing import Any
 
 import torch
@@ -65,12 +66,18 @@ class Summary:
         if any(r["time_rises"] for r in self.requests):
             lines.append("time rises over a request (the clock learned it from the calls): a smaller "
                          "timestep starts a request")
-        lines.append(f"{head}{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6}  cached steps")
+        # the residual diffs the guard compared (DBPrune: each call's mean block diff), as cache-dit's
+        # summary gives them: where a threshold would fall among this request's steps
+        lines.append(f"{head}{'request':>7} {'slot':>4} {'steps':>5} {'cached':>6} {'diff p50':>8} {'max':>7}  "
+                     f"cached steps")
         for r in self.requests:
             for k, s in enumerate(r["slots"]):
                 cached = s["cached_steps"]
                 at = state(r) if where else ""
-                lines.append(f"{at}{r['request']:>7} {slot_name(k, s):>4} {r['steps']:>5} {len(cached):>6}  {cached}")
+                diffs = sorted(s["residual_diffs"].values())
+                p50, top = (f"{statistics.median(diffs):.3g}", f"{diffs[-1]:.3g}") if diffs else ("-", "-")
+                lines.append(f"{at}{r['request']:>7} {slot_name(k, s):>4} {r['steps']:>5} {len(cached):>6} "
+                             f"{p50:>8} {top:>7}  {cached}")
                 if "pruned_blocks" in s:
                     lines.append(f"{'':>{len(at)}}{'':>7} {'':>4} prune ratio {s['prune_ratio']:.3f}, "
                                  f"blocks pruned per step {s['pruned_blocks']}")

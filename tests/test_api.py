@@ -1,6 +1,7 @@
 """User-facing calls: summary, enable(pipe), export/load, request boundaries on dtype changes."""
 
 import json
+import statistics
 import subprocess
 import sys
 import warnings
@@ -35,6 +36,10 @@ def test_summary_as_dict_has_the_documented_shape_and_is_json():
     json.dumps(d)
     text = str(cdcompile.summary(m))
     assert "N=4 F=1 M=3 B=0" in text and "[2, 3, 4, 5]" in text
+    # the compared diffs' median and largest, beside the cached steps (as cache-dit's summary gives them)
+    diffs = sorted(slot["residual_diffs"].values())
+    row = f"{1:>7} {0:>4} {6:>5} {4:>6} {statistics.median(diffs):>8.3g} {diffs[-1]:>7.3g}  [2, 3, 4, 5]"
+    assert row in text.splitlines(), text
     # the state's device memory: anchor and residual (1 x 10 x 32 float32) for each of 2 CFG slots
     assert cdcompile.summary(m).state_bytes[1] == 2 * 2 * 10 * 32 * 4
     assert d["states"] == 1 and d["state_bytes"] > 2 * 2 * 10 * 32 * 4
