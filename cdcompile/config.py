@@ -443,9 +443,8 @@ class CacheConfig:
         becomes ``ulysses_fp8``, ``ulysses_async`` stays; ``ulysses_anything`` is what Ulysses does
         here anyway (any sequence length and head count). Ring attention, tensor parallelism, Ray,
         CP plans, extra modules and an attention backend other than ``"native"`` are ValueErrors
-        naming the field. Without a
-        ``cache_config`` it compiles without the cache, as cache-dit does; cache options on top
-        then need ``enable_cache=True``.
+        naming the field. Without a ``cache_config`` it compiles without the cache, as cache-dit
+        does; cache options on top then need ``enable_cache=True``.
 
         Fields of the same name carry over as they are (cache-dit's default ``Fn_compute_blocks``
         is 8, not 1), but for ``force_refresh_step_hint`` with ``enable_separate_cfg=True``:
@@ -474,7 +473,7 @@ class CacheConfig:
                                  f"give cache_config=DBCacheConfig(...) or enable_cache=True")
             out["enable_cache"] = False
         if parallelism_config is not None:
-            out |= _cache_dit_parallelism(parallelism_config, "CacheConfig.from_cache_dit")
+            out |= _cache_dit_parallelism(parallelism_config)
         return cls.from_options({**out, **options})
 
     def guard_rule(self) -> str:
@@ -669,9 +668,10 @@ _NO_PARALLELISM = {
 _PARALLELISM_IMPLEMENTATION = {"backend", "ulysses_anything", "ring_rotate_method", "ring_convert_to_fp32"}
 
 
-def _cache_dit_parallelism(config: Any, where: str) -> dict[str, Any]:
+def _cache_dit_parallelism(config: Any) -> dict[str, Any]:
     """cdcompile's Ulysses options from cache-dit's ``ParallelismConfig``: each field is converted,
     only selects cache-dit's implementation, is still at its default, or is refused by name."""
+    where = "CacheConfig.from_cache_dit"
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"{where}: parallelism_config must be cache-dit's ParallelismConfig instance, got {config!r}")
     out: dict[str, Any] = {}
@@ -689,7 +689,7 @@ def _cache_dit_parallelism(config: Any, where: str) -> dict[str, Any]:
             continue
         elif name == "attention_backend" and str(value).lower() == "native":
             continue  # torch's SDPA, diffusers' default backend
-        elif name in ("ring_size", "tp_size") and value in (None, 1):
+        elif name in ("ring_size", "tp_size") and value == 1:
             continue
         else:
             why = _NO_PARALLELISM.get(name, "cdcompile's context parallelism is Ulysses alone: "

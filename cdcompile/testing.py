@@ -251,7 +251,7 @@ def tiny_wan22_pipeline(*, boundary_ratio: float = 0.7, seed: int = 0):
     ``boundary_ratio`` * 1000), ``transformer_2`` on the rest; no VAE or text encoder.
 
     Call it with ``prompt_embeds=`` and ``negative_prompt_embeds=`` of shape (1, tokens, 16) and
-    ``output_type="latent"``.
+    ``output_type="latent"`` (:func:`wan22_latents` runs one such request).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -259,3 +259,14 @@ def tiny_wan22_pipeline(*, boundary_ratio: float = 0.7, seed: int = 0):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                        transformer=tiny_wan(seed=seed), transformer_2=tiny_wan(seed=seed + 1),
                        boundary_ratio=boundary_ratio)
+
+
+def wan22_latents(pipe, steps: int = 10) -> torch.Tensor:
+    """One seeded request of :func:`tiny_wan22_pipeline` with CFG (7 text tokens, 5 frames of
+    32x32): its final latents."""
+    g = torch.Generator().manual_seed(0)
+    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
+    with torch.no_grad():
+        return pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=steps, guidance_scale=3.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import cdcompile
-from cdcompile.testing import BlockStack, SequentialDiT, flux_prompt, tiny_flux_pipeline, tiny_wan22_pipeline
+from cdcompile.testing import (BlockStack, SequentialDiT, flux_prompt, tiny_flux_pipeline, tiny_wan22_pipeline,
+                               wan22_latents)
 
 OPTS = {"residual_diff_threshold": 1e9, "max_warmup_steps": 2}
 
@@ -236,22 +237,13 @@ def test_enable_validates_options_immediately():
         cdcompile.enable(pipe, threshold=0.1)
 
 
-def _wan22_run(pipe, steps=10):
-    g = torch.Generator().manual_seed(0)
-    prompt = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g),
-                  negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
-    with torch.no_grad():
-        return pipe(**prompt, height=32, width=32, num_frames=5, num_inference_steps=steps, guidance_scale=3.0,
-                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
-
-
 def _steps_per_transformer(pipe, steps=10) -> dict[str, int]:
     """How many steps each transformer runs in one call (hooks on the uncompiled pipeline)."""
     seen: dict[str, set] = {}
     handles = [getattr(pipe, name).register_forward_hook(
         lambda mod, args, kwargs, out, name=name: seen.setdefault(name, set()).add(float(kwargs["timestep"][0])),
         with_kwargs=True) for name in ("transformer", "transformer_2")]
-    _wan22_run(pipe, steps)
+    wan22_latents(pipe, steps)
     for h in handles:
         h.remove()
     return {name: len(ts) for name, ts in seen.items()}
@@ -263,11 +255,11 @@ def test_enable_caches_both_transformers_of_a_two_expert_pipeline_each_on_its_ow
     pipe = tiny_wan22_pipeline()
     per = _steps_per_transformer(pipe)
     assert per["transformer"] >= 4 and per["transformer_2"] >= 3 and sum(per.values()) == 10
-    ref = _wan22_run(pipe)
+    ref = wan22_latents(pipe)
     cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=1e9, max_warmup_steps=2,
                      transformer_options={"transformer_2": {"max_warmup_steps": 1}})
     assert all(getattr(pipe, n)._compiled_call_impl is not None for n in ("transformer", "transformer_2"))
-    outs = [_wan22_run(pipe) for _ in range(2)]
+    outs = [wan22_latents(pipe) for _ in range(2)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.equal(outs[0], ref), "the cached steps changed the result"
     with pytest.raises(TypeError, match=r"WanPipeline; for a pipeline, pass its transformer: pipe.transformer, "
@@ -282,9 +274,9 @@ def test_enable_caches_both_transformers_of_a_two_expert_pipeline_each_on_its_ow
 
 def test_enable_on_a_two_expert_pipeline_without_caching_equals_the_pipeline():
     pipe = tiny_wan22_pipeline()
-    ref = _wan22_run(pipe)
+    ref = wan22_latents(pipe)
     cdcompile.enable(pipe, compiler="eager", residual_diff_threshold=0.0)
-    torch.testing.assert_close(_wan22_run(pipe), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wan22_latents(pipe), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_enable_caches_both_cfg_branches_when_the_negative_prompt_is_shorter():

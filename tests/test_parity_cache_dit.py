@@ -303,29 +303,21 @@ def _wan22_cache_dit_keywords() -> dict:
                     cache_dit.ParamsModifier(cache_config=cache_dit.DBCacheConfig().reset(max_warmup_steps=3))])
 
 
-def _wan22(pipe):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return pipe(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 7, 16, generator=g),
-                    height=32, width=32, num_frames=5, num_inference_steps=10, guidance_scale=3.0, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).frames
-
-
 def test_params_modifiers_set_each_transformer_of_a_two_expert_pipeline_apart_as_in_cache_dit():
     """Wan 2.2 (`transformer` on the high-noise steps, `transformer_2` on the rest) with cache-dit's
     params_modifiers: each transformer caches the steps cache-dit caches (both CFG slots), and the
     latents agree."""
-    from cdcompile.testing import tiny_wan22_pipeline
+    from cdcompile.testing import tiny_wan22_pipeline, wan22_latents
 
     pipe = tiny_wan22_pipeline()
     cache_dit.enable_cache(pipe, **_wan22_cache_dit_keywords())
-    theirs = _wan22(pipe)
+    theirs = wan22_latents(pipe)
     stats = {s.cache_options["cache_config"].max_warmup_steps: s for s in cache_dit.summary(pipe, logging=False)}
     expected = {"transformer": stats[1], "transformer_2": stats[3]}  # the modifiers' warmups tell them apart
 
     pipe = tiny_wan22_pipeline()
     cdcompile.enable(pipe, compiler="eager", **_wan22_cache_dit_keywords())
-    ours = _wan22(pipe)
+    ours = wan22_latents(pipe)
     for name, their in expected.items():
         slots = cdcompile.summary(getattr(pipe, name)).as_dict()["requests"][-1]["slots"]
         assert [s["cached_steps"] for s in slots] == [sorted(their.cached_steps), sorted(their.cfg_cached_steps)], name
