@@ -64,6 +64,9 @@ it used so that :func:`foca_update` can advance ``F_k`` outside the ``cond``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 
@@ -151,3 +154,209 @@ def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor, over
     hold = cache | over
     return torch.stack([torch.where(hold, old[0], used), torch.where(hold, old[1], old[0]),
                         torch.where(over, old[2], used), torch.where(over, old[3], old[2])])
+
+
+# -- DMD (dynamic mode decomposition) -------------------------------------------------------------
+#
+# cache-dit's exponential-basis calibrator (DMDCalibratorConfig). The state keeps the stream's last
+# ``Hs`` computed residuals (``residual_k`` (S, Hs, *stream), most recent first, shifted on computed
+# steps like TaylorSeer's differences) and their steps in ``cal_nodes``. On a cached step at
+# ``step``, with ``x0 > x1 > ...`` the computed steps kept:
+#
+#   window   the newest ``dmd_history`` snapshots; its uniformly spaced tail: the newest L of them
+#            whose steps are ``s = x0 - x1`` apart
+#   L >= 4   DMD on the tail, per batch item (axis 0), oldest first: X = columns 0..L-2, X' = 1..L-1,
+#            X = U S V^T (rank r: dmd_rank, or the singular values above 1e-4 of the largest),
+#            A = U_r^T X' V_r / (S_r + ridge),  A W = W diag(lam),  Phi = X' V_r / (S_r + ridge) W,
+#            b = lstsq(Phi, newest),  forecast = Re(Phi (lam^k * b)),  k = (step - x0) / s
+#   L < 4    cache-dit's Taylor fallback of order ``dmd_fallback_order`` (default 1)
+#
+# Everything but X and X' is small (L <= Hs columns): the fit reads the tail's Gram matrix T^T T
+# ((B, Hs, Hs) float64, one pass over the snapshots, summed over ranks under context parallelism so
+# that every rank fits the global tail) and returns the forecast as weights of the snapshots, so the
+# graph's only large work is the Gram matrix and one weighted sum. X's SVD comes from X^T X's
+# eigendecomposition (U = X V / S): in float64 the singular values that the 1e-4 cut keeps are exact
+# to about 1e-8 of themselves. ``lstsq(Phi, newest)`` solves its normal equations in the same basis.
+#
+# The fit runs eagerly on the host (the op dmd_weights): a nonsymmetric eigendecomposition has no
+# GPU kernel in PyTorch that does not synchronize (torch.linalg.eig copies to the host), and the
+# rank cut and the tail's length are decisions. So a DMD-forecast cached step reads one
+# (B, Hs, Hs) + (Hs + 2,) pair to the host, after its branch predicate.
+#
+# Fallbacks, as cache-dit's: a degenerate fit (a batch item whose weights are not finite) reuses
+# the newest snapshot for the whole batch, and so does a forecast that is not finite in the
+# stream's dtype (checked in the graph, over all ranks).
+#
+# cache-dit's Taylor fallback differs from its TaylorSeer: at a computed step x_j it differences
+# against the ladder of two computed steps back, x_{j+2}, over the gap x_j - x_{j+1}:
+#   d_0(x_j) = Y(x_j),   d_{i+1}(x_j) = (d_i(x_j) - d_i(x_{j+2})) / (x_j - x_{j+1})
+# defined while d_i(x_{j+2}) is and x_j > 1; forecast sum_i d_i(x0) e^i / i!, e = step - x0.
+# That is what cache-dit 1.5.3 computes, so it is kept for parity; Hs = max(dmd_history,
+# 2 * order + 1) snapshots are kept for it.
+
+DMD_HISTORY = 6  # cache-dit's dmd_history default
+DMD_MIN_TAIL = 4  # snapshots a fit needs (one complex pole: two real degrees of freedom)
+DMD_RANK_CUT = 1e-4  # automatic rank: singular values above this share of the largest
+
+
+def dmd_snapshots(history: int, order: int) -> int:
+    """Snapshots a DMD-calibrated stream keeps: the window and the Taylor fallback's ladder."""
+    return max(history, 2 * order + 1)
+
+
+def dmd_timing(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+    """``(2 + Hs,)`` float64: the step, the computed steps in the request, and their steps
+    (most recent first): what the fit reads besides the Gram matrix."""
+    return torch.cat([step.to(torch.float64).reshape(1), computed.to(torch.float64).reshape(1),
+                      nodes.to(torch.float64)])
+
+
+def _uniform_tail(steps: list[int]) -> tuple[int, int]:
+    """(L, s): the newest L of ``steps`` (most recent first) that are ``s`` apart (L < 2: none)."""
+    if len(steps) < 2 or steps[0] - steps[1] <= 0:
+        return 0, 0
+    s, n = steps[0] - steps[1], 2
+    while n < len(steps) and steps[n - 1] - steps[n] == s:
+        n += 1
+    return n, s
+
+
+def _taylor_fallback(steps: list[int], step: int, order: int, hs: int) -> torch.Tensor:
+    """cache-dit's DMD Taylor fallback as ``(hs,)`` weights of the snapshots (module comment)."""
+    def unit(j):
+        w = torch.zeros(hs, dtype=torch.float64)
+        w[j] = 1.0
+        return w
+
+    memo: dict[int, list[torch.Tensor]] = {}
+
+    def ladder(j: int) -> list[torch.Tensor]:
+        if j in memo:
+            return memo[j]
+        out = [unit(j)]
+        older = ladder(j + 2) if j + 2 < len(steps) else []
+        for i in range(order):
+            if i < len(older) and steps[j] > 1 and j + 1 < len(steps):
+                out.append((out[i] - older[i]) / (steps[j] - steps[j + 1]))
+            else:
+                break
+        memo[j] = out
+        return out
+
+    e = step - steps[0]
+    return sum(d * (e ** i / math.factorial(i)) for i, d in enumerate(ladder(0)))
+
+
+def _dmd_fit(gram: torch.Tensor, tail: int, k: float, rank: int, ridge: float) -> torch.Tensor | None:
+    """Weights of the newest ``tail`` snapshots (most recent first) giving the DMD forecast at
+    horizon ``k`` for one batch item, from their Gram matrix (most recent first); None if degenerate."""
+    g = gram[:tail, :tail].flip(0, 1)  # oldest first
+    gxx, gxp, gpp = g[:-1, :-1], g[:-1, 1:], g[1:, 1:]
+    if not bool(torch.isfinite(g).all()):
+        return None
+    try:
+        ev, v = torch.linalg.eigh(gxx)
+    except RuntimeError:  # torch.linalg.LinAlgError: no convergence
+        return None
+    ev, v = ev.flip(0), v.flip(1)  # descending
+    s = ev.clamp(min=0).sqrt()
+    if not bool(s[0] > 0):
+        return None
+    r = rank if rank > 0 else int((s > s[0] * DMD_RANK_CUT).sum().clamp(min=1))
+    r = max(1, min(r, s.numel()))
+    sr, vr = s[:r], v[:, :r]
+    if not bool((sr > 0).all()):
+        return None
+    sinv = 1.0 / (sr + ridge)
+    a = (vr.T @ gxp @ vr) / sr.unsqueeze(1) * sinv.unsqueeze(0)  # U_r^T X' V_r diag(sinv)
+    try:
+        lam, w = torch.linalg.eig(a)
+        c = (vr * sinv).to(torch.complex128) @ w  # Phi = X' c
+        normal = c.mH @ gpp.to(torch.complex128) @ c  # Phi^H Phi
+        rhs = c.mH @ gpp[:, -1].to(torch.complex128)  # Phi^H newest
+        b = torch.linalg.lstsq(normal, rhs.unsqueeze(1)).solution.squeeze(1)
+    except RuntimeError:  # torch.linalg.LinAlgError
+        return None
+    coef = (c @ (lam.pow(k) * b)).real  # weights of X' = tail columns 1..L-1, oldest first
+    if not bool(torch.isfinite(coef).all()):
+        return None
+    return torch.cat([coef.flip(0), torch.zeros(1, dtype=coef.dtype)])  # most recent first
+
+
+def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
+                          order: int) -> torch.Tensor:
+    """``(B, Hs)`` float64 weights of the snapshots (most recent first) forecasting each batch item
+    at the timing's step; computed on the host (module comment). ``gram``: (B, Hs, Hs)."""
+    gram = gram.detach().to("cpu", torch.float64)
+    t = timing.detach().to("cpu", torch.float64).tolist()
+    step, computed, nodes = int(t[0]), int(t[1]), [int(x) for x in t[2:]]
+    batch, hs = gram.shape[0], gram.shape[-1]
+    steps = nodes[:min(computed, hs)]
+    newest = torch.zeros(batch, hs, dtype=torch.float64)
+    newest[:, 0] = 1.0
+    tail, spacing = _uniform_tail(steps[:min(history, hs)])
+    if tail >= DMD_MIN_TAIL:
+        k = (step - steps[0]) / spacing
+        fits = [_dmd_fit(gram[i], tail, k, rank, ridge) for i in range(batch)]
+        if any(f is None for f in fits):
+            return newest
+        out = torch.zeros(batch, hs, dtype=torch.float64)
+        out[:, :tail] = torch.stack(fits)
+        return out
+    if not steps:
+        return newest
+    return _taylor_fallback(steps, step, order, hs).expand(batch, hs).clone()
+
+
+@torch.library.custom_op("cdcompile::dmd_weights", mutates_args=())
+def dmd_weights(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
+                order: int) -> torch.Tensor:
+    """:func:`dmd_weights_reference` as an opaque op of the graph, on ``gram``'s device."""
+    return dmd_weights_reference(gram, timing, history, rank, ridge, order).to(gram.device)
+
+
+@dmd_weights.register_fake
+def _(gram, timing, history, rank, ridge, order):
+    return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMDSpec:
+    """The DMD options a forecast needs (CacheConfig's dmd_*), and under context parallelism the
+    process group whose ranks hold the stream's other tokens."""
+
+    history: int = DMD_HISTORY
+    rank: int = 0
+    ridge: float = 1e-8
+    order: int = 1
+    group: str | None = None
+
+    @property
+    def snapshots(self) -> int:
+        return dmd_snapshots(self.history, self.order)
+
+
+def dmd_forecast(res: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float, order: int,
+                 group: str | None) -> torch.Tensor:
+    """The DMD forecast of a stream from its snapshots ``res`` (Hs, B, ...; most recent first) at
+    the step ``timing`` (:func:`dmd_timing`) gives; the newest snapshot where it is not finite.
+    The rest: a :class:`DMDSpec`'s fields (the graph's calls take them as plain constants)."""
+    flat = res.reshape(res.shape[0], res.shape[1], -1).to(torch.float64)
+    gram = torch.einsum("ibd,jbd->bij", flat, flat)
+    if group is not None:
+        from .distributed.ulysses import all_reduce_sum
+
+        gram = all_reduce_sum(gram, group)
+    w = torch.ops.cdcompile.dmd_weights(gram, timing, history, rank, ridge, order)
+    out = torch.einsum("bi,ibd->bd", w, flat).reshape(res.shape[1:]).to(res.dtype)
+    bad = (~torch.isfinite(out)).any().to(torch.float32).reshape(1)
+    if group is not None:
+        from .distributed.ulysses import all_reduce_sum
+
+        bad = all_reduce_sum(bad, group)
+    return torch.where(bad[0] > 0, res[0], out)
+
+
+def nodes_width(dmd: DMDSpec | None) -> int:
+    """Computed steps a calibrator's clock keeps: three (TaylorSeer, FoCa), or one per DMD snapshot."""
+    return 3 if dmd is None else dmd.snapshots

@@ -29,6 +29,7 @@ class Calibrator(str, enum.Enum):
 
     TAYLORSEER = "taylorseer"
     FOCA = "foca"
+    DMD = "dmd"
 
 
 STREAMS = ("all", "hidden", "encoder")  # calibrated_streams
@@ -104,7 +105,9 @@ class CacheConfig:
 
     Calibrators (algorithms.md §2; cdcompile.calibrators) forecast the cached middle residual on
     cached steps; they never change which steps cache:
-    calibrator: None (off unless taylorseer_order > 0), "taylorseer" or "foca".
+    calibrator: None (off unless taylorseer_order > 0), "taylorseer", "foca" or "dmd" (cache-dit's
+        dynamic mode decomposition: an exponential fit of the stream's last computed residuals;
+        see cdcompile.calibrators).
     taylorseer_order: 1 or 2, the TaylorSeer order. None (the default) means 1 with
         calibrator="taylorseer" and 0 (off) otherwise; given alone (calibrator=None), 1 or 2 turns
         TaylorSeer on, as before the calibrator option existed. An order with calibrator="foca",
@@ -118,6 +121,13 @@ class CacheConfig:
         difference of the last two computed residuals, however many steps apart) or "step" (that
         difference divided by the steps between them: exact on residuals linear in the step for
         any spacing, within the 3-step horizon). The same when computed steps are consecutive.
+    dmd_history: computed residuals the DMD fit reads (default 6, cache-dit's dmd_history); it
+        needs 4 of them evenly spaced, and falls back to a Taylor forecast before.
+    dmd_rank: the fit's SVD rank; 0 (default) keeps the singular values above 1e-4 of the largest.
+    dmd_ridge: added to the singular values the fit inverts (default 1e-8).
+    dmd_fallback_order: the Taylor fallback's order, 0, 1 (default) or 2 (cache-dit's
+        calibrator_kwargs={"n_derivatives": n}).
+        The four dmd_ options need calibrator="dmd".
     calibrated_streams: which middle residuals the calibrator forecasts: "all" (default), "hidden"
         (the image stream alone; the text stream and any other reuse their last computed residual,
         cache-dit's enable_encoder_calibrator=False) or "encoder" (every stream but the hidden one,
@@ -193,6 +203,10 @@ class CacheConfig:
     taylorseer_order: int | None = None
     taylorseer_form: str = calibrators.TAYLOR
     foca_slope: str = calibrators.GAP
+    dmd_history: int = calibrators.DMD_HISTORY
+    dmd_rank: int = 0
+    dmd_ridge: float = 1e-8
+    dmd_fallback_order: int = 1
     calibrated_streams: str = "all"
     calibrator_cache_type: str = "residual"
     cache_type: CacheType = CacheType.DBCACHE
@@ -327,13 +341,36 @@ class CacheConfig:
             _bad("foca_slope", slope, f'"{calibrators.GAP}" (algorithms.md §2, cache-dit) or "{calibrators.STEP}"')
         if slope != calibrators.GAP and cal is not Calibrator.FOCA:
             _bad("foca_slope", slope, f'the default "{calibrators.GAP}" unless calibrator="foca"; nothing else reads it')
+        self._check_dmd(cal)
         for name, values in (("calibrated_streams", STREAMS), ("calibrator_cache_type", CACHE_TYPES)):
             value = getattr(self, name)
             if value not in values:
                 _bad(name, value, " or ".join(f'"{v}"' for v in values))
             if value != values[0] and cal is None:
-                _bad(name, value, f'the default "{values[0]}" unless a calibrator is on (calibrator="taylorseer" '
-                     'or "foca"); nothing else reads it')
+                _bad(name, value, f'the default "{values[0]}" unless a calibrator is on (calibrator="taylorseer", '
+                     '"foca" or "dmd"); nothing else reads it')
+
+    def _check_dmd(self, cal) -> None:
+        if cal is Calibrator.DMD and self.taylorseer_order:
+            _bad("taylorseer_order", self.taylorseer_order, 'unset or 0 with calibrator="dmd" (its Taylor '
+                 "fallback's order is dmd_fallback_order)")
+        _check_type("dmd_history", self.dmd_history, int)
+        if self.dmd_history < 1:
+            _bad("dmd_history", self.dmd_history, "an int >= 1 (4 or more for the fit to engage; 5-6 in cache-dit)")
+        _check_type("dmd_rank", self.dmd_rank, int)
+        if self.dmd_rank < 0:
+            _bad("dmd_rank", self.dmd_rank, "an int >= 0 (0: from the singular values)")
+        ridge = self.dmd_ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+            _bad("dmd_ridge", ridge, "a finite float >= 0")
+        _check_type("dmd_fallback_order", self.dmd_fallback_order, int)
+        if self.dmd_fallback_order not in (0, 1, 2):
+            _bad("dmd_fallback_order", self.dmd_fallback_order, "0, 1 or 2")
+        if cal is not Calibrator.DMD:
+            for f in ("dmd_history", "dmd_rank", "dmd_ridge", "dmd_fallback_order"):
+                if getattr(self, f) != _DEFAULTS[f]:
+                    _bad(f, getattr(self, f), f'the default {_DEFAULTS[f]!r} unless calibrator="dmd"; '
+                         "nothing else reads it")
 
     def _check_prune(self) -> None:
         kind = self.cache_type
@@ -436,8 +473,9 @@ class CacheConfig:
     def from_cache_dit(cls, cache_config: Any, calibrator_config: Any = None, parallelism_config: Any = None,
                        **options: Any) -> "CacheConfig":
         """The config for cache-dit's ``DBCacheConfig`` / ``DBPruneConfig``, calibrator config
-        (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``) and ``ParallelismConfig``, as
-        ``cache_dit.enable_cache`` takes them; ``options`` (``compiler=...``) are added on top.
+        (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``, ``DMDCalibratorConfig``) and
+        ``ParallelismConfig``, as ``cache_dit.enable_cache`` takes them; ``options``
+        (``compiler=...``) are added on top.
 
         ``parallelism_config``: ``ulysses_size`` becomes ``ulysses_degree``, ``ulysses_float8``
         becomes ``ulysses_fp8``, ``ulysses_async`` stays; ``ulysses_anything`` is what Ulysses does
@@ -452,9 +490,10 @@ class CacheConfig:
         half as many steps and an odd one (a refresh between a step's two calls) is refused; with
         ``enable_separate_cfg=None`` (cache-dit decides per pipeline) the hint is taken as steps,
         with a warning.
-        Its CFG flags are not needed (CFG slots come from the timestep). What has no counterpart
-        raises ValueError naming it: calibrators other than TaylorSeer and FoCa, calibrator
-        kwargs. ``force_reduce_calibrator_vram=True`` with a calibrator makes ``downsample_factor``
+        Its CFG flags are not needed (CFG slots come from the timestep). ``DMDCalibratorConfig``
+        becomes ``calibrator="dmd"`` with its ``dmd_`` fields; DMD's ``calibrator_kwargs``
+        ``n_derivatives`` becomes ``dmd_fallback_order``. What has no counterpart raises ValueError
+        naming it, such as other calibrator kwargs. ``force_reduce_calibrator_vram=True`` with a calibrator makes ``downsample_factor``
         at least 4, as in cache-dit. ``enable_calibrator`` /
         ``enable_encoder_calibrator`` become ``calibrated_streams``.
         """
@@ -504,6 +543,8 @@ class CacheConfig:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
                          + (" (slope per step)" if self.foca_slope == calibrators.STEP else "")
+                         + (f" (history {self.dmd_history}, rank {self.dmd_rank or 'auto'}, Taylor fallback of "
+                            f"order {self.dmd_fallback_order})" if self.calibrator is Calibrator.DMD else "")
                          + (" per block" if self.cache_type is CacheType.DBPRUNE else "")
                          + ((", of each block's output" if self.cache_type is CacheType.DBPRUNE else ", of M's output")
                             if self.calibrator_cache_type == "hidden_states" else "")
@@ -548,7 +589,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CacheConfig)}
 # over does instead.
 _SEPARATE_CFG = ("not needed: calls that share a timestep are told apart as CFG slots, each with its "
                  "own anchor, residuals and counters (batch-fused CFG needs nothing); remove it")
-_CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2) or calibrator="foca", with '
+_CALIBRATOR = ('use calibrator="taylorseer" (taylorseer_order=1 or 2), "foca" or "dmd" (dmd_history, ...), with '
                'calibrated_streams="all", "hidden" (the text stream reuses its last residual) or "encoder"')
 _CACHE_DIT = {
     "enable_separate_cfg": _SEPARATE_CFG, "enable_spearate_cfg": _SEPARATE_CFG,
@@ -627,15 +668,16 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
     encoder = calibrator_config is not None and getattr(calibrator_config, "enable_encoder_calibrator", True)
     if hidden or encoder:
         kind = str(getattr(calibrator_config, "calibrator_type", "")).lower()
-        if kind not in ("taylorseer", "foca"):
+        if kind not in ("taylorseer", "foca", "dmd"):
             raise ValueError(f"CacheConfig.from_cache_dit: calibrator_type={kind!r} is not implemented here: "
-                             f'calibrator="taylorseer" or "foca"')
+                             f'calibrator="taylorseer", "foca" or "dmd"')
         cache_type = str(getattr(calibrator_config, "calibrator_cache_type", "residual"))
         if cache_type not in CACHE_TYPES:
             refuse("calibrator_cache_type", cache_type, " or ".join(map(repr, CACHE_TYPES)))
-        if getattr(calibrator_config, "calibrator_kwargs", None):
-            refuse("calibrator_kwargs", calibrator_config.calibrator_kwargs,
-                   "the calibrators take taylorseer_order (TaylorSeer) and nothing else")
+        out |= _cache_dit_calibrator_kwargs(kind, dict(getattr(calibrator_config, "calibrator_kwargs", None) or {}),
+                                            refuse)
+        if kind == "dmd":
+            out |= _cache_dit_dmd(calibrator_config)
         out["calibrator"] = kind
         out["calibrator_cache_type"] = cache_type
         # cache-dit's two flags: the hidden stream's calibrator, the encoder (text) stream's
@@ -643,6 +685,37 @@ def _cache_dit_options(cache_config: Any, calibrator_config: Any) -> dict[str, A
         if kind == "taylorseer":
             out["taylorseer_order"] = getattr(calibrator_config, "taylorseer_order", 1)
     return out
+
+
+def _cache_dit_calibrator_kwargs(kind: str, kwargs: dict, refuse) -> dict:
+    """cache-dit's ``calibrator_kwargs``, which it passes to the calibrator's constructor: the one
+    that changes a forecast is DMD's ``n_derivatives`` (its Taylor fallback's order). TaylorSeer's
+    constructor takes it too, but cache-dit then sets it from ``taylorseer_order``; its other
+    parameters (``max_warmup_steps``, ``skip_interval_steps``) steer a schedule cache-dit's
+    DBCache does not use, and FoCa's and DMD's constructors ignore whatever else they are given."""
+    out = {}
+    if kind == "dmd" and "n_derivatives" in kwargs:
+        out["dmd_fallback_order"] = kwargs.pop("n_derivatives")
+    if kwargs:
+        rule = ({"n_derivatives": "taylorseer_order"} if kind == "taylorseer" else {}).get(next(iter(kwargs)))
+        refuse("calibrator_kwargs", kwargs,
+               f"cache-dit overrides it with {rule}: set that" if rule else
+               "they change nothing in cache-dit's forecast" + (" (DMD reads n_derivatives alone, the Taylor "
+                                                                "fallback's order)" if kind == "dmd" else "")
+               + "; remove them")
+    return out
+
+
+def _cache_dit_dmd(config) -> dict:
+    """DMDCalibratorConfig's fields. ``dmd_svd_precision`` picks cache-dit's SVD driver for the
+    d x n snapshot matrix; the fit here works on the n x n Gram matrix in float64, which all three
+    drivers agree with to well below the forecast's dtype, so any of the three is accepted as it is."""
+    precision = getattr(config, "dmd_svd_precision", "medium")
+    if precision not in ("low", "medium", "high"):
+        raise ValueError(f"CacheConfig.from_cache_dit: dmd_svd_precision={precision!r}; cache-dit takes "
+                         '"low", "medium" or "high"')
+    return {"dmd_history": getattr(config, "dmd_history", calibrators.DMD_HISTORY),
+            "dmd_rank": getattr(config, "dmd_rank", 0), "dmd_ridge": getattr(config, "dmd_ridge", 1e-8)}
 
 
 # the options that mean something without the block cache

@@ -25,7 +25,8 @@ slot and no more):
                                     the step's later calls take
     residual_k (C, n+1, *stream_k)  middle residual of stream k at the slot's last computed step,
                                     and its divided differences for a calibrator of order n
-    cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators)
+    cal_nodes  float32 (S, 3)       the slot's last computed steps, most recent first (calibrators;
+                                    DMD: (S, Hs), one per snapshot)
     hist_flag  int8 (H, S, T)       per request (ring of H), slot and step: -1 no call, 0 computed, 1 cached
     hist_diff  float32 (H, S, T)    the residual diff of each call (nan where no anchor existed)
     hist_meta  int64 (H, 2)         steps and slots seen in each request
@@ -33,7 +34,8 @@ slot and no more):
 DBPrune (cache_type="dbprune") keeps no ``anchor``/``residual_k``/``cal_nodes`` but, per prunable
 block ``b`` (its index in the stack), ``anchor_b{b}`` (C, *hidden input) and ``residual_b{b}_{label}``
 (C, n+1, *stream) per stream the block changes, with a calibrator ``cal_b{b}`` float32 (S, 4) (the
-block's last computed steps, most recent first, and how many times it computed in the request),
+block's last computed steps, most recent first, and how many times it computed in the request;
+DMD: (S, Hs + 1)),
 plus ``hist_pruned`` int16 (H, S, T), the blocks pruned per call; ``hist_diff`` then holds the mean
 of the call's block diffs.
 """
@@ -294,19 +296,22 @@ def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Ten
                     res_slot: torch.Tensor, exit_value: torch.Tensor, entry_value: torch.Tensor,
                     step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor,
                     used: torch.Tensor | None = None, form: str = calibrators.TAYLOR, *,
-                    keep_value: bool = False) -> None:
+                    keep_value: bool = False, snapshots: bool = False) -> None:
     """Store the middle residual of one stream (and its divided differences) in the slot's
     ``row``: kept on cached steps and overflow calls, ``exit - entry`` on computed ones (with
     ``keep_value``, calibrator_cache_type="hidden_states": ``exit``, M's output). ``nodes`` and
     ``computed`` are the calibrator's computed steps and their count before this call. ``used``
     (FoCa) is what the branch used: the state's window moves on every step of a slot
-    (cdcompile.calibrators). DBPrune stores each block's residual with it (cache = pruned)."""
+    (cdcompile.calibrators). ``snapshots`` (DMD): the history holds the last computed residuals
+    themselves, shifted. DBPrune stores each block's residual with it (cache = pruned)."""
     if used is not None:
         residual.index_put_((row,), calibrators.foca_update(cache, used, res_slot, over).unsqueeze(0))
         return
     y = exit_value if keep_value else exit_value - entry_value
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
+    elif snapshots:
+        new = torch.cat([y.unsqueeze(0).to(res_slot.dtype), res_slot[:-1]])
     else:
         new = calibrators.differences(y, res_slot, step, nodes, computed, form)
     residual.index_put_((row,), torch.where(cache | over, res_slot, new).unsqueeze(0))
@@ -315,7 +320,7 @@ def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Ten
 def commit_nodes(cache: torch.Tensor, cal_nodes: torch.Tensor, idx: torch.Tensor,
                  nodes: torch.Tensor, step: torch.Tensor) -> None:
     """Shift the slot's computed-step nodes on a computed step (after every stream used them)."""
-    shifted = torch.cat([step.to(torch.float32).reshape(1), nodes[:2]])
+    shifted = torch.cat([step.to(torch.float32).reshape(1), nodes[:-1]])
     cal_nodes.index_put_((idx,), torch.where(cache, nodes, shifted).unsqueeze(0))
 
 
@@ -382,14 +387,14 @@ def prune_calibration(cal: torch.Tensor, idx: torch.Tensor, ctr: torch.Tensor) -
     slot's first call of a request (no anchor yet), so the slot's ``has_anchor`` counter, zeroed by
     a new request, tells a count of an earlier request (read as 0)."""
     mine = cal.index_select(0, idx)[0]
-    return mine[:3], torch.where(ctr[0] > 0, mine[3], torch.zeros_like(mine[3]))
+    return mine[:-1], torch.where(ctr[0] > 0, mine[-1], torch.zeros_like(mine[-1]))
 
 
 def prune_commit_calibration(prune: torch.Tensor, over: torch.Tensor, cal: torch.Tensor, idx: torch.Tensor,
                              nodes: torch.Tensor, computed: torch.Tensor, step: torch.Tensor) -> None:
     """A block that computed (not in an overflow call) shifts its computed steps and counts one more."""
     kept = torch.cat([nodes, computed.reshape(1)])
-    moved = torch.cat([step.to(cal.dtype).reshape(1), nodes[:2], (computed + 1).reshape(1)])
+    moved = torch.cat([step.to(cal.dtype).reshape(1), nodes[:-1], (computed + 1).reshape(1)])
     cal.index_put_((idx,), torch.where(prune | over, kept, moved).unsqueeze(0))
 
 

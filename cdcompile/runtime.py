@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import guard
+from . import calibrators, guard
 
 _layout_ids: dict[tuple, int] = {}  # CacheState.layout -> a small int the per-call lookups hash
 # id(key parameter) -> (key ref, {layout id: state}, least recently used first)
@@ -157,7 +157,7 @@ class CacheState:
             for b in plan.prune_blocks:
                 t[b.anchor_name] = anchor(b.anchor.shape, b.anchor.dtype)
                 if b.cal_name:
-                    t[b.cal_name] = zeros((4,), torch.float32)
+                    t[b.cal_name] = zeros((calibrators.nodes_width(b.dmd) + 1,), torch.float32)
                 for k, r in enumerate(b.residuals):
                     t[b.residual_name(r.label)] = sized((b.history_of(k), *r.shape), r.dtype)
         else:
@@ -167,7 +167,7 @@ class CacheState:
                 t["slot_acc"] = zeros((), torch.float32)
             if plan.share_diff:
                 t["step_diff"] = torch.full((1,), math.nan, device=dev)
-            t["cal_nodes"] = zeros((3,), torch.float32)
+            t["cal_nodes"] = zeros((calibrators.nodes_width(plan.dmd),), torch.float32)
             for k, r in enumerate(plan.residuals):
                 t[f"residual_{k}"] = sized((plan.history_of(k), *r.shape), r.dtype)
         t["hist_flag"] = torch.full((guard.HISTORY, s, guard.MAX_STEPS), -1, dtype=torch.int8, device=dev)

@@ -307,6 +307,7 @@ def test_tiny_flux_calibrators_forecast_the_streams_like_the_reference(calibrato
     ({"calibrator": "foca"}, "foca", 0),
     ({"calibrator": "foca", "taylorseer_order": 0}, "foca", 0),
     ({"taylorseer_order": 2, "taylorseer_form": "Newton"}, "taylorseer", 2),
+    ({"calibrator": "DMD", "dmd_rank": 2}, "dmd", 0),
 ])
 def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrator, order):
     cfg = cdcompile.CacheConfig.from_options(opts)
@@ -315,7 +316,13 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
 
 
 @pytest.mark.parametrize("opts,match", [
-    ({"calibrator": "dmd"}, r"'calibrator'.*'dmd'.*taylorseer.*foca"),
+    ({"calibrator": "dmdc"}, r"'calibrator'.*'dmdc'.*taylorseer.*foca.*dmd"),
+    ({"calibrator": "dmd", "taylorseer_order": 1}, r"'taylorseer_order'.*dmd_fallback_order"),
+    ({"dmd_history": 5}, r"'dmd_history'.*unless calibrator=\"dmd\""),
+    ({"calibrator": "dmd", "dmd_history": 0}, r"'dmd_history'.*>= 1"),
+    ({"calibrator": "dmd", "dmd_rank": -1}, r"'dmd_rank'.*>= 0"),
+    ({"calibrator": "dmd", "dmd_ridge": -1e-8}, r"'dmd_ridge'.*finite float >= 0"),
+    ({"calibrator": "dmd", "dmd_fallback_order": 3}, r"'dmd_fallback_order'.*0, 1 or 2"),
     ({"calibrator": "foca", "taylorseer_order": 1}, r"'taylorseer_order'.*FoCa has no order"),
     ({"calibrator": "taylorseer", "taylorseer_order": 0}, r"'taylorseer_order'.*1 or 2"),
     ({"taylorseer_order": 3}, r"'taylorseer_order'.*0 \(off\), 1 or 2"),
@@ -349,3 +356,122 @@ def test_calibrated_streams_that_select_no_stream_are_warned_of(cache_type):
     ((_, state),) = cached_states(m)  # and keeps no calibrator history
     assert {t.shape[1] for n, t in state.tensors_by_name.items() if n.startswith("residual")} == {1}
     assert not any(n.startswith("cal_b") for n in state.tensors_by_name)
+
+
+# -- DMD (cdcompile.calibrators) ---------------------------------------------------------------------
+
+class _ExpBlock(nn.Module):
+    """Adds a_i e^(2t) + b_i e^(-3t): with t falling linearly, the stack's middle residual is a sum
+    of two exponentials in the step along two directions, which DMD forecasts exactly."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(dim))
+        self.b = nn.Parameter(torch.randn(dim))
+
+    def forward(self, h, t):
+        t = t.reshape(-1, 1, 1)
+        return h + self.a * torch.exp(2 * t) + self.b * torch.exp(-3 * t)
+
+
+class _ExpDiT(_PolyDiT):
+    def __init__(self, depth=4):
+        super().__init__(1, depth)
+        self.blocks = nn.ModuleList(_ExpBlock(8) for _ in range(depth))
+
+
+# warmup 5: DMD from step 5 on, k = 1, 2, ...; warmup 8 computing every second step: steps 0, 2,
+# 4, 6 are 2 apart, so from step 7 on k = 1/2, 1, 3/2, ... (before 7 the Taylor fallback)
+@pytest.mark.parametrize("compiler,opts,cached,exact_from", [
+    ("aot_eager", {"max_warmup_steps": 5}, list(range(5, 12)), 5),
+    ("eager", {"max_warmup_steps": 8, "warmup_interval": 2}, [1, 3, 5, 7, 8, 9, 10, 11], 7),
+])
+def test_dmd_forecasts_a_sum_of_exponentials_exactly_in_the_graph_at_whole_and_fractional_horizons(
+        compiler, opts, cached, exact_from):
+    torch.manual_seed(0)
+    m = _ExpDiT()
+    x = torch.randn(1, 5, 4)
+    errors = {}
+    for calibrator in ("dmd", "taylorseer"):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+            "compiler": compiler, "residual_diff_threshold": 1e9, "calibrator": calibrator, **opts})
+        with torch.no_grad():
+            errs = [(c(x, t) - m(x, t)).abs().max().item() for t in (torch.tensor([1.0 - s / 12]) for s in range(12))]
+        assert cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+        errors[calibrator] = max(errs[exact_from:])
+    assert errors["dmd"] < 1e-4 and errors["taylorseer"] > 0.1, errors
+
+
+def _dmd_run(schedule, trajectory, **spec):
+    """cache-dit's DMDState and calibrators.dmd_weights_reference over one schedule (1: computed):
+    the largest forecast difference relative to the forecast's size."""
+    from cache_dit.caching.cache_contexts.calibrators.dmd import DMDState
+
+    history, rank, ridge, order = (spec.get(k, d) for k, d in (("history", 6), ("rank", 0), ("ridge", 1e-8),
+                                                                   ("order", 1)))
+    state = DMDState(history=history, rank=rank, ridge=ridge, n_derivatives=order)
+    hs = calibrators.dmd_snapshots(history, order)
+    snaps, nodes, worst = [], [], 0.0
+    for step, computed in enumerate(schedule):
+        state.mark_step_begin()
+        y = trajectory(step)
+        if computed:
+            state.update(y)
+            snaps, nodes = ([y] + snaps)[:hs], ([step] + nodes)[:hs]
+            continue
+        want = state.approximate()
+        res = torch.stack(snaps + [torch.zeros_like(y)] * (hs - len(snaps)))
+        flat = res.reshape(hs, res.shape[1], -1).double()
+        timing = calibrators.dmd_timing(torch.tensor(step), torch.tensor(nodes + [0] * (hs - len(nodes)),
+                                                                          dtype=torch.float32),
+                                        torch.tensor(sum(schedule[:step])))
+        w = calibrators.dmd_weights_reference(torch.einsum("ibd,jbd->bij", flat, flat), timing, history, rank,
+                                              ridge, order)
+        got = torch.einsum("bi,ib...->b...", w, res.double()).float()
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    return worst
+
+
+def _modes(step):
+    """Two batch items, each a sum of damped, growing and rotating modes plus noise."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64)
+    vals = torch.tensor([0.9, 0.7, 1.02], dtype=torch.float64) ** step * torch.cos(torch.tensor([0.0, 0.3, 0.0]) * step)
+    noise = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(step))
+    return (base * vals.view(1, 3, 1, 1)).sum(1).float() + 1e-3 * noise
+
+
+DYNAMIC = [1] * 8 + [0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0]  # the tail breaks: fallback, then DMD again
+
+
+@pytest.mark.parametrize("schedule,spec", [
+    (DYNAMIC, {}),
+    ([1] * 3 + [1, 0] * 8, {}),  # every second step: k = 1/2
+    ([1] * 2 + [1, 0, 0] * 6, {}),  # every third: k = 1/3, 2/3
+    (DYNAMIC, {"order": 2}),
+    (DYNAMIC, {"rank": 2, "ridge": 1e-3}),
+    (DYNAMIC, {"history": 4}),
+    (DYNAMIC, {"history": 3}),  # never 4 snapshots: the Taylor fallback throughout
+    ([1, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0], {"order": 2}),
+], ids=["dynamic", "every2", "every3", "order2", "rank2_ridge", "history4", "history3", "early"])
+def test_dmd_weights_give_cache_dits_dmd_forecast(schedule, spec):
+    pytest.importorskip("cache_dit")
+    assert _dmd_run(schedule, _modes, **spec) < 1e-6
+
+
+def test_dmd_taylor_fallback_differences_two_computed_steps_back_as_cache_dit_does():
+    # computed steps 5, 4, 3 (most recent first), forecast at 7 (e = 2): d1 = (Y5 - Y3) / (5 - 4)
+    w = calibrators._taylor_fallback([5, 4, 3], 7, 1, 4)
+    torch.testing.assert_close(w, torch.tensor([3.0, 0.0, -2.0, 0.0], dtype=torch.float64))
+    # no d1 without a step two back, nor at step 1 (cache-dit's current_step > 1)
+    torch.testing.assert_close(calibrators._taylor_fallback([5, 4], 7, 1, 4), torch.tensor([1.0, 0, 0, 0]).double())
+    torch.testing.assert_close(calibrators._taylor_fallback([1, 0, -1], 3, 1, 4)[:1], torch.ones(1).double())
+
+
+def test_a_degenerate_dmd_fit_reuses_the_newest_snapshot():
+    # a zero trajectory (no singular value above 0) and a non-finite Gram matrix both reuse snapshot 0
+    timing = calibrators.dmd_timing(torch.tensor(6), torch.arange(5, -1, -1, dtype=torch.float32), torch.tensor(6))
+    for gram in (torch.zeros(2, 6, 6, dtype=torch.float64), torch.full((2, 6, 6), float("nan"), dtype=torch.float64)):
+        w = calibrators.dmd_weights_reference(gram, timing, 6, 0, 1e-8, 1)
+        torch.testing.assert_close(w, torch.eye(6, dtype=torch.float64)[:1].expand(2, 6))

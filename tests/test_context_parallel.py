@@ -686,6 +686,13 @@ def _scn_cache_guard_options(rank, world):
                       max_accumulated_residual_diff_threshold=1.5)
 
 
+def _scn_cache_dmd(rank, world):
+    """As _scn_cache with the DMD calibrator (eager): each rank holds its tokens of the snapshots,
+    and the fit reads their Gram matrix summed over the ranks, so every rank forecasts as one
+    process does (a fit of a rank's own tokens would not)."""
+    return _scn_cache(rank, world, compiler="eager", calibrator="dmd", max_warmup_steps=4)
+
+
 def _scn_fp8_attention(rank, world):
     """fp8_attention under CP: the local attention between the exchanges is the FP8 kernel's op
     (its reference on CPU); compared with one process compiled the same way, and with plain SDPA."""
@@ -791,7 +798,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
-               "degree_mismatch", "cache_lone", "cache_guard_options",
+               "degree_mismatch", "cache_lone", "cache_guard_options", "cache_dmd",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni", "flex", "fuzz"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
@@ -1074,6 +1081,15 @@ def test_cache_dits_guard_options_keep_the_decisions_of_one_process_under_cp():
         assert x["cp"]["cached"] == single["cached"], (r, x["cp"]["cached"])
         for s, d in single["diffs"].items():
             assert abs(x["cp"]["diffs"][s] - d) <= 1e-5 * max(1.0, abs(d)), (r, s, x["cp"]["diffs"][s], d)
+        torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_dmd_forecasts_of_sharded_snapshots_equal_one_process():
+    res = _scenario(2, "cache_dmd")
+    single = res[0]["single"]
+    assert single["cached"][:2] == [4, 5], single["cached"]  # the fit engages at step 4 (4 computed steps)
+    for r, x in enumerate(res):
+        assert x["cp"]["cached"] == single["cached"], (r, x["cp"]["cached"])
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
 
 

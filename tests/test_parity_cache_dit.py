@@ -1,7 +1,7 @@
 """Parity with cache-dit (issue 5, part 4): on the trained tiny FLUX, with the same F/B, threshold and
 warm-up and no step limits, cdcompile caches exactly the steps cache-dit caches in the first request,
 and its residual diffs are cache-dit's. With TaylorSeer (the Taylor form of algorithms.md §2, which is
-cache-dit's formula) the images agree too, and so do DBPrune's pruned blocks (with and without the
+cache-dit's formula), FoCa and DMD the images agree too, and so do DBPrune's pruned blocks (with and without the
 dynamic threshold, and with calibrators), the steps max_cached_steps and max_continuous_cached_steps
 allow, and the images under force_refresh_step_hint and with the calibrator on some streams or over
 M's output.
@@ -153,6 +153,35 @@ def test_foca_images_equal_cache_dit_s():
     assert (images["step"] - ref_image).abs().max() > 1e-2
 
 
+# DMD (cdcompile.calibrators): warm-up 8 gives the fit 6 computed steps a step apart; after it the
+# tail of evenly spaced steps breaks and the Taylor fallback (of order 1 or, through cache-dit's
+# calibrator_kwargs, 2) forecasts until it holds 4 again. Threshold 0.08 from warm-up 4 computes every
+# second step: the fit then forecasts half a spacing ahead. TaylorSeer-1 differs from all of them.
+@pytest.mark.parametrize("threshold,warmup,kwargs", [(0.2, 8, {}), (0.2, 8, {"n_derivatives": 2}), (0.08, 4, {})],
+                         ids=["warmup8", "fallback_order2", "every_second_step"])
+def test_dmd_images_equal_cache_dit_s(threshold, warmup, kwargs):
+    cfg = _configs(threshold, 0, warmup)
+    calibrator = cache_dit.DMDCalibratorConfig(calibrator_kwargs=kwargs)
+    pipe = trained.load_trained_pipeline()
+    cache_dit.enable_cache(pipe, cache_config=cfg["cache_config"], calibrator_config=calibrator)
+    ref_image = _request(pipe, digit=5, seed=1)
+    ref_cached = sorted(int(s) for s in cache_dit.summary(pipe, logging=False)[0].cached_steps)
+    torch._dynamo.reset()
+    pipe = trained.load_trained_pipeline()
+    cdcompile.enable(pipe, compiler="eager", cache_config=cfg["cache_config"], calibrator_config=calibrator)
+    image = _request(pipe, digit=5, seed=1)
+    cached = cdcompile.summary(pipe.transformer).as_dict()["requests"][-1]["slots"][0]["cached_steps"]
+    assert len(ref_cached) >= 8 and cached == ref_cached, (cached, ref_cached)
+    assert (image - ref_image).abs().max() < 1e-5
+    if threshold == 0.08:
+        assert ref_cached == list(range(6, 22, 2))
+    torch._dynamo.reset()
+    pipe = trained.load_trained_pipeline()
+    cdcompile.enable(pipe, compiler="eager", cache_config=cfg["cache_config"],
+                     calibrator_config=cache_dit.TaylorSeerCalibratorConfig())
+    assert (_request(pipe, digit=5, seed=1) - image).abs().max() > 1e-3
+
+
 def _prune_parity(cfg: dict) -> list[int]:
     """cache-dit and cdcompile given the same configs: the same blocks pruned at every step, the
     same prune ratio, the same image; returns the blocks pruned per step."""
@@ -187,10 +216,11 @@ def test_dbprune_prunes_the_blocks_cache_dit_prunes(dynamic):
     (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1), WARMUP, False),
     (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2), 6, False),  # (see the TaylorSeer test's note)
     (cache_dit.FoCaCalibratorConfig(), WARMUP, False),
+    (cache_dit.DMDCalibratorConfig(), 6, False),
     # M's output for the hidden stream alone, the anchors on every 4th channel
     (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1, enable_encoder_calibrator=False,
                                           calibrator_cache_type="hidden_states"), WARMUP, True),
-], ids=["taylorseer1", "taylorseer2", "foca", "taylorseer1_hidden_states_vram"])
+], ids=["taylorseer1", "taylorseer2", "foca", "dmd", "taylorseer1_hidden_states_vram"])
 def test_dbprune_with_a_calibrator_prunes_the_blocks_cache_dit_prunes(calibrator, warmup, vram):
     pruned = _prune_parity(dict(calibrator_config=calibrator, cache_config=cache_dit.DBPruneConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.2, max_warmup_steps=warmup,
@@ -256,6 +286,10 @@ def test_cache_dits_config_objects_convert_field_by_field():
         max_dynamic_prune_threshold=0.2))
     assert (prune.cache_type.value, prune.non_prune_block_ids, prune.dynamic_prune_threshold_relax_ratio,
             prune.max_dynamic_prune_threshold) == ("dbprune", (3,), 1.5, 0.2)
+    dmd = cdcompile.CacheConfig.from_cache_dit(cache_dit.DBCacheConfig(), cache_dit.DMDCalibratorConfig(
+        dmd_history=5, dmd_rank=3, dmd_ridge=1e-6, dmd_svd_precision="low", calibrator_kwargs={"n_derivatives": 2}))
+    assert (dmd.calibrator.value, dmd.dmd_history, dmd.dmd_rank, dmd.dmd_ridge, dmd.dmd_fallback_order) == (
+        "dmd", 5, 3, 1e-6, 2)
     vram = cache_dit.DBPruneConfig(force_reduce_calibrator_vram=True)
     assert cdcompile.CacheConfig.from_cache_dit(vram, cache_dit.FoCaCalibratorConfig()).downsample_factor == 4
     with pytest.warns(UserWarning, match="force_reduce_calibrator_vram=True does nothing without a calibrator_config"):
@@ -269,8 +303,12 @@ def test_cache_dits_config_objects_convert_field_by_field():
     (dict(cache_config=cache_dit.DBCacheConfig(),
           calibrator_config=cache_dit.TaylorSeerCalibratorConfig(calibrator_cache_type="hidden")),
      r"calibrator_cache_type='hidden' has no counterpart here: 'residual' or 'hidden_states'"),
-    (dict(cache_config=cache_dit.DBCacheConfig(), calibrator_config=cache_dit.DMDCalibratorConfig()),
-     r"calibrator_type='dmd' is not implemented here"),
+    (dict(cache_config=cache_dit.DBCacheConfig(), calibrator_config=cache_dit.DMDCalibratorConfig(
+        dmd_svd_precision="exact")), r"dmd_svd_precision='exact'.*\"low\", \"medium\" or \"high\""),
+    (dict(cache_config=cache_dit.DBCacheConfig(), calibrator_config=cache_dit.TaylorSeerCalibratorConfig(
+        calibrator_kwargs={"n_derivatives": 2})), r"calibrator_kwargs=.*overrides it with taylorseer_order"),
+    (dict(cache_config=cache_dit.DBCacheConfig(), calibrator_config=cache_dit.DMDCalibratorConfig(
+        calibrator_kwargs={"n_derivatives": 2, "window": 3})), r"calibrator_kwargs=\{'window': 3\}.*change nothing"),
 ])
 def test_what_cache_dits_configs_hold_without_a_counterpart_is_a_value_error_naming_it(kwargs, match):
     with pytest.raises(ValueError, match=match):

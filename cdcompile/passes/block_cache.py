@@ -71,9 +71,21 @@ class StreamPlan:
     device: torch.device
 
 
-def calibrator_history(calibrator: str | None, order: int) -> int:
-    """Entries a calibrated residual keeps: d0..dn (TaylorSeer), FoCa's four, or the last residual."""
+def calibrator_history(calibrator: str | None, order: int, dmd: calibrators.DMDSpec | None = None) -> int:
+    """Entries a calibrated residual keeps: d0..dn (TaylorSeer), FoCa's four, DMD's snapshots, or
+    the last residual."""
+    if calibrator == "dmd":
+        return dmd.snapshots
     return calibrators.FOCA_HISTORY if calibrator == "foca" else order + 1
+
+
+def dmd_spec(cfg) -> calibrators.DMDSpec | None:
+    """The DMD calibrator's options (None when another or none is on); under context parallelism
+    the group over which its Gram matrix sums."""
+    if cfg.calibrator is None or cfg.calibrator.value != "dmd":
+        return None
+    group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
+    return calibrators.DMDSpec(cfg.dmd_history, cfg.dmd_rank, float(cfg.dmd_ridge), cfg.dmd_fallback_order, group)
 
 
 class _StreamCalibration:
@@ -108,7 +120,8 @@ class CachePlan(_StreamCalibration):
     timestep_source: str | None = None
     timestep_index: int | None = None
     order: int = 0  # calibrator order (TaylorSeer); 0 keeps the last residual only
-    calibrator: str | None = None  # None, "taylorseer" or "foca"
+    calibrator: str | None = None  # None, "taylorseer", "foca" or "dmd"
+    dmd: calibrators.DMDSpec | None = None  # the DMD calibrator's options
     form: str = calibrators.TAYLOR  # TaylorSeer's form (cdcompile.calibrators)
     mask_spec: Any = None  # steps_computation_mask option (None: no mask state)
     num_inference_steps: int | None = None
@@ -128,7 +141,7 @@ class CachePlan(_StreamCalibration):
     @property
     def history(self) -> int:
         """Entries kept per calibrated residual (calibrator_history)."""
-        return calibrator_history(self.calibrator, self.order)
+        return calibrator_history(self.calibrator, self.order, self.dmd)
 
     # Dynamic sizes (a graph Dynamo compiled with symbolic token counts): each symbol in the state's
     # shapes -> (graph input position, dim) it is read from at call time; empty for static shapes.
@@ -158,6 +171,7 @@ class PruneBlockPlan(_StreamCalibration):
     calibrated: tuple[bool, ...] = ()  # per residual: the calibrator forecasts it (() = none)
     history: int = 1  # entries a calibrated residual keeps (calibrator_history)
     values: bool = False  # calibrator_cache_type="hidden_states": calibrated streams keep the block's output
+    dmd: calibrators.DMDSpec | None = None  # the DMD calibrator's options
 
     @property
     def anchor_name(self) -> str:
@@ -397,7 +411,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         residuals=[_stream_plan(label, v) for (label, _, _), v in zip(pairs, shaped)],
         key_input=key_input, **clock,
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
-        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None,
+        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None, dmd=dmd_spec(cfg),
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
         share_diff=not cfg.cfg_diff_compute_separate,
@@ -717,6 +731,8 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
     computed = call(_getitem, (ctr, 3))
     if plan.calibrator == "foca":
         coef = call(calibrators.foca_coefficients, (step, nodes, computed, cfg.foca_slope))
+    elif plan.dmd is not None:
+        coef = call(calibrators.dmd_timing, (step, nodes, computed))
     else:
         coef = call(calibrators.coefficients, (step, nodes, computed, plan.order, plan.form))
     operands = tuple(env[n] for n in inputs) + tuple(res_slots) + (coef,)
@@ -728,7 +744,7 @@ def _emit_guard(g, env, st, inputs, pairs, h0, hf, timestep, plan, cfg) -> None:
         call(guard.commit_residual, (cache, over, st[f"residual_{k}"], row, res_slots[k], env[out], env[entry],
                                      step, nodes, computed, used_value(call, cond, env, pairs, k, plan,
                                                                         plan.calibrator == "foca"), plan.form),
-             dict(keep_value=plan.keeps_value(k)))
+             dict(keep_value=plan.keeps_value(k), snapshots=plan.dmd is not None))
     call(guard.commit_nodes, (cache, st["cal_nodes"], idx, nodes, step))
     call(guard.commit, (cache, over, diff, idx, row, r, a, ctr, st["anchor"], st["slot_ctr"], step, slot,
                         new_req, st["counters"], st["hist_flag"], st["hist_diff"], st["hist_meta"]))
@@ -773,7 +789,9 @@ def branch_outputs(pairs, checked: dict, plan, foca: bool, coef: bool = True):
         return outs + [g.call_function(torch.sub, (outs[k], env[pairs[k][1]])) for k in used]
 
     def reuse(g, env, res):
-        fc = [g.call_function(calibrators.forecast, (res[k], res[-1] if coef else None)) for k in range(len(pairs))]
+        fc = [g.call_function(calibrators.dmd_forecast, (res[k], res[-1], *dataclasses.astuple(plan.dmd)))
+              if plan.dmd is not None and plan.calibrates(k) else
+              g.call_function(calibrators.forecast, (res[k], res[-1] if coef else None)) for k in range(len(pairs))]
         outs = [fc[k] if plan.keeps_value(k) else g.call_function(torch.add, (env[e], fc[k]))
                 for k, (_, e, _) in enumerate(pairs)]
         return outs + [fc[k] for k in used]

@@ -51,7 +51,7 @@ from ..config import Calibrator
 from ..distributed import ulysses
 from . import _branch, _fx
 from .block_cache import (CachePlan, PruneBlockPlan, _boundary, _getitem, _index_slot, _refresh, _stream_plan,
-                          branch_outputs, calibrated, calibrator_history, clock_input, constant_float_arguments,
+                          branch_outputs, calibrated, calibrator_history, clock_input, constant_float_arguments, dmd_spec,
                           describe_sizes, size_sources, used_value, warn_uncalibrated)
 
 
@@ -99,7 +99,8 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     # A checked exit leaves its cond with its entry's shape; the blocks after it read that shape.
     shape_of: dict[fx.Node, torch.Tensor] = {}
     state_values: list[torch.Tensor] = []  # what the state is allocated for
-    history = calibrator_history(cfg.calibrator, cfg.taylorseer_order)
+    dmd = dmd_spec(cfg)
+    history = calibrator_history(cfg.calibrator, cfg.taylorseer_order, dmd)
     for r in rewrites:
         for _, e, o in r.pairs:
             if o in r.checked or (e in shape_of and _fx.same_meta(_fx.fake_value(e), _fx.fake_value(o))):
@@ -109,7 +110,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
         r.plan = PruneBlockPlan(index=r.index, anchor=_stream_plan("hidden", anchor), residuals=[
             _stream_plan(_ident(label), v) for (label, _, _), v in zip(r.pairs, residuals)],
             calibrated=tuple(calibrated(cfg, label) for label, _, _ in r.pairs),
-            history=history, values=cfg.calibrator_cache_type == "hidden_states")
+            history=history, values=cfg.calibrator_cache_type == "hidden_states", dmd=dmd)
         state_values += [anchor, *residuals]
     fresh = {o for r in rewrites for _, _, o in r.pairs}
     for r in rewrites:
@@ -295,6 +296,7 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
         nodes, computed = (call(_getitem, (clock, k)) for k in range(2))
         coef = (call(calibrators.foca_coefficients, (gs["step"], nodes, computed, cfg.foca_slope))
                 if cfg.calibrator is Calibrator.FOCA
+                else call(calibrators.dmd_timing, (gs["step"], nodes, computed)) if bp.dmd is not None
                 else call(calibrators.coefficients, (gs["step"], nodes, computed, cfg.taylorseer_order,
                                                      cfg.taylorseer_form)))
     pairs, foca = r.pairs, cfg.calibrator is Calibrator.FOCA
@@ -315,7 +317,7 @@ def _emit_block(gm, g, env, st, r: _BlockRewrite, gs: dict, cfg) -> None:
     for k, (_, entry, out) in enumerate(pairs):
         call(guard.commit_residual, (prune, gs["over"], st[names[k]], gs["row"], res_slots[k], env[out], env[entry],
                                      gs["step"], nodes, computed, used_value(call, cond, env, pairs, k, bp, foca),
-                                     cfg.taylorseer_form), dict(keep_value=bp.keeps_value(k)))
+                                     cfg.taylorseer_form), dict(keep_value=bp.keeps_value(k), snapshots=bp.dmd is not None))
     if cal:
         call(guard.prune_commit_calibration, (prune, gs["over"], st[cal], gs["idx"], nodes, computed, gs["step"]))
     call(guard.prune_commit_block, (prune, gs["over"], gs["row"], h, a, st[r.plan.anchor_name]))
