@@ -89,7 +89,8 @@ QUICK_ROWS = ("eager", "inductor", "cdcompile DBCache F1B0 t=0.12", "cdcompile T
 class RowSpec:
     """One benchmark row: ``system`` builds it from the neutral ``options``.
 
-    options: fn, bn, threshold (DBCache); taylorseer (order); foca, prune (bool); scm (preset),
+    options: fn, bn, threshold (DBCache); taylorseer (order); foca, dmd, prune (bool); fallback (DMD's
+    dmd_fallback); scm (preset),
     policy; interval, order (diffusers TaylorSeer). ``settings`` names the settings independently
     of the system, so rows of different systems with equal settings can be paired.
     """
@@ -124,6 +125,10 @@ def default_rows() -> list[RowSpec]:
             rows.append(RowSpec(system, f"SCM-{preset}-dynamic", *_dbcache(1, 0, SCM_DYNAMIC_THRESHOLD, scm=preset,
                                                                       policy="dynamic")))
         rows += [RowSpec(system, "FoCa", *_dbcache(1, 0, t, foca=True)) for t in CALIBRATOR_THRESHOLDS]
+        rows += [RowSpec(system, "DMD", *_dbcache(1, 0, t, dmd=True)) for t in CALIBRATOR_THRESHOLDS]
+        if system == "cdcompile":  # DMD with TaylorSeer's fallback in place of cache-dit's
+            rows += [RowSpec(system, "DMD-TaylorSeer-fallback", *_dbcache(1, 0, t, dmd=True, fallback="taylorseer"))
+                     for t in CALIBRATOR_THRESHOLDS]
         rows += [RowSpec(system, "DBPrune", *_dbcache(1, 0, t, prune=True)) for t in PRUNE_THRESHOLDS]
         rows += [RowSpec(system, "DBPrune+TaylorSeer-1", *_dbcache(1, 0, t, prune=True, taylorseer=1))
                  for t in PRUNE_THRESHOLDS]
@@ -204,6 +209,10 @@ def cdcompile_options(o: Mapping[str, Any], warmup: int) -> dict[str, Any]:
         opts.update(steps_computation_mask=o["scm"], steps_computation_policy=o["policy"])
     if o.get("foca"):
         opts.update(CDCOMPILE_FOCA)
+    if o.get("dmd"):
+        opts["calibrator"] = "dmd"
+        if o.get("fallback"):
+            opts["dmd_fallback"] = o["fallback"]
     if o.get("prune"):
         opts.update(CDCOMPILE_DBPRUNE)
     if o.get("fp8"):
@@ -278,6 +287,8 @@ class CacheDit(System):
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=o["taylorseer"])
         elif o.get("foca"):
             calibrator = cache_dit.FoCaCalibratorConfig()
+        elif o.get("dmd"):
+            calibrator = cache_dit.DMDCalibratorConfig()
         cache_dit.enable_cache(self.pipe, cache_config=config, calibrator_config=calibrator)
         self.pipe.transformer = torch.compile(self.pipe.transformer)
 

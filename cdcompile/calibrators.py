@@ -187,21 +187,29 @@ def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor, over
 # the newest snapshot for the whole batch, and so does a forecast that is not finite in the
 # stream's dtype (checked in the graph, over all ranks).
 #
-# cache-dit's Taylor fallback differs from its TaylorSeer: at a computed step x_j it differences
-# against the ladder of two computed steps back, x_{j+2}, over the gap x_j - x_{j+1}:
+# cache-dit's Taylor fallback (dmd_fallback="cache-dit", the default) differs from its TaylorSeer:
+# at a computed step x_j it differences against the ladder of two computed steps back, x_{j+2},
+# over the gap x_j - x_{j+1}:
 #   d_0(x_j) = Y(x_j),   d_{i+1}(x_j) = (d_i(x_j) - d_i(x_{j+2})) / (x_j - x_{j+1})
 # defined while d_i(x_{j+2}) is and x_j > 1; forecast sum_i d_i(x0) e^i / i!, e = step - x0.
-# That is what cache-dit 1.5.3 computes, so it is kept for parity; Hs = max(dmd_history,
-# 2 * order + 1) snapshots are kept for it.
+# (Its ladder updates the differences before it shifts them, TaylorSeer's after.) That is what
+# cache-dit 1.5.3 computes, so it is the default, for parity; Hs = max(dmd_history, 2 * order + 1)
+# snapshots are kept for it. dmd_fallback="taylorseer" differences against x_{j+1}: the
+# TaylorSeer calibrator's forecast of the same order (its "taylor" form), with Hs =
+# max(dmd_history, order + 1). On the trained tiny FLUX that is worth 4 to 10.5 dB (README).
 
 DMD_HISTORY = 6  # cache-dit's dmd_history default
 DMD_MIN_TAIL = 4  # snapshots a fit needs (one complex pole: two real degrees of freedom)
 DMD_RANK_CUT = 1e-4  # automatic rank: singular values above this share of the largest
 
 
-def dmd_snapshots(history: int, order: int) -> int:
+CACHE_DIT, TAYLORSEER = "cache-dit", "taylorseer"
+FALLBACKS = (CACHE_DIT, TAYLORSEER)  # dmd_fallback
+
+
+def dmd_snapshots(history: int, order: int, fallback: str = CACHE_DIT) -> int:
     """Snapshots a DMD-calibrated stream keeps: the window and the Taylor fallback's ladder."""
-    return max(history, 2 * order + 1)
+    return max(history, (2 if fallback == CACHE_DIT else 1) * order + 1)
 
 
 def dmd_timing(step: torch.Tensor, nodes: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
@@ -221,8 +229,9 @@ def _uniform_tail(steps: list[int]) -> tuple[int, int]:
     return n, s
 
 
-def _taylor_fallback(steps: list[int], step: int, order: int, hs: int) -> torch.Tensor:
-    """cache-dit's DMD Taylor fallback as ``(hs,)`` weights of the snapshots (module comment)."""
+def _taylor_fallback(steps: list[int], step: int, order: int, hs: int, fallback: str = CACHE_DIT) -> torch.Tensor:
+    """The DMD's Taylor fallback as ``(hs,)`` weights of the snapshots (comment above)."""
+    back = 2 if fallback == CACHE_DIT else 1
     def unit(j):
         w = torch.zeros(hs, dtype=torch.float64)
         w[j] = 1.0
@@ -234,9 +243,9 @@ def _taylor_fallback(steps: list[int], step: int, order: int, hs: int) -> torch.
         if j in memo:
             return memo[j]
         out = [unit(j)]
-        older = ladder(j + 2) if j + 2 < len(steps) else []
+        older = ladder(j + back) if j + back < len(steps) else []
         for i in range(order):
-            if i < len(older) and steps[j] > 1 and j + 1 < len(steps):
+            if i < len(older) and (steps[j] > 1 or back == 1):
                 out.append((out[i] - older[i]) / (steps[j] - steps[j + 1]))
             else:
                 break
@@ -284,7 +293,7 @@ def _dmd_fit(gram: torch.Tensor, tail: int, k: float, rank: int, ridge: float) -
 
 
 def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
-                          order: int) -> torch.Tensor:
+                          order: int, fallback: str = CACHE_DIT) -> torch.Tensor:
     """``(B, Hs)`` float64 weights of the snapshots (most recent first) forecasting each batch item
     at the timing's step; computed on the host (module comment). ``gram``: (B, Hs, Hs)."""
     gram = gram.detach().to("cpu", torch.float64)
@@ -305,18 +314,18 @@ def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int
         return out
     if not steps:
         return newest
-    return _taylor_fallback(steps, step, order, hs).expand(batch, hs).clone()
+    return _taylor_fallback(steps, step, order, hs, fallback).expand(batch, hs).clone()
 
 
 @torch.library.custom_op("cdcompile::dmd_weights", mutates_args=())
 def dmd_weights(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
-                order: int) -> torch.Tensor:
+                order: int, fallback: str) -> torch.Tensor:
     """:func:`dmd_weights_reference` as an opaque op of the graph, on ``gram``'s device."""
-    return dmd_weights_reference(gram, timing, history, rank, ridge, order).to(gram.device)
+    return dmd_weights_reference(gram, timing, history, rank, ridge, order, fallback).to(gram.device)
 
 
 @dmd_weights.register_fake
-def _(gram, timing, history, rank, ridge, order):
+def _(gram, timing, history, rank, ridge, order, fallback):
     return gram.new_empty(gram.shape[:2], dtype=torch.float64)
 
 
@@ -330,14 +339,15 @@ class DMDSpec:
     ridge: float = 1e-8
     order: int = 1
     group: str | None = None
+    fallback: str = CACHE_DIT
 
     @property
     def snapshots(self) -> int:
-        return dmd_snapshots(self.history, self.order)
+        return dmd_snapshots(self.history, self.order, self.fallback)
 
 
 def dmd_forecast(res: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float, order: int,
-                 group: str | None) -> torch.Tensor:
+                 group: str | None, fallback: str) -> torch.Tensor:
     """The DMD forecast of a stream from its snapshots ``res`` (Hs, B, ...; most recent first) at
     the step ``timing`` (:func:`dmd_timing`) gives; the newest snapshot where it is not finite.
     The rest: a :class:`DMDSpec`'s fields (the graph's calls take them as plain constants)."""
@@ -347,7 +357,7 @@ def dmd_forecast(res: torch.Tensor, timing: torch.Tensor, history: int, rank: in
         from .distributed.ulysses import all_reduce_sum
 
         gram = all_reduce_sum(gram, group)
-    w = torch.ops.cdcompile.dmd_weights(gram, timing, history, rank, ridge, order)
+    w = torch.ops.cdcompile.dmd_weights(gram, timing, history, rank, ridge, order, fallback)
     out = torch.einsum("bi,ibd->bd", w, flat).reshape(res.shape[1:]).to(res.dtype)
     bad = (~torch.isfinite(out)).any().to(torch.float32).reshape(1)
     if group is not None:

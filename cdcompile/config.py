@@ -127,7 +127,10 @@ class CacheConfig:
     dmd_ridge: added to the singular values the fit inverts (default 1e-8).
     dmd_fallback_order: the Taylor fallback's order, 0, 1 (default) or 2 (cache-dit's
         calibrator_kwargs={"n_derivatives": n}).
-        The four dmd_ options need calibrator="dmd".
+    dmd_fallback: "cache-dit" (default: cache-dit 1.5.3's fallback, which differences each computed
+        residual against the one two computed steps back) or "taylorseer" (against the previous
+        one: the TaylorSeer calibrator's forecast). See cdcompile.calibrators.
+        The dmd_ options need calibrator="dmd".
     calibrated_streams: which middle residuals the calibrator forecasts: "all" (default), "hidden"
         (the image stream alone; the text stream and any other reuse their last computed residual,
         cache-dit's enable_encoder_calibrator=False) or "encoder" (every stream but the hidden one,
@@ -207,6 +210,7 @@ class CacheConfig:
     dmd_rank: int = 0
     dmd_ridge: float = 1e-8
     dmd_fallback_order: int = 1
+    dmd_fallback: str = calibrators.CACHE_DIT
     calibrated_streams: str = "all"
     calibrator_cache_type: str = "residual"
     cache_type: CacheType = CacheType.DBCACHE
@@ -366,8 +370,10 @@ class CacheConfig:
         _check_type("dmd_fallback_order", self.dmd_fallback_order, int)
         if self.dmd_fallback_order not in (0, 1, 2):
             _bad("dmd_fallback_order", self.dmd_fallback_order, "0, 1 or 2")
+        if self.dmd_fallback not in calibrators.FALLBACKS:
+            _bad("dmd_fallback", self.dmd_fallback, " or ".join(f'"{v}"' for v in calibrators.FALLBACKS))
         if cal is not Calibrator.DMD:
-            for f in ("dmd_history", "dmd_rank", "dmd_ridge", "dmd_fallback_order"):
+            for f in ("dmd_history", "dmd_rank", "dmd_ridge", "dmd_fallback_order", "dmd_fallback"):
                 if getattr(self, f) != _DEFAULTS[f]:
                     _bad(f, getattr(self, f), f'the default {_DEFAULTS[f]!r} unless calibrator="dmd"; '
                          "nothing else reads it")
@@ -543,8 +549,9 @@ class CacheConfig:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
                          + (" (slope per step)" if self.foca_slope == calibrators.STEP else "")
-                         + (f" (history {self.dmd_history}, rank {self.dmd_rank or 'auto'}, Taylor fallback of "
-                            f"order {self.dmd_fallback_order})" if self.calibrator is Calibrator.DMD else "")
+                         + (f" (history {self.dmd_history}, rank {self.dmd_rank or 'auto'}, {self.dmd_fallback}'s "
+                            f"Taylor fallback of order {self.dmd_fallback_order})"
+                            if self.calibrator is Calibrator.DMD else "")
                          + (" per block" if self.cache_type is CacheType.DBPRUNE else "")
                          + ((", of each block's output" if self.cache_type is CacheType.DBPRUNE else ", of M's output")
                             if self.calibrator_cache_type == "hidden_states" else "")

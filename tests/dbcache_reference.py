@@ -18,10 +18,11 @@ class RefCalibration:
 
     order: int = 0  # TaylorSeer order
     form: str = "taylor"  # TaylorSeer form: "taylor" (algorithms.md §2) or "newton"
-    calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca"
+    calibrator: str | None = None  # None / "taylorseer" (uses order) / "foca" / "dmd"
     foca_slope: str = "gap"  # FoCa's DF: "gap" (algorithms.md: F_full - F_full_prev) or "step" (/ w)
     streams: str = "all"  # calibrated_streams: "all", "hidden" or "encoder" (every stream but "hidden")
     values: bool = False  # calibrator_cache_type="hidden_states": forecast M's output, not its residual
+    dmd: tuple = (6, 0, 1e-8, 1, "cache-dit")  # DMD's history, rank, ridge, Taylor fallback order and kind
 
     def calibrates(self, key: str) -> bool:
         """Whether the calibrator forecasts stream ``key`` (else its last residual is reused)."""
@@ -36,6 +37,9 @@ class RefCalibration:
                 "calibrator_cache_type": "hidden_states" if self.values else "residual"}
         if self.calibrator == "foca":
             return {**opts, "calibrator": "foca", "foca_slope": self.foca_slope}
+        if self.calibrator == "dmd":
+            return {**opts, "calibrator": "dmd", **dict(zip(("dmd_history", "dmd_rank", "dmd_ridge",
+                                                             "dmd_fallback_order", "dmd_fallback"), self.dmd))}
         return {**opts, "calibrator": "taylorseer", "taylorseer_order": self.order, "taylorseer_form": self.form}
 
     def kept(self, residuals: dict, entries: dict | None) -> dict:
@@ -52,6 +56,8 @@ class RefCalibration:
                 used.append((step, {k: foca_forecast([(s, r[k]) for s, r in history], [u[k] for _, u in used],
                                                      step, self.foca_slope) for k in last}))
             fc = used[-1][1]
+        elif self.calibrator == "dmd":
+            fc = {k: dmd_forecast([(s, r[k]) for s, r in history], step, *self.dmd) for k in last}
         elif self.order == 0:
             fc = last
         else:
@@ -149,6 +155,51 @@ def foca_forecast(full: list[tuple[int, torch.Tensor]], window: list[torch.Tenso
 
     out = heun(e) if e <= 3 else (3 / e) * heun(3) + (1 - 3 / e) * last.double()
     return out.to(last.dtype)
+
+
+def dmd_forecast(history: list[tuple[int, torch.Tensor]], step: int, window: int, rank: int, ridge: float,
+                 order: int, fallback: str) -> torch.Tensor:
+    """cache-dit 1.5.3's DMD calibrator from its description, the direct way: on the newest
+    ``window`` computed (step, residual) points, the longest tail a constant spacing apart; with 4
+    or more, per batch item an SVD of the d x n snapshot matrix, the propagator's eigenvalues and
+    modes, the amplitudes by least squares, advanced by (step - last) / spacing powers; else the
+    Taylor ladder that differences each point against the one two points back (``fallback``
+    "cache-dit") or the one before ("taylorseer")."""
+    pts, n = history[-window:], 0
+    if len(pts) >= 2 and pts[-1][0] > pts[-2][0]:
+        n = 2
+        while n < len(pts) and pts[-n][0] - pts[-n - 1][0] == pts[-1][0] - pts[-2][0]:
+            n += 1
+    tail = pts[-n:] if n else []
+    last = history[-1][1]
+    if len(tail) >= 4:
+        k = (step - tail[-1][0]) / (tail[-1][0] - tail[-2][0])
+        rows = []
+        for b in range(last.shape[0]):
+            traj = torch.stack([y[b].reshape(-1).double() for _, y in tail], 1)
+            x, xp = traj[:, :-1], traj[:, 1:]
+            u, sv, vh = torch.linalg.svd(x, full_matrices=False)
+            r = rank or int((sv > sv[0] * 1e-4).sum().clamp(min=1))
+            r = min(r, sv.numel())
+            ur, vr, inv = u[:, :r], vh[:r].T, 1.0 / (sv[:r] + ridge)
+            lam, w = torch.linalg.eig((ur.T @ xp @ vr) * inv)
+            phi = ((xp @ vr) * inv).to(torch.complex128) @ w
+            amp = torch.linalg.lstsq(phi, traj[:, -1].to(torch.complex128).unsqueeze(1)).solution.squeeze(1)
+            rows.append((phi @ (lam ** k * amp)).real.reshape(last.shape[1:]))
+        out = torch.stack(rows).to(last.dtype)
+        return out if bool(torch.isfinite(out).all()) else last
+    ladders: list[list[torch.Tensor]] = []  # per computed point, oldest first
+    for j, (s, y) in enumerate(history):
+        new = [y.double()]
+        back = 2 if fallback == "cache-dit" else 1
+        older = ladders[j - back] if j >= back else []
+        for i in range(order):
+            if i >= len(older) or (s <= 1 and back == 2):
+                break
+            new.append((new[i] - older[i]) / (s - history[j - 1][0]))
+        ladders.append(new)
+    e = step - history[-1][0]
+    return sum(d * (e ** i / math.factorial(i)) for i, d in enumerate(ladders[-1])).to(last.dtype)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ between the groups or the text and image tokens joined there into one stream for
 (FLUX.2's single blocks), one block class for both groups, classifier-free guidance (two calls per
 step at one timestep), float32 or bfloat16, blocks kept in a ModuleList, a ModuleDict or as
 attributes, a calibrator (TaylorSeer of order 1 or 2 in either
-form, FoCa) and how a block is called (by position or keyword) and what it returns (a tuple in
+form, FoCa, DMD) and how a block is called (by position or keyword) and what it returns (a tuple in
 either order, the image stream alone, or a dict). ``run_reference`` runs the same model with the
 DBCache of reference/algorithms.md §1 over the whole stack in Python (dbcache_reference.RefCache).
 """
@@ -439,6 +439,9 @@ def draw_cache_config(spec: DiTSpec) -> RefConfig:
     if cfg.calibrator is not None:  # drawn last: what to forecast (the text stream only where there is one)
         cfg.streams = r.choice(("all", "all", "hidden", "encoder") if spec.two_streams else ("all", "all", "hidden"))
         cfg.values = r.random() < 0.3
+    if cfg.calibrator == "taylorseer" and r.random() < 0.4:  # drawn last: DMD in TaylorSeer's place
+        cfg.calibrator, cfg.order, cfg.form = "dmd", 0, "taylor"
+        cfg.dmd = (r.choice((4, 6)), 0, 1e-8, r.choice((0, 1, 2)), r.choice(("cache-dit", "taylorseer")))
     return cfg
 
 
@@ -455,7 +458,8 @@ def draw_prune_config(spec: DiTSpec):
     return PruneConfig(Fn=c.Fn, Bn=c.Bn, threshold=1e6, warmup=c.warmup, max_cached=c.max_cached,
                        max_continuous=c.max_continuous, non_prune=tuple(non_prune), downsample=c.downsample,
                        important=c.important, refresh=c.refresh, repeat=c.repeat, order=c.order, form=c.form,
-                       calibrator=c.calibrator, foca_slope=c.foca_slope, streams=c.streams, values=c.values)
+                       calibrator=c.calibrator, foca_slope=c.foca_slope, streams=c.streams, values=c.values,
+                       dmd=c.dmd)
 
 
 def cache_options(cfg: RefConfig, compiler: str) -> dict:

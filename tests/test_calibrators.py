@@ -323,6 +323,8 @@ def test_calibrator_and_taylorseer_order_normalise_to_one_meaning(opts, calibrat
     ({"calibrator": "dmd", "dmd_rank": -1}, r"'dmd_rank'.*>= 0"),
     ({"calibrator": "dmd", "dmd_ridge": -1e-8}, r"'dmd_ridge'.*finite float >= 0"),
     ({"calibrator": "dmd", "dmd_fallback_order": 3}, r"'dmd_fallback_order'.*0, 1 or 2"),
+    ({"calibrator": "dmd", "dmd_fallback": "taylor"}, r"'dmd_fallback'.*'taylor'.*\"cache-dit\" or \"taylorseer\""),
+    ({"dmd_fallback": "taylorseer"}, r"'dmd_fallback'.*unless calibrator=\"dmd\""),
     ({"calibrator": "foca", "taylorseer_order": 1}, r"'taylorseer_order'.*FoCa has no order"),
     ({"calibrator": "taylorseer", "taylorseer_order": 0}, r"'taylorseer_order'.*1 or 2"),
     ({"taylorseer_order": 3}, r"'taylorseer_order'.*0 \(off\), 1 or 2"),
@@ -475,3 +477,53 @@ def test_a_degenerate_dmd_fit_reuses_the_newest_snapshot():
     for gram in (torch.zeros(2, 6, 6, dtype=torch.float64), torch.full((2, 6, 6), float("nan"), dtype=torch.float64)):
         w = calibrators.dmd_weights_reference(gram, timing, 6, 0, 1e-8, 1)
         torch.testing.assert_close(w, torch.eye(6, dtype=torch.float64)[:1].expand(2, 6))
+
+
+@pytest.mark.parametrize("dmd,warmup,max_continuous", [
+    ((6, 0, 1e-8, 1, "cache-dit"), 5, 4),  # the fit from step 5; after a run of 4 the fallback, then the fit again
+    ((4, 2, 1e-3, 2, "cache-dit"), 4, 2),  # a rank-2 fit with ridge over 4 snapshots; fallback order 2
+    ((5, 0, 1e-8, 2, "taylorseer"), 5, 3),  # TaylorSeer's fallback
+], ids=["defaults", "rank2_order2", "taylorseer_fallback"])
+def test_compiled_dmd_equals_the_reference(dmd, warmup, max_continuous):
+    # tests/dbcache_reference.py computes DMD the direct way (an SVD of the snapshot matrix, least
+    # squares on the modes), not through the Gram matrix as the graph does
+    cfg = RefConfig(threshold=0.5, warmup=warmup, max_continuous=max_continuous, calibrator="dmd", dmd=dmd)
+    m = SequentialDiT(depth=5)
+    c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+        "compiler": "aot_eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+        "max_continuous_cached_steps": max_continuous, **cfg.calibrator_options()})
+    ref = RefCache(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    with torch.no_grad():
+        for s in range(16):
+            xi, t = x + 0.02 * s * d * (1 + 0.1 * s), torch.full((2,), 1.0 - s / 16)
+            torch.testing.assert_close(c(xi, t), run_sequential_dit(m, xi, t, ref, s), rtol=1e-4, atol=1e-4,
+                                       msg=lambda msg: f"step {s}: {msg}")
+    cached = [s for s, _, hit in ref.decisions if hit]
+    assert len(cached) >= 6 and cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"] == cached
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_dmd_with_taylorseers_fallback_and_no_fit_forecasts_as_taylorseer_does(order):
+    # dmd_history=3 never holds the 4 snapshots a fit needs: every cached step takes the fallback,
+    # which with dmd_fallback="taylorseer" is the TaylorSeer calibrator of the same order
+    cfg = RefConfig(threshold=0.5, warmup=3, max_continuous=3)
+    m = SequentialDiT(depth=5)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    traj = [(x + 0.02 * s * d * (1 + 0.1 * s), torch.full((2,), 1.0 - s / 14)) for s in range(14)]
+    outs = {}
+    for name, opts in (("dmd", {"calibrator": "dmd", "dmd_history": 3, "dmd_fallback_order": order,
+                                "dmd_fallback": "taylorseer"}),
+                       ("taylorseer", {"calibrator": "taylorseer", "taylorseer_order": order}),
+                       ("cache-dit", {"calibrator": "dmd", "dmd_history": 3, "dmd_fallback_order": order})):
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="cachedit", fullgraph=True, options={
+            "compiler": "eager", "residual_diff_threshold": cfg.threshold, "max_warmup_steps": cfg.warmup,
+            "max_continuous_cached_steps": cfg.max_continuous, **opts})
+        with torch.no_grad():
+            outs[name] = torch.stack([c(xi, t) for xi, t in traj])
+        assert len(cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]["cached_steps"]) >= 6
+    torch.testing.assert_close(outs["dmd"], outs["taylorseer"], rtol=1e-5, atol=1e-5)
+    assert (outs["cache-dit"] - outs["taylorseer"]).abs().max() > 1e-3

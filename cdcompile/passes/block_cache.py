@@ -85,7 +85,8 @@ def dmd_spec(cfg) -> calibrators.DMDSpec | None:
     if cfg.calibrator is None or cfg.calibrator.value != "dmd":
         return None
     group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
-    return calibrators.DMDSpec(cfg.dmd_history, cfg.dmd_rank, float(cfg.dmd_ridge), cfg.dmd_fallback_order, group)
+    return calibrators.DMDSpec(cfg.dmd_history, cfg.dmd_rank, float(cfg.dmd_ridge), cfg.dmd_fallback_order, group,
+                               cfg.dmd_fallback)
 
 
 class _StreamCalibration:
