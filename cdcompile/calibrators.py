@@ -296,6 +296,11 @@ def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int
                           order: int, fallback: str = CACHE_DIT) -> torch.Tensor:
     """``(B, Hs)`` float64 weights of the snapshots (most recent first) forecasting each batch item
     at the timing's step; computed on the host (module comment). ``gram``: (B, Hs, Hs)."""
+    return _dmd_weights(gram, timing, history, rank, ridge, order, fallback)[0]
+
+
+def _dmd_weights(gram, timing, history, rank, ridge, order, fallback) -> tuple[torch.Tensor, bool]:
+    """:func:`dmd_weights_reference`'s weights, and whether a degenerate fit made them the newest's."""
     gram = gram.detach().to("cpu", torch.float64)
     t = timing.detach().to("cpu", torch.float64).tolist()
     step, computed, nodes = int(t[0]), int(t[1]), [int(x) for x in t[2:]]
@@ -308,63 +313,87 @@ def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int
         k = (step - steps[0]) / spacing
         fits = [_dmd_fit(gram[i], tail, k, rank, ridge) for i in range(batch)]
         if any(f is None for f in fits):
-            return newest
+            return newest, True
         out = torch.zeros(batch, hs, dtype=torch.float64)
         out[:, :tail] = torch.stack(fits)
-        return out
+        return out, False
     if not steps:
-        return newest
-    return _taylor_fallback(steps, step, order, hs, fallback).expand(batch, hs).clone()
+        return newest, False
+    return _taylor_fallback(steps, step, order, hs, fallback).expand(batch, hs).clone(), False
 
 
 @torch.library.custom_op("cdcompile::dmd_weights", mutates_args=())
-def dmd_weights(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
-                order: int, fallback: str) -> torch.Tensor:
-    """:func:`dmd_weights_reference` as an opaque op of the graph, on ``gram``'s device."""
-    return dmd_weights_reference(gram, timing, history, rank, ridge, order, fallback).to(gram.device)
+def dmd_weights(grams: list[torch.Tensor], timing: torch.Tensor, history: int, rank: int, ridge: float,
+                order: int, fallback: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dmd_weights_reference` for several streams in one read to the host: ``grams`` (B_k,
+    Hs, Hs) per stream; returns their weights concatenated ((sum B_k, Hs) float64, on the grams'
+    device) and per stream 1.0 where a degenerate fit made them the newest snapshot's ((K,))."""
+    dev = grams[0].device
+    packed = torch.cat([g.detach().reshape(-1).to(torch.float64) for g in grams]
+                       + [timing.detach().to(torch.float64)]).cpu()  # the one host read
+    parts = packed.split([g.numel() for g in grams] + [timing.numel()])
+    out, flags = [], []
+    for g, part in zip(grams, parts):
+        w, degenerate = _dmd_weights(part.reshape(g.shape), parts[-1], history, rank, ridge, order, fallback)
+        out.append(w)
+        flags.append(float(degenerate))
+    return torch.cat(out).to(dev), torch.tensor(flags, dtype=torch.float64).to(dev)
 
 
 @dmd_weights.register_fake
-def _(gram, timing, history, rank, ridge, order, fallback):
-    return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+def _(grams, timing, history, rank, ridge, order, fallback):
+    first = grams[0]
+    return (first.new_empty((sum(g.shape[0] for g in grams), first.shape[-1]), dtype=torch.float64),
+            first.new_empty((len(grams),), dtype=torch.float64))
 
 
 @dataclasses.dataclass(frozen=True)
 class DMDSpec:
-    """The DMD options a forecast needs (CacheConfig's dmd_*), and under context parallelism the
-    process group whose ranks hold the stream's other tokens."""
+    """The DMD options a forecast needs (CacheConfig's dmd_*); under context parallelism the process
+    group whose ranks hold the streams' other tokens and the token dim the streams are cut along
+    (sharding's -2 or 0)."""
 
     history: int = DMD_HISTORY
     rank: int = 0
     ridge: float = 1e-8
     order: int = 1
-    group: str | None = None
     fallback: str = CACHE_DIT
+    group: str | None = None
+    token_dim: int | None = None
 
     @property
     def snapshots(self) -> int:
         return dmd_snapshots(self.history, self.order, self.fallback)
 
 
-def dmd_forecast(res: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float, order: int,
-                 group: str | None, fallback: str) -> torch.Tensor:
-    """The DMD forecast of a stream from its snapshots ``res`` (Hs, B, ...; most recent first) at
-    the step ``timing`` (:func:`dmd_timing`) gives; the newest snapshot where it is not finite.
-    The rest: a :class:`DMDSpec`'s fields (the graph's calls take them as plain constants)."""
-    flat = res.reshape(res.shape[0], res.shape[1], -1).to(torch.float64)
-    gram = torch.einsum("ibd,jbd->bij", flat, flat)
-    if group is not None:
-        from .distributed.ulysses import all_reduce_sum
+def dmd_forecast(streams: list[torch.Tensor], timing: torch.Tensor, history: int, rank: int, ridge: float,
+                 order: int, fallback: str, group: str | None, token_dim: int | None) -> list[torch.Tensor]:
+    """The DMD forecasts of the streams from their snapshots (``streams[k]``: (Hs, B, ...), most
+    recent first) at the step ``timing`` (:func:`dmd_timing`) gives; a stream's newest snapshot
+    where its forecast is not finite. One fit of all streams on the host. The rest: a
+    :class:`DMDSpec`'s fields (the graph's calls take them as plain constants).
 
-        gram = all_reduce_sum(gram, group)
-    w = torch.ops.cdcompile.dmd_weights(gram, timing, history, rank, ridge, order, fallback)
-    out = torch.einsum("bi,ibd->bd", w, flat).reshape(res.shape[1:]).to(res.dtype)
-    bad = (~torch.isfinite(out)).any().to(torch.float32).reshape(1)
-    if group is not None:
-        from .distributed.ulysses import all_reduce_sum
+    Under context parallelism each rank holds some tokens of every snapshot. Where dim 0 of a
+    stream is the batch, the per-item Gram matrices are summed over the ranks: every rank fits the
+    whole sequence, as one process does. Where dim 0 is the token dim (a stream without a batch
+    dim, or sequence-first), each row is its own fit, as in one process, and holds on one rank
+    alone: nothing is summed but the degenerate and non-finite flags."""
+    from .distributed.ulysses import all_reduce_sum
 
+    flats = [r.reshape(r.shape[0], r.shape[1], -1).to(torch.float64) for r in streams]
+    grams = [torch.einsum("ibd,jbd->bij", f, f) for f in flats]
+    shared = [k for k, r in enumerate(streams) if group is not None and token_dim % (r.dim() - 1) != 0]
+    if shared:
+        summed = all_reduce_sum(torch.cat([grams[k] for k in shared]), group)
+        for k, g in zip(shared, summed.split([grams[k].shape[0] for k in shared])):
+            grams[k] = g
+    w, degenerate = torch.ops.cdcompile.dmd_weights(grams, timing, history, rank, ridge, order, fallback)
+    outs = [torch.einsum("bi,ibd->bd", wk, f).reshape(r.shape[1:]).to(r.dtype)
+            for r, f, wk in zip(streams, flats, w.split([g.shape[0] for g in grams]))]
+    bad = torch.stack([(~torch.isfinite(out)).any() for out in outs]).to(torch.float64) + degenerate
+    if group is not None:
         bad = all_reduce_sum(bad, group)
-    return torch.where(bad[0] > 0, res[0], out)
+    return [torch.where(bad[k] > 0, r[0], out) for k, (r, out) in enumerate(zip(streams, outs))]
 
 
 def nodes_width(dmd: DMDSpec | None) -> int:

@@ -693,6 +693,32 @@ def _scn_cache_dmd(rank, world):
     return _scn_cache(rank, world, compiler="eager", calibrator="dmd", max_warmup_steps=4)
 
 
+def _scn_cache_dmd_rows(rank, world):
+    """DMD under CP on ERNIE-Image's sequence-first (tokens, batch, channels) streams: dim 0, whose
+    rows DMD fits one by one, is the token dim, so each rank fits its own rows and sums nothing but
+    the fallback flags (eager)."""
+    import cdcompile
+    from cdcompile import zoo
+
+    m, kw = zoo.ZOO["ernieimage"]()
+    d = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
+    steps = [dict(kw, hidden_states=kw["hidden_states"] + 0.03 * s * d, timestep=kw["timestep"] * (1 - s / 20))
+             for s in range(10)]
+    runs = {}
+    for degree in (1, world):
+        torch._dynamo.reset()
+        c = torch.compile(m.eval(), backend="cachedit", fullgraph=True, options=dict(
+            compiler="eager", ulysses_degree=degree, **{**CACHE_OPTS, "max_warmup_steps": 4}, calibrator="dmd",
+            dmd_history=4))
+        with torch.no_grad(), cdcompile.backend.collect_reports() as reports:
+            outs = [_first(c(**s)) for s in steps]
+        slot = cdcompile.summary(m).as_dict()["requests"][-1]["slots"][0]
+        cp = reports[0].context_parallel
+        runs[degree] = dict(outs=torch.stack(outs), cached=slot["cached_steps"],
+                            token_dim=cp.token_dim if cp is not None else None)
+    return dict(single=runs[1], cp=runs[world])
+
+
 def _scn_fp8_attention(rank, world):
     """fp8_attention under CP: the local attention between the exchanges is the FP8 kernel's op
     (its reference on CPU); compared with one process compiled the same way, and with plain SDPA."""
@@ -798,7 +824,7 @@ def _scn_inductor(rank, world):
 # One spawn per key: (world size, scenarios). Inductor has its own so that `-m "not slow"` skips it.
 SCENARIOS = {
     "w2": (2, ["flux_joint", "single_stream", "wan", "fp8_pipeline", "fp8_attention", "cache", "prune", "async",
-               "degree_mismatch", "cache_lone", "cache_guard_options", "cache_dmd",
+               "degree_mismatch", "cache_lone", "cache_guard_options", "cache_dmd", "cache_dmd_rows",
                "linear_attention", "krea2", "gqa", "luminanext", "sana", "ernieimage",
                "cosmos3omni", "flex", "fuzz"]),
     "w3": (3, ["flux_4097", "flux_joint", "single_stream", "cache", "linear_attention", "cogview4", "conv_grid",
@@ -1090,6 +1116,15 @@ def test_dmd_forecasts_of_sharded_snapshots_equal_one_process():
     assert single["cached"][:2] == [4, 5], single["cached"]  # the fit engages at step 4 (4 computed steps)
     for r, x in enumerate(res):
         assert x["cp"]["cached"] == single["cached"], (r, x["cp"]["cached"])
+        torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
+
+
+def test_dmd_fits_rows_of_sequence_first_streams_on_the_rank_holding_them():
+    res = _scenario(2, "cache_dmd_rows")
+    single = res[0]["single"]
+    assert single["cached"][:1] == [4], single["cached"]  # the fit engages at step 4
+    for r, x in enumerate(res):
+        assert x["cp"]["token_dim"] == 0 and x["cp"]["cached"] == single["cached"], (r, x["cp"])
         torch.testing.assert_close(x["cp"]["outs"], x["single"]["outs"], rtol=1e-5, atol=2e-6)
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import warnings
 from typing import Any, Sequence
 
@@ -79,14 +80,17 @@ def calibrator_history(calibrator: str | None, order: int, dmd: calibrators.DMDS
     return calibrators.FOCA_HISTORY if calibrator == "foca" else order + 1
 
 
-def dmd_spec(cfg) -> calibrators.DMDSpec | None:
-    """The DMD calibrator's options (None when another or none is on); under context parallelism
-    the group over which its Gram matrix sums."""
+def dmd_spec(ctx) -> calibrators.DMDSpec | None:
+    """The DMD calibrator's options (None when another or none is on); where the context parallel
+    pass sharded the graph, its group and the token dim it cut the streams along."""
+    cfg = ctx.cfg
     if cfg.calibrator is None or cfg.calibrator.value != "dmd":
         return None
-    group = ulysses.process_group(cfg.ulysses_degree)[0] if cfg.ulysses_degree > 1 else None
-    return calibrators.DMDSpec(cfg.dmd_history, cfg.dmd_rank, float(cfg.dmd_ridge), cfg.dmd_fallback_order, group,
-                               cfg.dmd_fallback)
+    cp = getattr(ctx, "context_parallel", None)
+    sharded = cp is not None and cp.applied
+    return calibrators.DMDSpec(cfg.dmd_history, cfg.dmd_rank, float(cfg.dmd_ridge), cfg.dmd_fallback_order,
+                               cfg.dmd_fallback, ulysses.process_group(cfg.ulysses_degree)[0] if sharded else None,
+                               cp.token_dim if sharded else None)
 
 
 class _StreamCalibration:
@@ -412,7 +416,7 @@ def _rewrite(gm, ctx, stack, blocks, fn, bn) -> str | None:
         residuals=[_stream_plan(label, v) for (label, _, _), v in zip(pairs, shaped)],
         key_input=key_input, **clock,
         state_names=[], order=cfg.taylorseer_order, form=cfg.taylorseer_form,
-        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None, dmd=dmd_spec(cfg),
+        calibrator=cfg.calibrator.value if cfg.calibrator is not None else None, dmd=dmd_spec(ctx),
         mask_spec=cfg.steps_computation_mask, num_inference_steps=cfg.num_inference_steps,
         budget=cfg.max_accumulated_residual_diff_threshold, downsample=cfg.downsample_factor,
         share_diff=not cfg.cfg_diff_compute_separate,
@@ -790,9 +794,14 @@ def branch_outputs(pairs, checked: dict, plan, foca: bool, coef: bool = True):
         return outs + [g.call_function(torch.sub, (outs[k], env[pairs[k][1]])) for k in used]
 
     def reuse(g, env, res):
-        fc = [g.call_function(calibrators.dmd_forecast, (res[k], res[-1], *dataclasses.astuple(plan.dmd)))
-              if plan.dmd is not None and plan.calibrates(k) else
-              g.call_function(calibrators.forecast, (res[k], res[-1] if coef else None)) for k in range(len(pairs))]
+        dmd = [k for k in range(len(pairs)) if plan.dmd is not None and plan.calibrates(k)]
+        fc = [g.call_function(calibrators.forecast, (res[k], res[-1] if coef else None)) if k not in dmd else None
+              for k in range(len(pairs))]
+        if dmd:  # one fit of the DMD streams (calibrators.dmd_forecast)
+            both = g.call_function(calibrators.dmd_forecast, ([res[k] for k in dmd], res[-1],
+                                                              *dataclasses.astuple(plan.dmd)))
+            for j, k in enumerate(dmd):
+                fc[k] = g.call_function(operator.getitem, (both, j))
         outs = [fc[k] if plan.keeps_value(k) else g.call_function(torch.add, (env[e], fc[k]))
                 for k, (_, e, _) in enumerate(pairs)]
         return outs + [fc[k] for k in used]

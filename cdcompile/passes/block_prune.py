@@ -99,7 +99,7 @@ def rewrite(gm: fx.GraphModule, ctx, stack, blocks, fn: int, bn: int) -> str | N
     # A checked exit leaves its cond with its entry's shape; the blocks after it read that shape.
     shape_of: dict[fx.Node, torch.Tensor] = {}
     state_values: list[torch.Tensor] = []  # what the state is allocated for
-    dmd = dmd_spec(cfg)
+    dmd = dmd_spec(ctx)
     history = calibrator_history(cfg.calibrator, cfg.taylorseer_order, dmd)
     for r in rewrites:
         for _, e, o in r.pairs:

@@ -89,6 +89,7 @@ class ContextParallelRecord:
     halos: int = 0  # token-grid row exchanges (convolutions over the tokens)
     fp8: bool = False
     overlap: bool = False
+    token_dim: int | None = None  # the streams' token dim, when applied: -2 (batch first) or 0 (tokens first)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +136,7 @@ def run(gm: fx.GraphModule, ctx) -> None:
     refresh_meta(gm)
     record.applied = True
     record.sharded_streams = plan.sharded_streams
+    record.token_dim = token_dim
     for a in plan.attentions:
         kind = ("mha_" if a.mha else "") + a.kind
         record.attention[kind] = record.attention.get(kind, 0) + 1
