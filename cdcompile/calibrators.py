@@ -172,16 +172,18 @@ def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor, over
 #   L < 4    cache-dit's Taylor fallback of order ``dmd_fallback_order`` (default 1)
 #
 # Everything but X and X' is small (L <= Hs columns): the fit reads the tail's Gram matrix T^T T
-# ((B, Hs, Hs) float64, one pass over the snapshots, summed over ranks under context parallelism so
-# that every rank fits the global tail) and returns the forecast as weights of the snapshots, so the
+# ((B, Hs, Hs) float64, one pass over the snapshots; under context parallelism summed over the
+# ranks where dim 0 is the batch, see dmd_forecast) and returns the forecast as weights of the
+# snapshots, so the
 # graph's only large work is the Gram matrix and one weighted sum. X's SVD comes from X^T X's
 # eigendecomposition (U = X V / S): in float64 the singular values that the 1e-4 cut keeps are exact
 # to about 1e-8 of themselves. ``lstsq(Phi, newest)`` solves its normal equations in the same basis.
 #
 # The fit runs eagerly on the host (the op dmd_weights): a nonsymmetric eigendecomposition has no
 # GPU kernel in PyTorch that does not synchronize (torch.linalg.eig copies to the host), and the
-# rank cut and the tail's length are decisions. So a DMD-forecast cached step reads one
-# (B, Hs, Hs) + (Hs + 2,) pair to the host, after its branch predicate.
+# rank cut and the tail's length are decisions. So a DMD-forecast cached step reads the streams'
+# (B, Hs, Hs) Gram matrices and the (Hs + 2,) timing to the host in one copy, after its branch
+# predicate.
 #
 # Fallbacks, as cache-dit's: a degenerate fit (a batch item whose weights are not finite) reuses
 # the newest snapshot for the whole batch, and so does a forecast that is not finite in the
