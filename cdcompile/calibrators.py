@@ -174,10 +174,10 @@ def foca_update(cache: torch.Tensor, used: torch.Tensor, old: torch.Tensor, over
 # Everything but X and X' is small (L <= Hs columns): the fit reads the tail's Gram matrix T^T T
 # ((B, Hs, Hs) float64, one pass over the snapshots; under context parallelism summed over the
 # ranks where dim 0 is the batch, see dmd_forecast) and returns the forecast as weights of the
-# snapshots, so the
-# graph's only large work is the Gram matrix and one weighted sum. X's SVD comes from X^T X's
-# eigendecomposition (U = X V / S): in float64 the singular values that the 1e-4 cut keeps are exact
-# to about 1e-8 of themselves. ``lstsq(Phi, newest)`` solves its normal equations in the same basis.
+# snapshots, so the graph's only large work is the Gram matrix and one weighted sum. X's SVD comes
+# from X^T X's eigendecomposition (U = X V / S): in float64 the singular values that the 1e-4 cut
+# keeps are exact to about 1e-8 of themselves. ``lstsq(Phi, newest)`` solves its normal equations
+# in the same basis.
 #
 # The fit runs eagerly on the host (the op dmd_weights): a nonsymmetric eigendecomposition has no
 # GPU kernel in PyTorch that does not synchronize (torch.linalg.eig copies to the host), and the
@@ -234,6 +234,7 @@ def _uniform_tail(steps: list[int]) -> tuple[int, int]:
 def _taylor_fallback(steps: list[int], step: int, order: int, hs: int, fallback: str = CACHE_DIT) -> torch.Tensor:
     """The DMD's Taylor fallback as ``(hs,)`` weights of the snapshots (comment above)."""
     back = 2 if fallback == CACHE_DIT else 1
+
     def unit(j):
         w = torch.zeros(hs, dtype=torch.float64)
         w[j] = 1.0

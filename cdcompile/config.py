@@ -499,8 +499,8 @@ class CacheConfig:
         Its CFG flags are not needed (CFG slots come from the timestep). ``DMDCalibratorConfig``
         becomes ``calibrator="dmd"`` with its ``dmd_`` fields; DMD's ``calibrator_kwargs``
         ``n_derivatives`` becomes ``dmd_fallback_order``. What has no counterpart raises ValueError
-        naming it, such as other calibrator kwargs. ``force_reduce_calibrator_vram=True`` with a calibrator makes ``downsample_factor``
-        at least 4, as in cache-dit. ``enable_calibrator`` /
+        naming it, such as other calibrator kwargs. ``force_reduce_calibrator_vram=True`` with a
+        calibrator makes ``downsample_factor`` at least 4, as in cache-dit. ``enable_calibrator`` /
         ``enable_encoder_calibrator`` become ``calibrated_streams``.
         """
         if cache_config is None and parallelism_config is None:
