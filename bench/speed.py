@@ -7,6 +7,9 @@
     python bench/speed.py --device cuda --fp8-attention --skip-eager --skip-cache-dit
                                                # + cachedit with fp8_attention=True: FP8 attention's
                                                # end-to-end gain at equal decisions (a GPU figure)
+    python bench/speed.py --calibrator dmd --skip-eager --skip-cache-dit
+                                               # + cachedit with a calibrator: what it adds to a
+                                               # cached step (DMD: the Gram matrices, the host fit)
 
 On a CPU shared with other jobs, run with ``OMP_NUM_THREADS=1``: with 2 threads on 2 cores, a busy
 neighbour stalls every OpenMP region, and steps took 10-60x their idle time in alternating runs
@@ -319,6 +322,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fp8_attention:  # the same cache, every eligible SDPA call on cdcompile::sage_attention
         configs.append(cdcompile_config(sibling(model), "cachedit + FP8 attention (inductor)",
                                         {**options, "fp8_attention": True}, label="cachedit-fp8"))
+    if args.calibrator:  # the same cache; every cached step forecast by the calibrator
+        configs.append(cdcompile_config(sibling(model), f"cachedit + {args.calibrator} (inductor)",
+                                        {**options, "calibrator": args.calibrator}, label="cachedit-cal"))
     if not args.skip_cache_dit:
         try:
             configs.append(cache_dit_config(sibling(model), args.steps))
@@ -471,6 +477,10 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
         checks["fp8_equal_decisions"] = row["cachedit-fp8"]["cached_steps"] == rc["cached_steps"]
         checks["max_abs_diff_fp8_vs_cachedit"] = _max_abs(fp8.outputs, cdc.outputs)
         checks["fp8_attention_pass"] = fp8.fp8_attention
+    cal = by.get("cachedit-cal")
+    if cal is not None:
+        checks["calibrator_equal_decisions"] = row["cachedit-cal"]["cached_steps"] == rc["cached_steps"]
+        checks["max_abs_diff_calibrator_vs_cachedit"] = _max_abs(cal.outputs, cdc.outputs)
     if cdt is not None:
         rt = row["cache-dit"]
         checks["equal_decisions"] = (rt["cached_steps"] == rc["cached_steps"] and rt["cached_steps_stable"]
@@ -499,6 +509,15 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
             "fp8_computed_step_speedup": rc["computed_step_ms"] / rf["computed_step_ms"],
             "fp8_cached_step_speedup": rc["cached_step_ms"] / rf["cached_step_ms"],
         })
+    if cal is not None:
+        rk = row["cachedit-cal"]
+        targets.update({
+            "calibrator_cached_step_ms": rk["cached_step_ms"] - rc["cached_step_ms"],
+            "calibrator_cached_step_ratio_paired": _paired(
+                rounds, lambda r: H.median(t for k, t in enumerate(cal.steps[r]) if k in set(cal.cached[r])),
+                lambda r: H.median(t for k, t in enumerate(cdc.steps[r]) if k in set(cdc.cached[r]))),
+            "calibrator_computed_step_ms": rk["computed_step_ms"] - rc["computed_step_ms"],
+        })
     if eager is not None:
         targets["cachedit_vs_eager_speedup"] = _paired(rounds, lambda r: eager.requests[r], lambda r: cdc.requests[r])
     if cdt is not None:
@@ -519,6 +538,7 @@ def analyse(args, shape, n, configs: list[Config], during: dict[str, int], rec: 
                              "dtype": str(shape["dtype"]), "init_std": shape["init_std"], "N": n,
                              "name": args.shape},
                       lean_host=bool(args.lean_host), fp8_attention=bool(args.fp8_attention),
+                      calibrator=args.calibrator,
                       # Dynamo's dict-tag shortcut over unchanged module trees (on in torch 2.11, off
                       # from 2.12): it sets what a guard check costs per call.
                       recursive_dict_tag_guards=bool(getattr(torch._dynamo.config,
@@ -591,6 +611,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{c['max_abs_diff_fp8_vs_cachedit']:.2e}; the pass: {'; '.join(c['fp8_attention_pass']) or 'no report'}"
             + ("" if m["device"].startswith("cuda") else
                " (on a CPU the op is its plain-torch emulation: slower by design, not a speed figure)"))
+    if "calibrator_cached_step_ms" in t:
+        lines.append(
+            f"{m['calibrator']} calibrator: {t['calibrator_cached_step_ms']:+.2f} ms per cached step (paired ratio "
+            f"{t['calibrator_cached_step_ratio_paired']:.2f}), {t['calibrator_computed_step_ms']:+.2f} ms per computed "
+            f"step, against cachedit without it; equal cached step sets: {ok(c['calibrator_equal_decisions'])}; "
+            f"max|calibrated - cachedit| over all steps: {c['max_abs_diff_calibrator_vs_cachedit']:.2e}")
     lines.append(f"max|cachedit - inductor| on computed steps: "
                  f"{c['max_abs_diff_cachedit_vs_inductor_computed_steps']:.2e}")
     lines.append(f"checks: nothing compiled while timing: {ok(c['no_compiles_during_timing'])}; "
@@ -674,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lean-host", action="store_true",
                    help="every compiled configuration without Dynamo's nn-module guards "
                    "(guard_filter_fn=skip_guard_on_all_nn_modules_unsafe) and Inductor's input size asserts")
+    p.add_argument("--calibrator", choices=("taylorseer", "foca", "dmd"),
+                   help="add a configuration: cachedit with this calibrator (what it adds to a cached step)")
     p.add_argument("--fp8-attention", action="store_true",
                    help="add a configuration: cachedit with fp8_attention=True (the FP8 Triton attention "
                    "kernel in the graph on a GPU; its plain-torch emulation on a CPU, which only checks the run)")

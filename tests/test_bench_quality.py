@@ -21,11 +21,15 @@ def test_row_filter_keeps_the_eager_reference_and_rejects_a_pattern_matching_not
 
 def test_every_cdcompile_row_has_a_cache_dit_row_with_equal_settings():
     labels = {r.label for r in quality.default_rows()}
-    # the FP8-attention rows measure cdcompile's own kernel arithmetic: not a caching method to pair
-    cdc = [lb for lb in labels if lb.startswith("cdcompile ") and "FP8" not in lb]
+    # the FP8-attention rows measure cdcompile's own kernel arithmetic, and DMD with TaylorSeer's
+    # fallback is an option cache-dit lacks: not caching methods to pair
+    own = ("FP8", "DMD-TaylorSeer-fallback")
+    cdc = [lb for lb in labels if lb.startswith("cdcompile ") and not any(o in lb for o in own)]
     assert cdc and all(lb.replace("cdcompile", "cache-dit", 1) in labels for lb in cdc)
     assert {lb for lb in labels if "FP8" in lb} == {"cdcompile FP8-attention no cache",
                                                     "cdcompile DBCache+FP8-attention F1B0 t=0.12"}
+    assert {lb for lb in labels if "DMD-TaylorSeer" in lb} == {"cdcompile DMD-TaylorSeer-fallback F1B0 t=0.2",
+                                                               "cdcompile DMD-TaylorSeer-fallback F1B0 t=0.3"}
 
 
 def test_cdcompile_rows_translate_to_options_this_build_accepts():
