@@ -67,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 
@@ -231,85 +232,77 @@ def _uniform_tail(steps: list[int]) -> tuple[int, int]:
     return n, s
 
 
-def _taylor_fallback(steps: list[int], step: int, order: int, hs: int, fallback: str = CACHE_DIT) -> torch.Tensor:
+def _taylor_fallback(steps: list[int], step: int, order: int, hs: int, fallback: str = CACHE_DIT) -> np.ndarray:
     """The DMD's Taylor fallback as ``(hs,)`` weights of the snapshots (comment above)."""
     back = 2 if fallback == CACHE_DIT else 1
-
-    def unit(j):
-        w = torch.zeros(hs, dtype=torch.float64)
-        w[j] = 1.0
-        return w
-
-    memo: dict[int, list[torch.Tensor]] = {}
-
-    def ladder(j: int) -> list[torch.Tensor]:
-        if j in memo:
-            return memo[j]
-        out = [unit(j)]
-        older = ladder(j + back) if j + back < len(steps) else []
+    ladders: dict[int, list[np.ndarray]] = {}
+    for j in range(len(steps) - 1, -1, -1):  # oldest first: a ladder reads the one ``back`` older
+        out = [np.eye(hs)[j]]
+        older = ladders.get(j + back, [])
         for i in range(order):
             if i < len(older) and (steps[j] > 1 or back == 1):
                 out.append((out[i] - older[i]) / (steps[j] - steps[j + 1]))
             else:
                 break
-        memo[j] = out
-        return out
-
+        ladders[j] = out
     e = step - steps[0]
-    return sum(d * (e ** i / math.factorial(i)) for i, d in enumerate(ladder(0)))
+    return sum(d * (e ** i / math.factorial(i)) for i, d in enumerate(ladders[0]))
 
 
-def _dmd_fit(gram: torch.Tensor, tail: int, k: float, rank: int, ridge: float) -> torch.Tensor | None:
+def _dmd_fit(gram: np.ndarray, tail: int, k: float, rank: int, ridge: float) -> np.ndarray | None:
     """Weights of the newest ``tail`` snapshots (most recent first) giving the DMD forecast at
-    horizon ``k`` for one batch item, from their Gram matrix (most recent first); None if degenerate."""
-    g = gram[:tail, :tail].flip(0, 1)  # oldest first
+    horizon ``k`` for one batch item, from their Gram matrix (most recent first); None if degenerate.
+    NumPy: on these few-by-few matrices its LAPACK calls cost a tenth of torch's dispatch."""
+    g = gram[:tail, :tail][::-1, ::-1]  # oldest first
+    if not np.isfinite(g).all():
+        return None
     gxx, gxp, gpp = g[:-1, :-1], g[:-1, 1:], g[1:, 1:]
-    if not bool(torch.isfinite(g).all()):
-        return None
     try:
-        ev, v = torch.linalg.eigh(gxx)
-    except RuntimeError:  # torch.linalg.LinAlgError: no convergence
+        ev, v = np.linalg.eigh(gxx)
+    except np.linalg.LinAlgError:  # no convergence
         return None
-    ev, v = ev.flip(0), v.flip(1)  # descending
-    s = ev.clamp(min=0).sqrt()
-    if not bool(s[0] > 0):
+    ev, v = ev[::-1], v[:, ::-1]  # descending
+    s = np.sqrt(np.clip(ev, 0.0, None))
+    if not s[0] > 0:
         return None
-    r = rank if rank > 0 else int((s > s[0] * DMD_RANK_CUT).sum().clamp(min=1))
-    r = max(1, min(r, s.numel()))
+    r = rank if rank > 0 else max(int((s > s[0] * DMD_RANK_CUT).sum()), 1)
+    r = max(1, min(r, s.size))
     sr, vr = s[:r], v[:, :r]
-    if not bool((sr > 0).all()):
+    if not (sr > 0).all():
         return None
     sinv = 1.0 / (sr + ridge)
-    a = (vr.T @ gxp @ vr) / sr.unsqueeze(1) * sinv.unsqueeze(0)  # U_r^T X' V_r diag(sinv)
+    a = (vr.T @ gxp @ vr) / sr[:, None] * sinv[None, :]  # U_r^T X' V_r diag(sinv)
     try:
-        lam, w = torch.linalg.eig(a)
-        c = (vr * sinv).to(torch.complex128) @ w  # Phi = X' c
-        normal = c.mH @ gpp.to(torch.complex128) @ c  # Phi^H Phi
-        rhs = c.mH @ gpp[:, -1].to(torch.complex128)  # Phi^H newest
-        b = torch.linalg.lstsq(normal, rhs.unsqueeze(1)).solution.squeeze(1)
-    except RuntimeError:  # torch.linalg.LinAlgError
+        lam, w = np.linalg.eig(a)
+        c = (vr * sinv) @ w  # Phi = X' c
+        normal = c.conj().T @ gpp @ c  # Phi^H Phi
+        rhs = c.conj().T @ gpp[:, -1]  # Phi^H newest
+        b = np.linalg.lstsq(normal, rhs, rcond=None)[0]
+    except np.linalg.LinAlgError:
         return None
-    coef = (c @ (lam.pow(k) * b)).real  # weights of X' = tail columns 1..L-1, oldest first
-    if not bool(torch.isfinite(coef).all()):
+    with np.errstate(all="ignore"):  # a zero eigenvalue's power; a non-finite result is degenerate
+        coef = (c @ (lam.astype(np.complex128) ** k * b)).real  # weights of X' = tail columns 1..L-1
+    if not np.isfinite(coef).all():
         return None
-    return torch.cat([coef.flip(0), torch.zeros(1, dtype=coef.dtype)])  # most recent first
+    return np.concatenate([coef[::-1], [0.0]])  # most recent first
 
 
 def dmd_weights_reference(gram: torch.Tensor, timing: torch.Tensor, history: int, rank: int, ridge: float,
                           order: int, fallback: str = CACHE_DIT) -> torch.Tensor:
     """``(B, Hs)`` float64 weights of the snapshots (most recent first) forecasting each batch item
     at the timing's step; computed on the host (module comment). ``gram``: (B, Hs, Hs)."""
-    return _dmd_weights(gram, timing, history, rank, ridge, order, fallback)[0]
+    w, _ = _dmd_weights(gram.detach().to("cpu", torch.float64).numpy(), timing.detach().to("cpu").tolist(),
+                        history, rank, ridge, order, fallback)
+    return torch.from_numpy(w)
 
 
-def _dmd_weights(gram, timing, history, rank, ridge, order, fallback) -> tuple[torch.Tensor, bool]:
+def _dmd_weights(gram: np.ndarray, timing: list[float], history, rank, ridge, order,
+                 fallback) -> tuple[np.ndarray, bool]:
     """:func:`dmd_weights_reference`'s weights, and whether a degenerate fit made them the newest's."""
-    gram = gram.detach().to("cpu", torch.float64)
-    t = timing.detach().to("cpu", torch.float64).tolist()
-    step, computed, nodes = int(t[0]), int(t[1]), [int(x) for x in t[2:]]
+    step, computed, nodes = int(timing[0]), int(timing[1]), [int(x) for x in timing[2:]]
     batch, hs = gram.shape[0], gram.shape[-1]
     steps = nodes[:min(computed, hs)]
-    newest = torch.zeros(batch, hs, dtype=torch.float64)
+    newest = np.zeros((batch, hs))
     newest[:, 0] = 1.0
     tail, spacing = _uniform_tail(steps[:min(history, hs)])
     if tail >= DMD_MIN_TAIL:
@@ -317,12 +310,12 @@ def _dmd_weights(gram, timing, history, rank, ridge, order, fallback) -> tuple[t
         fits = [_dmd_fit(gram[i], tail, k, rank, ridge) for i in range(batch)]
         if any(f is None for f in fits):
             return newest, True
-        out = torch.zeros(batch, hs, dtype=torch.float64)
-        out[:, :tail] = torch.stack(fits)
+        out = np.zeros((batch, hs))
+        out[:, :tail] = np.stack(fits)
         return out, False
     if not steps:
         return newest, False
-    return _taylor_fallback(steps, step, order, hs, fallback).expand(batch, hs).clone(), False
+    return np.tile(_taylor_fallback(steps, step, order, hs, fallback), (batch, 1)), False
 
 
 @torch.library.custom_op("cdcompile::dmd_weights", mutates_args=())
@@ -333,14 +326,16 @@ def dmd_weights(grams: list[torch.Tensor], timing: torch.Tensor, history: int, r
     device) and per stream 1.0 where a degenerate fit made them the newest snapshot's ((K,))."""
     dev = grams[0].device
     packed = torch.cat([g.detach().reshape(-1).to(torch.float64) for g in grams]
-                       + [timing.detach().to(torch.float64)]).cpu()  # the one host read
-    parts = packed.split([g.numel() for g in grams] + [timing.numel()])
+                       + [timing.detach().to(torch.float64)]).cpu().numpy()  # the one host read
+    parts = np.split(packed, np.cumsum([g.numel() for g in grams]))
+    timing_list = parts[-1].tolist()
     out, flags = [], []
     for g, part in zip(grams, parts):
-        w, degenerate = _dmd_weights(part.reshape(g.shape), parts[-1], history, rank, ridge, order, fallback)
+        w, degenerate = _dmd_weights(part.reshape(tuple(g.shape)), timing_list, history, rank, ridge, order, fallback)
         out.append(w)
         flags.append(float(degenerate))
-    return torch.cat(out).to(dev), torch.tensor(flags, dtype=torch.float64).to(dev)
+    return (torch.from_numpy(np.concatenate(out)).to(dev),
+            torch.tensor(flags, dtype=torch.float64).to(dev))
 
 
 @dmd_weights.register_fake

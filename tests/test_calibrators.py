@@ -464,11 +464,15 @@ def test_dmd_weights_give_cache_dits_dmd_forecast(schedule, spec):
 
 def test_dmd_taylor_fallback_differences_two_computed_steps_back_as_cache_dit_does():
     # computed steps 5, 4, 3 (most recent first), forecast at 7 (e = 2): d1 = (Y5 - Y3) / (5 - 4)
-    w = calibrators._taylor_fallback([5, 4, 3], 7, 1, 4)
-    torch.testing.assert_close(w, torch.tensor([3.0, 0.0, -2.0, 0.0], dtype=torch.float64))
+    def fallback(*args):
+        return torch.from_numpy(calibrators._taylor_fallback(*args))
+
+    torch.testing.assert_close(fallback([5, 4, 3], 7, 1, 4), torch.tensor([3.0, 0.0, -2.0, 0.0], dtype=torch.float64))
     # no d1 without a step two back, nor at step 1 (cache-dit's current_step > 1)
-    torch.testing.assert_close(calibrators._taylor_fallback([5, 4], 7, 1, 4), torch.tensor([1.0, 0, 0, 0]).double())
-    torch.testing.assert_close(calibrators._taylor_fallback([1, 0, -1], 3, 1, 4)[:1], torch.ones(1).double())
+    torch.testing.assert_close(fallback([5, 4], 7, 1, 4), torch.tensor([1.0, 0, 0, 0]).double())
+    torch.testing.assert_close(fallback([1, 0, -1], 3, 1, 4)[:1], torch.ones(1).double())
+    # TaylorSeer's: the previous step, d1 = (Y5 - Y4) / (5 - 4)
+    torch.testing.assert_close(fallback([5, 4, 3], 7, 1, 4, "taylorseer"), torch.tensor([3.0, -2.0, 0, 0]).double())
 
 
 def test_a_degenerate_dmd_fit_reuses_the_newest_snapshot():
