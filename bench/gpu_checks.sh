@@ -20,8 +20,10 @@
 #      bench/attention_backends.py: diffusers' flash/cuDNN/efficient backends
 #      inside the cond's branch, bit for bit against the uncached graph
 #   5. bench/speed.py --device cuda: FLUX.1-dev shape, 3 rounds                 issue 3
-# Not in this run (no time left in one call): FP8 attention end to end, for a later session,
+# Not in this run (no time left in one call), for a later session: FP8 attention end to end, and
+# what the DMD calibrator adds to a cached step (its Gram matrices, host fit and snapshot state),
 #   python3 bench/speed.py --device cuda --repeats 3 --fp8-attention --skip-eager --skip-cache-dit
+#   python3 bench/speed.py --device cuda --repeats 3 --calibrator dmd --skip-eager --skip-cache-dit
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 RES=$(mktemp -d)/gpu_results

@@ -549,9 +549,11 @@ class CacheConfig:
             parts.append(f"forecast by {self.calibrator.value}"
                          + (f" (order {self.taylorseer_order})" if self.taylorseer_order else "")
                          + (" (slope per step)" if self.foca_slope == calibrators.STEP else "")
-                         + (f" (history {self.dmd_history}, rank {self.dmd_rank or 'auto'}, {self.dmd_fallback}'s "
-                            f"Taylor fallback of order {self.dmd_fallback_order})"
-                            if self.calibrator is Calibrator.DMD else "")
+                         + (f" (history {self.dmd_history}, rank {self.dmd_rank or 'auto'}, "
+                            + (f"cache-dit's Taylor fallback of order {self.dmd_fallback_order}"
+                               if self.dmd_fallback == calibrators.CACHE_DIT
+                               else f"TaylorSeer-{self.dmd_fallback_order} fallback")
+                            + "; its fit on the host)" if self.calibrator is Calibrator.DMD else "")
                          + (" per block" if self.cache_type is CacheType.DBPRUNE else "")
                          + ((", of each block's output" if self.cache_type is CacheType.DBPRUNE else ", of M's output")
                             if self.calibrator_cache_type == "hidden_states" else "")

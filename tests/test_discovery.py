@@ -716,3 +716,5 @@ def test_explain_states_the_guards_rule_with_cache_dits_options():
     assert "; starting afresh every 7 steps" in text
     rule = cdcompile.CacheConfig(calibrator="foca", foca_slope="step").guard_rule()
     assert rule.endswith("; forecast by foca (slope per step)")
+    rule = cdcompile.CacheConfig(calibrator="dmd", dmd_rank=2, dmd_fallback="taylorseer").guard_rule()
+    assert rule.endswith("; forecast by dmd (history 6, rank 2, TaylorSeer-1 fallback; its fit on the host)")
