@@ -239,11 +239,9 @@ def _taylor_fallback(steps: list[int], step: int, order: int, hs: int, fallback:
     for j in range(len(steps) - 1, -1, -1):  # oldest first: a ladder reads the one ``back`` older
         out = [np.eye(hs)[j]]
         older = ladders.get(j + back, [])
-        for i in range(order):
-            if i < len(older) and (steps[j] > 1 or back == 1):
-                out.append((out[i] - older[i]) / (steps[j] - steps[j + 1]))
-            else:
-                break
+        # (cache-dit also asks for step x_j > 1, which a ladder two computed steps back implies)
+        for i in range(min(order, len(older))):
+            out.append((out[i] - older[i]) / (steps[j] - steps[j + 1]))
         ladders[j] = out
     e = step - steps[0]
     return sum(d * (e ** i / math.factorial(i)) for i, d in enumerate(ladders[0]))
@@ -265,8 +263,7 @@ def _dmd_fit(gram: np.ndarray, tail: int, k: float, rank: int, ridge: float) -> 
     s = np.sqrt(np.clip(ev, 0.0, None))
     if not s[0] > 0:
         return None
-    r = rank if rank > 0 else max(int((s > s[0] * DMD_RANK_CUT).sum()), 1)
-    r = max(1, min(r, s.size))
+    r = min(rank or max(int((s > s[0] * DMD_RANK_CUT).sum()), 1), s.size)
     sr, vr = s[:r], v[:, :r]
     if not (sr > 0).all():
         return None

@@ -311,7 +311,7 @@ def commit_residual(cache: torch.Tensor, over: torch.Tensor, residual: torch.Ten
     if res_slot.shape[0] == 1:
         new = y.unsqueeze(0)
     elif snapshots:
-        new = torch.cat([y.unsqueeze(0).to(res_slot.dtype), res_slot[:-1]])
+        new = torch.cat([y.unsqueeze(0), res_slot[:-1]])
     else:
         new = calibrators.differences(y, res_slot, step, nodes, computed, form)
     residual.index_put_((row,), torch.where(cache | over, res_slot, new).unsqueeze(0))

@@ -75,7 +75,7 @@ class StreamPlan:
 def calibrator_history(calibrator: str | None, order: int, dmd: calibrators.DMDSpec | None = None) -> int:
     """Entries a calibrated residual keeps: d0..dn (TaylorSeer), FoCa's four, DMD's snapshots, or
     the last residual."""
-    if calibrator == "dmd":
+    if dmd is not None:
         return dmd.snapshots
     return calibrators.FOCA_HISTORY if calibrator == "foca" else order + 1
 
